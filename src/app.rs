@@ -1,0 +1,97 @@
+//! Wiring: turns [`Settings`] into connected parts. `main`, the tests, the benches and the demo
+//! all build through here, so they run the same code.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::broker::rabbit::{RabbitBroker, RabbitSettings};
+use crate::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Target};
+use crate::cloud::{HttpCloud, HttpSettings};
+use crate::config::{ConfigError, Number, Settings};
+use crate::ids::PhoneNumberId;
+use crate::job::Lane;
+use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::store::redis::RedisStore;
+use crate::worker::WorkerSettings;
+
+/// RabbitMQ settings from the configuration.
+pub fn rabbit_settings(settings: &Settings) -> Result<RabbitSettings, ConfigError> {
+    Ok(RabbitSettings {
+        url: settings.amqp.url.clone(),
+        prefix: settings.amqp.prefix.clone(),
+        queue_type: settings.amqp.queue_type,
+        delay_tiers: settings.delay_tiers()?,
+        delivery_limit: settings.amqp.delivery_limit,
+    })
+}
+
+/// Connects to RabbitMQ and Redis (declaring the topology). Errors say how to start them.
+pub async fn connect(settings: &Settings) -> anyhow::Result<(Arc<RabbitBroker>, Arc<RedisStore>)> {
+    let broker = RabbitBroker::connect(rabbit_settings(settings)?).await?;
+    let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
+    Ok((Arc::new(broker), Arc::new(store)))
+}
+
+/// The HTTP Cloud API client.
+pub fn http_cloud(settings: &Settings) -> anyhow::Result<HttpCloud> {
+    Ok(HttpCloud::new(&HttpSettings {
+        base_url: settings.cloud.base_url.clone(),
+        api_version: settings.cloud.api_version.clone(),
+        request_timeout: Duration::from_millis(settings.cloud.request_timeout_ms),
+        connect_timeout: Duration::from_millis(settings.cloud.connect_timeout_ms),
+        pool_max_idle_per_host: settings.cloud.pool_max_idle_per_host,
+    })?)
+}
+
+/// Pipeline timing from the configuration; `owner` names this replica in claims.
+pub fn pipeline_settings(settings: &Settings, owner: String) -> Result<PipelineSettings, ConfigError> {
+    Ok(PipelineSettings {
+        owner,
+        claim_lease: Duration::from_secs(settings.worker.claim_lease_secs),
+        ambiguous_wait: Duration::from_secs(settings.worker.ambiguous_wait_secs),
+        halt_cooldown: Duration::from_secs(settings.worker.halt_cooldown_secs),
+        retry: settings.retry_policy(),
+        tiers: settings.delay_tiers()?,
+    })
+}
+
+/// Worker loop settings from the configuration.
+pub fn worker_settings(settings: &Settings) -> WorkerSettings {
+    WorkerSettings {
+        concurrency: settings.worker.concurrency,
+        prefetch: settings.worker.prefetch,
+        lane_weights: settings.worker.lane_weights.iter().filter_map(|(k, v)| Some((Lane::parse(k)?, *v))).collect(),
+        shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
+    }
+}
+
+/// A unique name for this replica: host, process id and a random suffix.
+pub fn replica_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Builds a pipeline over the given parts.
+pub fn pipeline(
+    settings: &Settings,
+    cloud: Arc<dyn crate::cloud::CloudApi>,
+    broker: Arc<dyn Broker>,
+    store: Arc<dyn crate::store::Store>,
+    numbers: BTreeMap<PhoneNumberId, Number>,
+) -> Result<Pipeline, ConfigError> {
+    Ok(Pipeline::new(cloud, broker, store, numbers, pipeline_settings(settings, replica_id())?))
+}
+
+/// Publishes one job body to its lane, with the current trace context: what a producer does.
+pub async fn enqueue(broker: &dyn Broker, lane: Lane, body: Vec<u8>) -> Result<(), crate::broker::BrokerError> {
+    let mut headers = Headers::default();
+    crate::telemetry::inject_current(&mut headers);
+    if !headers.0.contains_key(H_TRACEPARENT) {
+        // No active trace: start one per job so the job is still one trace end to end.
+        let trace_id = uuid::Uuid::new_v4().simple().to_string();
+        let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+        headers.set_str(H_TRACEPARENT, format!("00-{trace_id}-{span_id}-01"));
+    }
+    broker.publish(Target::Lane(lane), Envelope { body: body.into(), headers }).await
+}

@@ -1,0 +1,217 @@
+//! The queue edge: the topology of DESIGN.md §3 behind the [`Broker`] trait, with RabbitMQ
+//! ([`rabbit`]) for production and an in-process broker ([`memory`]) for the embedded demo.
+//! Nothing of lapin leaks out of this module.
+
+pub mod memory;
+pub mod rabbit;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::event::DeadReason;
+use crate::job::Lane;
+
+/// Header: attempts made so far (sends tried).
+pub const H_ATTEMPTS: &str = "x-wa-attempts";
+/// Header: dead-letter reason.
+pub const H_REASON: &str = "x-wa-reason";
+/// Header: Meta's error code behind a dead letter.
+pub const H_ERROR_CODE: &str = "x-wa-error-code";
+/// Header: specific detail of a dead letter.
+pub const H_DETAIL: &str = "x-wa-detail";
+/// Header: earliest time (RFC 3339) a deferred job is due; it is deferred again if it comes early.
+pub const H_DUE: &str = "x-wa-due";
+/// Header: W3C trace context.
+pub const H_TRACEPARENT: &str = "traceparent";
+/// Header: W3C trace state.
+pub const H_TRACESTATE: &str = "tracestate";
+
+/// A header value: AMQP headers carry strings and integers here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderValue {
+    /// A string.
+    Str(String),
+    /// An integer.
+    Int(i64),
+}
+
+/// Message headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(pub BTreeMap<String, HeaderValue>);
+
+impl Headers {
+    /// Sets a string header.
+    pub fn set_str(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        self.0.insert(key.to_owned(), HeaderValue::Str(value.into()));
+        self
+    }
+
+    /// Sets an integer header.
+    pub fn set_int(&mut self, key: &str, value: i64) -> &mut Self {
+        self.0.insert(key.to_owned(), HeaderValue::Int(value));
+        self
+    }
+
+    /// A string header (integers are rendered).
+    pub fn get_str(&self, key: &str) -> Option<String> {
+        match self.0.get(key)? {
+            HeaderValue::Str(s) => Some(s.clone()),
+            HeaderValue::Int(i) => Some(i.to_string()),
+        }
+    }
+
+    /// An integer header (numeric strings are parsed).
+    pub fn get_int(&self, key: &str) -> Option<i64> {
+        match self.0.get(key)? {
+            HeaderValue::Int(i) => Some(*i),
+            HeaderValue::Str(s) => s.parse().ok(),
+        }
+    }
+
+    /// Attempts so far (0 for a fresh job).
+    pub fn attempts(&self) -> u32 {
+        self.get_int(H_ATTEMPTS).and_then(|a| u32::try_from(a).ok()).unwrap_or(0)
+    }
+}
+
+/// A message body with its headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The body (a job, an event, a webhook).
+    pub body: Bytes,
+    /// The headers.
+    pub headers: Headers,
+}
+
+/// Where a publish goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A lane queue, through `wa.send`.
+    Lane(Lane),
+    /// A delay queue of this tier, back to `lane` when it expires.
+    Delay {
+        /// The delay queue's TTL.
+        tier: Duration,
+        /// The lane it returns to.
+        lane: Lane,
+    },
+    /// `wa.events` with this routing key.
+    Event(String),
+    /// `wa.dead` with this reason as routing key.
+    Dead(DeadReason),
+}
+
+/// A stream of something the broker hands out.
+pub type Stream<T> = BoxStream<'static, Result<T, BrokerError>>;
+
+/// A read-only copy of what is published to `wa.events` or `wa.dead`, for tests, the demo
+/// and operators tailing a feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tap {
+    /// Every event.
+    Events,
+    /// Every dead letter.
+    Dead,
+}
+
+/// A message seen through a [`Tap`].
+#[derive(Debug, Clone)]
+pub struct Tapped {
+    /// Its routing key (event name or dead-letter reason).
+    pub routing_key: String,
+    /// Body and headers.
+    pub envelope: Envelope,
+}
+
+/// One job handed to a worker. It must be settled with [`Delivery::ack`] (or requeued).
+pub struct Delivery {
+    /// The lane it came from.
+    pub lane: Lane,
+    /// Body and headers.
+    pub envelope: Envelope,
+    /// Whether the broker delivered it before (a worker died holding it).
+    pub redelivered: bool,
+    acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("lane", &self.lane).field("redelivered", &self.redelivered).finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// A delivery from a broker implementation.
+    pub fn new(lane: Lane, envelope: Envelope, redelivered: bool, acker: Box<dyn Acker>) -> Self {
+        Delivery { lane, envelope, redelivered, acker }
+    }
+
+    /// Removes it from its queue for good.
+    pub async fn ack(self) -> Result<(), BrokerError> {
+        self.acker.ack().await
+    }
+
+    /// Gives it back to its queue unprocessed (shutdown only, never in a loop).
+    pub async fn requeue(self) -> Result<(), BrokerError> {
+        self.acker.requeue().await
+    }
+}
+
+/// Acknowledges one delivery; implemented by each broker.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Ack.
+    async fn ack(&self) -> Result<(), BrokerError>;
+    /// Reject with requeue.
+    async fn requeue(&self) -> Result<(), BrokerError>;
+}
+
+/// Broker failures. All are reported with the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker could not be reached at start-up.
+    #[error("cannot reach RabbitMQ at {url}: {source}. Is it running? Start it with: rabbitmq-server -detached")]
+    Unreachable {
+        /// The address (without credentials).
+        url: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An operation failed after connecting.
+    #[error("broker {operation} failed: {detail}")]
+    Operation {
+        /// What was being done.
+        operation: &'static str,
+        /// The cause.
+        detail: String,
+    },
+    /// The broker refused a publish (nack): it was not stored.
+    #[error("broker did not confirm the publish to {0}")]
+    Nacked(String),
+}
+
+impl BrokerError {
+    pub(crate) fn op(operation: &'static str, e: impl std::fmt::Display) -> Self {
+        BrokerError::Operation { operation, detail: e.to_string() }
+    }
+}
+
+/// The queue system as the worker sees it.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Publishes and waits for the broker's confirm: when this returns `Ok` the message is stored.
+    async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError>;
+    /// Starts consuming a lane with at most `prefetch` unacked deliveries.
+    async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError>;
+    /// Subscribes to a copy of events or dead letters from now on.
+    async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError>;
+    /// Jobs waiting in a lane (ready, not unacked), for the demo and queue-depth scaling.
+    async fn depth(&self, lane: Lane) -> Result<u32, BrokerError>;
+    /// Stops consuming: no new deliveries; unacked ones can still be settled.
+    async fn stop_consuming(&self) -> Result<(), BrokerError>;
+}

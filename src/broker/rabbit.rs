@@ -1,0 +1,376 @@
+//! RabbitMQ through lapin: the topology of DESIGN.md §3, declared idempotently at connect,
+//! publisher confirms on every publish, one channel per consumed lane.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use super::{Acker, Broker, BrokerError, Delivery, Envelope, HeaderValue, Headers, Stream, Tap, Tapped, Target};
+use crate::job::Lane;
+use crate::policy::DelayTiers;
+
+/// Whether lane and intake queues are quorum (production) or classic (fast to create in tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    /// Raft-replicated, survives a node loss.
+    Quorum,
+    /// Single-node; for tests.
+    Classic,
+}
+
+/// How to reach and lay out RabbitMQ.
+#[derive(Debug, Clone)]
+pub struct RabbitSettings {
+    /// `amqp://user:pass@host:port/vhost`.
+    pub url: String,
+    /// Name prefix of every exchange and queue (`wa` → `wa.send`, `wa.dead`, …).
+    pub prefix: String,
+    /// Queue type for lanes and intake.
+    pub queue_type: QueueType,
+    /// Delay-queue tiers.
+    pub delay_tiers: DelayTiers,
+    /// Quorum queues' `x-delivery-limit`: a poison message's second safety net.
+    pub delivery_limit: u32,
+}
+
+/// Every name in the topology, derived from one prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Names under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Names { prefix: prefix.to_owned() }
+    }
+    /// `wa.send` (direct).
+    pub fn send_exchange(&self) -> String {
+        format!("{}.send", self.prefix)
+    }
+    /// `wa.send.<lane>`.
+    pub fn lane_queue(&self, lane: Lane) -> String {
+        format!("{}.send.{}", self.prefix, lane.as_str())
+    }
+    /// `wa.delay` (topic), routing key `<tier>.<lane>`.
+    pub fn delay_exchange(&self) -> String {
+        format!("{}.delay", self.prefix)
+    }
+    /// `wa.delay.<tier>`.
+    pub fn delay_queue(&self, tier: Duration) -> String {
+        format!("{}.delay.{}", self.prefix, DelayTiers::name(tier))
+    }
+    /// `wa.dead` (topic).
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    /// `wa.dead.all`.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead.all", self.prefix)
+    }
+    /// `wa.events` (topic).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    /// `wa.webhooks.intake`.
+    pub fn intake_queue(&self) -> String {
+        format!("{}.webhooks.intake", self.prefix)
+    }
+    /// `wa.webhooks.parked`.
+    pub fn parked_queue(&self) -> String {
+        format!("{}.webhooks.parked", self.prefix)
+    }
+}
+
+/// A connected RabbitMQ broker.
+pub struct RabbitBroker {
+    connection: Connection,
+    publisher: Channel,
+    names: Names,
+    settings: RabbitSettings,
+    consumers: Mutex<Vec<(Channel, ShortString)>>,
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in pairs {
+        table.insert((*k).into(), v.clone());
+    }
+    table
+}
+
+fn long_string(s: impl Into<String>) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.into()))
+}
+
+impl RabbitBroker {
+    /// Connects and declares the whole topology (idempotent: safe on every start of every replica).
+    pub async fn connect(settings: RabbitSettings) -> Result<Self, BrokerError> {
+        let connection = Connection::connect(&settings.url, ConnectionProperties::default())
+            .await
+            .map_err(|e| BrokerError::Unreachable { url: redact(&settings.url), source: Box::new(e) })?;
+        let publisher = connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| BrokerError::op("confirm.select", e))?;
+        let broker = RabbitBroker { connection, publisher, names: Names::new(&settings.prefix), settings, consumers: Mutex::new(Vec::new()) };
+        broker.declare().await?;
+        Ok(broker)
+    }
+
+    /// The topology's names.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    fn queue_args(&self) -> Vec<(&'static str, AMQPValue)> {
+        match self.settings.queue_type {
+            QueueType::Quorum => vec![
+                ("x-queue-type", long_string("quorum")),
+                ("x-delivery-limit", AMQPValue::LongLongInt(i64::from(self.settings.delivery_limit))),
+            ],
+            QueueType::Classic => vec![("x-queue-type", long_string("classic"))],
+        }
+    }
+
+    async fn declare(&self) -> Result<(), BrokerError> {
+        let ch = &self.publisher;
+        let n = &self.names;
+        let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+        let exchange = |name: String, kind: ExchangeKind| async move {
+            ch.exchange_declare(name.clone().into(), kind, durable_exchange, FieldTable::default())
+                .await
+                .map_err(|e| BrokerError::op("exchange.declare", format!("{name}: {e}")))
+        };
+        let queue = |name: String, arguments: FieldTable| async move {
+            ch.queue_declare(name.clone().into(), durable_queue, arguments)
+                .await
+                .map_err(|e| BrokerError::op("queue.declare", format!("{name}: {e}")))
+        };
+        let bind = |q: String, x: String, key: String| async move {
+            ch.queue_bind(q.clone().into(), x.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+                .await
+                .map_err(|e| BrokerError::op("queue.bind", format!("{q}: {e}")))
+        };
+
+        exchange(n.send_exchange(), ExchangeKind::Direct).await?;
+        exchange(n.delay_exchange(), ExchangeKind::Topic).await?;
+        exchange(n.dead_exchange(), ExchangeKind::Topic).await?;
+        exchange(n.events_exchange(), ExchangeKind::Topic).await?;
+        for lane in Lane::ALL {
+            queue(n.lane_queue(lane), args(&self.queue_args())).await?;
+            bind(n.lane_queue(lane), n.send_exchange(), lane.as_str().into()).await?;
+        }
+        for &tier in self.settings.delay_tiers.all() {
+            // A fixed TTL per queue: messages expire in order, so none blocks another at the head.
+            let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
+            let delay_args = args(&[
+                ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
+                ("x-dead-letter-exchange", long_string(n.send_exchange())),
+                ("x-queue-type", long_string("classic")),
+            ]);
+            queue(n.delay_queue(tier), delay_args).await?;
+            let tier_name = DelayTiers::name(tier);
+            bind(n.delay_queue(tier), n.delay_exchange(), format!("{tier_name}.*")).await?;
+            // Expired messages keep their routing key `<tier>.<lane>`: route it back to its lane.
+            for lane in Lane::ALL {
+                bind(n.lane_queue(lane), n.send_exchange(), format!("{tier_name}.{}", lane.as_str())).await?;
+            }
+        }
+        queue(n.dead_queue(), args(&[("x-queue-type", long_string("classic"))])).await?;
+        bind(n.dead_queue(), n.dead_exchange(), "#".into()).await?;
+        queue(n.intake_queue(), args(&self.queue_args())).await?;
+        queue(n.parked_queue(), args(&[("x-queue-type", long_string("classic"))])).await?;
+        Ok(())
+    }
+
+    /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
+    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        let ch = self.connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
+        let n = &self.names;
+        let mut queues: Vec<String> = Lane::ALL.iter().map(|l| n.lane_queue(*l)).collect();
+        queues.extend(self.settings.delay_tiers.all().iter().map(|t| n.delay_queue(*t)));
+        queues.extend([n.dead_queue(), n.intake_queue(), n.parked_queue()]);
+        for q in queues {
+            ch.queue_delete(q.into(), QueueDeleteOptions::default()).await.map_err(|e| BrokerError::op("queue.delete", e))?;
+        }
+        for x in [n.send_exchange(), n.delay_exchange(), n.dead_exchange(), n.events_exchange()] {
+            ch.exchange_delete(x.into(), ExchangeDeleteOptions::default()).await.map_err(|e| BrokerError::op("exchange.delete", e))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection (in-flight acks are flushed first by the broker protocol).
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+
+    fn route(&self, target: &Target) -> (String, String) {
+        let n = &self.names;
+        match target {
+            Target::Lane(lane) => (n.send_exchange(), lane.as_str().to_owned()),
+            Target::Delay { tier, lane } => (n.delay_exchange(), format!("{}.{}", DelayTiers::name(*tier), lane.as_str())),
+            Target::Event(key) => (n.events_exchange(), key.clone()),
+            Target::Dead(reason) => (n.dead_exchange(), reason.as_str().to_owned()),
+        }
+    }
+}
+
+fn to_table(headers: &Headers) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in &headers.0 {
+        let value = match v {
+            HeaderValue::Str(s) => long_string(s.clone()),
+            HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+        };
+        table.insert(k.as_str().into(), value);
+    }
+    table
+}
+
+fn from_properties(properties: &BasicProperties) -> Headers {
+    let mut headers = Headers::default();
+    let Some(table) = properties.headers() else { return headers };
+    for (k, v) in table {
+        let value = match v {
+            AMQPValue::LongString(s) => HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => HeaderValue::Str(s.as_str().to_owned()),
+            AMQPValue::LongLongInt(i) => HeaderValue::Int(*i),
+            AMQPValue::LongInt(i) => HeaderValue::Int(i64::from(*i)),
+            AMQPValue::LongUInt(i) => HeaderValue::Int(i64::from(*i)),
+            AMQPValue::ShortInt(i) => HeaderValue::Int(i64::from(*i)),
+            AMQPValue::ShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+            AMQPValue::ShortShortInt(i) => HeaderValue::Int(i64::from(*i)),
+            AMQPValue::ShortShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+            // x-death and other broker-added structures are not ours to interpret.
+            _ => continue,
+        };
+        headers.0.insert(k.as_str().to_owned(), value);
+    }
+    headers
+}
+
+struct LapinAcker(lapin::Acker);
+
+#[async_trait]
+impl Acker for LapinAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.0.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(|e| BrokerError::op("basic.ack", e))
+    }
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.0.reject(BasicRejectOptions { requeue: true }).await.map(|_| ()).map_err(|e| BrokerError::op("basic.reject", e))
+    }
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError> {
+        let (exchange, key) = self.route(&target);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(to_table(&envelope.headers));
+        // mandatory: an unroutable message comes back instead of vanishing.
+        let confirm = self
+            .publisher
+            .basic_publish(exchange.clone().into(), key.clone().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, &envelope.body, properties)
+            .await
+            .map_err(|e| BrokerError::op("basic.publish", e))?
+            .await
+            .map_err(|e| BrokerError::op("publisher confirm", e))?;
+        let destination = format!("{exchange}/{key}");
+        if !confirm.is_ack() {
+            return Err(BrokerError::Nacked(destination));
+        }
+        if confirm.take_message().is_some() {
+            return Err(BrokerError::op("basic.publish", format!("{destination} is unroutable (no queue bound)")));
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError> {
+        let channel = self.connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| BrokerError::op("basic.qos", e))?;
+        let tag: ShortString = format!("wa-sender-{}-{}", lane.as_str(), uuid::Uuid::new_v4().simple()).into();
+        let consumer = channel
+            .basic_consume(self.names.lane_queue(lane).into(), tag.clone(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(|e| BrokerError::op("basic.consume", e))?;
+        self.consumers.lock().await.push((channel, tag));
+        Ok(consumer
+            .map(move |d| {
+                let d = d.map_err(|e| BrokerError::op("consume", e))?;
+                let envelope = Envelope { body: d.data.into(), headers: from_properties(&d.properties) };
+                Ok(Delivery::new(lane, envelope, d.redelivered, Box::new(LapinAcker(d.acker))))
+            })
+            .boxed())
+    }
+
+    async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {
+        let channel = self.connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
+        let exchange = match tap {
+            Tap::Events => self.names.events_exchange(),
+            Tap::Dead => self.names.dead_exchange(),
+        };
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let queue = channel.queue_declare("".into(), options, FieldTable::default()).await.map_err(|e| BrokerError::op("queue.declare", e))?;
+        channel
+            .queue_bind(queue.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .map_err(|e| BrokerError::op("queue.bind", e))?;
+        let consumer = channel
+            .basic_consume(queue.name().clone(), "tap".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await
+            .map_err(|e| BrokerError::op("basic.consume", e))?;
+        Ok(consumer
+            .map(move |d| {
+                // Keep the channel alive as long as the stream.
+                let _ = &channel;
+                let d = d.map_err(|e| BrokerError::op("tap", e))?;
+                Ok(Tapped {
+                    routing_key: d.routing_key.as_str().to_owned(),
+                    envelope: Envelope { body: d.data.into(), headers: from_properties(&d.properties) },
+                })
+            })
+            .boxed())
+    }
+
+    async fn depth(&self, lane: Lane) -> Result<u32, BrokerError> {
+        let options = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = self.publisher.queue_declare(self.names.lane_queue(lane).into(), options, FieldTable::default()).await.map_err(|e| BrokerError::op("queue.declare", e))?;
+        Ok(q.message_count())
+    }
+
+    async fn stop_consuming(&self) -> Result<(), BrokerError> {
+        for (channel, tag) in self.consumers.lock().await.iter() {
+            channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await.map_err(|e| BrokerError::op("basic.cancel", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(redact("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://***@127.0.0.1:5672/%2f");
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}

@@ -1,0 +1,409 @@
+//! Configuration: `config/default.toml` → `config/<environment>.toml` → `WA_SENDER__SECTION__KEY`
+//! environment variables. Typed, unknown keys rejected, validated once into [`Settings`]; secrets
+//! come from the environment or `*_file` paths and are wrapped so `Debug` never prints them.
+//! The field docs below are the operator's manual (the README's configuration reference).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::broker::rabbit::QueueType;
+use crate::ids::{PhoneNumberId, WabaId};
+use crate::policy::{DelayTiers, RetryPolicy};
+
+/// Everything wa-sender can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// RabbitMQ.
+    pub amqp: AmqpSettings,
+    /// Redis.
+    pub redis: RedisSettings,
+    /// The Cloud API (or a simulator).
+    pub cloud: CloudSettings,
+    /// The send worker.
+    pub worker: WorkerSettings,
+    /// Retry backoff and attempts.
+    pub retry: RetrySettings,
+    /// Business numbers this deployment may send from, keyed by `phone_number_id`.
+    #[serde(default)]
+    pub numbers: BTreeMap<String, NumberSettings>,
+    /// `wa-sender simulate`.
+    pub simulator: SimulatorSettings,
+    /// `wa-sender demo`.
+    pub demo: DemoSettings,
+    /// Logs and traces.
+    pub telemetry: TelemetrySettings,
+}
+
+/// RabbitMQ connection and topology.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost` (`%2f` is the default vhost).
+    pub url: String,
+    /// Prefix of every exchange and queue name: `wa` gives `wa.send`, `wa.send.otp`, `wa.dead`, …
+    pub prefix: String,
+    /// `quorum` (production: replicated) or `classic` (tests: fast to create).
+    pub queue_type: QueueType,
+    /// Delay-queue tiers, e.g. `["1s", "5s", "30s", "2m", "10m", "1h", "6h"]`; a wait goes to the
+    /// shortest tier at least as long.
+    pub delay_tiers: Vec<String>,
+    /// `x-delivery-limit` of quorum queues: a message redelivered this often is dropped by the
+    /// broker to `wa.dead` routing; a safety net behind `retry.max_attempts`.
+    pub delivery_limit: u32,
+}
+
+/// Redis connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Prefix of every key (`wa` gives `wa:{<waba>}:job:<job_id>`).
+    pub key_prefix: String,
+}
+
+/// How to call the Cloud API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSettings {
+    /// `https://graph.facebook.com`, or the simulator's address.
+    pub base_url: String,
+    /// Pinned Graph API version, e.g. `v23.0`.
+    pub api_version: String,
+    /// Whole-request timeout in milliseconds. A send that times out is *ambiguous*.
+    pub request_timeout_ms: u64,
+    /// TCP connect timeout in milliseconds. A failed connect is safe to retry.
+    pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections kept per host.
+    pub pool_max_idle_per_host: usize,
+    /// System-user access token (secret): prefer the env var `WA_SENDER__CLOUD__ACCESS_TOKEN`.
+    #[serde(default)]
+    pub access_token: Option<SecretString>,
+    /// File holding the access token (e.g. a mounted Kubernetes secret).
+    #[serde(default)]
+    pub access_token_file: Option<PathBuf>,
+}
+
+/// One business number.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumberSettings {
+    /// The WhatsApp Business Account (and so portfolio) that owns it.
+    pub waba_id: String,
+    /// Its throughput in messages per second (80 default, 20 coexistence, up to 1000).
+    #[serde(default = "default_throughput")]
+    pub throughput_mps: u32,
+    /// Its own token, when it differs from `cloud.access_token` (secret).
+    #[serde(default)]
+    pub access_token: Option<SecretString>,
+    /// File holding its own token.
+    #[serde(default)]
+    pub access_token_file: Option<PathBuf>,
+}
+
+fn default_throughput() -> u32 {
+    80
+}
+
+/// The worker's concurrency and priorities.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Jobs processed at once by one replica.
+    pub concurrency: usize,
+    /// Unacked deliveries the broker hands one replica, per lane.
+    pub prefetch: u16,
+    /// Share of picks per lane when all lanes have work, e.g. `{ otp = 6, transactional = 3, bulk = 1 }`.
+    /// Every lane with a weight above 0 is served: bulk is slowed, never starved.
+    pub lane_weights: BTreeMap<String, u32>,
+    /// Seconds to finish in-flight jobs after SIGTERM before giving up on them (they are then
+    /// returned to their queue, not lost).
+    pub shutdown_grace_secs: u64,
+    /// How long a claim protects a job being sent, in seconds; must exceed the request timeout.
+    pub claim_lease_secs: u64,
+    /// How long an at-most-once job with an unknown outcome waits for a webhook before it is
+    /// dead-lettered `ambiguous_send`, in seconds.
+    pub ambiguous_wait_secs: u64,
+    /// How long a number, WABA or token is paused after a halting error (190, 131031, …), in seconds.
+    pub halt_cooldown_secs: u64,
+}
+
+/// Retry backoff (capped exponential with jitter, computed by `backon`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// First retry delay, milliseconds.
+    pub min_delay_ms: u64,
+    /// Cap on any retry delay, milliseconds.
+    pub max_delay_ms: u64,
+    /// Growth factor per attempt.
+    pub factor: f32,
+    /// Sends tried before the job is dead-lettered `max_attempts`.
+    pub max_attempts: u32,
+}
+
+/// The Cloud API simulator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorSettings {
+    /// Listen address of `wa-sender simulate`.
+    pub listen: String,
+}
+
+/// The demo.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSettings {
+    /// Jobs the demo producer enqueues.
+    pub jobs: usize,
+    /// Share of jobs made invalid on purpose, 0.0–1.0.
+    pub invalid_share: f64,
+    /// Share of sends the simulator fails with a transient error, 0.0–1.0.
+    pub transient_failure_share: f64,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `tracing` filter, e.g. `info,wa_sender=debug` (overridden by `RUST_LOG`).
+    pub log_filter: String,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+fn invalid(key: &str, problem: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("{key}: {problem}"))
+}
+
+/// One business number, resolved.
+#[derive(Debug, Clone)]
+pub struct Number {
+    /// Its WABA.
+    pub waba: WabaId,
+    /// Its throughput.
+    pub throughput_mps: u32,
+    /// Its token.
+    pub token: SecretString,
+}
+
+impl Settings {
+    /// Loads `<dir>/default.toml`, then `<dir>/<environment>.toml` if present, then the
+    /// environment, and validates the result.
+    pub fn load(dir: &Path, environment: &str) -> Result<Settings, ConfigError> {
+        let default = dir.join("default.toml");
+        if !default.exists() {
+            return Err(ConfigError(format!("{} not found (run from the project root or set WA_SENDER_CONFIG_DIR)", default.display())));
+        }
+        let figment = Figment::new()
+            .merge(Toml::file(default))
+            .merge(Toml::file(dir.join(format!("{environment}.toml"))))
+            .merge(Env::prefixed("WA_SENDER__").split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Extracts and validates settings from any figment (tests layer their own values).
+    pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
+        let settings: Settings = figment.extract().map_err(|e| {
+            let mut message = e.to_string();
+            if !e.path.is_empty() {
+                message = format!("{}: {message}", e.path.join("."));
+            }
+            ConfigError(message)
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker.concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be at least 1"));
+        }
+        if self.worker.prefetch == 0 {
+            return Err(invalid("worker.prefetch", "must be at least 1"));
+        }
+        for (lane, _) in &self.worker.lane_weights {
+            if crate::job::Lane::parse(lane).is_none() {
+                return Err(invalid(&format!("worker.lane_weights.{lane}"), "is not a lane (otp, transactional, bulk)"));
+            }
+        }
+        if self.worker.lane_weights.values().all(|w| *w == 0) {
+            return Err(invalid("worker.lane_weights", "at least one lane needs a weight above 0"));
+        }
+        if self.worker.claim_lease_secs * 1000 <= self.cloud.request_timeout_ms {
+            return Err(invalid("worker.claim_lease_secs", "must be longer than cloud.request_timeout_ms, or a slow send could be sent twice"));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if self.retry.factor < 1.0 {
+            return Err(invalid("retry.factor", "must be at least 1.0"));
+        }
+        if self.retry.min_delay_ms == 0 || self.retry.max_delay_ms < self.retry.min_delay_ms {
+            return Err(invalid("retry.max_delay_ms", "must be at least retry.min_delay_ms, which must be above 0"));
+        }
+        self.delay_tiers()?;
+        if !(0.0..=1.0).contains(&self.demo.invalid_share) {
+            return Err(invalid("demo.invalid_share", "must be between 0.0 and 1.0"));
+        }
+        if !(0.0..=1.0).contains(&self.demo.transient_failure_share) {
+            return Err(invalid("demo.transient_failure_share", "must be between 0.0 and 1.0"));
+        }
+        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
+            return Err(invalid("telemetry.log_format", "must be \"text\" or \"json\""));
+        }
+        for (id, n) in &self.numbers {
+            PhoneNumberId::parse(id.clone()).map_err(|e| invalid(&format!("numbers.{id}"), e))?;
+            WabaId::parse(n.waba_id.clone()).map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
+            if !(1..=1000).contains(&n.throughput_mps) {
+                return Err(invalid(&format!("numbers.{id}.throughput_mps"), "must be between 1 and 1000 (Meta's maximum)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The delay tiers, parsed.
+    pub fn delay_tiers(&self) -> Result<DelayTiers, ConfigError> {
+        let tiers = self
+            .amqp
+            .delay_tiers
+            .iter()
+            .map(|t| parse_duration(t).ok_or_else(|| invalid("amqp.delay_tiers", format!("{t:?} is not a duration like 500ms, 5s, 2m, 1h"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        DelayTiers::new(tiers).ok_or_else(|| invalid("amqp.delay_tiers", "needs at least one tier above 0"))
+    }
+
+    /// The retry policy.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            min_delay: Duration::from_millis(self.retry.min_delay_ms),
+            max_delay: Duration::from_millis(self.retry.max_delay_ms),
+            factor: self.retry.factor,
+            max_attempts: self.retry.max_attempts,
+        }
+    }
+
+    /// The configured numbers with their tokens resolved (needs the secrets: worker only).
+    pub fn resolve_numbers(&self) -> Result<BTreeMap<PhoneNumberId, Number>, ConfigError> {
+        let default_token = secret("cloud.access_token", &self.cloud.access_token, &self.cloud.access_token_file)?;
+        if self.numbers.is_empty() {
+            return Err(invalid("numbers", "no business number is configured; add [numbers.<phone_number_id>] with waba_id"));
+        }
+        self.numbers
+            .iter()
+            .map(|(id, n)| {
+                let key = format!("numbers.{id}.access_token");
+                let token = match secret(&key, &n.access_token, &n.access_token_file)? {
+                    Some(t) => t,
+                    None => default_token.clone().ok_or_else(|| {
+                        invalid("cloud.access_token", "is not set: set WA_SENDER__CLOUD__ACCESS_TOKEN or WA_SENDER__CLOUD__ACCESS_TOKEN_FILE")
+                    })?,
+                };
+                let waba = WabaId::parse(n.waba_id.clone()).map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
+                Ok((PhoneNumberId::parse(id.clone()).map_err(|e| invalid(&format!("numbers.{id}"), e))?, Number { waba, throughput_mps: n.throughput_mps, token }))
+            })
+            .collect()
+    }
+}
+
+/// A secret from its value or its `_file`; both set is an error.
+fn secret(key: &str, value: &Option<SecretString>, file: &Option<PathBuf>) -> Result<Option<SecretString>, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(invalid(key, format!("set either {key} or {key}_file, not both"))),
+        (Some(v), None) => Ok(Some(v.clone())),
+        (None, Some(path)) => {
+            let raw = std::fs::read_to_string(path).map_err(|e| invalid(&format!("{key}_file"), format!("cannot read {}: {e}", path.display())))?;
+            let trimmed = raw.trim();
+            if trimmed.is_empty() {
+                return Err(invalid(&format!("{key}_file"), format!("{} is empty", path.display())));
+            }
+            Ok(Some(SecretString::from(trimmed.to_owned())))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n * 60)),
+        "h" => Some(Duration::from_secs(n * 3600)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn figment() -> Figment {
+        Figment::new().merge(Toml::file(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")))
+    }
+
+    #[test]
+    fn shipped_defaults_are_valid() {
+        let s = Settings::from_figment(figment()).unwrap();
+        assert_eq!(s.delay_tiers().unwrap().all().len(), 7);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = Settings::from_figment(figment().merge(Serialized::default("worker.concurrency", 0))).unwrap_err();
+        assert!(err.to_string().contains("worker.concurrency: must be at least 1"), "{err}");
+        let err = Settings::from_figment(figment().merge(Serialized::default("worker.colour", "red"))).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = Settings::from_figment(figment().merge(Serialized::default("worker.prefetch", "many"))).unwrap_err();
+        assert!(err.to_string().contains("worker.prefetch"), "{err}");
+        let err = Settings::from_figment(figment().merge(Serialized::default("amqp.delay_tiers", ["5x"]))).unwrap_err();
+        assert!(err.to_string().contains("amqp.delay_tiers: \"5x\""), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let s = Settings::from_figment(figment().merge(Serialized::default("cloud.access_token", "EAAG-very-secret"))).unwrap();
+        assert!(!format!("{s:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn token_from_file_and_both_set_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("wa-sender-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "EAAG-from-file\n").unwrap();
+        let numbers = figment().merge(Serialized::default("numbers.106540352242922.waba_id", "102290129340398"));
+        let s = Settings::from_figment(numbers.clone().merge(Serialized::default("cloud.access_token_file", &file))).unwrap();
+        let resolved = s.resolve_numbers().unwrap();
+        let n = resolved.values().next().unwrap();
+        assert_eq!(secrecy::ExposeSecret::expose_secret(&n.token), "EAAG-from-file");
+        let both = numbers.merge(Serialized::default("cloud.access_token_file", &file)).merge(Serialized::default("cloud.access_token", "x"));
+        let err = Settings::from_figment(both).unwrap().resolve_numbers().unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("h"), None);
+    }
+}

@@ -1,0 +1,32 @@
+//! wa-sender: a high-throughput outbound send worker for the WhatsApp Business Cloud API.
+//!
+//! Map of the crate, in the order a job meets it:
+//! - [`job`]: the send job schema `wa.send.v1`; decoding is validation.
+//! - [`pipeline`]: `decode → admit → pace → send → settle` for one delivery.
+//! - [`policy`]: pure rules: error classification, retry delays, delay tiers.
+//! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, error codes).
+//! - [`broker`]: the queue edge (RabbitMQ via lapin, or in-memory).
+//! - [`store`]: shared state (Redis, or in-memory): idempotency records.
+//! - [`worker`]: the consumer loop: lane priorities, concurrency, graceful drain.
+//! - [`event`]: events on `wa.events` and the closed set of dead-letter reasons.
+//! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
+//! - [`app`]: wiring shared by `main`, tests, benches and [`demo`].
+//! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+
+pub mod app;
+pub mod broker;
+pub mod cloud;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod pipeline;
+pub mod policy;
+pub mod simulator;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,104 @@
+//! Per-replica counters and send latency, for the demo summary, logs and (later) metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use super::Outcome;
+use crate::event::DeadReason;
+use crate::job::Lane;
+
+/// Counters of one replica.
+pub struct Stats {
+    accepted: AtomicU64,
+    already_done: AtomicU64,
+    duplicates_avoided: AtomicU64,
+    halts: AtomicU64,
+    deferred: Mutex<BTreeMap<String, u64>>,
+    dead: Mutex<BTreeMap<DeadReason, u64>>,
+    accepted_by_lane: Mutex<BTreeMap<Lane, u64>>,
+    send_latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            accepted: AtomicU64::new(0),
+            already_done: AtomicU64::new(0),
+            duplicates_avoided: AtomicU64::new(0),
+            halts: AtomicU64::new(0),
+            deferred: Mutex::default(),
+            dead: Mutex::default(),
+            accepted_by_lane: Mutex::default(),
+            send_latency_us: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")),
+        }
+    }
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatsSnapshot {
+    /// Sends Meta accepted.
+    pub accepted: u64,
+    /// Accepted sends per lane.
+    pub accepted_by_lane: BTreeMap<Lane, u64>,
+    /// Redeliveries of jobs already sent or dead-lettered (acked without a send).
+    pub already_done: u64,
+    /// Of those, jobs already sent: duplicates avoided.
+    pub duplicates_avoided: u64,
+    /// Halting errors seen.
+    pub halts: u64,
+    /// Deferrals and retries by cause.
+    pub deferred: BTreeMap<String, u64>,
+    /// Dead letters by reason.
+    pub dead: BTreeMap<DeadReason, u64>,
+    /// Cloud API call latency percentiles (p50, p99), if any call was made.
+    pub send_latency_p50_p99: Option<(Duration, Duration)>,
+}
+
+impl Stats {
+    pub(super) fn count(&self, outcome: &Outcome, lane: Lane) {
+        match outcome {
+            Outcome::Accepted(_) => {
+                self.accepted.fetch_add(1, Ordering::Relaxed);
+                *self.accepted_by_lane.lock().expect("stats lock").entry(lane).or_default() += 1;
+            }
+            Outcome::AlreadyDone(_) => {
+                self.already_done.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Later(later) => *self.deferred.lock().expect("stats lock").entry(later.why.clone()).or_default() += 1,
+            Outcome::Dead(dead) => *self.dead.lock().expect("stats lock").entry(dead.reason).or_default() += 1,
+        }
+    }
+
+    pub(super) fn count_duplicate_avoided(&self) {
+        self.duplicates_avoided.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_halt(&self) {
+        self.halts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn record_send_latency(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self.send_latency_us.lock().expect("stats lock").record(us.min(120_000_000));
+    }
+
+    /// A consistent-enough copy of every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let h = self.send_latency_us.lock().expect("stats lock");
+        StatsSnapshot {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            accepted_by_lane: self.accepted_by_lane.lock().expect("stats lock").clone(),
+            already_done: self.already_done.load(Ordering::Relaxed),
+            duplicates_avoided: self.duplicates_avoided.load(Ordering::Relaxed),
+            halts: self.halts.load(Ordering::Relaxed),
+            deferred: self.deferred.lock().expect("stats lock").clone(),
+            dead: self.dead.lock().expect("stats lock").clone(),
+            send_latency_p50_p99: (!h.is_empty()).then(|| (Duration::from_micros(h.value_at_quantile(0.5)), Duration::from_micros(h.value_at_quantile(0.99)))),
+        }
+    }
+}

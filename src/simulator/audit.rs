@@ -1,0 +1,109 @@
+//! What the simulator saw: accepted sends in order, errors by code, duplicates, and the peak
+//! number of sends per number in any 1 s window.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// One accepted send.
+#[derive(Debug, Clone, Serialize)]
+pub struct AcceptedSend {
+    /// Sending number.
+    pub phone_number_id: String,
+    /// Recipient.
+    pub to: String,
+    /// Message type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `biz_opaque_callback_data` (the job id).
+    pub job_id: Option<String>,
+    /// The wamid given.
+    pub wamid: String,
+    /// Milliseconds since the simulator started.
+    pub at_ms: u64,
+    #[serde(skip)]
+    pub(crate) at: Option<Instant>,
+}
+
+/// Per-number figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NumberAudit {
+    /// Accepted sends.
+    pub accepted: u64,
+    /// Highest count of accepted sends in any 1 s window.
+    pub peak_per_second: u64,
+}
+
+/// The simulator's audit.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Audit {
+    /// Accepted sends in order of acceptance.
+    pub accepted: Vec<AcceptedSend>,
+    /// Error answers by `error.code` (bare HTTP faults under 0).
+    pub errors: BTreeMap<i64, u64>,
+    /// Sends accepted more than once for the same `biz_opaque_callback_data`, with the count.
+    pub duplicates: BTreeMap<String, u64>,
+    #[serde(skip)]
+    pub(crate) seen: HashMap<String, u64>,
+    #[serde(skip)]
+    pub(crate) started: Option<Instant>,
+}
+
+impl Audit {
+    pub(crate) fn record_accepted(&mut self, mut send: AcceptedSend, now: Instant) {
+        let started = *self.started.get_or_insert(now);
+        send.at_ms = now.duration_since(started).as_millis() as u64;
+        send.at = Some(now);
+        if let Some(job) = &send.job_id {
+            let n = self.seen.entry(job.clone()).or_default();
+            *n += 1;
+            if *n > 1 {
+                self.duplicates.insert(job.clone(), *n);
+            }
+        }
+        self.accepted.push(send);
+    }
+
+    pub(crate) fn record_error(&mut self, code: i64) {
+        *self.errors.entry(code).or_default() += 1;
+    }
+
+    /// Count of error answers with this code.
+    pub fn error_count(&self, code: i64) -> u64 {
+        self.errors.get(&code).copied().unwrap_or(0)
+    }
+
+    /// Figures per number, with the peak in any sliding 1 s window.
+    pub fn numbers(&self) -> BTreeMap<String, NumberAudit> {
+        let mut by_number: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+        for s in &self.accepted {
+            by_number.entry(s.phone_number_id.clone()).or_default().extend(s.at);
+        }
+        by_number
+            .into_iter()
+            .map(|(number, times)| {
+                let mut peak = 0;
+                let mut start = 0;
+                for end in 0..times.len() {
+                    while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
+                        start += 1;
+                    }
+                    peak = peak.max(end - start + 1);
+                }
+                (number, NumberAudit { accepted: times.len() as u64, peak_per_second: peak as u64 })
+            })
+            .collect()
+    }
+
+    /// Position (0-based) of a job among accepted sends.
+    pub fn position(&self, job_id: &str) -> Option<usize> {
+        self.accepted.iter().position(|s| s.job_id.as_deref() == Some(job_id))
+    }
+
+    /// How often a job was accepted.
+    pub fn times_sent(&self, job_id: &str) -> u64 {
+        self.seen.get(job_id).copied().unwrap_or(0)
+    }
+}
