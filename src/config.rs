@@ -96,6 +96,7 @@ pub struct CloudSettings {
 #[serde(deny_unknown_fields)]
 pub struct NumberSettings {
     /// The WhatsApp Business Account (and so portfolio) that owns it.
+    #[serde(deserialize_with = "string_or_number")]
     pub waba_id: String,
     /// Its throughput in messages per second (80 default, 20 coexistence, up to 1000).
     #[serde(default = "default_throughput")]
@@ -106,6 +107,20 @@ pub struct NumberSettings {
     /// File holding its own token.
     #[serde(default)]
     pub access_token_file: Option<PathBuf>,
+}
+
+/// Ids are digits: an environment variable `…__WABA_ID=1022…` arrives as a number.
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(u64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::Text(s) => s,
+        Id::Number(n) => n.to_string(),
+    })
 }
 
 fn default_throughput() -> u32 {
@@ -389,7 +404,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
         std::fs::write(&file, "EAAG-from-file\n").unwrap();
-        let numbers = figment().merge(Serialized::default("numbers.106540352242922.waba_id", "102290129340398"));
+        // A number, as an environment variable gives it.
+        let numbers = figment().merge(Serialized::default("numbers.106540352242922.waba_id", 102290129340398u64));
         let s = Settings::from_figment(numbers.clone().merge(Serialized::default("cloud.access_token_file", &file))).unwrap();
         let resolved = s.resolve_numbers().unwrap();
         let n = resolved.values().next().unwrap();

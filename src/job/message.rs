@@ -239,6 +239,9 @@ pub struct TextObject {
     pub text: String,
 }
 
+/// Message types a job may carry.
+const MESSAGE_KINDS: &[&str] = &["text", "template", "image", "audio", "video", "document", "sticker", "location", "contacts", "interactive", "reaction"];
+
 /// Interactive types Meta accepts on `/messages`.
 const INTERACTIVE_KINDS: &[&str] = &[
     "button",
@@ -319,17 +322,16 @@ fn typed<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T,
 impl Message {
     /// Decodes and validates `message` from a job (`field` is its path, for error messages).
     pub fn from_value(value: Value, field: &str) -> Result<Self, Violation> {
+        // The type decides everything else, so an unknown type is named before unknown fields.
+        if let Some(kind) = value.get("type").and_then(Value::as_str)
+            && !MESSAGE_KINDS.contains(&kind)
+        {
+            return Err(violation(format!("{field}.type"), format!("{kind:?} is not a supported message type ({})", MESSAGE_KINDS.join(", "))));
+        }
         let mut raw: RawMessage = typed(field, value)?;
         let kind = raw.kind.clone();
         let path = format!("{field}.{kind}");
-        let object = raw.take(&kind).ok_or_else(|| match kind.as_str() {
-            "text" | "template" | "image" | "audio" | "video" | "document" | "sticker" | "location" | "contacts"
-            | "interactive" | "reaction" => violation(&path, format!("is required when type is {kind:?}")),
-            _ => violation(
-                format!("{field}.type"),
-                format!("{kind:?} is not a supported message type (text, template, image, audio, video, document, sticker, location, contacts, interactive, reaction)"),
-            ),
-        })?;
+        let object = raw.take(&kind).ok_or_else(|| violation(&path, format!("is required when type is {kind:?}")))?;
         if let Some(extra) = raw.leftover() {
             return Err(violation(format!("{field}.{extra}"), format!("is not allowed when type is {kind:?}")));
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{Instrument, debug, error, warn};
 
 pub use stats::{Stats, StatsSnapshot};
 
@@ -343,7 +343,7 @@ impl Pipeline {
         let lane = delivery.lane;
         let published = match &outcome {
             Outcome::Accepted(event) => {
-                info!(wamid = event.wamid.as_deref().unwrap_or(""), "accepted");
+                debug!(wamid = event.wamid.as_deref().unwrap_or(""), "accepted");
                 self.publish_event(event).await
             }
             Outcome::AlreadyDone(event) => match event {

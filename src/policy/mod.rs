@@ -102,6 +102,7 @@ impl RetryPolicy {
             .with_max_delay(self.max_delay)
             .with_factor(self.factor)
             .with_jitter()
+            .without_max_times()
             .build()
             .nth(attempts as usize - 1)
             .map(|d| d.min(self.max_delay))

@@ -1,0 +1,153 @@
+//! `spawn_app()`: one isolated wa-sender per test (unique queue prefix, unique Redis key
+//! prefix, its own simulator on port 0) against the real RabbitMQ and Redis.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use futures::StreamExt;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wa_sender::broker::rabbit::RabbitBroker;
+use wa_sender::broker::{Broker, BrokerError, Stream, Tap, Tapped};
+use wa_sender::config::{Number, Settings};
+use wa_sender::event::Event;
+use wa_sender::ids::{PhoneNumberId, WabaId};
+use wa_sender::job::Lane;
+use wa_sender::simulator::{SimConfig, Simulator};
+use wa_sender::store::redis::RedisStore;
+use wa_sender::worker::Drained;
+
+pub const NUMBER: &str = "106540352242922";
+pub const WABA: &str = "102290129340398";
+pub const TOKEN: &str = "test-token";
+
+/// Settings for a test: config/default.toml + config/test.toml + a unique prefix.
+pub fn settings(prefix: &str, simulator_url: &str) -> Settings {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let figment = Figment::new()
+        .merge(Toml::file(format!("{dir}/default.toml")))
+        .merge(Toml::file(format!("{dir}/test.toml")))
+        .merge(Serialized::default("amqp.prefix", prefix))
+        .merge(Serialized::default("redis.key_prefix", prefix))
+        .merge(Serialized::default("cloud.base_url", simulator_url))
+        .merge(Serialized::default("cloud.access_token", TOKEN))
+        .merge(Serialized::default(&format!("numbers.{NUMBER}.waba_id"), WABA))
+        .merge(Serialized::default(&format!("numbers.{NUMBER}.throughput_mps"), 1000));
+    Settings::from_figment(figment).expect("test settings are valid")
+}
+
+pub fn unique_prefix(test: &str) -> String {
+    format!("t-{test}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+pub struct TestApp {
+    pub prefix: String,
+    pub settings: Settings,
+    pub broker: Arc<RabbitBroker>,
+    pub store: Arc<RedisStore>,
+    pub simulator: Simulator,
+    pub events: Stream<Tapped>,
+    pub dead: Stream<Tapped>,
+    pub seen: Vec<Event>,
+    shutdown: Option<CancellationToken>,
+    worker: Option<JoinHandle<Result<Drained, BrokerError>>>,
+}
+
+/// Connects to the real RabbitMQ and Redis with a unique prefix, starts a simulator, and taps
+/// events and dead letters. Panics with the start command if a service is down.
+pub async fn spawn_app(test: &str, tweak: impl FnOnce(&mut Settings, &mut SimConfig)) -> TestApp {
+    let mut sim_config = SimConfig::single(NUMBER, TOKEN);
+    sim_config.numbers.get_mut(NUMBER).unwrap().throughput_mps = 1000;
+    let prefix = unique_prefix(test);
+    let mut settings = settings(&prefix, "http://placeholder");
+    tweak(&mut settings, &mut sim_config);
+    let simulator = Simulator::start(sim_config, "127.0.0.1:0").await.expect("simulator starts");
+    settings.cloud.base_url = simulator.base_url();
+    let (broker, store) = match wa_sender::app::connect(&settings).await {
+        Ok(parts) => parts,
+        Err(e) => panic!("integration tests need RabbitMQ and Redis on 127.0.0.1: {e:#}"),
+    };
+    let events = broker.tap(Tap::Events).await.unwrap();
+    let dead = broker.tap(Tap::Dead).await.unwrap();
+    TestApp { prefix, settings, broker, store, simulator, events, dead, seen: Vec::new(), shutdown: None, worker: None }
+}
+
+pub fn numbers() -> BTreeMap<PhoneNumberId, Number> {
+    BTreeMap::from([(PhoneNumberId::parse(NUMBER).unwrap(), Number { waba: WabaId::parse(WABA).unwrap(), throughput_mps: 1000, token: SecretString::from(TOKEN) })])
+}
+
+pub fn job(job_id: &str, message: Value) -> Value {
+    json!({"schema": "wa.send.v1", "job_id": job_id, "phone_number_id": NUMBER, "to": "+16505551234", "message": message,
+           "campaign_id": "c-1", "metadata": {"order": 42, "job": job_id}})
+}
+
+pub fn text_job(job_id: &str) -> Value {
+    job(job_id, json!({"type": "text", "text": {"body": "Your order has shipped"}}))
+}
+
+impl TestApp {
+    pub fn start_worker(&mut self) {
+        let cloud = Arc::new(wa_sender::app::http_cloud(&self.settings).unwrap());
+        let pipeline = Arc::new(wa_sender::app::pipeline(&self.settings, cloud, self.broker.clone(), self.store.clone(), numbers()).unwrap());
+        let shutdown = CancellationToken::new();
+        let worker = tokio::spawn(wa_sender::worker::run(pipeline, self.broker.clone(), wa_sender::app::worker_settings(&self.settings), shutdown.clone()));
+        self.shutdown = Some(shutdown);
+        self.worker = Some(worker);
+    }
+
+    pub async fn stop_worker(&mut self) -> Drained {
+        self.shutdown.take().expect("worker running").cancel();
+        self.worker.take().unwrap().await.unwrap().expect("worker drains")
+    }
+
+    pub async fn enqueue(&self, lane: Lane, body: impl Into<Vec<u8>>) {
+        wa_sender::app::enqueue(self.broker.as_ref(), lane, body.into()).await.unwrap();
+    }
+
+    pub async fn enqueue_json(&self, lane: Lane, job: &Value) {
+        self.enqueue(lane, serde_json::to_vec(job).unwrap()).await;
+    }
+
+    /// Waits for the first event (seen before or arriving within `timeout`) matching `pred`.
+    pub async fn wait_event(&mut self, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Event {
+        if let Some(e) = self.seen.iter().find(|e| pred(e)) {
+            return e.clone();
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.events.next()).await;
+            let tapped = match next {
+                Ok(Some(t)) => t.unwrap(),
+                _ => panic!("no matching event within {timeout:?}; events seen: {:#?}", self.seen.iter().map(|e| (&e.event, &e.job_id)).collect::<Vec<_>>()),
+            };
+            let event: Event = serde_json::from_slice(&tapped.envelope.body).expect("events are wa.event.v1");
+            self.seen.push(event.clone());
+            if pred(&event) {
+                return event;
+            }
+        }
+    }
+
+    pub async fn wait_job_event(&mut self, job_id: &str, kind: &str) -> Event {
+        self.wait_event(Duration::from_secs(20), |e| e.job_id.as_deref() == Some(job_id) && e.event == kind).await
+    }
+
+    /// Waits for the next dead letter.
+    pub async fn next_dead(&mut self) -> Tapped {
+        tokio::time::timeout(Duration::from_secs(20), self.dead.next()).await.expect("a dead letter within 20 s").unwrap().unwrap()
+    }
+
+    /// Deletes the test's queues, exchanges and keys.
+    pub async fn cleanup(self) {
+        self.simulator.stop();
+        self.broker.delete_topology().await.unwrap();
+        self.store.delete_all().await.unwrap();
+        self.broker.close().await;
+    }
+}
