@@ -214,7 +214,8 @@ impl Pipeline {
                     let detail = format!("send outcome unknown since {since} and no status webhook arrived within {}s", self.settings.ambiguous_wait.as_secs());
                     return dead(DeadReason::AmbiguousSend, detail, job);
                 }
-                return later(now + AMBIGUOUS_RECHECK, "waiting for a webhook after an ambiguous send", job);
+                let recheck = (self.settings.ambiguous_wait - waited).min(AMBIGUOUS_RECHECK);
+                return later(now + recheck, "waiting for a webhook after an ambiguous send", job);
             }
             Err(e) => return self.store_unavailable(e, job, attempts),
         }
@@ -262,7 +263,8 @@ impl Pipeline {
                         if let Err(e) = self.store.mark_ambiguous(&key, &self.settings.owner, now).await {
                             warn!(error = %e, "could not mark the send ambiguous; the stale claim will be treated as ambiguous");
                         }
-                        Outcome::Later(Later { due: now + AMBIGUOUS_RECHECK, attempts, why: "ambiguous send".into(), error: Some(error), job: Some(Box::new(job)) })
+                        let recheck = self.settings.ambiguous_wait.min(AMBIGUOUS_RECHECK);
+                        Outcome::Later(Later { due: now + recheck, attempts, why: "ambiguous send".into(), error: Some(error), job: Some(Box::new(job)) })
                     }
                 }
             }
