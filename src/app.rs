@@ -45,7 +45,10 @@ pub fn http_cloud(settings: &Settings) -> anyhow::Result<HttpCloud> {
 }
 
 /// Pipeline timing from the configuration; `owner` names this replica in claims.
-pub fn pipeline_settings(settings: &Settings, owner: String) -> Result<PipelineSettings, ConfigError> {
+pub fn pipeline_settings(
+    settings: &Settings,
+    owner: String,
+) -> Result<PipelineSettings, ConfigError> {
     Ok(PipelineSettings {
         owner,
         claim_lease: Duration::from_secs(settings.worker.claim_lease_secs),
@@ -61,7 +64,12 @@ pub fn worker_settings(settings: &Settings) -> WorkerSettings {
     WorkerSettings {
         concurrency: settings.worker.concurrency,
         prefetch: settings.worker.prefetch,
-        lane_weights: settings.worker.lane_weights.iter().filter_map(|(k, v)| Some((Lane::parse(k)?, *v))).collect(),
+        lane_weights: settings
+            .worker
+            .lane_weights
+            .iter()
+            .filter_map(|(k, v)| Some((Lane::parse(k)?, *v)))
+            .collect(),
         shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
     }
 }
@@ -69,7 +77,11 @@ pub fn worker_settings(settings: &Settings) -> WorkerSettings {
 /// A unique name for this replica: host, process id and a random suffix.
 pub fn replica_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// Builds a pipeline over the given parts.
@@ -80,11 +92,21 @@ pub fn pipeline(
     store: Arc<dyn crate::store::Store>,
     numbers: BTreeMap<PhoneNumberId, Number>,
 ) -> Result<Pipeline, ConfigError> {
-    Ok(Pipeline::new(cloud, broker, store, numbers, pipeline_settings(settings, replica_id())?))
+    Ok(Pipeline::new(
+        cloud,
+        broker,
+        store,
+        numbers,
+        pipeline_settings(settings, replica_id())?,
+    ))
 }
 
 /// Publishes one job body to its lane, with the current trace context: what a producer does.
-pub async fn enqueue(broker: &dyn Broker, lane: Lane, body: Vec<u8>) -> Result<(), crate::broker::BrokerError> {
+pub async fn enqueue(
+    broker: &dyn Broker,
+    lane: Lane,
+    body: Vec<u8>,
+) -> Result<(), crate::broker::BrokerError> {
     let mut headers = Headers::default();
     crate::telemetry::inject_current(&mut headers);
     if !headers.0.contains_key(H_TRACEPARENT) {
@@ -93,5 +115,13 @@ pub async fn enqueue(broker: &dyn Broker, lane: Lane, body: Vec<u8>) -> Result<(
         let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
         headers.set_str(H_TRACEPARENT, format!("00-{trace_id}-{span_id}-01"));
     }
-    broker.publish(Target::Lane(lane), Envelope { body: body.into(), headers }).await
+    broker
+        .publish(
+            Target::Lane(lane),
+            Envelope {
+                body: body.into(),
+                headers,
+            },
+        )
+        .await
 }

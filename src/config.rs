@@ -220,7 +220,10 @@ impl Settings {
     pub fn load(dir: &Path, environment: &str) -> Result<Settings, ConfigError> {
         let default = dir.join("default.toml");
         if !default.exists() {
-            return Err(ConfigError(format!("{} not found (run from the project root or set WA_SENDER_CONFIG_DIR)", default.display())));
+            return Err(ConfigError(format!(
+                "{} not found (run from the project root or set WA_SENDER_CONFIG_DIR)",
+                default.display()
+            )));
         }
         let figment = Figment::new()
             .merge(Toml::file(default))
@@ -251,14 +254,23 @@ impl Settings {
         }
         for (lane, _) in &self.worker.lane_weights {
             if crate::job::Lane::parse(lane).is_none() {
-                return Err(invalid(&format!("worker.lane_weights.{lane}"), "is not a lane (otp, transactional, bulk)"));
+                return Err(invalid(
+                    &format!("worker.lane_weights.{lane}"),
+                    "is not a lane (otp, transactional, bulk)",
+                ));
             }
         }
         if self.worker.lane_weights.values().all(|w| *w == 0) {
-            return Err(invalid("worker.lane_weights", "at least one lane needs a weight above 0"));
+            return Err(invalid(
+                "worker.lane_weights",
+                "at least one lane needs a weight above 0",
+            ));
         }
         if self.worker.claim_lease_secs * 1000 <= self.cloud.request_timeout_ms {
-            return Err(invalid("worker.claim_lease_secs", "must be longer than cloud.request_timeout_ms, or a slow send could be sent twice"));
+            return Err(invalid(
+                "worker.claim_lease_secs",
+                "must be longer than cloud.request_timeout_ms, or a slow send could be sent twice",
+            ));
         }
         if self.retry.max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
@@ -267,23 +279,36 @@ impl Settings {
             return Err(invalid("retry.factor", "must be at least 1.0"));
         }
         if self.retry.min_delay_ms == 0 || self.retry.max_delay_ms < self.retry.min_delay_ms {
-            return Err(invalid("retry.max_delay_ms", "must be at least retry.min_delay_ms, which must be above 0"));
+            return Err(invalid(
+                "retry.max_delay_ms",
+                "must be at least retry.min_delay_ms, which must be above 0",
+            ));
         }
         self.delay_tiers()?;
         if !(0.0..=1.0).contains(&self.demo.invalid_share) {
             return Err(invalid("demo.invalid_share", "must be between 0.0 and 1.0"));
         }
         if !(0.0..=1.0).contains(&self.demo.transient_failure_share) {
-            return Err(invalid("demo.transient_failure_share", "must be between 0.0 and 1.0"));
+            return Err(invalid(
+                "demo.transient_failure_share",
+                "must be between 0.0 and 1.0",
+            ));
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
-            return Err(invalid("telemetry.log_format", "must be \"text\" or \"json\""));
+            return Err(invalid(
+                "telemetry.log_format",
+                "must be \"text\" or \"json\"",
+            ));
         }
         for (id, n) in &self.numbers {
             PhoneNumberId::parse(id.clone()).map_err(|e| invalid(&format!("numbers.{id}"), e))?;
-            WabaId::parse(n.waba_id.clone()).map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
+            WabaId::parse(n.waba_id.clone())
+                .map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
             if !(1..=1000).contains(&n.throughput_mps) {
-                return Err(invalid(&format!("numbers.{id}.throughput_mps"), "must be between 1 and 1000 (Meta's maximum)"));
+                return Err(invalid(
+                    &format!("numbers.{id}.throughput_mps"),
+                    "must be between 1 and 1000 (Meta's maximum)",
+                ));
             }
         }
         Ok(())
@@ -295,9 +320,17 @@ impl Settings {
             .amqp
             .delay_tiers
             .iter()
-            .map(|t| parse_duration(t).ok_or_else(|| invalid("amqp.delay_tiers", format!("{t:?} is not a duration like 500ms, 5s, 2m, 1h"))))
+            .map(|t| {
+                parse_duration(t).ok_or_else(|| {
+                    invalid(
+                        "amqp.delay_tiers",
+                        format!("{t:?} is not a duration like 500ms, 5s, 2m, 1h"),
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        DelayTiers::new(tiers).ok_or_else(|| invalid("amqp.delay_tiers", "needs at least one tier above 0"))
+        DelayTiers::new(tiers)
+            .ok_or_else(|| invalid("amqp.delay_tiers", "needs at least one tier above 0"))
     }
 
     /// The retry policy.
@@ -312,9 +345,16 @@ impl Settings {
 
     /// The configured numbers with their tokens resolved (needs the secrets: worker only).
     pub fn resolve_numbers(&self) -> Result<BTreeMap<PhoneNumberId, Number>, ConfigError> {
-        let default_token = secret("cloud.access_token", &self.cloud.access_token, &self.cloud.access_token_file)?;
+        let default_token = secret(
+            "cloud.access_token",
+            &self.cloud.access_token,
+            &self.cloud.access_token_file,
+        )?;
         if self.numbers.is_empty() {
-            return Err(invalid("numbers", "no business number is configured; add [numbers.<phone_number_id>] with waba_id"));
+            return Err(invalid(
+                "numbers",
+                "no business number is configured; add [numbers.<phone_number_id>] with waba_id",
+            ));
         }
         self.numbers
             .iter()
@@ -334,15 +374,30 @@ impl Settings {
 }
 
 /// A secret from its value or its `_file`; both set is an error.
-fn secret(key: &str, value: &Option<SecretString>, file: &Option<PathBuf>) -> Result<Option<SecretString>, ConfigError> {
+fn secret(
+    key: &str,
+    value: &Option<SecretString>,
+    file: &Option<PathBuf>,
+) -> Result<Option<SecretString>, ConfigError> {
     match (value, file) {
-        (Some(_), Some(_)) => Err(invalid(key, format!("set either {key} or {key}_file, not both"))),
+        (Some(_), Some(_)) => Err(invalid(
+            key,
+            format!("set either {key} or {key}_file, not both"),
+        )),
         (Some(v), None) => Ok(Some(v.clone())),
         (None, Some(path)) => {
-            let raw = std::fs::read_to_string(path).map_err(|e| invalid(&format!("{key}_file"), format!("cannot read {}: {e}", path.display())))?;
+            let raw = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    &format!("{key}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
             let trimmed = raw.trim();
             if trimmed.is_empty() {
-                return Err(invalid(&format!("{key}_file"), format!("{} is empty", path.display())));
+                return Err(invalid(
+                    &format!("{key}_file"),
+                    format!("{} is empty", path.display()),
+                ));
             }
             Ok(Some(SecretString::from(trimmed.to_owned())))
         }
@@ -371,7 +426,10 @@ mod tests {
     use figment::providers::Serialized;
 
     fn figment() -> Figment {
-        Figment::new().merge(Toml::file(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")))
+        Figment::new().merge(Toml::file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/default.toml"
+        )))
     }
 
     #[test]
@@ -382,19 +440,39 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let err = Settings::from_figment(figment().merge(Serialized::default("worker.concurrency", 0))).unwrap_err();
-        assert!(err.to_string().contains("worker.concurrency: must be at least 1"), "{err}");
-        let err = Settings::from_figment(figment().merge(Serialized::default("worker.colour", "red"))).unwrap_err();
+        let err =
+            Settings::from_figment(figment().merge(Serialized::default("worker.concurrency", 0)))
+                .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("worker.concurrency: must be at least 1"),
+            "{err}"
+        );
+        let err =
+            Settings::from_figment(figment().merge(Serialized::default("worker.colour", "red")))
+                .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
-        let err = Settings::from_figment(figment().merge(Serialized::default("worker.prefetch", "many"))).unwrap_err();
+        let err =
+            Settings::from_figment(figment().merge(Serialized::default("worker.prefetch", "many")))
+                .unwrap_err();
         assert!(err.to_string().contains("worker.prefetch"), "{err}");
-        let err = Settings::from_figment(figment().merge(Serialized::default("amqp.delay_tiers", ["5x"]))).unwrap_err();
-        assert!(err.to_string().contains("amqp.delay_tiers: \"5x\""), "{err}");
+        let err = Settings::from_figment(
+            figment().merge(Serialized::default("amqp.delay_tiers", ["5x"])),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("amqp.delay_tiers: \"5x\""),
+            "{err}"
+        );
     }
 
     #[test]
     fn secrets_are_not_printed() {
-        let s = Settings::from_figment(figment().merge(Serialized::default("cloud.access_token", "EAAG-very-secret"))).unwrap();
+        let s = Settings::from_figment(figment().merge(Serialized::default(
+            "cloud.access_token",
+            "EAAG-very-secret",
+        )))
+        .unwrap();
         assert!(!format!("{s:?}").contains("very-secret"));
     }
 
@@ -405,13 +483,29 @@ mod tests {
         let file = dir.join("token");
         std::fs::write(&file, "EAAG-from-file\n").unwrap();
         // A number, as an environment variable gives it.
-        let numbers = figment().merge(Serialized::default("numbers.106540352242922.waba_id", 102290129340398u64));
-        let s = Settings::from_figment(numbers.clone().merge(Serialized::default("cloud.access_token_file", &file))).unwrap();
+        let numbers = figment().merge(Serialized::default(
+            "numbers.106540352242922.waba_id",
+            102290129340398u64,
+        ));
+        let s = Settings::from_figment(
+            numbers
+                .clone()
+                .merge(Serialized::default("cloud.access_token_file", &file)),
+        )
+        .unwrap();
         let resolved = s.resolve_numbers().unwrap();
         let n = resolved.values().next().unwrap();
-        assert_eq!(secrecy::ExposeSecret::expose_secret(&n.token), "EAAG-from-file");
-        let both = numbers.merge(Serialized::default("cloud.access_token_file", &file)).merge(Serialized::default("cloud.access_token", "x"));
-        let err = Settings::from_figment(both).unwrap().resolve_numbers().unwrap_err();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&n.token),
+            "EAAG-from-file"
+        );
+        let both = numbers
+            .merge(Serialized::default("cloud.access_token_file", &file))
+            .merge(Serialized::default("cloud.access_token", "x"));
+        let err = Settings::from_figment(both)
+            .unwrap()
+            .resolve_numbers()
+            .unwrap_err();
         assert!(err.to_string().contains("not both"), "{err}");
     }
 

@@ -43,6 +43,8 @@ pub struct Summary {
     pub dead: BTreeMap<String, usize>,
     /// Wall time from first enqueue to last outcome.
     pub elapsed: Duration,
+    /// Time between the first and the last acceptance.
+    pub send_window: Duration,
     /// Enqueue → accepted latency percentiles.
     pub latency_p50_p99: Option<(Duration, Duration)>,
     /// Sends the simulator saw twice for one job.
@@ -57,57 +59,118 @@ pub struct Summary {
 pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Result<Summary> {
     let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     let mut sim_config = SimConfig::single(DEMO_NUMBER, &token);
-    sim_config.numbers.get_mut(DEMO_NUMBER).expect("demo number").throughput_mps = DEMO_MPS;
+    sim_config
+        .numbers
+        .get_mut(DEMO_NUMBER)
+        .expect("demo number")
+        .throughput_mps = DEMO_MPS;
     sim_config.transient_failure_share = settings.demo.transient_failure_share;
     sim_config.latency = (Duration::from_millis(5), Duration::from_millis(40));
-    let simulator = Simulator::start(sim_config, "127.0.0.1:0").await.context("starting the simulator")?;
+    let simulator = Simulator::start(sim_config, "127.0.0.1:0")
+        .await
+        .context("starting the simulator")?;
 
     let mut settings = settings.clone();
     settings.cloud.base_url = simulator.base_url();
-    let run_prefix = format!("wa-demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let run_prefix = format!(
+        "wa-demo-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     settings.amqp.prefix = run_prefix.clone();
     settings.amqp.queue_type = crate::broker::rabbit::QueueType::Classic;
     settings.redis.key_prefix = run_prefix.clone();
     let numbers = BTreeMap::from([(
         PhoneNumberId::parse(DEMO_NUMBER)?,
-        Number { waba: WabaId::parse(DEMO_WABA)?, throughput_mps: DEMO_MPS, token: SecretString::from(token) },
+        Number {
+            waba: WabaId::parse(DEMO_WABA)?,
+            throughput_mps: DEMO_MPS,
+            token: SecretString::from(token),
+        },
     )]);
 
-    let (broker, store, cleanup): (Arc<dyn Broker>, Arc<dyn Store>, Option<(Arc<crate::broker::rabbit::RabbitBroker>, Arc<crate::store::redis::RedisStore>)>) = if embedded {
-        (Arc::new(MemoryBroker::new()), Arc::new(MemoryStore::new()), None)
+    let (broker, store, cleanup): (
+        Arc<dyn Broker>,
+        Arc<dyn Store>,
+        Option<(
+            Arc<crate::broker::rabbit::RabbitBroker>,
+            Arc<crate::store::redis::RedisStore>,
+        )>,
+    ) = if embedded {
+        (
+            Arc::new(MemoryBroker::new()),
+            Arc::new(MemoryStore::new()),
+            None,
+        )
     } else {
         let (b, s) = crate::app::connect(&settings).await?;
         (b.clone(), s.clone(), Some((b, s)))
     };
-    let backend = if embedded { "embedded queue and store".to_owned() } else { format!("RabbitMQ + Redis, prefix {run_prefix}") };
-    println!("wa-sender demo: {jobs} jobs through the Cloud API simulator at {} ({backend})", simulator.base_url());
+    let backend = if embedded {
+        "embedded queue and store".to_owned()
+    } else {
+        format!("RabbitMQ + Redis, prefix {run_prefix}")
+    };
+    println!(
+        "wa-sender demo: {jobs} jobs through the Cloud API simulator at {} ({backend})",
+        simulator.base_url()
+    );
 
     let cloud = Arc::new(crate::app::http_cloud(&settings)?);
-    let pipeline = Arc::new(crate::app::pipeline(&settings, cloud, broker.clone(), store, numbers)?);
+    let pipeline = Arc::new(crate::app::pipeline(
+        &settings,
+        cloud,
+        broker.clone(),
+        store,
+        numbers,
+    )?);
     let mut events = broker.tap(Tap::Events).await?;
 
-    let started = Instant::now();
-    let mut enqueued_at: HashMap<String, Instant> = HashMap::new();
-    let mut rng = rand::rng();
-    for i in 0..jobs {
-        let (lane, body, job_id) = sample_job(i, settings.demo.invalid_share, &mut rng);
-        if let Some(id) = job_id {
-            enqueued_at.insert(id, Instant::now());
-        }
-        crate::app::enqueue(broker.as_ref(), lane, body).await?;
-    }
-
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(crate::worker::run(pipeline.clone(), broker.clone(), crate::app::worker_settings(&settings), shutdown.clone()));
+    let worker = tokio::spawn(crate::worker::run(
+        pipeline.clone(),
+        broker.clone(),
+        crate::app::worker_settings(&settings),
+        shutdown.clone(),
+    ));
 
-    let mut summary = Summary { enqueued: jobs, ..Summary::default() };
+    let started = Instant::now();
+    // Publish concurrently, as a real producer would: each publish waits for its confirm.
+    let mut rng = rand::rng();
+    let samples: Vec<_> = (0..jobs)
+        .map(|i| sample_job(i, settings.demo.invalid_share, &mut rng))
+        .collect();
+    let enqueued_at: HashMap<String, Instant> = futures::stream::iter(samples)
+        .map(|(lane, body, job_id)| {
+            let broker = broker.clone();
+            async move {
+                let at = Instant::now();
+                crate::app::enqueue(broker.as_ref(), lane, body)
+                    .await
+                    .map(|()| job_id.map(|id| (id, at)))
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .filter_map(Result::transpose)
+        .collect::<Result<_, _>>()?;
+
+    let mut summary = Summary {
+        enqueued: jobs,
+        ..Summary::default()
+    };
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
     let mut finished: HashSet<String> = HashSet::new();
     let mut anonymous_dead = 0usize;
+    let (mut first_accept, mut last_accept) = (None::<Instant>, None::<Instant>);
     let deadline = Instant::now() + Duration::from_secs(180);
     while finished.len() + anonymous_dead < jobs {
         let Ok(Some(tapped)) = tokio::time::timeout_at(deadline.into(), events.next()).await else {
-            eprintln!("demo: gave up waiting after 180 s with {} of {jobs} jobs finished", finished.len() + anonymous_dead);
+            eprintln!(
+                "demo: gave up waiting after 180 s with {} of {jobs} jobs finished",
+                finished.len() + anonymous_dead
+            );
             break;
         };
         let event: Event = serde_json::from_slice(&tapped?.envelope.body)?;
@@ -117,6 +180,8 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
                     && finished.insert(id.clone())
                 {
                     summary.accepted += 1;
+                    first_accept.get_or_insert_with(Instant::now);
+                    last_accept = Some(Instant::now());
                     if let Some(t) = enqueued_at.get(id) {
                         let _ = latency.record(t.elapsed().as_millis().max(1) as u64);
                     }
@@ -124,7 +189,10 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
             }
             "job.deferred" => summary.deferred += 1,
             "job.dead_lettered" => {
-                let reason = event.reason.map(|r| r.as_str().to_owned()).unwrap_or_default();
+                let reason = event
+                    .reason
+                    .map(|r| r.as_str().to_owned())
+                    .unwrap_or_default();
                 let counted = match &event.job_id {
                     Some(id) => finished.insert(id.clone()),
                     None => {
@@ -140,15 +208,26 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         }
     }
     summary.elapsed = started.elapsed();
+    if let (Some(first), Some(last)) = (first_accept, last_accept) {
+        summary.send_window = last.duration_since(first);
+    }
     shutdown.cancel();
     worker.await.context("worker task")??;
     if !latency.is_empty() {
-        summary.latency_p50_p99 = Some((Duration::from_millis(latency.value_at_quantile(0.5)), Duration::from_millis(latency.value_at_quantile(0.99))));
+        summary.latency_p50_p99 = Some((
+            Duration::from_millis(latency.value_at_quantile(0.5)),
+            Duration::from_millis(latency.value_at_quantile(0.99)),
+        ));
     }
     let audit = simulator.audit();
     summary.duplicates = audit.duplicates.len();
     summary.throttled_by_meta = audit.error_count(130429);
-    summary.peak_per_second = audit.numbers().values().map(|n| n.peak_per_second).max().unwrap_or(0);
+    summary.peak_per_second = audit
+        .numbers()
+        .values()
+        .map(|n| n.peak_per_second)
+        .max()
+        .unwrap_or(0);
     simulator.stop();
     if let Some((b, s)) = cleanup {
         b.delete_topology().await?;
@@ -160,30 +239,56 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
 
 /// One sample job: mostly valid, across lanes and message types; some broken on purpose.
 fn sample_job(i: usize, invalid_share: f64, rng: &mut impl Rng) -> (Lane, Vec<u8>, Option<String>) {
-    let lane = *[Lane::Otp, Lane::Transactional, Lane::Transactional, Lane::Bulk, Lane::Bulk, Lane::Bulk, Lane::Bulk].choose(rng).expect("non-empty");
+    let lane = *[
+        Lane::Otp,
+        Lane::Transactional,
+        Lane::Transactional,
+        Lane::Bulk,
+        Lane::Bulk,
+        Lane::Bulk,
+        Lane::Bulk,
+    ]
+    .choose(rng)
+    .expect("non-empty");
     let job_id = format!("demo-{i:05}");
     let to = format!("+1650555{:04}", i % 10_000);
     let message = match lane {
-        Lane::Otp => json!({"type": "template", "template": {"name": "otp_code", "language": {"code": "en_US"},
-            "components": [{"type": "body", "parameters": [{"type": "text", "text": format!("{:06}", rng.random_range(0..1_000_000))}]}]}}),
-        Lane::Transactional => json!({"type": "template", "template": {"name": "order_update", "language": {"code": "en_US"},
-            "components": [{"type": "body", "parameters": [{"type": "text", "text": "Ada"}, {"type": "text", "text": format!("#{i}")}]}]}}),
+        Lane::Otp => {
+            json!({"type": "template", "template": {"name": "otp_code", "language": {"code": "en_US"},
+            "components": [{"type": "body", "parameters": [{"type": "text", "text": format!("{:06}", rng.random_range(0..1_000_000))}]}]}})
+        }
+        Lane::Transactional => {
+            json!({"type": "template", "template": {"name": "order_update", "language": {"code": "en_US"},
+            "components": [{"type": "body", "parameters": [{"type": "text", "text": "Ada"}, {"type": "text", "text": format!("#{i}")}]}]}})
+        }
         Lane::Bulk => match i % 3 {
             0 => json!({"type": "text", "text": {"body": format!("Your weekly digest #{i}")}}),
-            1 => json!({"type": "image", "image": {"link": "https://example.com/promo.jpg", "caption": "Spring sale"}}),
-            _ => json!({"type": "template", "template": {"name": "spring_sale", "language": {"code": "en_US"},
-                "components": [{"type": "body", "parameters": [{"type": "text", "text": "20%"}]}]}}),
+            1 => {
+                json!({"type": "image", "image": {"link": "https://example.com/promo.jpg", "caption": "Spring sale"}})
+            }
+            _ => {
+                json!({"type": "template", "template": {"name": "spring_sale", "language": {"code": "en_US"},
+                "components": [{"type": "body", "parameters": [{"type": "text", "text": "20%"}]}]}})
+            }
         },
     };
     let mut job = json!({"schema": "wa.send.v1", "job_id": job_id, "phone_number_id": DEMO_NUMBER, "to": to, "message": message,
         "campaign_id": format!("demo-{}", lane.as_str()), "metadata": {"demo": true, "n": i}});
     if rng.random_bool(invalid_share) {
         let broken: Value = match i % 5 {
-            0 => return (lane, b"{\"schema\": \"wa.send.v1\", \"job_id\": ".to_vec(), None),
+            0 => {
+                return (
+                    lane,
+                    b"{\"schema\": \"wa.send.v1\", \"job_id\": ".to_vec(),
+                    None,
+                );
+            }
             1 => json!({"to": "12345"}),
             2 => json!({"message": {"type": "text", "text": {"body": "x".repeat(4097)}}}),
             3 => json!({"schema": "wa.send.v2"}),
-            _ => json!({"message": {"type": "template", "template": {"name": "no_such_template", "language": {"code": "en_US"}}}}),
+            _ => {
+                json!({"message": {"type": "template", "template": {"name": "no_such_template", "language": {"code": "en_US"}}}})
+            }
         };
         for (k, v) in broken.as_object().expect("object") {
             job[k] = v.clone();
@@ -195,20 +300,41 @@ fn sample_job(i: usize, invalid_share: f64, rng: &mut impl Rng) -> (Lane, Vec<u8
 /// Renders the summary table.
 pub fn render(summary: &Summary) -> String {
     let mut table = Table::new();
-    table.load_style(UTF8_FULL_CONDENSED).set_header(["outcome", "count"]);
+    table
+        .load_style(UTF8_FULL_CONDENSED)
+        .set_header(["outcome", "count"]);
     table.add_row(["enqueued".to_owned(), summary.enqueued.to_string()]);
-    table.add_row(["accepted by the Cloud API".to_owned(), summary.accepted.to_string()]);
-    table.add_row(["retried / deferred (times)".to_owned(), summary.deferred.to_string()]);
+    table.add_row([
+        "accepted by the Cloud API".to_owned(),
+        summary.accepted.to_string(),
+    ]);
+    table.add_row([
+        "retried / deferred (times)".to_owned(),
+        summary.deferred.to_string(),
+    ]);
     for (reason, n) in &summary.dead {
         table.add_row([format!("dead-lettered: {reason}"), n.to_string()]);
     }
     let secs = summary.elapsed.as_secs_f64().max(0.001);
-    table.add_row(["throughput (accepted/s)".to_owned(), format!("{:.0}", summary.accepted as f64 / secs)]);
-    table.add_row([format!("peak sends in any 1 s (limit {DEMO_MPS})"), summary.peak_per_second.to_string()]);
+    let window = summary.send_window.as_secs_f64().max(0.001);
+    table.add_row([
+        "throughput (accepted/s, first to last)".to_owned(),
+        format!("{:.0}", summary.accepted as f64 / window),
+    ]);
+    table.add_row([
+        format!("peak sends in any 1 s (limit {DEMO_MPS})"),
+        summary.peak_per_second.to_string(),
+    ]);
     if let Some((p50, p99)) = summary.latency_p50_p99 {
-        table.add_row(["enqueue → accepted p50 / p99".to_owned(), format!("{} ms / {} ms", p50.as_millis(), p99.as_millis())]);
+        table.add_row([
+            "enqueue → accepted p50 / p99".to_owned(),
+            format!("{} ms / {} ms", p50.as_millis(), p99.as_millis()),
+        ]);
     }
-    table.add_row(["130429 from the simulator".to_owned(), summary.throttled_by_meta.to_string()]);
+    table.add_row([
+        "130429 from the simulator".to_owned(),
+        summary.throttled_by_meta.to_string(),
+    ]);
     table.add_row(["duplicate sends".to_owned(), summary.duplicates.to_string()]);
     table.add_row(["elapsed".to_owned(), format!("{:.1} s", secs)]);
     table.to_string()

@@ -165,15 +165,23 @@ impl WaId {
     pub fn parse(value: impl Into<String>) -> Result<Self, IdError> {
         let value: String = value.into();
         let digits = value.strip_prefix('+').unwrap_or(&value);
-        let malformed = |rule| IdError::Malformed { kind: "to", value: value.clone(), rule };
+        let malformed = |rule| IdError::Malformed {
+            kind: "to",
+            value: value.clone(),
+            rule,
+        };
         if digits.is_empty() {
             return Err(IdError::Empty { kind: "to" });
         }
         if !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(malformed("an E.164 number has only digits after an optional '+'"));
+            return Err(malformed(
+                "an E.164 number has only digits after an optional '+'",
+            ));
         }
         if digits.starts_with('0') {
-            return Err(malformed("an E.164 number starts with a country code, never 0"));
+            return Err(malformed(
+                "an E.164 number starts with a country code, never 0",
+            ));
         }
         if !(8..=15).contains(&digits.len()) {
             return Err(malformed("an E.164 number has 8 to 15 digits"));
@@ -225,12 +233,23 @@ mod tests {
     #[test]
     fn wa_id_accepts_e164_with_or_without_plus() {
         assert_eq!(WaId::parse("+16505551234").unwrap().as_str(), "16505551234");
-        assert_eq!(WaId::parse("4915112345678").unwrap().as_str(), "4915112345678");
+        assert_eq!(
+            WaId::parse("4915112345678").unwrap().as_str(),
+            "4915112345678"
+        );
     }
 
     #[test]
     fn wa_id_rejects_what_is_not_e164() {
-        for bad in ["", "+", "0165055512", "1650555", "1234567890123456", "+1 650 555 1234", "abc12345678"] {
+        for bad in [
+            "",
+            "+",
+            "0165055512",
+            "1650555",
+            "1234567890123456",
+            "+1 650 555 1234",
+            "abc12345678",
+        ] {
             assert!(WaId::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -18,13 +18,27 @@ use wa_sender::simulator::{SimConfig, Simulator};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "wa-sender", version, about = "Outbound send worker for the WhatsApp Business Cloud API")]
+#[command(
+    name = "wa-sender",
+    version,
+    about = "Outbound send worker for the WhatsApp Business Cloud API"
+)]
 struct Cli {
     /// Configuration directory (default.toml, <environment>.toml).
-    #[arg(long, env = "WA_SENDER_CONFIG_DIR", default_value = "config", global = true)]
+    #[arg(
+        long,
+        env = "WA_SENDER_CONFIG_DIR",
+        default_value = "config",
+        global = true
+    )]
     config_dir: PathBuf,
     /// Environment whose overrides are layered on the defaults.
-    #[arg(long = "env", env = "WA_SENDER_ENV", default_value = "local", global = true)]
+    #[arg(
+        long = "env",
+        env = "WA_SENDER_ENV",
+        default_value = "local",
+        global = true
+    )]
     environment: String,
     #[command(subcommand)]
     command: Command,
@@ -76,8 +90,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    wa_sender::telemetry::init(&settings.telemetry.log_filter, &settings.telemetry.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    wa_sender::telemetry::init(
+        &settings.telemetry.log_filter,
+        &settings.telemetry.log_format,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli.command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<wa_sender::config::ConfigError>().is_some() => {
@@ -96,7 +116,8 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => info!("SIGTERM received, shutting down"),
             _ = tokio::signal::ctrl_c() => info!("SIGINT received, shutting down"),
@@ -112,12 +133,27 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let numbers = settings.resolve_numbers()?;
             let (broker, store) = wa_sender::app::connect(&settings).await?;
             let cloud = Arc::new(wa_sender::app::http_cloud(&settings)?);
-            let pipeline = Arc::new(wa_sender::app::pipeline(&settings, cloud, broker.clone(), store, numbers)?);
-            let drained = wa_sender::worker::run(pipeline, broker.clone(), wa_sender::app::worker_settings(&settings), shutdown_on_signal()).await;
+            let pipeline = Arc::new(wa_sender::app::pipeline(
+                &settings,
+                cloud,
+                broker.clone(),
+                store,
+                numbers,
+            )?);
+            let drained = wa_sender::worker::run(
+                pipeline,
+                broker.clone(),
+                wa_sender::app::worker_settings(&settings),
+                shutdown_on_signal(),
+            )
+            .await;
             broker.close().await;
             match drained {
                 Ok(d) if d.abandoned == 0 => Ok(()),
-                Ok(d) => anyhow::bail!("{} jobs were still in flight after the grace period; they return to their queues", d.abandoned),
+                Ok(d) => anyhow::bail!(
+                    "{} jobs were still in flight after the grace period; they return to their queues",
+                    d.abandoned
+                ),
                 Err(e) => Err(e).context("worker stopped"),
             }
         }
@@ -125,10 +161,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let mut config = SimConfig::single("106540352242922", &token);
             config.numbers.clear();
             for (id, n) in &settings.numbers {
-                config.numbers.insert(id.clone(), wa_sender::simulator::SimNumber { throughput_mps: n.throughput_mps });
+                config.numbers.insert(
+                    id.clone(),
+                    wa_sender::simulator::SimNumber {
+                        throughput_mps: n.throughput_mps,
+                    },
+                );
             }
             let listen = listen.unwrap_or(settings.simulator.listen.clone());
-            let simulator = Simulator::start(config, &listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let simulator = Simulator::start(config, &listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
             info!(addr = %simulator.addr(), "simulator listening; audit at /_sim/audit");
             shutdown_on_signal().cancelled().await;
             simulator.stop();
@@ -139,7 +182,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let reader: Box<dyn tokio::io::AsyncRead + Unpin> = if file == "-" {
                 Box::new(tokio::io::stdin())
             } else {
-                Box::new(tokio::fs::File::open(&file).await.with_context(|| format!("cannot open {file}"))?)
+                Box::new(
+                    tokio::fs::File::open(&file)
+                        .await
+                        .with_context(|| format!("cannot open {file}"))?,
+                )
             };
             let mut lines = tokio::io::BufReader::new(reader).lines();
             let mut published = 0u64;
@@ -158,7 +205,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Demo { embedded, jobs } => {
             let jobs = jobs.unwrap_or(settings.demo.jobs);
-            let summary = wa_sender::demo::run(&settings, embedded, jobs).await.inspect_err(|e| error!(error = %e, "demo failed"))?;
+            let summary = wa_sender::demo::run(&settings, embedded, jobs)
+                .await
+                .inspect_err(|e| error!(error = %e, "demo failed"))?;
             println!("{}", wa_sender::demo::render(&summary));
             Ok(())
         }

@@ -16,14 +16,21 @@ use crate::broker::{H_TRACEPARENT, H_TRACESTATE, Headers};
 pub fn init(filter: &str, format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let fmt = match format {
-        "json" => tracing_subscriber::fmt::layer().json().with_target(false).boxed(),
+        "json" => tracing_subscriber::fmt::layer()
+            .json()
+            .with_target(false)
+            .boxed(),
         _ => tracing_subscriber::fmt::layer().with_target(false).boxed(),
     };
     // Spans get real trace ids so context can be propagated; an exporter (OTLP) plugs in here.
     let provider = SdkTracerProvider::builder().build();
     let tracer = provider.tracer("wa-sender");
     opentelemetry::global::set_tracer_provider(provider);
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(tracing_opentelemetry::layer().with_tracer(tracer)).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init();
 }
 
 struct HeaderInjector<'a>(&'a mut Headers);
@@ -44,7 +51,10 @@ impl Extractor for HeaderExtractor<'_> {
         }
     }
     fn keys(&self) -> Vec<&str> {
-        [H_TRACEPARENT, H_TRACESTATE].into_iter().filter(|k| self.0.0.contains_key(*k)).collect()
+        [H_TRACEPARENT, H_TRACESTATE]
+            .into_iter()
+            .filter(|k| self.0.0.contains_key(*k))
+            .collect()
     }
 }
 

@@ -45,7 +45,10 @@ fn pick_order(weights: &BTreeMap<Lane, u32>) -> Vec<Lane> {
         for (lane, w) in weights {
             *current.get_mut(lane).expect("lane present") += i64::from(*w);
         }
-        let (&best, _) = current.iter().max_by_key(|(lane, c)| (**c, std::cmp::Reverse(**lane))).expect("at least one lane");
+        let (&best, _) = current
+            .iter()
+            .max_by_key(|(lane, c)| (**c, std::cmp::Reverse(**lane)))
+            .expect("at least one lane");
         *current.get_mut(&best).expect("lane present") -= total;
         order.push(best);
     }
@@ -53,16 +56,36 @@ fn pick_order(weights: &BTreeMap<Lane, u32>) -> Vec<Lane> {
 }
 
 /// Runs until `shutdown` is cancelled or a lane's consumer fails; then drains.
-pub async fn run(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, settings: WorkerSettings, shutdown: CancellationToken) -> Result<Drained, BrokerError> {
-    let lanes: Vec<Lane> = Lane::ALL.into_iter().filter(|l| settings.lane_weights.get(l).copied().unwrap_or(0) > 0).collect();
+pub async fn run(
+    pipeline: Arc<Pipeline>,
+    broker: Arc<dyn Broker>,
+    settings: WorkerSettings,
+    shutdown: CancellationToken,
+) -> Result<Drained, BrokerError> {
+    let lanes: Vec<Lane> = Lane::ALL
+        .into_iter()
+        .filter(|l| settings.lane_weights.get(l).copied().unwrap_or(0) > 0)
+        .collect();
     let mut streams: BTreeMap<Lane, Stream<Delivery>> = BTreeMap::new();
     for lane in &lanes {
         streams.insert(*lane, broker.consume(*lane, settings.prefetch).await?);
     }
-    let order = pick_order(&settings.lane_weights.iter().filter(|(_, w)| **w > 0).map(|(l, w)| (*l, *w)).collect());
+    let order = pick_order(
+        &settings
+            .lane_weights
+            .iter()
+            .filter(|(_, w)| **w > 0)
+            .map(|(l, w)| (*l, *w))
+            .collect(),
+    );
     let permits = Arc::new(Semaphore::new(settings.concurrency));
     let tracker = TaskTracker::new();
-    info!(concurrency = settings.concurrency, prefetch = settings.prefetch, ?lanes, "worker started");
+    info!(
+        concurrency = settings.concurrency,
+        prefetch = settings.prefetch,
+        ?lanes,
+        "worker started"
+    );
 
     let mut turn = 0usize;
     let failure = loop {
@@ -75,7 +98,9 @@ pub async fn run(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, settings: Wor
         let preferred = order[turn % order.len()];
         turn += 1;
         let mut ready = None;
-        for lane in std::iter::once(preferred).chain(lanes.iter().copied().filter(|l| *l != preferred)) {
+        for lane in
+            std::iter::once(preferred).chain(lanes.iter().copied().filter(|l| *l != preferred))
+        {
             if let Some(item) = streams.get_mut(&lane).and_then(|s| s.next().now_or_never()) {
                 ready = Some((lane, item));
                 break;
@@ -99,7 +124,12 @@ pub async fn run(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, settings: Wor
         let delivery = match item {
             Some(Ok(d)) => d,
             Some(Err(e)) => break Some(e),
-            None => break Some(BrokerError::op("consume", format!("the {} consumer was cancelled by the broker", lane.as_str()))),
+            None => {
+                break Some(BrokerError::op(
+                    "consume",
+                    format!("the {} consumer was cancelled by the broker", lane.as_str()),
+                ));
+            }
         };
         let pipeline = Arc::clone(&pipeline);
         tracker.spawn(async move {
@@ -117,13 +147,22 @@ pub async fn run(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, settings: Wor
     drop(streams);
     tracker.close();
     let in_flight = tracker.len();
-    info!(in_flight, grace_s = settings.shutdown_grace.as_secs(), "draining");
-    let drained = tokio::time::timeout(settings.shutdown_grace, tracker.wait()).await.is_ok();
+    info!(
+        in_flight,
+        grace_s = settings.shutdown_grace.as_secs(),
+        "draining"
+    );
+    let drained = tokio::time::timeout(settings.shutdown_grace, tracker.wait())
+        .await
+        .is_ok();
     let abandoned = if drained { 0 } else { tracker.len() };
     if drained {
         info!("drained: every in-flight job was settled");
     } else {
-        warn!(abandoned, "grace period over; unsettled jobs return to their queues when the connection closes");
+        warn!(
+            abandoned,
+            "grace period over; unsettled jobs return to their queues when the connection closes"
+        );
     }
     match failure {
         Some(e) => Err(e),
@@ -141,9 +180,15 @@ mod tests {
         let order = pick_order(&weights);
         assert_eq!(order.len(), 10);
         assert_eq!(order.iter().filter(|l| **l == Lane::Otp).count(), 6);
-        assert_eq!(order.iter().filter(|l| **l == Lane::Transactional).count(), 3);
+        assert_eq!(
+            order.iter().filter(|l| **l == Lane::Transactional).count(),
+            3
+        );
         assert_eq!(order.iter().filter(|l| **l == Lane::Bulk).count(), 1);
         assert_eq!(order[0], Lane::Otp);
-        assert!(!order.windows(4).any(|w| w.iter().all(|l| *l == Lane::Otp)), "otp never takes 4 turns in a row: {order:?}");
+        assert!(
+            !order.windows(4).any(|w| w.iter().all(|l| *l == Lane::Otp)),
+            "otp never takes 4 turns in a row: {order:?}"
+        );
     }
 }

@@ -37,5 +37,9 @@ fn invalid_examples_are_refused_as_invalid_jobs() {
 fn the_schema_file_is_json_and_names_the_schema_version() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/send-job.v1.schema.json");
     let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    assert_eq!(schema["properties"]["schema"]["const"], "wa.send.v1", "{}", schema["properties"]["schema"]);
+    assert_eq!(
+        schema["properties"]["schema"]["const"], "wa.send.v1",
+        "{}",
+        schema["properties"]["schema"]
+    );
 }

@@ -11,7 +11,10 @@ use wa_sender::job::Lane;
 fn worker_process(app: &common::TestApp) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_wa-sender"))
         .arg("worker")
-        .env("WA_SENDER_CONFIG_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .env(
+            "WA_SENDER_CONFIG_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config"),
+        )
         .env("WA_SENDER_ENV", "test")
         .env("WA_SENDER__AMQP__PREFIX", &app.prefix)
         .env("WA_SENDER__REDIS__KEY_PREFIX", &app.prefix)
@@ -29,32 +32,56 @@ fn worker_process(app: &common::TestApp) -> tokio::process::Child {
 
 #[tokio::test]
 async fn sigterm_with_jobs_in_flight_loses_none_of_them() {
-    let mut app = spawn_app("sigterm", |_, sim| sim.latency = (Duration::from_millis(200), Duration::from_millis(400))).await;
+    let mut app = spawn_app("sigterm", |_, sim| {
+        sim.latency = (Duration::from_millis(200), Duration::from_millis(400))
+    })
+    .await;
     let jobs = 60;
     for i in 0..jobs {
-        app.enqueue_json(Lane::Bulk, &text_job(&format!("term-{i}"))).await;
+        app.enqueue_json(Lane::Bulk, &text_job(&format!("term-{i}")))
+            .await;
     }
     let mut first = worker_process(&app);
     // Let it get going, so that jobs are in flight and prefetched when the signal arrives.
-    app.wait_event(Duration::from_secs(20), |e| e.event == "message.accepted").await;
+    app.wait_event(Duration::from_secs(20), |e| e.event == "message.accepted")
+        .await;
     let pid = first.id().expect("running").to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(20), first.wait()).await.expect("the worker exits within its grace period").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(20), first.wait())
+        .await
+        .expect("the worker exits within its grace period")
+        .unwrap();
     let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(first.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
-    assert!(exit.success(), "the worker drained and exited cleanly: {exit:?}\n{stderr}");
+    tokio::io::AsyncReadExt::read_to_string(first.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        exit.success(),
+        "the worker drained and exited cleanly: {exit:?}\n{stderr}"
+    );
     let sent_before_restart = app.simulator.audit().accepted.len();
-    assert!(sent_before_restart < jobs, "the signal arrived mid-run ({sent_before_restart} sent)");
+    assert!(
+        sent_before_restart < jobs,
+        "the signal arrived mid-run ({sent_before_restart} sent)"
+    );
 
     // A new worker picks up everything the first one did not finish.
     let mut second = worker_process(&app);
     for i in 0..jobs {
-        app.wait_job_event(&format!("term-{i}"), "message.accepted").await;
+        app.wait_job_event(&format!("term-{i}"), "message.accepted")
+            .await;
     }
     let audit = app.simulator.audit();
     assert_eq!(audit.accepted.len(), jobs, "every job sent");
-    assert!(audit.duplicates.is_empty(), "no job sent twice: {:?}", audit.duplicates);
+    assert!(
+        audit.duplicates.is_empty(),
+        "no job sent twice: {:?}",
+        audit.duplicates
+    );
     second.kill().await.unwrap();
     app.cleanup().await;
 }

@@ -14,12 +14,15 @@ use wa_sender::simulator::{Fault, FaultRule};
 #[tokio::test]
 async fn a_valid_job_is_sent_once_and_its_accepted_event_carries_wamid_and_metadata() {
     let mut app = spawn_app("valid", |_, _| {}).await;
-    app.enqueue_json(Lane::Transactional, &text_job("job-valid")).await;
+    app.enqueue_json(Lane::Transactional, &text_job("job-valid"))
+        .await;
     app.start_worker();
 
     let event = app.wait_job_event("job-valid", "message.accepted").await;
     let audit = app.simulator.audit();
-    let sent = &audit.accepted[audit.position("job-valid").expect("the simulator received the job")];
+    let sent = &audit.accepted[audit
+        .position("job-valid")
+        .expect("the simulator received the job")];
     assert_eq!(event.wamid.as_deref(), Some(sent.wamid.as_str()));
     assert_eq!(event.metadata, json!({"order": 42, "job": "job-valid"}));
     assert_eq!(event.campaign_id.as_deref(), Some("c-1"));
@@ -36,7 +39,14 @@ async fn a_valid_job_is_sent_once_and_its_accepted_event_carries_wamid_and_metad
 #[tokio::test]
 async fn a_5xx_is_retried_through_a_delay_queue_and_then_succeeds() {
     let mut app = spawn_app("retry5xx", |_, _| {}).await;
-    app.simulator.inject(FaultRule { job_id: Some("job-5xx".into()), fault: Fault::Error { code: 131016, status: 500 }, times: 1 });
+    app.simulator.inject(FaultRule {
+        job_id: Some("job-5xx".into()),
+        fault: Fault::Error {
+            code: 131016,
+            status: 500,
+        },
+        times: 1,
+    });
     app.enqueue_json(Lane::Bulk, &text_job("job-5xx")).await;
     app.start_worker();
 
@@ -56,23 +66,47 @@ async fn a_timeout_is_retried_for_at_least_once_jobs_but_never_resent_for_at_mos
     let mut app = spawn_app("timeout", |_, _| {}).await;
     // The simulator accepts both messages but answers after the client's 1 s timeout.
     for id in ["job-otp-timeout", "job-bulk-timeout"] {
-        app.simulator.inject(FaultRule { job_id: Some(id.into()), fault: Fault::Delay(Duration::from_millis(2500)), times: 1 });
+        app.simulator.inject(FaultRule {
+            job_id: Some(id.into()),
+            fault: Fault::Delay(Duration::from_millis(2500)),
+            times: 1,
+        });
     }
-    app.enqueue_json(Lane::Otp, &job("job-otp-timeout", json!({"type": "text", "text": {"body": "123456 is your code"}}))).await;
-    app.enqueue_json(Lane::Bulk, &text_job("job-bulk-timeout")).await;
+    app.enqueue_json(
+        Lane::Otp,
+        &job(
+            "job-otp-timeout",
+            json!({"type": "text", "text": {"body": "123456 is your code"}}),
+        ),
+    )
+    .await;
+    app.enqueue_json(Lane::Bulk, &text_job("job-bulk-timeout"))
+        .await;
     app.start_worker();
 
     // otp is at-least-once: the ambiguous send is retried through a delay queue and accepted.
-    let accepted = app.wait_job_event("job-otp-timeout", "message.accepted").await;
+    let accepted = app
+        .wait_job_event("job-otp-timeout", "message.accepted")
+        .await;
     assert_eq!(accepted.attempts, Some(2));
     // bulk is at-most-once: it waits for a webhook instead, and without one is dead-lettered.
     let deferred = app.wait_job_event("job-bulk-timeout", "job.deferred").await;
     assert_eq!(deferred.error.unwrap().title, "send outcome unknown");
-    let dead = app.wait_job_event("job-bulk-timeout", "job.dead_lettered").await;
+    let dead = app
+        .wait_job_event("job-bulk-timeout", "job.dead_lettered")
+        .await;
     assert_eq!(dead.reason.map(|r| r.as_str()), Some("ambiguous_send"));
     let audit = app.simulator.audit();
-    assert_eq!(audit.times_sent("job-otp-timeout"), 2, "at-least-once may duplicate, by contract");
-    assert_eq!(audit.times_sent("job-bulk-timeout"), 1, "at-most-once is never sent twice");
+    assert_eq!(
+        audit.times_sent("job-otp-timeout"),
+        2,
+        "at-least-once may duplicate, by contract"
+    );
+    assert_eq!(
+        audit.times_sent("job-bulk-timeout"),
+        1,
+        "at-most-once is never sent twice"
+    );
     app.stop_worker().await;
     app.cleanup().await;
 }
@@ -80,18 +114,33 @@ async fn a_timeout_is_retried_for_at_least_once_jobs_but_never_resent_for_at_mos
 #[tokio::test]
 async fn a_permanent_error_is_dead_lettered_with_reason_and_code() {
     let mut app = spawn_app("permanent", |_, _| {}).await;
-    let unknown_template = job("job-132001", json!({"type": "template", "template": {"name": "no_such_template", "language": {"code": "en_US"}}}));
-    app.enqueue_json(Lane::Transactional, &unknown_template).await;
+    let unknown_template = job(
+        "job-132001",
+        json!({"type": "template", "template": {"name": "no_such_template", "language": {"code": "en_US"}}}),
+    );
+    app.enqueue_json(Lane::Transactional, &unknown_template)
+        .await;
     app.start_worker();
 
     let dead = app.next_dead().await;
     assert_eq!(dead.routing_key, "template_not_approved");
     let h = &dead.envelope.headers;
-    assert_eq!(h.get_str(H_REASON).as_deref(), Some("template_not_approved"));
+    assert_eq!(
+        h.get_str(H_REASON).as_deref(),
+        Some("template_not_approved")
+    );
     assert_eq!(h.get_int(H_ERROR_CODE), Some(132001));
     assert_eq!(h.get_int(H_ATTEMPTS), Some(1));
-    assert!(h.get_str(H_DETAIL).unwrap().contains("no_such_template"), "{:?}", h.get_str(H_DETAIL));
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&dead.envelope.body).unwrap(), unknown_template, "the original job is kept");
+    assert!(
+        h.get_str(H_DETAIL).unwrap().contains("no_such_template"),
+        "{:?}",
+        h.get_str(H_DETAIL)
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&dead.envelope.body).unwrap(),
+        unknown_template,
+        "the original job is kept"
+    );
     let event = app.wait_job_event("job-132001", "job.dead_lettered").await;
     assert_eq!(event.error.unwrap().code, Some(132001));
     assert_eq!(event.metadata, json!({"order": 42, "job": "job-132001"}));
@@ -106,12 +155,31 @@ async fn malformed_jobs_are_dead_lettered_with_a_specific_detail_and_the_worker_
     bad_phone["to"] = json!("12345");
     let mut v2 = text_job("job-v2");
     v2["schema"] = json!("wa.send.v2");
-    let long_text = job("job-long", json!({"type": "text", "text": {"body": "x".repeat(4097)}}));
+    let long_text = job(
+        "job-long",
+        json!({"type": "text", "text": {"body": "x".repeat(4097)}}),
+    );
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
-        (b"{\"schema\": \"wa.send.v1\", \"job_id\": ".to_vec(), "invalid_job", "not JSON"),
-        (serde_json::to_vec(&v2).unwrap(), "unsupported_schema", "unsupported schema \"wa.send.v2\""),
-        (serde_json::to_vec(&bad_phone).unwrap(), "invalid_job", "to: to \"12345\" is not valid"),
-        (serde_json::to_vec(&long_text).unwrap(), "invalid_job", "message.text.body: is 4097 characters long, the limit is 4096"),
+        (
+            b"{\"schema\": \"wa.send.v1\", \"job_id\": ".to_vec(),
+            "invalid_job",
+            "not JSON",
+        ),
+        (
+            serde_json::to_vec(&v2).unwrap(),
+            "unsupported_schema",
+            "unsupported schema \"wa.send.v2\"",
+        ),
+        (
+            serde_json::to_vec(&bad_phone).unwrap(),
+            "invalid_job",
+            "to: to \"12345\" is not valid",
+        ),
+        (
+            serde_json::to_vec(&long_text).unwrap(),
+            "invalid_job",
+            "message.text.body: is 4097 characters long, the limit is 4096",
+        ),
     ];
     for (body, _, _) in &cases {
         app.enqueue(Lane::Bulk, body.clone()).await;
@@ -120,17 +188,28 @@ async fn malformed_jobs_are_dead_lettered_with_a_specific_detail_and_the_worker_
     let mut got = Vec::new();
     for _ in &cases {
         let dead = app.next_dead().await;
-        got.push((dead.routing_key.clone(), dead.envelope.headers.get_str(H_DETAIL).unwrap_or_default(), dead.envelope.body.to_vec()));
+        got.push((
+            dead.routing_key.clone(),
+            dead.envelope.headers.get_str(H_DETAIL).unwrap_or_default(),
+            dead.envelope.body.to_vec(),
+        ));
     }
     for (body, reason, detail) in &cases {
-        let (r, d, _) = got.iter().find(|(_, _, b)| b == body).expect("every malformed job is dead-lettered with its body");
+        let (r, d, _) = got
+            .iter()
+            .find(|(_, _, b)| b == body)
+            .expect("every malformed job is dead-lettered with its body");
         assert_eq!(r, reason);
         assert!(d.contains(detail), "detail {d:?} should contain {detail:?}");
     }
     // The worker is still running and sends the next valid job.
     app.enqueue_json(Lane::Bulk, &text_job("job-after")).await;
     app.wait_job_event("job-after", "message.accepted").await;
-    assert_eq!(app.simulator.audit().accepted.len(), 1, "no malformed job reached the Cloud API");
+    assert_eq!(
+        app.simulator.audit().accepted.len(),
+        1,
+        "no malformed job reached the Cloud API"
+    );
     app.stop_worker().await;
     app.cleanup().await;
 }
@@ -143,9 +222,17 @@ async fn an_otp_job_behind_5000_bulk_jobs_is_sent_before_them() {
     })
     .await;
     for i in 0..5000 {
-        app.enqueue_json(Lane::Bulk, &text_job(&format!("bulk-{i}"))).await;
+        app.enqueue_json(Lane::Bulk, &text_job(&format!("bulk-{i}")))
+            .await;
     }
-    app.enqueue_json(Lane::Otp, &job("otp-urgent", json!({"type": "text", "text": {"body": "123456"}}))).await;
+    app.enqueue_json(
+        Lane::Otp,
+        &job(
+            "otp-urgent",
+            json!({"type": "text", "text": {"body": "123456"}}),
+        ),
+    )
+    .await;
     app.start_worker();
     app.wait_job_event("otp-urgent", "message.accepted").await;
     app.stop_worker().await;
@@ -153,8 +240,15 @@ async fn an_otp_job_behind_5000_bulk_jobs_is_sent_before_them() {
     let audit = app.simulator.audit();
     let position = audit.position("otp-urgent").unwrap();
     // At most the bulk deliveries already prefetched (10) plus those in flight (4) go first.
-    assert!(position <= 14, "otp was send #{position} of {}", audit.accepted.len());
-    assert!(app.broker.as_ref().depth_of(Lane::Bulk).await > 4000, "bulk was mostly still waiting");
+    assert!(
+        position <= 14,
+        "otp was send #{position} of {}",
+        audit.accepted.len()
+    );
+    assert!(
+        app.broker.as_ref().depth_of(Lane::Bulk).await > 4000,
+        "bulk was mostly still waiting"
+    );
     app.cleanup().await;
 }
 

@@ -3,8 +3,8 @@
 //! dead-letter queue. For the embedded demo and for tests that must not need a server.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -22,11 +22,17 @@ struct LaneQueue {
 
 impl LaneQueue {
     fn push_back(&self, envelope: Envelope, redelivered: bool) {
-        self.ready.lock().expect("lane lock").push_back((envelope, redelivered));
+        self.ready
+            .lock()
+            .expect("lane lock")
+            .push_back((envelope, redelivered));
         self.notify.notify_one();
     }
     fn push_front(&self, envelope: Envelope) {
-        self.ready.lock().expect("lane lock").push_front((envelope, true));
+        self.ready
+            .lock()
+            .expect("lane lock")
+            .push_front((envelope, true));
         self.notify.notify_one();
     }
 }
@@ -48,8 +54,16 @@ struct Inner {
 impl MemoryBroker {
     /// An empty broker.
     pub fn new() -> Self {
-        let lanes = Lane::ALL.into_iter().map(|l| (l, Arc::new(LaneQueue::default()))).collect();
-        MemoryBroker { inner: Arc::new(Inner { lanes, ..Default::default() }) }
+        let lanes = Lane::ALL
+            .into_iter()
+            .map(|l| (l, Arc::new(LaneQueue::default())))
+            .collect();
+        MemoryBroker {
+            inner: Arc::new(Inner {
+                lanes,
+                ..Default::default()
+            }),
+        }
     }
 
     fn lane(&self, lane: Lane) -> Arc<LaneQueue> {
@@ -108,10 +122,23 @@ impl Broker for MemoryBroker {
                     queue.push_back(envelope, false);
                 });
             }
-            Target::Event(key) => self.fan_out(Tap::Events, Tapped { routing_key: key, envelope }),
+            Target::Event(key) => self.fan_out(
+                Tap::Events,
+                Tapped {
+                    routing_key: key,
+                    envelope,
+                },
+            ),
             Target::Dead(reason) => {
-                let tapped = Tapped { routing_key: reason.as_str().to_owned(), envelope };
-                self.inner.dead.lock().expect("dead lock").push(tapped.clone());
+                let tapped = Tapped {
+                    routing_key: reason.as_str().to_owned(),
+                    envelope,
+                };
+                self.inner
+                    .dead
+                    .lock()
+                    .expect("dead lock")
+                    .push(tapped.clone());
                 self.fan_out(Tap::Dead, tapped);
             }
         }
@@ -123,34 +150,41 @@ impl Broker for MemoryBroker {
         let permits = Arc::new(Semaphore::new(usize::from(prefetch.max(1))));
         let stop = self.inner.stop.clone();
         let stopped = Arc::new(AtomicBool::new(false));
-        let stream = futures::stream::unfold((queue, permits, stop, stopped), move |(queue, permits, stop, stopped)| async move {
-            if stopped.load(Ordering::Relaxed) {
-                return None;
-            }
-            let permit = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return None,
-                p = Arc::clone(&permits).acquire_owned() => p.ok()?,
-            };
-            let next = loop {
-                let notified = queue.notify.notified();
-                if let Some(next) = queue.ready.lock().expect("lane lock").pop_front() {
-                    break next;
+        let stream = futures::stream::unfold(
+            (queue, permits, stop, stopped),
+            move |(queue, permits, stop, stopped)| async move {
+                if stopped.load(Ordering::Relaxed) {
+                    return None;
                 }
-                tokio::select! {
+                let permit = tokio::select! {
                     biased;
-                    _ = stop.cancelled() => {
-                        stopped.store(true, Ordering::Relaxed);
-                        return None;
+                    _ = stop.cancelled() => return None,
+                    p = Arc::clone(&permits).acquire_owned() => p.ok()?,
+                };
+                let next = loop {
+                    let notified = queue.notify.notified();
+                    if let Some(next) = queue.ready.lock().expect("lane lock").pop_front() {
+                        break next;
                     }
-                    _ = notified => {}
-                }
-            };
-            let (envelope, redelivered) = next;
-            let acker = MemoryAcker { queue: Arc::clone(&queue), envelope: Mutex::new(Some(envelope.clone())), _permit: permit };
-            let delivery = Delivery::new(lane, envelope, redelivered, Box::new(acker));
-            Some((Ok(delivery), (queue, permits, stop, stopped)))
-        });
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => {
+                            stopped.store(true, Ordering::Relaxed);
+                            return None;
+                        }
+                        _ = notified => {}
+                    }
+                };
+                let (envelope, redelivered) = next;
+                let acker = MemoryAcker {
+                    queue: Arc::clone(&queue),
+                    envelope: Mutex::new(Some(envelope.clone())),
+                    _permit: permit,
+                };
+                let delivery = Delivery::new(lane, envelope, redelivered, Box::new(acker));
+                Some((Ok(delivery), (queue, permits, stop, stopped)))
+            },
+        );
         Ok(stream.boxed())
     }
 
@@ -161,7 +195,10 @@ impl Broker for MemoryBroker {
     }
 
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError> {
-        Ok(u32::try_from(self.lane(lane).ready.lock().expect("lane lock").len()).unwrap_or(u32::MAX))
+        Ok(
+            u32::try_from(self.lane(lane).ready.lock().expect("lane lock").len())
+                .unwrap_or(u32::MAX),
+        )
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {

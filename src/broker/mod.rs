@@ -46,7 +46,8 @@ pub struct Headers(pub BTreeMap<String, HeaderValue>);
 impl Headers {
     /// Sets a string header.
     pub fn set_str(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
-        self.0.insert(key.to_owned(), HeaderValue::Str(value.into()));
+        self.0
+            .insert(key.to_owned(), HeaderValue::Str(value.into()));
         self
     }
 
@@ -74,7 +75,9 @@ impl Headers {
 
     /// Attempts so far (0 for a fresh job).
     pub fn attempts(&self) -> u32 {
-        self.get_int(H_ATTEMPTS).and_then(|a| u32::try_from(a).ok()).unwrap_or(0)
+        self.get_int(H_ATTEMPTS)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0)
     }
 }
 
@@ -140,14 +143,22 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("lane", &self.lane).field("redelivered", &self.redelivered).finish_non_exhaustive()
+        f.debug_struct("Delivery")
+            .field("lane", &self.lane)
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
     }
 }
 
 impl Delivery {
     /// A delivery from a broker implementation.
     pub fn new(lane: Lane, envelope: Envelope, redelivered: bool, acker: Box<dyn Acker>) -> Self {
-        Delivery { lane, envelope, redelivered, acker }
+        Delivery {
+            lane,
+            envelope,
+            redelivered,
+            acker,
+        }
     }
 
     /// Removes it from its queue for good.
@@ -174,7 +185,9 @@ pub trait Acker: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// The broker could not be reached at start-up.
-    #[error("cannot reach RabbitMQ at {url}: {source}. Is it running? Start it with: rabbitmq-server -detached")]
+    #[error(
+        "cannot reach RabbitMQ at {url}: {source}. Is it running? Start it with: rabbitmq-server -detached"
+    )]
     Unreachable {
         /// The address (without credentials).
         url: String,
@@ -197,7 +210,10 @@ pub enum BrokerError {
 
 impl BrokerError {
     pub(crate) fn op(operation: &'static str, e: impl std::fmt::Display) -> Self {
-        BrokerError::Operation { operation, detail: e.to_string() }
+        BrokerError::Operation {
+            operation,
+            detail: e.to_string(),
+        }
     }
 }
 

@@ -6,14 +6,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
-use super::{Acker, Broker, BrokerError, Delivery, Envelope, HeaderValue, Headers, Stream, Tap, Tapped, Target};
+use super::{
+    Acker, Broker, BrokerError, Delivery, Envelope, HeaderValue, Headers, Stream, Tap, Tapped,
+    Target,
+};
 use crate::job::Lane;
 use crate::policy::DelayTiers;
 
@@ -51,7 +55,9 @@ pub struct Names {
 impl Names {
     /// Names under `prefix`.
     pub fn new(prefix: &str) -> Self {
-        Names { prefix: prefix.to_owned() }
+        Names {
+            prefix: prefix.to_owned(),
+        }
     }
     /// `wa.send` (direct).
     pub fn send_exchange(&self) -> String {
@@ -102,7 +108,9 @@ pub struct RabbitBroker {
 
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
         _ => url.to_owned(),
     }
 }
@@ -124,10 +132,25 @@ impl RabbitBroker {
     pub async fn connect(settings: RabbitSettings) -> Result<Self, BrokerError> {
         let connection = Connection::connect(&settings.url, ConnectionProperties::default())
             .await
-            .map_err(|e| BrokerError::Unreachable { url: redact(&settings.url), source: Box::new(e) })?;
-        let publisher = connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
-        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| BrokerError::op("confirm.select", e))?;
-        let broker = RabbitBroker { connection, publisher, names: Names::new(&settings.prefix), settings, consumers: Mutex::new(Vec::new()) };
+            .map_err(|e| BrokerError::Unreachable {
+                url: redact(&settings.url),
+                source: Box::new(e),
+            })?;
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::op("open channel", e))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| BrokerError::op("confirm.select", e))?;
+        let broker = RabbitBroker {
+            connection,
+            publisher,
+            names: Names::new(&settings.prefix),
+            settings,
+            consumers: Mutex::new(Vec::new()),
+        };
         broker.declare().await?;
         Ok(broker)
     }
@@ -141,7 +164,10 @@ impl RabbitBroker {
         match self.settings.queue_type {
             QueueType::Quorum => vec![
                 ("x-queue-type", long_string("quorum")),
-                ("x-delivery-limit", AMQPValue::LongLongInt(i64::from(self.settings.delivery_limit))),
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongLongInt(i64::from(self.settings.delivery_limit)),
+                ),
             ],
             QueueType::Classic => vec![("x-queue-type", long_string("classic"))],
         }
@@ -150,12 +176,23 @@ impl RabbitBroker {
     async fn declare(&self) -> Result<(), BrokerError> {
         let ch = &self.publisher;
         let n = &self.names;
-        let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         let exchange = |name: String, kind: ExchangeKind| async move {
-            ch.exchange_declare(name.clone().into(), kind, durable_exchange, FieldTable::default())
-                .await
-                .map_err(|e| BrokerError::op("exchange.declare", format!("{name}: {e}")))
+            ch.exchange_declare(
+                name.clone().into(),
+                kind,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::op("exchange.declare", format!("{name}: {e}")))
         };
         let queue = |name: String, arguments: FieldTable| async move {
             ch.queue_declare(name.clone().into(), durable_queue, arguments)
@@ -163,9 +200,15 @@ impl RabbitBroker {
                 .map_err(|e| BrokerError::op("queue.declare", format!("{name}: {e}")))
         };
         let bind = |q: String, x: String, key: String| async move {
-            ch.queue_bind(q.clone().into(), x.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
-                .await
-                .map_err(|e| BrokerError::op("queue.bind", format!("{q}: {e}")))
+            ch.queue_bind(
+                q.clone().into(),
+                x.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::op("queue.bind", format!("{q}: {e}")))
         };
 
         exchange(n.send_exchange(), ExchangeKind::Direct).await?;
@@ -186,31 +229,68 @@ impl RabbitBroker {
             ]);
             queue(n.delay_queue(tier), delay_args).await?;
             let tier_name = DelayTiers::name(tier);
-            bind(n.delay_queue(tier), n.delay_exchange(), format!("{tier_name}.*")).await?;
+            bind(
+                n.delay_queue(tier),
+                n.delay_exchange(),
+                format!("{tier_name}.*"),
+            )
+            .await?;
             // Expired messages keep their routing key `<tier>.<lane>`: route it back to its lane.
             for lane in Lane::ALL {
-                bind(n.lane_queue(lane), n.send_exchange(), format!("{tier_name}.{}", lane.as_str())).await?;
+                bind(
+                    n.lane_queue(lane),
+                    n.send_exchange(),
+                    format!("{tier_name}.{}", lane.as_str()),
+                )
+                .await?;
             }
         }
-        queue(n.dead_queue(), args(&[("x-queue-type", long_string("classic"))])).await?;
+        queue(
+            n.dead_queue(),
+            args(&[("x-queue-type", long_string("classic"))]),
+        )
+        .await?;
         bind(n.dead_queue(), n.dead_exchange(), "#".into()).await?;
         queue(n.intake_queue(), args(&self.queue_args())).await?;
-        queue(n.parked_queue(), args(&[("x-queue-type", long_string("classic"))])).await?;
+        queue(
+            n.parked_queue(),
+            args(&[("x-queue-type", long_string("classic"))]),
+        )
+        .await?;
         Ok(())
     }
 
     /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
     pub async fn delete_topology(&self) -> Result<(), BrokerError> {
-        let ch = self.connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
+        let ch = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::op("open channel", e))?;
         let n = &self.names;
         let mut queues: Vec<String> = Lane::ALL.iter().map(|l| n.lane_queue(*l)).collect();
-        queues.extend(self.settings.delay_tiers.all().iter().map(|t| n.delay_queue(*t)));
+        queues.extend(
+            self.settings
+                .delay_tiers
+                .all()
+                .iter()
+                .map(|t| n.delay_queue(*t)),
+        );
         queues.extend([n.dead_queue(), n.intake_queue(), n.parked_queue()]);
         for q in queues {
-            ch.queue_delete(q.into(), QueueDeleteOptions::default()).await.map_err(|e| BrokerError::op("queue.delete", e))?;
+            ch.queue_delete(q.into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| BrokerError::op("queue.delete", e))?;
         }
-        for x in [n.send_exchange(), n.delay_exchange(), n.dead_exchange(), n.events_exchange()] {
-            ch.exchange_delete(x.into(), ExchangeDeleteOptions::default()).await.map_err(|e| BrokerError::op("exchange.delete", e))?;
+        for x in [
+            n.send_exchange(),
+            n.delay_exchange(),
+            n.dead_exchange(),
+            n.events_exchange(),
+        ] {
+            ch.exchange_delete(x.into(), ExchangeDeleteOptions::default())
+                .await
+                .map_err(|e| BrokerError::op("exchange.delete", e))?;
         }
         Ok(())
     }
@@ -224,7 +304,10 @@ impl RabbitBroker {
         let n = &self.names;
         match target {
             Target::Lane(lane) => (n.send_exchange(), lane.as_str().to_owned()),
-            Target::Delay { tier, lane } => (n.delay_exchange(), format!("{}.{}", DelayTiers::name(*tier), lane.as_str())),
+            Target::Delay { tier, lane } => (
+                n.delay_exchange(),
+                format!("{}.{}", DelayTiers::name(*tier), lane.as_str()),
+            ),
             Target::Event(key) => (n.events_exchange(), key.clone()),
             Target::Dead(reason) => (n.dead_exchange(), reason.as_str().to_owned()),
         }
@@ -245,10 +328,14 @@ fn to_table(headers: &Headers) -> FieldTable {
 
 fn from_properties(properties: &BasicProperties) -> Headers {
     let mut headers = Headers::default();
-    let Some(table) = properties.headers() else { return headers };
+    let Some(table) = properties.headers() else {
+        return headers;
+    };
     for (k, v) in table {
         let value = match v {
-            AMQPValue::LongString(s) => HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::LongString(s) => {
+                HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
             AMQPValue::ShortString(s) => HeaderValue::Str(s.as_str().to_owned()),
             AMQPValue::LongLongInt(i) => HeaderValue::Int(*i),
             AMQPValue::LongInt(i) => HeaderValue::Int(i64::from(*i)),
@@ -270,10 +357,18 @@ struct LapinAcker(lapin::Acker);
 #[async_trait]
 impl Acker for LapinAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.0.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(|e| BrokerError::op("basic.ack", e))
+        self.0
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::op("basic.ack", e))
     }
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.0.reject(BasicRejectOptions { requeue: true }).await.map(|_| ()).map_err(|e| BrokerError::op("basic.reject", e))
+        self.0
+            .reject(BasicRejectOptions { requeue: true })
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::op("basic.reject", e))
     }
 }
 
@@ -288,7 +383,16 @@ impl Broker for RabbitBroker {
         // mandatory: an unroutable message comes back instead of vanishing.
         let confirm = self
             .publisher
-            .basic_publish(exchange.clone().into(), key.clone().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, &envelope.body, properties)
+            .basic_publish(
+                exchange.clone().into(),
+                key.clone().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &envelope.body,
+                properties,
+            )
             .await
             .map_err(|e| BrokerError::op("basic.publish", e))?
             .await
@@ -298,43 +402,96 @@ impl Broker for RabbitBroker {
             return Err(BrokerError::Nacked(destination));
         }
         if confirm.take_message().is_some() {
-            return Err(BrokerError::op("basic.publish", format!("{destination} is unroutable (no queue bound)")));
+            return Err(BrokerError::op(
+                "basic.publish",
+                format!("{destination} is unroutable (no queue bound)"),
+            ));
         }
         Ok(())
     }
 
     async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError> {
-        let channel = self.connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| BrokerError::op("basic.qos", e))?;
-        let tag: ShortString = format!("wa-sender-{}-{}", lane.as_str(), uuid::Uuid::new_v4().simple()).into();
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::op("open channel", e))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| BrokerError::op("basic.qos", e))?;
+        let tag: ShortString = format!(
+            "wa-sender-{}-{}",
+            lane.as_str(),
+            uuid::Uuid::new_v4().simple()
+        )
+        .into();
         let consumer = channel
-            .basic_consume(self.names.lane_queue(lane).into(), tag.clone(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                self.names.lane_queue(lane).into(),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(|e| BrokerError::op("basic.consume", e))?;
         self.consumers.lock().await.push((channel, tag));
         Ok(consumer
             .map(move |d| {
                 let d = d.map_err(|e| BrokerError::op("consume", e))?;
-                let envelope = Envelope { body: d.data.into(), headers: from_properties(&d.properties) };
-                Ok(Delivery::new(lane, envelope, d.redelivered, Box::new(LapinAcker(d.acker))))
+                let envelope = Envelope {
+                    body: d.data.into(),
+                    headers: from_properties(&d.properties),
+                };
+                Ok(Delivery::new(
+                    lane,
+                    envelope,
+                    d.redelivered,
+                    Box::new(LapinAcker(d.acker)),
+                ))
             })
             .boxed())
     }
 
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {
-        let channel = self.connection.create_channel().await.map_err(|e| BrokerError::op("open channel", e))?;
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::op("open channel", e))?;
         let exchange = match tap {
             Tap::Events => self.names.events_exchange(),
             Tap::Dead => self.names.dead_exchange(),
         };
-        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        let queue = channel.queue_declare("".into(), options, FieldTable::default()).await.map_err(|e| BrokerError::op("queue.declare", e))?;
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let queue = channel
+            .queue_declare("".into(), options, FieldTable::default())
+            .await
+            .map_err(|e| BrokerError::op("queue.declare", e))?;
         channel
-            .queue_bind(queue.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(|e| BrokerError::op("queue.bind", e))?;
         let consumer = channel
-            .basic_consume(queue.name().clone(), "tap".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                queue.name().clone(),
+                "tap".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .map_err(|e| BrokerError::op("basic.consume", e))?;
         Ok(consumer
@@ -344,21 +501,38 @@ impl Broker for RabbitBroker {
                 let d = d.map_err(|e| BrokerError::op("tap", e))?;
                 Ok(Tapped {
                     routing_key: d.routing_key.as_str().to_owned(),
-                    envelope: Envelope { body: d.data.into(), headers: from_properties(&d.properties) },
+                    envelope: Envelope {
+                        body: d.data.into(),
+                        headers: from_properties(&d.properties),
+                    },
                 })
             })
             .boxed())
     }
 
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError> {
-        let options = QueueDeclareOptions { passive: true, ..Default::default() };
-        let q = self.publisher.queue_declare(self.names.lane_queue(lane).into(), options, FieldTable::default()).await.map_err(|e| BrokerError::op("queue.declare", e))?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = self
+            .publisher
+            .queue_declare(
+                self.names.lane_queue(lane).into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::op("queue.declare", e))?;
         Ok(q.message_count())
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
         for (channel, tag) in self.consumers.lock().await.iter() {
-            channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await.map_err(|e| BrokerError::op("basic.cancel", e))?;
+            channel
+                .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                .await
+                .map_err(|e| BrokerError::op("basic.cancel", e))?;
         }
         Ok(())
     }
@@ -370,7 +544,10 @@ mod tests {
 
     #[test]
     fn credentials_are_redacted() {
-        assert_eq!(redact("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://***@127.0.0.1:5672/%2f");
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://***@127.0.0.1:5672/%2f"
+        );
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

@@ -40,7 +40,11 @@ impl ApiError {
 
     /// `error_data.details`, or the message when there are none.
     pub fn details(&self) -> &str {
-        self.error_data.as_ref().map(|d| d.details.as_str()).filter(|d| !d.is_empty()).unwrap_or(&self.message)
+        self.error_data
+            .as_ref()
+            .map(|d| d.details.as_str())
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&self.message)
     }
 }
 
@@ -194,7 +198,10 @@ mod tests {
     fn codes_round_trip_and_unknown_codes_are_kept() {
         for code in [0, 1, 4, 100, 190, 1020, 130429, 131047, 132001, 133010] {
             assert_eq!(ErrorCode::from(code).as_i64(), code);
-            assert!(!matches!(ErrorCode::from(code), ErrorCode::Unknown(_)), "{code}");
+            assert!(
+                !matches!(ErrorCode::from(code), ErrorCode::Unknown(_)),
+                "{code}"
+            );
         }
         assert_eq!(ErrorCode::from(250), ErrorCode::ApiPermission(250));
         assert_eq!(ErrorCode::from(999_999), ErrorCode::Unknown(999_999));
@@ -207,7 +214,13 @@ mod tests {
             "error_subcode":2494055,"fbtrace_id":"Az8or2yhqkZfEZ-_4Qn_Bam"}}"#;
         let e: ErrorBody = serde_json::from_str(body).unwrap();
         assert_eq!(e.error.code(), ErrorCode::ThroughputLimit);
-        assert_eq!(e.error.details(), "Cloud API message throughput has been reached.");
-        assert_eq!(e.error.fbtrace_id.as_deref(), Some("Az8or2yhqkZfEZ-_4Qn_Bam"));
+        assert_eq!(
+            e.error.details(),
+            "Cloud API message throughput has been reached."
+        );
+        assert_eq!(
+            e.error.fbtrace_id.as_deref(),
+            Some("Az8or2yhqkZfEZ-_4Qn_Bam")
+        );
     }
 }

@@ -34,7 +34,13 @@ pub struct OutboundMessage<'a> {
 impl<'a> OutboundMessage<'a> {
     /// A request for `message` to `to`, tagged with `job_id`.
     pub fn new(to: &'a str, message: &'a Message, job_id: &'a str) -> Self {
-        OutboundMessage { messaging_product: "whatsapp", recipient_type: "individual", to, message, biz_opaque_callback_data: job_id }
+        OutboundMessage {
+            messaging_product: "whatsapp",
+            recipient_type: "individual",
+            to,
+            message,
+            biz_opaque_callback_data: job_id,
+        }
     }
 }
 
@@ -147,14 +153,20 @@ impl HttpCloud {
             .user_agent(concat!("wa-sender/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let base = settings.base_url.trim_end_matches('/');
-        Ok(HttpCloud { client, messages_url_prefix: format!("{base}/{}", settings.api_version) })
+        Ok(HttpCloud {
+            client,
+            messages_url_prefix: format!("{base}/{}", settings.api_version),
+        })
     }
 }
 
 #[async_trait]
 impl CloudApi for HttpCloud {
     async fn send(&self, request: SendRequest) -> Result<Accepted, SendError> {
-        let url = format!("{}/{}/messages", self.messages_url_prefix, request.phone_number_id);
+        let url = format!(
+            "{}/{}/messages",
+            self.messages_url_prefix, request.phone_number_id
+        );
         let response = self
             .client
             .post(url)
@@ -165,7 +177,10 @@ impl CloudApi for HttpCloud {
             .await
             .map_err(transport_error)?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| SendError::Ambiguous(format!("reading the answer failed: {e}")))?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| SendError::Ambiguous(format!("reading the answer failed: {e}")))?;
         interpret(status.as_u16(), &body)
     }
 }
@@ -176,17 +191,31 @@ pub fn interpret(status: u16, body: &[u8]) -> Result<Accepted, SendError> {
         return Err(SendError::Api(error));
     }
     if (200..300).contains(&status) {
-        let answer: SendResponse = serde_json::from_slice(body)
-            .map_err(|e| SendError::Ambiguous(format!("HTTP {status} with an unreadable body: {e}")))?;
-        let first = answer.messages.into_iter().next().ok_or_else(|| SendError::Ambiguous(format!("HTTP {status} without messages[]")))?;
-        let wamid = Wamid::parse(first.id).map_err(|e| SendError::Ambiguous(format!("HTTP {status} with a bad wamid: {e}")))?;
-        return Ok(Accepted { wamid, wa_id: answer.contacts.into_iter().next().map(|c| c.wa_id), message_status: first.message_status });
+        let answer: SendResponse = serde_json::from_slice(body).map_err(|e| {
+            SendError::Ambiguous(format!("HTTP {status} with an unreadable body: {e}"))
+        })?;
+        let first = answer
+            .messages
+            .into_iter()
+            .next()
+            .ok_or_else(|| SendError::Ambiguous(format!("HTTP {status} without messages[]")))?;
+        let wamid = Wamid::parse(first.id)
+            .map_err(|e| SendError::Ambiguous(format!("HTTP {status} with a bad wamid: {e}")))?;
+        return Ok(Accepted {
+            wamid,
+            wa_id: answer.contacts.into_iter().next().map(|c| c.wa_id),
+            message_status: first.message_status,
+        });
     }
     let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
     if status >= 500 {
-        Err(SendError::Ambiguous(format!("HTTP {status} without a Graph error body: {snippet}")))
+        Err(SendError::Ambiguous(format!(
+            "HTTP {status} without a Graph error body: {snippet}"
+        )))
     } else {
-        Err(SendError::NotSent(format!("HTTP {status} without a Graph error body: {snippet}")))
+        Err(SendError::NotSent(format!(
+            "HTTP {status} without a Graph error body: {snippet}"
+        )))
     }
 }
 
@@ -210,15 +239,22 @@ mod tests {
 
     #[test]
     fn meta_error_body_wins_over_http_status() {
-        let body = br#"{"error":{"message":"x","type":"OAuthException","code":131000,"fbtrace_id":"t"}}"#;
+        let body =
+            br#"{"error":{"message":"x","type":"OAuthException","code":131000,"fbtrace_id":"t"}}"#;
         assert!(matches!(interpret(500, body), Err(SendError::Api(e)) if e.code == 131000));
         assert!(matches!(interpret(400, body), Err(SendError::Api(_))));
     }
 
     #[test]
     fn bare_5xx_is_ambiguous_and_bare_4xx_is_not_sent() {
-        assert!(matches!(interpret(502, b"bad gateway"), Err(SendError::Ambiguous(_))));
-        assert!(matches!(interpret(404, b"nope"), Err(SendError::NotSent(_))));
+        assert!(matches!(
+            interpret(502, b"bad gateway"),
+            Err(SendError::Ambiguous(_))
+        ));
+        assert!(matches!(
+            interpret(404, b"nope"),
+            Err(SendError::NotSent(_))
+        ));
     }
 
     #[test]
@@ -228,6 +264,9 @@ mod tests {
         let a = interpret(200, body).unwrap();
         assert_eq!(a.wamid.as_str(), "wamid.HBgL");
         assert_eq!(a.wa_id.as_deref(), Some("16505551234"));
-        assert!(matches!(interpret(200, b"{}"), Err(SendError::Ambiguous(_))));
+        assert!(matches!(
+            interpret(200, b"{}"),
+            Err(SendError::Ambiguous(_))
+        ));
     }
 }

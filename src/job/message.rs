@@ -16,23 +16,38 @@ pub struct Violation {
 }
 
 fn violation(field: impl Into<String>, problem: impl Into<String>) -> Violation {
-    Violation { field: field.into(), problem: problem.into() }
+    Violation {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 /// Checks a string's length in characters (Meta counts characters, not bytes).
 fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), Violation> {
     let len = value.chars().count();
     if len < min {
-        return Err(violation(field, if min == 1 { "must not be empty".to_owned() } else { format!("must be at least {min} characters") }));
+        return Err(violation(
+            field,
+            if min == 1 {
+                "must not be empty".to_owned()
+            } else {
+                format!("must be at least {min} characters")
+            },
+        ));
     }
     if len > max {
-        return Err(violation(field, format!("is {len} characters long, the limit is {max}")));
+        return Err(violation(
+            field,
+            format!("is {len} characters long, the limit is {max}"),
+        ));
     }
     Ok(())
 }
 
 fn check_opt_len(field: &str, value: &Option<String>, max: usize) -> Result<(), Violation> {
-    value.as_deref().map_or(Ok(()), |v| check_len(field, v, 1, max))
+    value
+        .as_deref()
+        .map_or(Ok(()), |v| check_len(field, v, 1, max))
 }
 
 /// A validated message: its body and an optional reply context.
@@ -131,8 +146,13 @@ pub struct Location {
 
 fn lenient_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     match Value::deserialize(d)? {
-        Value::Number(n) => n.as_f64().ok_or_else(|| D::Error::custom("not a finite number")),
-        Value::String(s) => s.trim().parse().map_err(|_| D::Error::custom(format!("{s:?} is not a number"))),
+        Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| D::Error::custom("not a finite number")),
+        Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| D::Error::custom(format!("{s:?} is not a number"))),
         other => Err(D::Error::custom(format!("expected a number, got {other}"))),
     }
 }
@@ -240,7 +260,19 @@ pub struct TextObject {
 }
 
 /// Message types a job may carry.
-const MESSAGE_KINDS: &[&str] = &["text", "template", "image", "audio", "video", "document", "sticker", "location", "contacts", "interactive", "reaction"];
+const MESSAGE_KINDS: &[&str] = &[
+    "text",
+    "template",
+    "image",
+    "audio",
+    "video",
+    "document",
+    "sticker",
+    "location",
+    "contacts",
+    "interactive",
+    "reaction",
+];
 
 /// Interactive types Meta accepts on `/messages`.
 const INTERACTIVE_KINDS: &[&str] = &[
@@ -326,14 +358,25 @@ impl Message {
         if let Some(kind) = value.get("type").and_then(Value::as_str)
             && !MESSAGE_KINDS.contains(&kind)
         {
-            return Err(violation(format!("{field}.type"), format!("{kind:?} is not a supported message type ({})", MESSAGE_KINDS.join(", "))));
+            return Err(violation(
+                format!("{field}.type"),
+                format!(
+                    "{kind:?} is not a supported message type ({})",
+                    MESSAGE_KINDS.join(", ")
+                ),
+            ));
         }
         let mut raw: RawMessage = typed(field, value)?;
         let kind = raw.kind.clone();
         let path = format!("{field}.{kind}");
-        let object = raw.take(&kind).ok_or_else(|| violation(&path, format!("is required when type is {kind:?}")))?;
+        let object = raw
+            .take(&kind)
+            .ok_or_else(|| violation(&path, format!("is required when type is {kind:?}")))?;
         if let Some(extra) = raw.leftover() {
-            return Err(violation(format!("{field}.{extra}"), format!("is not allowed when type is {kind:?}")));
+            return Err(violation(
+                format!("{field}.{extra}"),
+                format!("is not allowed when type is {kind:?}"),
+            ));
         }
         let body = match kind.as_str() {
             "text" => Body::Text(typed(&path, object)?),
@@ -349,7 +392,10 @@ impl Message {
             "reaction" => Body::Reaction(typed(&path, object)?),
             _ => unreachable!("take() returned an object for an unknown type"),
         };
-        let message = Message { body, context: raw.context };
+        let message = Message {
+            body,
+            context: raw.context,
+        };
         message.validate(field)?;
         Ok(message)
     }
@@ -357,7 +403,12 @@ impl Message {
     /// Checks Meta's limits on the decoded body.
     pub fn validate(&self, field: &str) -> Result<(), Violation> {
         if let Some(ctx) = &self.context {
-            check_len(&format!("{field}.context.message_id"), &ctx.message_id, 1, 256)?;
+            check_len(
+                &format!("{field}.context.message_id"),
+                &ctx.message_id,
+                1,
+                256,
+            )?;
         }
         let path = format!("{field}.{}", self.body.kind());
         match &self.body {
@@ -393,12 +444,20 @@ impl Media {
             (None, None) => return Err(violation(path, "needs an uploaded media id or a link")),
         }
         match (&self.caption, caption) {
-            (Some(_), false) => return Err(violation(format!("{path}.caption"), "is not allowed for this media type")),
+            (Some(_), false) => {
+                return Err(violation(
+                    format!("{path}.caption"),
+                    "is not allowed for this media type",
+                ));
+            }
             (c, true) => check_opt_len(&format!("{path}.caption"), c, 1024)?,
             (None, false) => {}
         }
         match (&self.filename, filename) {
-            (Some(_), false) => Err(violation(format!("{path}.filename"), "is only allowed for documents")),
+            (Some(_), false) => Err(violation(
+                format!("{path}.filename"),
+                "is only allowed for documents",
+            )),
             (f, _) => check_opt_len(&format!("{path}.filename"), f, 240),
         }
     }
@@ -407,10 +466,16 @@ impl Media {
 impl Location {
     fn validate(&self, path: &str) -> Result<(), Violation> {
         if !(-90.0..=90.0).contains(&self.latitude) {
-            return Err(violation(format!("{path}.latitude"), "must be between -90 and 90"));
+            return Err(violation(
+                format!("{path}.latitude"),
+                "must be between -90 and 90",
+            ));
         }
         if !(-180.0..=180.0).contains(&self.longitude) {
-            return Err(violation(format!("{path}.longitude"), "must be between -180 and 180"));
+            return Err(violation(
+                format!("{path}.longitude"),
+                "must be between -180 and 180",
+            ));
         }
         check_opt_len(&format!("{path}.name"), &self.name, 1000)?;
         check_opt_len(&format!("{path}.address"), &self.address, 1000)
@@ -421,17 +486,38 @@ fn validate_contacts(path: &str, contacts: &[Value]) -> Result<(), Violation> {
     if contacts.is_empty() {
         return Err(violation(path, "needs at least one contact"));
     }
-    const FIELDS: &[&str] = &["addresses", "birthday", "emails", "name", "org", "phones", "urls"];
+    const FIELDS: &[&str] = &[
+        "addresses",
+        "birthday",
+        "emails",
+        "name",
+        "org",
+        "phones",
+        "urls",
+    ];
     for (i, contact) in contacts.iter().enumerate() {
         let at = format!("{path}[{i}]");
-        let object = contact.as_object().ok_or_else(|| violation(&at, "must be an object"))?;
+        let object = contact
+            .as_object()
+            .ok_or_else(|| violation(&at, "must be an object"))?;
         if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-            return Err(violation(format!("{at}.{unknown}"), "is not a contact field"));
+            return Err(violation(
+                format!("{at}.{unknown}"),
+                "is not a contact field",
+            ));
         }
-        let name = object.get("name").and_then(|n| n.get("formatted_name")).and_then(Value::as_str);
+        let name = object
+            .get("name")
+            .and_then(|n| n.get("formatted_name"))
+            .and_then(Value::as_str);
         match name {
             Some(n) => check_len(&format!("{at}.name.formatted_name"), n, 1, 1000)?,
-            None => return Err(violation(format!("{at}.name.formatted_name"), "is required")),
+            None => {
+                return Err(violation(
+                    format!("{at}.name.formatted_name"),
+                    "is required",
+                ));
+            }
         }
     }
     Ok(())
@@ -440,14 +526,24 @@ fn validate_contacts(path: &str, contacts: &[Value]) -> Result<(), Violation> {
 impl Template {
     fn validate(&self, path: &str) -> Result<(), Violation> {
         check_len(&format!("{path}.name"), &self.name, 1, 512)?;
-        if !self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-            return Err(violation(format!("{path}.name"), "may contain only lowercase letters, digits and '_'"));
+        if !self
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(violation(
+                format!("{path}.name"),
+                "may contain only lowercase letters, digits and '_'",
+            ));
         }
         check_len(&format!("{path}.language.code"), &self.language.code, 2, 15)?;
         if let Some(policy) = &self.language.policy
             && policy != "deterministic"
         {
-            return Err(violation(format!("{path}.language.policy"), format!("{policy:?} is not supported; the only policy is \"deterministic\"")));
+            return Err(violation(
+                format!("{path}.language.policy"),
+                format!("{policy:?} is not supported; the only policy is \"deterministic\""),
+            ));
         }
         for (i, c) in self.components.iter().enumerate() {
             c.validate(&format!("{path}.components[{i}]"))?;
@@ -463,35 +559,84 @@ impl Component {
             "body" => 1024,
             "button" => {
                 if self.sub_type.is_none() {
-                    return Err(violation(format!("{path}.sub_type"), "is required for button components"));
+                    return Err(violation(
+                        format!("{path}.sub_type"),
+                        "is required for button components",
+                    ));
                 }
                 match &self.index {
                     Some(Value::Number(n)) if n.as_u64().is_some_and(|i| i < 10) => {}
                     Some(Value::String(s)) if s.parse::<u8>().is_ok_and(|i| i < 10) => {}
-                    Some(other) => return Err(violation(format!("{path}.index"), format!("{other} is not a button index 0-9"))),
-                    None => return Err(violation(format!("{path}.index"), "is required for button components")),
+                    Some(other) => {
+                        return Err(violation(
+                            format!("{path}.index"),
+                            format!("{other} is not a button index 0-9"),
+                        ));
+                    }
+                    None => {
+                        return Err(violation(
+                            format!("{path}.index"),
+                            "is required for button components",
+                        ));
+                    }
                 }
                 1024
             }
             "footer" | "carousel" | "limited_time_offer" => 1024,
-            other => return Err(violation(format!("{path}.type"), format!("{other:?} is not a template component (header, body, button)"))),
+            other => {
+                return Err(violation(
+                    format!("{path}.type"),
+                    format!("{other:?} is not a template component (header, body, button)"),
+                ));
+            }
         };
         for (i, p) in self.parameters.iter().enumerate() {
             let at = format!("{path}.parameters[{i}]");
             let present = match p.kind.as_str() {
-                "text" => p.text.as_deref().map(|t| check_len(&format!("{at}.text"), t, 1, text_limit)),
-                "payload" => p.payload.as_deref().map(|t| check_len(&format!("{at}.payload"), t, 1, 1000)),
-                "coupon_code" => p.coupon_code.as_deref().map(|t| check_len(&format!("{at}.coupon_code"), t, 1, 15)),
+                "text" => p
+                    .text
+                    .as_deref()
+                    .map(|t| check_len(&format!("{at}.text"), t, 1, text_limit)),
+                "payload" => p
+                    .payload
+                    .as_deref()
+                    .map(|t| check_len(&format!("{at}.payload"), t, 1, 1000)),
+                "coupon_code" => p
+                    .coupon_code
+                    .as_deref()
+                    .map(|t| check_len(&format!("{at}.coupon_code"), t, 1, 15)),
                 "currency" => p.currency.as_ref().map(|_| Ok(())),
                 "date_time" => p.date_time.as_ref().map(|_| Ok(())),
-                "image" => p.image.as_ref().map(|m| m.validate(&format!("{at}.image"), false, false)),
-                "video" => p.video.as_ref().map(|m| m.validate(&format!("{at}.video"), false, false)),
-                "document" => p.document.as_ref().map(|m| m.validate(&format!("{at}.document"), false, true)),
-                "location" => p.location.as_ref().map(|l| l.validate(&format!("{at}.location"))),
+                "image" => p
+                    .image
+                    .as_ref()
+                    .map(|m| m.validate(&format!("{at}.image"), false, false)),
+                "video" => p
+                    .video
+                    .as_ref()
+                    .map(|m| m.validate(&format!("{at}.video"), false, false)),
+                "document" => p
+                    .document
+                    .as_ref()
+                    .map(|m| m.validate(&format!("{at}.document"), false, true)),
+                "location" => p
+                    .location
+                    .as_ref()
+                    .map(|l| l.validate(&format!("{at}.location"))),
                 "action" => p.action.as_ref().map(|_| Ok(())),
-                other => return Err(violation(format!("{at}.type"), format!("{other:?} is not a template parameter type"))),
+                other => {
+                    return Err(violation(
+                        format!("{at}.type"),
+                        format!("{other:?} is not a template parameter type"),
+                    ));
+                }
             };
-            present.ok_or_else(|| violation(format!("{at}.{}", p.kind), format!("is required when type is {:?}", p.kind)))??;
+            present.ok_or_else(|| {
+                violation(
+                    format!("{at}.{}", p.kind),
+                    format!("is required when type is {:?}", p.kind),
+                )
+            })??;
         }
         Ok(())
     }
@@ -500,12 +645,18 @@ impl Component {
 impl Interactive {
     fn validate(&self, path: &str) -> Result<(), Violation> {
         if !INTERACTIVE_KINDS.contains(&self.kind.as_str()) {
-            return Err(violation(format!("{path}.type"), format!("{:?} is not an interactive type", self.kind)));
+            return Err(violation(
+                format!("{path}.type"),
+                format!("{:?} is not an interactive type", self.kind),
+            ));
         }
         if let Some(header) = &self.header
             && header.get("type").and_then(Value::as_str) == Some("text")
         {
-            let text = header.get("text").and_then(Value::as_str).unwrap_or_default();
+            let text = header
+                .get("text")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             check_len(&format!("{path}.header.text"), text, 1, 60)?;
         }
         let needs_body = !matches!(self.kind.as_str(), "product" | "product_list");
@@ -521,7 +672,11 @@ impl Interactive {
         match self.kind.as_str() {
             "button" => validate_buttons(&action, &self.action),
             "list" => validate_list(&action, &self.action),
-            _ => self.action.is_object().then_some(()).ok_or_else(|| violation(action, "must be an object")),
+            _ => self
+                .action
+                .is_object()
+                .then_some(())
+                .ok_or_else(|| violation(action, "must be an object")),
         }
     }
 }
@@ -531,46 +686,96 @@ fn str_at<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 fn validate_buttons(path: &str, action: &Value) -> Result<(), Violation> {
-    let buttons = action.get("buttons").and_then(Value::as_array).ok_or_else(|| violation(format!("{path}.buttons"), "is required"))?;
+    let buttons = action
+        .get("buttons")
+        .and_then(Value::as_array)
+        .ok_or_else(|| violation(format!("{path}.buttons"), "is required"))?;
     if !(1..=3).contains(&buttons.len()) {
-        return Err(violation(format!("{path}.buttons"), format!("has {} buttons, 1 to 3 are allowed", buttons.len())));
+        return Err(violation(
+            format!("{path}.buttons"),
+            format!("has {} buttons, 1 to 3 are allowed", buttons.len()),
+        ));
     }
     for (i, b) in buttons.iter().enumerate() {
         let at = format!("{path}.buttons[{i}].reply");
-        let reply = b.get("reply").ok_or_else(|| violation(&at, "is required"))?;
-        check_len(&format!("{at}.id"), str_at(reply, "id").unwrap_or_default(), 1, 256)?;
-        check_len(&format!("{at}.title"), str_at(reply, "title").unwrap_or_default(), 1, 20)?;
+        let reply = b
+            .get("reply")
+            .ok_or_else(|| violation(&at, "is required"))?;
+        check_len(
+            &format!("{at}.id"),
+            str_at(reply, "id").unwrap_or_default(),
+            1,
+            256,
+        )?;
+        check_len(
+            &format!("{at}.title"),
+            str_at(reply, "title").unwrap_or_default(),
+            1,
+            20,
+        )?;
     }
     Ok(())
 }
 
 fn validate_list(path: &str, action: &Value) -> Result<(), Violation> {
-    check_len(&format!("{path}.button"), str_at(action, "button").unwrap_or_default(), 1, 20)?;
-    let sections = action.get("sections").and_then(Value::as_array).ok_or_else(|| violation(format!("{path}.sections"), "is required"))?;
+    check_len(
+        &format!("{path}.button"),
+        str_at(action, "button").unwrap_or_default(),
+        1,
+        20,
+    )?;
+    let sections = action
+        .get("sections")
+        .and_then(Value::as_array)
+        .ok_or_else(|| violation(format!("{path}.sections"), "is required"))?;
     if !(1..=10).contains(&sections.len()) {
-        return Err(violation(format!("{path}.sections"), format!("has {} sections, 1 to 10 are allowed", sections.len())));
+        return Err(violation(
+            format!("{path}.sections"),
+            format!("has {} sections, 1 to 10 are allowed", sections.len()),
+        ));
     }
     let mut total_rows = 0;
     for (i, s) in sections.iter().enumerate() {
         let at = format!("{path}.sections[{i}]");
         match str_at(s, "title") {
             Some(t) => check_len(&format!("{at}.title"), t, 1, 24)?,
-            None if sections.len() > 1 => return Err(violation(format!("{at}.title"), "is required when there is more than one section")),
+            None if sections.len() > 1 => {
+                return Err(violation(
+                    format!("{at}.title"),
+                    "is required when there is more than one section",
+                ));
+            }
             None => {}
         }
-        let rows = s.get("rows").and_then(Value::as_array).ok_or_else(|| violation(format!("{at}.rows"), "is required"))?;
+        let rows = s
+            .get("rows")
+            .and_then(Value::as_array)
+            .ok_or_else(|| violation(format!("{at}.rows"), "is required"))?;
         total_rows += rows.len();
         for (j, r) in rows.iter().enumerate() {
             let row = format!("{at}.rows[{j}]");
-            check_len(&format!("{row}.id"), str_at(r, "id").unwrap_or_default(), 1, 200)?;
-            check_len(&format!("{row}.title"), str_at(r, "title").unwrap_or_default(), 1, 24)?;
+            check_len(
+                &format!("{row}.id"),
+                str_at(r, "id").unwrap_or_default(),
+                1,
+                200,
+            )?;
+            check_len(
+                &format!("{row}.title"),
+                str_at(r, "title").unwrap_or_default(),
+                1,
+                24,
+            )?;
             if let Some(d) = str_at(r, "description") {
                 check_len(&format!("{row}.description"), d, 1, 72)?;
             }
         }
     }
     if !(1..=10).contains(&total_rows) {
-        return Err(violation(format!("{path}.sections"), format!("have {total_rows} rows in total, 1 to 10 are allowed")));
+        return Err(violation(
+            format!("{path}.sections"),
+            format!("have {total_rows} rows in total, 1 to 10 are allowed"),
+        ));
     }
     Ok(())
 }
@@ -636,26 +841,69 @@ mod tests {
     #[test]
     fn violations_name_the_field_and_the_limit() {
         let cases = [
-            (json!({"type":"text","text":{"body":"x".repeat(4097)}}), "message.text.body: is 4097 characters long, the limit is 4096"),
-            (json!({"type":"text"}), "message.text: is required when type is \"text\""),
-            (json!({"type":"fax","fax":{}}), "message.type: \"fax\" is not a supported message type"),
-            (json!({"type":"text","text":{"body":"a"},"image":{"id":"1"}}), "message.image: is not allowed when type is \"text\""),
-            (json!({"type":"image","image":{"id":"1","caption":"c".repeat(1025)}}), "message.image.caption: is 1025 characters long, the limit is 1024"),
-            (json!({"type":"audio","audio":{"id":"1","caption":"c"}}), "message.audio.caption: is not allowed for this media type"),
-            (json!({"type":"image","image":{}}), "message.image: needs an uploaded media id or a link"),
-            (json!({"type":"location","location":{"latitude":91,"longitude":0}}), "message.location.latitude: must be between -90 and 90"),
-            (json!({"type":"template","template":{"name":"Order Update","language":{"code":"en"}}}), "message.template.name: may contain only lowercase"),
-            (json!({"type":"template","template":{"name":"a","language":{"code":"en","policy":"fallback"}}}), "message.template.language.policy: \"fallback\" is not supported"),
-            (json!({"type":"template","template":{"name":"a","language":{"code":"en"},
-                "components":[{"type":"header","parameters":[{"type":"text","text":"h".repeat(61)}]}]}}), "message.template.components[0].parameters[0].text: is 61 characters long, the limit is 60"),
-            (json!({"type":"interactive","interactive":{"type":"button","body":{"text":"?"},"action":{"buttons":[
+            (
+                json!({"type":"text","text":{"body":"x".repeat(4097)}}),
+                "message.text.body: is 4097 characters long, the limit is 4096",
+            ),
+            (
+                json!({"type":"text"}),
+                "message.text: is required when type is \"text\"",
+            ),
+            (
+                json!({"type":"fax","fax":{}}),
+                "message.type: \"fax\" is not a supported message type",
+            ),
+            (
+                json!({"type":"text","text":{"body":"a"},"image":{"id":"1"}}),
+                "message.image: is not allowed when type is \"text\"",
+            ),
+            (
+                json!({"type":"image","image":{"id":"1","caption":"c".repeat(1025)}}),
+                "message.image.caption: is 1025 characters long, the limit is 1024",
+            ),
+            (
+                json!({"type":"audio","audio":{"id":"1","caption":"c"}}),
+                "message.audio.caption: is not allowed for this media type",
+            ),
+            (
+                json!({"type":"image","image":{}}),
+                "message.image: needs an uploaded media id or a link",
+            ),
+            (
+                json!({"type":"location","location":{"latitude":91,"longitude":0}}),
+                "message.location.latitude: must be between -90 and 90",
+            ),
+            (
+                json!({"type":"template","template":{"name":"Order Update","language":{"code":"en"}}}),
+                "message.template.name: may contain only lowercase",
+            ),
+            (
+                json!({"type":"template","template":{"name":"a","language":{"code":"en","policy":"fallback"}}}),
+                "message.template.language.policy: \"fallback\" is not supported",
+            ),
+            (
+                json!({"type":"template","template":{"name":"a","language":{"code":"en"},
+                "components":[{"type":"header","parameters":[{"type":"text","text":"h".repeat(61)}]}]}}),
+                "message.template.components[0].parameters[0].text: is 61 characters long, the limit is 60",
+            ),
+            (
+                json!({"type":"interactive","interactive":{"type":"button","body":{"text":"?"},"action":{"buttons":[
                 {"reply":{"id":"1","title":"a"}},{"reply":{"id":"2","title":"b"}},{"reply":{"id":"3","title":"c"}},{"reply":{"id":"4","title":"d"}}]}}}),
-                "message.interactive.action.buttons: has 4 buttons, 1 to 3 are allowed"),
-            (json!({"type":"text","text":{"body":"a","bdy":"b"}}), "message.text: unknown field `bdy`"),
+                "message.interactive.action.buttons: has 4 buttons, 1 to 3 are allowed",
+            ),
+            (
+                json!({"type":"text","text":{"body":"a","bdy":"b"}}),
+                "message.text: unknown field `bdy`",
+            ),
         ];
         for (input, expected) in cases {
-            let err = decode(input.clone()).expect_err(&input.to_string()).to_string();
-            assert!(err.starts_with(expected), "{input}\n got: {err}\nwant: {expected}");
+            let err = decode(input.clone())
+                .expect_err(&input.to_string())
+                .to_string();
+            assert!(
+                err.starts_with(expected),
+                "{input}\n got: {err}\nwant: {expected}"
+            );
         }
     }
 

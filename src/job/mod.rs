@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use message::{Body, Component, Context, Language, Media, Message, Parameter, Template, Text, Violation};
+pub use message::{
+    Body, Component, Context, Language, Media, Message, Parameter, Template, Text, Violation,
+};
 
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId};
 
@@ -166,16 +168,27 @@ struct RawJob {
 
 fn required(field: &'static str, value: Option<Value>) -> Result<Value, JobError> {
     match value {
-        Some(Value::Null) | None => Err(JobError::Invalid(Violation { field: field.into(), problem: "is required".into() })),
+        Some(Value::Null) | None => Err(JobError::Invalid(Violation {
+            field: field.into(),
+            problem: "is required".into(),
+        })),
         Some(v) => Ok(v),
     }
 }
 
 fn field<T: serde::de::DeserializeOwned>(name: &'static str, value: Value) -> Result<T, JobError> {
-    serde_json::from_value(value).map_err(|e| JobError::Invalid(Violation { field: name.into(), problem: e.to_string() }))
+    serde_json::from_value(value).map_err(|e| {
+        JobError::Invalid(Violation {
+            field: name.into(),
+            problem: e.to_string(),
+        })
+    })
 }
 
-fn optional<T: serde::de::DeserializeOwned>(name: &'static str, value: Option<Value>) -> Result<Option<T>, JobError> {
+fn optional<T: serde::de::DeserializeOwned>(
+    name: &'static str,
+    value: Option<Value>,
+) -> Result<Option<T>, JobError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(v) => field(name, v).map(Some),
@@ -185,9 +198,13 @@ fn optional<T: serde::de::DeserializeOwned>(name: &'static str, value: Option<Va
 /// Decodes and validates a job body. Every error names the field and the rule.
 pub fn decode(body: &[u8]) -> Result<SendJob, JobError> {
     if body.len() > MAX_JOB_BYTES {
-        return Err(JobError::Malformed(format!("body is {} bytes, the limit is {MAX_JOB_BYTES}", body.len())));
+        return Err(JobError::Malformed(format!(
+            "body is {} bytes, the limit is {MAX_JOB_BYTES}",
+            body.len()
+        )));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| JobError::Malformed(format!("not JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| JobError::Malformed(format!("not JSON: {e}")))?;
     if !value.is_object() {
         return Err(JobError::Malformed("the body must be a JSON object".into()));
     }
@@ -196,21 +213,42 @@ pub fn decode(body: &[u8]) -> Result<SendJob, JobError> {
         Some(Value::String(s)) if s == SCHEMA_V1 => {}
         Some(Value::String(s)) => return Err(JobError::UnsupportedSchema(s.clone())),
         Some(other) => return Err(JobError::UnsupportedSchema(other.to_string())),
-        None => return Err(JobError::Invalid(Violation { field: "schema".into(), problem: "is required (\"wa.send.v1\")".into() })),
+        None => {
+            return Err(JobError::Invalid(Violation {
+                field: "schema".into(),
+                problem: "is required (\"wa.send.v1\")".into(),
+            }));
+        }
     }
-    let raw: RawJob = serde_json::from_value(value).map_err(|e| JobError::Invalid(Violation { field: "job".into(), problem: e.to_string() }))?;
-    let message = Message::from_value(required("message", raw.message)?, "message").map_err(JobError::Invalid)?;
+    let raw: RawJob = serde_json::from_value(value).map_err(|e| {
+        JobError::Invalid(Violation {
+            field: "job".into(),
+            problem: e.to_string(),
+        })
+    })?;
+    let message = Message::from_value(required("message", raw.message)?, "message")
+        .map_err(JobError::Invalid)?;
     let fallback_template: Option<Template> = optional("fallback_template", raw.fallback_template)?;
     if let Some(t) = &fallback_template {
-        Message { body: Body::Template(t.clone()), context: None }.validate("fallback_template").map_err(|mut v| {
-            v.field = v.field.replace("fallback_template.template", "fallback_template");
+        Message {
+            body: Body::Template(t.clone()),
+            context: None,
+        }
+        .validate("fallback_template")
+        .map_err(|mut v| {
+            v.field = v
+                .field
+                .replace("fallback_template.template", "fallback_template");
             JobError::Invalid(v)
         })?;
     }
     let job = SendJob {
         schema: field("schema", required("schema", raw.schema)?)?,
         job_id: field("job_id", required("job_id", raw.job_id)?)?,
-        phone_number_id: field("phone_number_id", required("phone_number_id", raw.phone_number_id)?)?,
+        phone_number_id: field(
+            "phone_number_id",
+            required("phone_number_id", raw.phone_number_id)?,
+        )?,
         to: field("to", required("to", raw.to)?)?,
         message,
         category: optional("category", raw.category)?,
@@ -224,10 +262,16 @@ pub fn decode(body: &[u8]) -> Result<SendJob, JobError> {
     if let (Some(nb), Some(exp)) = (job.not_before, job.expires_at)
         && exp <= nb
     {
-        return Err(JobError::Invalid(Violation { field: "expires_at".into(), problem: "must be after not_before".into() }));
+        return Err(JobError::Invalid(Violation {
+            field: "expires_at".into(),
+            problem: "must be after not_before".into(),
+        }));
     }
     if !(job.metadata.is_null() || job.metadata.is_object()) {
-        return Err(JobError::Invalid(Violation { field: "metadata".into(), problem: "must be a JSON object".into() }));
+        return Err(JobError::Invalid(Violation {
+            field: "metadata".into(),
+            problem: "must be a JSON object".into(),
+        }));
     }
     Ok(job)
 }
@@ -235,7 +279,10 @@ pub fn decode(body: &[u8]) -> Result<SendJob, JobError> {
 /// Best-effort `job_id` of a body that failed to decode, so its dead letter can still be traced.
 pub fn salvage_job_id(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
-    value.get("job_id")?.as_str().map(|s| s.chars().take(128).collect())
+    value
+        .get("job_id")?
+        .as_str()
+        .map(|s| s.chars().take(128).collect())
 }
 
 #[cfg(test)]
@@ -266,14 +313,40 @@ mod tests {
     fn each_bad_input_gets_its_own_error() {
         let cases: [(Vec<u8>, &str); 9] = [
             (b"{not json".to_vec(), "malformed job: not JSON"),
-            (b"[1,2]".to_vec(), "malformed job: the body must be a JSON object"),
-            (job(json!({"schema": "wa.send.v2"})), "unsupported schema \"wa.send.v2\""),
-            (job(json!({"to": "12"})), "invalid job: to: to \"12\" is not valid"),
-            (job(json!({"job_id": null})), "invalid job: job_id: is required"),
-            (job(json!({"phone_number_id": "abc"})), "invalid job: phone_number_id: phone_number_id \"abc\" is not valid"),
-            (job(json!({"colour": "red"})), "invalid job: job: unknown field `colour`"),
-            (job(json!({"delivery": "maybe"})), "invalid job: delivery: unknown variant `maybe`"),
-            (job(json!({"not_before": "2030-01-02T00:00:00Z", "expires_at": "2030-01-01T00:00:00Z"})), "invalid job: expires_at: must be after not_before"),
+            (
+                b"[1,2]".to_vec(),
+                "malformed job: the body must be a JSON object",
+            ),
+            (
+                job(json!({"schema": "wa.send.v2"})),
+                "unsupported schema \"wa.send.v2\"",
+            ),
+            (
+                job(json!({"to": "12"})),
+                "invalid job: to: to \"12\" is not valid",
+            ),
+            (
+                job(json!({"job_id": null})),
+                "invalid job: job_id: is required",
+            ),
+            (
+                job(json!({"phone_number_id": "abc"})),
+                "invalid job: phone_number_id: phone_number_id \"abc\" is not valid",
+            ),
+            (
+                job(json!({"colour": "red"})),
+                "invalid job: job: unknown field `colour`",
+            ),
+            (
+                job(json!({"delivery": "maybe"})),
+                "invalid job: delivery: unknown variant `maybe`",
+            ),
+            (
+                job(
+                    json!({"not_before": "2030-01-02T00:00:00Z", "expires_at": "2030-01-01T00:00:00Z"}),
+                ),
+                "invalid job: expires_at: must be after not_before",
+            ),
         ];
         for (body, expected) in cases {
             let err = decode(&body).expect_err(expected).to_string();
@@ -283,7 +356,8 @@ mod tests {
 
     #[test]
     fn fallback_template_is_validated_with_its_own_path() {
-        let body = job(json!({"fallback_template": {"name": "Bad Name", "language": {"code": "en"}}}));
+        let body =
+            job(json!({"fallback_template": {"name": "Bad Name", "language": {"code": "en"}}}));
         let err = decode(&body).unwrap_err().to_string();
         assert!(err.contains("fallback_template.name"), "{err}");
     }

@@ -33,7 +33,9 @@ impl Default for Stats {
             deferred: Mutex::default(),
             dead: Mutex::default(),
             accepted_by_lane: Mutex::default(),
-            send_latency_us: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")),
+            send_latency_us: Mutex::new(
+                Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds"),
+            ),
         }
     }
 }
@@ -64,13 +66,32 @@ impl Stats {
         match outcome {
             Outcome::Accepted(_) => {
                 self.accepted.fetch_add(1, Ordering::Relaxed);
-                *self.accepted_by_lane.lock().expect("stats lock").entry(lane).or_default() += 1;
+                *self
+                    .accepted_by_lane
+                    .lock()
+                    .expect("stats lock")
+                    .entry(lane)
+                    .or_default() += 1;
             }
             Outcome::AlreadyDone(_) => {
                 self.already_done.fetch_add(1, Ordering::Relaxed);
             }
-            Outcome::Later(later) => *self.deferred.lock().expect("stats lock").entry(later.why.clone()).or_default() += 1,
-            Outcome::Dead(dead) => *self.dead.lock().expect("stats lock").entry(dead.reason).or_default() += 1,
+            Outcome::Later(later) => {
+                *self
+                    .deferred
+                    .lock()
+                    .expect("stats lock")
+                    .entry(later.why.clone())
+                    .or_default() += 1
+            }
+            Outcome::Dead(dead) => {
+                *self
+                    .dead
+                    .lock()
+                    .expect("stats lock")
+                    .entry(dead.reason)
+                    .or_default() += 1
+            }
         }
     }
 
@@ -84,7 +105,11 @@ impl Stats {
 
     pub(super) fn record_send_latency(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-        let _ = self.send_latency_us.lock().expect("stats lock").record(us.min(120_000_000));
+        let _ = self
+            .send_latency_us
+            .lock()
+            .expect("stats lock")
+            .record(us.min(120_000_000));
     }
 
     /// A consistent-enough copy of every counter.
@@ -98,7 +123,12 @@ impl Stats {
             halts: self.halts.load(Ordering::Relaxed),
             deferred: self.deferred.lock().expect("stats lock").clone(),
             dead: self.dead.lock().expect("stats lock").clone(),
-            send_latency_p50_p99: (!h.is_empty()).then(|| (Duration::from_micros(h.value_at_quantile(0.5)), Duration::from_micros(h.value_at_quantile(0.99)))),
+            send_latency_p50_p99: (!h.is_empty()).then(|| {
+                (
+                    Duration::from_micros(h.value_at_quantile(0.5)),
+                    Duration::from_micros(h.value_at_quantile(0.99)),
+                )
+            }),
         }
     }
 }

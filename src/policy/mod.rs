@@ -46,7 +46,12 @@ pub fn classify(code: ErrorCode) -> Action {
     use Action::*;
     use ErrorCode as C;
     match code {
-        C::ApiUnknown | C::ApiService | C::SomethingWentWrong | C::ServiceUnavailable | C::MaintenanceMode | C::ServerUnavailable => Retry,
+        C::ApiUnknown
+        | C::ApiService
+        | C::SomethingWentWrong
+        | C::ServiceUnavailable
+        | C::MaintenanceMode
+        | C::ServerUnavailable => Retry,
         // 131053 "retry at most once" is bounded by max_attempts like every retry.
         C::MediaUploadError => Retry,
         C::ThroughputLimit => Throttle(Scope::Number),
@@ -54,18 +59,31 @@ pub fn classify(code: ErrorCode) -> Action {
         C::ApiTooManyCalls => Throttle(Scope::App),
         C::WabaRateLimit => Throttle(Scope::Waba),
         C::AccessTokenExpired | C::AuthException => Halt(Scope::Token),
-        C::Capability | C::PermissionDenied | C::ApiPermission(_) | C::AccessDenied => Halt(Scope::Token),
-        C::TemporarilyBlocked | C::AccountLocked | C::BillingIssue | C::CategorisationLimit => Halt(Scope::Waba),
-        C::SpamRateLimit | C::IncorrectCertificate | C::NotRegistered | C::DisplayNameNotApproved => Halt(Scope::Number),
+        C::Capability | C::PermissionDenied | C::ApiPermission(_) | C::AccessDenied => {
+            Halt(Scope::Token)
+        }
+        C::TemporarilyBlocked | C::AccountLocked | C::BillingIssue | C::CategorisationLimit => {
+            Halt(Scope::Waba)
+        }
+        C::SpamRateLimit
+        | C::IncorrectCertificate
+        | C::NotRegistered
+        | C::DisplayNameNotApproved => Halt(Scope::Number),
         C::TemplatePaused => ParkTemplate,
         C::EcosystemEngagement => Cooldown(Duration::from_secs(24 * 3600)),
         C::ReEngagement => DeadLetter(DeadReason::OutsideCareWindow),
         C::MarketingOptOut => DeadLetter(DeadReason::OptedOutMarketing),
-        C::Undeliverable | C::RecipientIsSender | C::RecipientNotAllowed => DeadLetter(DeadReason::RecipientUndeliverable),
-        C::TemplateNotFound | C::TemplateDisabled | C::VonageInvalidTemplate => DeadLetter(DeadReason::TemplateNotApproved),
-        C::TemplateParamCount | C::TemplateTextTooLong | C::TemplateFormatPolicy | C::TemplateParamFormat | C::VonageInvalidParams => {
-            DeadLetter(DeadReason::TemplateParamsInvalid)
+        C::Undeliverable | C::RecipientIsSender | C::RecipientNotAllowed => {
+            DeadLetter(DeadReason::RecipientUndeliverable)
         }
+        C::TemplateNotFound | C::TemplateDisabled | C::VonageInvalidTemplate => {
+            DeadLetter(DeadReason::TemplateNotApproved)
+        }
+        C::TemplateParamCount
+        | C::TemplateTextTooLong
+        | C::TemplateFormatPolicy
+        | C::TemplateParamFormat
+        | C::VonageInvalidParams => DeadLetter(DeadReason::TemplateParamsInvalid),
         C::InvalidParameter
         | C::RequiredParameterMissing
         | C::ParameterValueInvalid
@@ -129,7 +147,11 @@ impl DelayTiers {
     /// The shortest tier that waits at least `wait` (the longest tier if none does: the job
     /// comes back early and is deferred again, never lost).
     pub fn tier_for(&self, wait: Duration) -> Duration {
-        self.0.iter().copied().find(|t| *t >= wait).unwrap_or(*self.0.last().expect("at least one tier"))
+        self.0
+            .iter()
+            .copied()
+            .find(|t| *t >= wait)
+            .unwrap_or(*self.0.last().expect("at least one tier"))
     }
 
     /// Queue-name suffix of a tier: `1s`, `30s`, `2m`, `1h`.
@@ -146,7 +168,12 @@ impl DelayTiers {
 
 impl Default for DelayTiers {
     fn default() -> Self {
-        DelayTiers([1, 5, 30, 120, 600, 3600, 21600].into_iter().map(Duration::from_secs).collect())
+        DelayTiers(
+            [1, 5, 30, 120, 600, 3600, 21600]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+        )
     }
 }
 
@@ -190,7 +217,12 @@ mod tests {
     }
 
     fn policy() -> RetryPolicy {
-        RetryPolicy { min_delay: Duration::from_secs(1), max_delay: Duration::from_secs(600), factor: 2.0, max_attempts: 6 }
+        RetryPolicy {
+            min_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(600),
+            factor: 2.0,
+            max_attempts: 6,
+        }
     }
 
     #[test]
@@ -200,10 +232,16 @@ mod tests {
             for attempts in 1..6u32 {
                 let base = Duration::from_secs(1 << (attempts - 1));
                 let d = p.delay_after(attempts).unwrap();
-                assert!(d >= base && d <= (base * 2).min(p.max_delay), "attempt {attempts}: {d:?}");
+                assert!(
+                    d >= base && d <= (base * 2).min(p.max_delay),
+                    "attempt {attempts}: {d:?}"
+                );
             }
         }
-        let capped = RetryPolicy { max_attempts: 50, ..policy() };
+        let capped = RetryPolicy {
+            max_attempts: 50,
+            ..policy()
+        };
         assert!(capped.delay_after(40).unwrap() <= Duration::from_secs(600));
     }
 
@@ -216,9 +254,18 @@ mod tests {
     #[test]
     fn waits_round_up_to_the_next_delay_queue() {
         let tiers = DelayTiers::default();
-        assert_eq!(tiers.tier_for(Duration::from_millis(300)), Duration::from_secs(1));
-        assert_eq!(tiers.tier_for(Duration::from_secs(6)), Duration::from_secs(30));
-        assert_eq!(tiers.tier_for(Duration::from_secs(999_999)), Duration::from_secs(21600));
+        assert_eq!(
+            tiers.tier_for(Duration::from_millis(300)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            tiers.tier_for(Duration::from_secs(6)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            tiers.tier_for(Duration::from_secs(999_999)),
+            Duration::from_secs(21600)
+        );
         let names: Vec<_> = tiers.all().iter().map(|t| DelayTiers::name(*t)).collect();
         assert_eq!(names, ["1s", "5s", "30s", "2m", "10m", "1h", "6h"]);
     }

@@ -79,7 +79,10 @@ impl Audit {
     pub fn numbers(&self) -> BTreeMap<String, NumberAudit> {
         let mut by_number: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
         for s in &self.accepted {
-            by_number.entry(s.phone_number_id.clone()).or_default().extend(s.at);
+            by_number
+                .entry(s.phone_number_id.clone())
+                .or_default()
+                .extend(s.at);
         }
         by_number
             .into_iter()
@@ -92,14 +95,22 @@ impl Audit {
                     }
                     peak = peak.max(end - start + 1);
                 }
-                (number, NumberAudit { accepted: times.len() as u64, peak_per_second: peak as u64 })
+                (
+                    number,
+                    NumberAudit {
+                        accepted: times.len() as u64,
+                        peak_per_second: peak as u64,
+                    },
+                )
             })
             .collect()
     }
 
     /// Position (0-based) of a job among accepted sends.
     pub fn position(&self, job_id: &str) -> Option<usize> {
-        self.accepted.iter().position(|s| s.job_id.as_deref() == Some(job_id))
+        self.accepted
+            .iter()
+            .position(|s| s.job_id.as_deref() == Some(job_id))
     }
 
     /// How often a job was accepted.

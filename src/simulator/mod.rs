@@ -64,8 +64,15 @@ impl SimConfig {
         };
         SimConfig {
             tokens: vec![token.to_owned()],
-            numbers: HashMap::from([(phone_number_id.to_owned(), SimNumber { throughput_mps: 80 })]),
-            templates: vec![t("order_update", "UTILITY", 2), t("otp_code", "AUTHENTICATION", 1), t("spring_sale", "MARKETING", 1)],
+            numbers: HashMap::from([(
+                phone_number_id.to_owned(),
+                SimNumber { throughput_mps: 80 },
+            )]),
+            templates: vec![
+                t("order_update", "UTILITY", 2),
+                t("otp_code", "AUTHENTICATION", 1),
+                t("spring_sale", "MARKETING", 1),
+            ],
             transient_failure_share: 0.0,
             latency: (Duration::ZERO, Duration::ZERO),
         }
@@ -120,12 +127,19 @@ impl Simulator {
     pub async fn start(config: SimConfig, listen: &str) -> std::io::Result<Simulator> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(SimState { config: Mutex::new(config), faults: Mutex::default(), audit: Mutex::default(), windows: Mutex::default() });
+        let state = Arc::new(SimState {
+            config: Mutex::new(config),
+            faults: Mutex::default(),
+            audit: Mutex::default(),
+            windows: Mutex::default(),
+        });
         let stop = CancellationToken::new();
         let app = http::router(Arc::clone(&state));
         let serve_stop = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(serve_stop.cancelled_owned()).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(serve_stop.cancelled_owned())
+                .await;
         });
         Ok(Simulator { state, addr, stop })
     }
@@ -142,7 +156,11 @@ impl Simulator {
 
     /// Adds a fault rule (applied in order, before random faults).
     pub fn inject(&self, rule: FaultRule) {
-        self.state.faults.lock().expect("faults lock").push_back(rule);
+        self.state
+            .faults
+            .lock()
+            .expect("faults lock")
+            .push_back(rule);
     }
 
     /// Changes the configuration (e.g. a template's status) while running.

@@ -35,9 +35,19 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn claim(&self, key: &JobKey, owner: &str, now: DateTime<Utc>, lease: Duration, retake_ambiguous: bool) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        key: &JobKey,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        retake_ambiguous: bool,
+    ) -> Result<Claim, StoreError> {
         let mut jobs = self.jobs.lock().expect("store lock");
-        let claimed = Record::Claimed { owner: owner.to_owned(), at: now };
+        let claimed = Record::Claimed {
+            owner: owner.to_owned(),
+            at: now,
+        };
         let ambiguous_since = match jobs.get(key) {
             None => {
                 jobs.insert(key.clone(), claimed);
@@ -45,25 +55,50 @@ impl Store for MemoryStore {
             }
             Some(Record::Sent(wamid)) => return Ok(Claim::Sent(wamid.clone())),
             Some(Record::Dead) => return Ok(Claim::Dead),
-            Some(Record::Claimed { at, .. }) if now.signed_duration_since(*at).to_std().unwrap_or_default() < lease => return Ok(Claim::Busy),
+            Some(Record::Claimed { at, .. })
+                if now.signed_duration_since(*at).to_std().unwrap_or_default() < lease =>
+            {
+                return Ok(Claim::Busy);
+            }
             Some(Record::Claimed { at, .. } | Record::Ambiguous { at }) => *at,
         };
         if retake_ambiguous {
             jobs.insert(key.clone(), claimed);
             Ok(Claim::Fresh)
         } else {
-            jobs.insert(key.clone(), Record::Ambiguous { at: ambiguous_since });
+            jobs.insert(
+                key.clone(),
+                Record::Ambiguous {
+                    at: ambiguous_since,
+                },
+            );
             Ok(Claim::Ambiguous(ambiguous_since))
         }
     }
 
-    async fn mark_sent(&self, key: &JobKey, wamid: &Wamid, record: &WamidRecord) -> Result<(), StoreError> {
-        self.jobs.lock().expect("store lock").insert(key.clone(), Record::Sent(wamid.clone()));
-        self.wamids.lock().expect("store lock").insert(wamid.clone(), record.clone());
+    async fn mark_sent(
+        &self,
+        key: &JobKey,
+        wamid: &Wamid,
+        record: &WamidRecord,
+    ) -> Result<(), StoreError> {
+        self.jobs
+            .lock()
+            .expect("store lock")
+            .insert(key.clone(), Record::Sent(wamid.clone()));
+        self.wamids
+            .lock()
+            .expect("store lock")
+            .insert(wamid.clone(), record.clone());
         Ok(())
     }
 
-    async fn mark_ambiguous(&self, key: &JobKey, owner: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn mark_ambiguous(
+        &self,
+        key: &JobKey,
+        owner: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let mut jobs = self.jobs.lock().expect("store lock");
         if matches!(jobs.get(key), Some(Record::Claimed { owner: o, .. }) if o == owner) {
             jobs.insert(key.clone(), Record::Ambiguous { at: now });
@@ -80,7 +115,10 @@ impl Store for MemoryStore {
     }
 
     async fn mark_dead(&self, key: &JobKey, _reason: DeadReason) -> Result<(), StoreError> {
-        self.jobs.lock().expect("store lock").insert(key.clone(), Record::Dead);
+        self.jobs
+            .lock()
+            .expect("store lock")
+            .insert(key.clone(), Record::Dead);
         Ok(())
     }
 

@@ -61,7 +61,9 @@ pub struct WamidRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Redis could not be reached at start-up.
-    #[error("cannot reach Redis at {url}: {detail}. Is it running? Start it with: redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no")]
+    #[error(
+        "cannot reach Redis at {url}: {detail}. Is it running? Start it with: redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no"
+    )]
     Unreachable {
         /// The address (without credentials).
         url: String,
@@ -84,11 +86,28 @@ pub trait Store: Send + Sync {
     /// Claims a job before sending it (one round trip, atomic across replicas). A claim older
     /// than `lease` counts as ambiguous (its owner died mid-send). With `retake_ambiguous`
     /// (at-least-once jobs) an ambiguous job is claimed afresh instead.
-    async fn claim(&self, key: &JobKey, owner: &str, now: DateTime<Utc>, lease: Duration, retake_ambiguous: bool) -> Result<Claim, StoreError>;
+    async fn claim(
+        &self,
+        key: &JobKey,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        retake_ambiguous: bool,
+    ) -> Result<Claim, StoreError>;
     /// Records that Meta accepted the job, and indexes the wamid for webhook correlation.
-    async fn mark_sent(&self, key: &JobKey, wamid: &Wamid, record: &WamidRecord) -> Result<(), StoreError>;
+    async fn mark_sent(
+        &self,
+        key: &JobKey,
+        wamid: &Wamid,
+        record: &WamidRecord,
+    ) -> Result<(), StoreError>;
     /// Records that the send's outcome is unknown since `now`.
-    async fn mark_ambiguous(&self, key: &JobKey, owner: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn mark_ambiguous(
+        &self,
+        key: &JobKey,
+        owner: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
     /// Drops this worker's claim after a definitive failure, so a retry may claim it again.
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError>;
     /// Records that the job was dead-lettered.

@@ -49,7 +49,10 @@ pub struct RedisStore {
 }
 
 fn command_error(operation: &'static str) -> impl Fn(redis::RedisError) -> StoreError {
-    move |e| StoreError::Command { operation, detail: e.to_string() }
+    move |e| StoreError::Command {
+        operation,
+        detail: e.to_string(),
+    }
 }
 
 impl RedisStore {
@@ -59,14 +62,27 @@ impl RedisStore {
             Some(at) => format!("redis://***@{}", &url[at + 1..]),
             None => url.to_owned(),
         };
-        let unreachable = |e: redis::RedisError| StoreError::Unreachable { url: redacted.clone(), detail: e.to_string() };
+        let unreachable = |e: redis::RedisError| StoreError::Unreachable {
+            url: redacted.clone(),
+            detail: e.to_string(),
+        };
         let client = redis::Client::open(url).map_err(unreachable)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_number_of_retries(2);
-        let mut conn = ConnectionManager::new_with_config(client, config).await.map_err(unreachable)?;
-        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(unreachable)?;
-        Ok(RedisStore { conn, prefix: prefix.to_owned(), claim: Script::new(CLAIM), settle: Script::new(SETTLE_CLAIM) })
+        let mut conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unreachable)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.to_owned(),
+            claim: Script::new(CLAIM),
+            settle: Script::new(SETTLE_CLAIM),
+        })
     }
 
     fn job_key(&self, key: &JobKey) -> String {
@@ -80,7 +96,10 @@ impl RedisStore {
     /// Deletes every key under this store's prefix (tests clean up after themselves).
     pub async fn delete_all(&self) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
-        let keys: Vec<String> = conn.keys(format!("{}:*", self.prefix)).await.map_err(command_error("KEYS"))?;
+        let keys: Vec<String> = conn
+            .keys(format!("{}:*", self.prefix))
+            .await
+            .map_err(command_error("KEYS"))?;
         if keys.is_empty() {
             return Ok(0);
         }
@@ -94,7 +113,14 @@ fn millis(t: DateTime<Utc>) -> i64 {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn claim(&self, key: &JobKey, owner: &str, now: DateTime<Utc>, lease: Duration, retake_ambiguous: bool) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        key: &JobKey,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        retake_ambiguous: bool,
+    ) -> Result<Claim, StoreError> {
         let (state, detail): (String, String) = self
             .claim
             .key(self.job_key(key))
@@ -106,25 +132,43 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(command_error("claim"))?;
-        let bad = |what: String| StoreError::Command { operation: "claim", detail: what };
+        let bad = |what: String| StoreError::Command {
+            operation: "claim",
+            detail: what,
+        };
         match state.as_str() {
             "fresh" => Ok(Claim::Fresh),
             "busy" => Ok(Claim::Busy),
             "dead" => Ok(Claim::Dead),
-            "sent" => Wamid::parse(detail).map(Claim::Sent).map_err(|e| bad(e.to_string())),
+            "sent" => Wamid::parse(detail)
+                .map(Claim::Sent)
+                .map_err(|e| bad(e.to_string())),
             "ambiguous" => {
-                let ms: i64 = detail.parse().map_err(|_| bad(format!("bad claim time {detail:?}")))?;
-                Utc.timestamp_millis_opt(ms).single().map(Claim::Ambiguous).ok_or_else(|| bad(format!("bad claim time {ms}")))
+                let ms: i64 = detail
+                    .parse()
+                    .map_err(|_| bad(format!("bad claim time {detail:?}")))?;
+                Utc.timestamp_millis_opt(ms)
+                    .single()
+                    .map(Claim::Ambiguous)
+                    .ok_or_else(|| bad(format!("bad claim time {ms}")))
             }
             other => Err(bad(format!("unexpected state {other:?}"))),
         }
     }
 
-    async fn mark_sent(&self, key: &JobKey, wamid: &Wamid, record: &WamidRecord) -> Result<(), StoreError> {
+    async fn mark_sent(
+        &self,
+        key: &JobKey,
+        wamid: &Wamid,
+        record: &WamidRecord,
+    ) -> Result<(), StoreError> {
         let record = serde_json::to_string(record).expect("a WamidRecord always serialises");
         // Two hash slots (job under its portfolio tag, wamid global): a pipeline, one round trip.
         redis::pipe()
-            .hset_multiple(self.job_key(key), &[("state", "sent"), ("wamid", wamid.as_str())])
+            .hset_multiple(
+                self.job_key(key),
+                &[("state", "sent"), ("wamid", wamid.as_str())],
+            )
             .expire(self.job_key(key), JOB_RECORD_TTL.as_secs() as i64)
             .set_ex(self.wamid_key(wamid), record, WAMID_TTL.as_secs())
             .query_async::<()>(&mut self.conn.clone())
@@ -132,7 +176,12 @@ impl Store for RedisStore {
             .map_err(command_error("mark_sent"))
     }
 
-    async fn mark_ambiguous(&self, key: &JobKey, owner: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn mark_ambiguous(
+        &self,
+        key: &JobKey,
+        owner: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let _: i64 = self
             .settle
             .key(self.job_key(key))
@@ -160,7 +209,10 @@ impl Store for RedisStore {
 
     async fn mark_dead(&self, key: &JobKey, reason: DeadReason) -> Result<(), StoreError> {
         redis::pipe()
-            .hset_multiple(self.job_key(key), &[("state", "dead"), ("reason", reason.as_str())])
+            .hset_multiple(
+                self.job_key(key),
+                &[("state", "dead"), ("reason", reason.as_str())],
+            )
             .expire(self.job_key(key), JOB_RECORD_TTL.as_secs() as i64)
             .query_async::<()>(&mut self.conn.clone())
             .await
@@ -168,7 +220,18 @@ impl Store for RedisStore {
     }
 
     async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError> {
-        let raw: Option<String> = self.conn.clone().get(self.wamid_key(wamid)).await.map_err(command_error("GET"))?;
-        raw.map(|r| serde_json::from_str(&r).map_err(|e| StoreError::Command { operation: "wamid", detail: e.to_string() })).transpose()
+        let raw: Option<String> = self
+            .conn
+            .clone()
+            .get(self.wamid_key(wamid))
+            .await
+            .map_err(command_error("GET"))?;
+        raw.map(|r| {
+            serde_json::from_str(&r).map_err(|e| StoreError::Command {
+                operation: "wamid",
+                detail: e.to_string(),
+            })
+        })
+        .transpose()
     }
 }

@@ -37,13 +37,22 @@ pub fn settings(prefix: &str, simulator_url: &str) -> Settings {
         .merge(Serialized::default("redis.key_prefix", prefix))
         .merge(Serialized::default("cloud.base_url", simulator_url))
         .merge(Serialized::default("cloud.access_token", TOKEN))
-        .merge(Serialized::default(&format!("numbers.{NUMBER}.waba_id"), WABA))
-        .merge(Serialized::default(&format!("numbers.{NUMBER}.throughput_mps"), 1000));
+        .merge(Serialized::default(
+            &format!("numbers.{NUMBER}.waba_id"),
+            WABA,
+        ))
+        .merge(Serialized::default(
+            &format!("numbers.{NUMBER}.throughput_mps"),
+            1000,
+        ));
     Settings::from_figment(figment).expect("test settings are valid")
 }
 
 pub fn unique_prefix(test: &str) -> String {
-    format!("t-{test}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "t-{test}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 pub struct TestApp {
@@ -67,7 +76,9 @@ pub async fn spawn_app(test: &str, tweak: impl FnOnce(&mut Settings, &mut SimCon
     let prefix = unique_prefix(test);
     let mut settings = settings(&prefix, "http://placeholder");
     tweak(&mut settings, &mut sim_config);
-    let simulator = Simulator::start(sim_config, "127.0.0.1:0").await.expect("simulator starts");
+    let simulator = Simulator::start(sim_config, "127.0.0.1:0")
+        .await
+        .expect("simulator starts");
     settings.cloud.base_url = simulator.base_url();
     let (broker, store) = match wa_sender::app::connect(&settings).await {
         Ok(parts) => parts,
@@ -75,11 +86,29 @@ pub async fn spawn_app(test: &str, tweak: impl FnOnce(&mut Settings, &mut SimCon
     };
     let events = broker.tap(Tap::Events).await.unwrap();
     let dead = broker.tap(Tap::Dead).await.unwrap();
-    TestApp { prefix, settings, broker, store, simulator, events, dead, seen: Vec::new(), shutdown: None, worker: None }
+    TestApp {
+        prefix,
+        settings,
+        broker,
+        store,
+        simulator,
+        events,
+        dead,
+        seen: Vec::new(),
+        shutdown: None,
+        worker: None,
+    }
 }
 
 pub fn numbers() -> BTreeMap<PhoneNumberId, Number> {
-    BTreeMap::from([(PhoneNumberId::parse(NUMBER).unwrap(), Number { waba: WabaId::parse(WABA).unwrap(), throughput_mps: 1000, token: SecretString::from(TOKEN) })])
+    BTreeMap::from([(
+        PhoneNumberId::parse(NUMBER).unwrap(),
+        Number {
+            waba: WabaId::parse(WABA).unwrap(),
+            throughput_mps: 1000,
+            token: SecretString::from(TOKEN),
+        },
+    )])
 }
 
 pub fn job(job_id: &str, message: Value) -> Value {
@@ -88,26 +117,50 @@ pub fn job(job_id: &str, message: Value) -> Value {
 }
 
 pub fn text_job(job_id: &str) -> Value {
-    job(job_id, json!({"type": "text", "text": {"body": "Your order has shipped"}}))
+    job(
+        job_id,
+        json!({"type": "text", "text": {"body": "Your order has shipped"}}),
+    )
 }
 
 impl TestApp {
     pub fn start_worker(&mut self) {
         let cloud = Arc::new(wa_sender::app::http_cloud(&self.settings).unwrap());
-        let pipeline = Arc::new(wa_sender::app::pipeline(&self.settings, cloud, self.broker.clone(), self.store.clone(), numbers()).unwrap());
+        let pipeline = Arc::new(
+            wa_sender::app::pipeline(
+                &self.settings,
+                cloud,
+                self.broker.clone(),
+                self.store.clone(),
+                numbers(),
+            )
+            .unwrap(),
+        );
         let shutdown = CancellationToken::new();
-        let worker = tokio::spawn(wa_sender::worker::run(pipeline, self.broker.clone(), wa_sender::app::worker_settings(&self.settings), shutdown.clone()));
+        let worker = tokio::spawn(wa_sender::worker::run(
+            pipeline,
+            self.broker.clone(),
+            wa_sender::app::worker_settings(&self.settings),
+            shutdown.clone(),
+        ));
         self.shutdown = Some(shutdown);
         self.worker = Some(worker);
     }
 
     pub async fn stop_worker(&mut self) -> Drained {
         self.shutdown.take().expect("worker running").cancel();
-        self.worker.take().unwrap().await.unwrap().expect("worker drains")
+        self.worker
+            .take()
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("worker drains")
     }
 
     pub async fn enqueue(&self, lane: Lane, body: impl Into<Vec<u8>>) {
-        wa_sender::app::enqueue(self.broker.as_ref(), lane, body.into()).await.unwrap();
+        wa_sender::app::enqueue(self.broker.as_ref(), lane, body.into())
+            .await
+            .unwrap();
     }
 
     pub async fn enqueue_json(&self, lane: Lane, job: &Value) {
@@ -124,9 +177,16 @@ impl TestApp {
             let next = tokio::time::timeout_at(deadline, self.events.next()).await;
             let tapped = match next {
                 Ok(Some(t)) => t.unwrap(),
-                _ => panic!("no matching event within {timeout:?}; events seen: {:#?}", self.seen.iter().map(|e| (&e.event, &e.job_id)).collect::<Vec<_>>()),
+                _ => panic!(
+                    "no matching event within {timeout:?}; events seen: {:#?}",
+                    self.seen
+                        .iter()
+                        .map(|e| (&e.event, &e.job_id))
+                        .collect::<Vec<_>>()
+                ),
             };
-            let event: Event = serde_json::from_slice(&tapped.envelope.body).expect("events are wa.event.v1");
+            let event: Event =
+                serde_json::from_slice(&tapped.envelope.body).expect("events are wa.event.v1");
             self.seen.push(event.clone());
             if pred(&event) {
                 return event;
@@ -135,12 +195,19 @@ impl TestApp {
     }
 
     pub async fn wait_job_event(&mut self, job_id: &str, kind: &str) -> Event {
-        self.wait_event(Duration::from_secs(20), |e| e.job_id.as_deref() == Some(job_id) && e.event == kind).await
+        self.wait_event(Duration::from_secs(20), |e| {
+            e.job_id.as_deref() == Some(job_id) && e.event == kind
+        })
+        .await
     }
 
     /// Waits for the next dead letter.
     pub async fn next_dead(&mut self) -> Tapped {
-        tokio::time::timeout(Duration::from_secs(20), self.dead.next()).await.expect("a dead letter within 20 s").unwrap().unwrap()
+        tokio::time::timeout(Duration::from_secs(20), self.dead.next())
+            .await
+            .expect("a dead letter within 20 s")
+            .unwrap()
+            .unwrap()
     }
 
     /// Deletes the test's queues, exchanges and keys.
