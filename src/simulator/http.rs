@@ -72,22 +72,29 @@ fn new_wamid() -> String {
     )
 }
 
-/// Maps a body violation to the code Meta uses for it.
-fn violation_error(v: &crate::job::Violation) -> Response {
+/// Maps a body violation to the code Meta uses for it, and Meta's answer.
+fn violation_error(v: &crate::job::Violation) -> (i64, Response) {
     let field = v.field.strip_prefix("message.").unwrap_or(&v.field);
     let details = format!("{field}: {}", v.problem);
-    if v.problem.contains("is required")
-        || v.problem.contains("missing field")
-        || v.problem.starts_with("needs")
+    let p = v.problem.as_str();
+    if p.contains("is required") || p.contains("missing field") || p.starts_with("needs") {
+        (
+            131008,
+            meta_error(400, 131008, None, "Required parameter is missing", details),
+        )
+    } else if p.contains("unknown field")
+        || p.contains("is not allowed")
+        || p.contains("is not a supported")
     {
-        meta_error(400, 131008, None, "Required parameter is missing", details)
-    } else if v.problem.contains("unknown field")
-        || v.problem.contains("is not allowed")
-        || v.problem.contains("is not a supported")
-    {
-        meta_error(400, 100, None, "Invalid parameter", details)
+        (
+            100,
+            meta_error(400, 100, None, "Invalid parameter", details),
+        )
     } else {
-        meta_error(400, 131009, None, "Parameter value is not valid", details)
+        (
+            131009,
+            meta_error(400, 131009, None, "Parameter value is not valid", details),
+        )
     }
 }
 
@@ -289,20 +296,7 @@ async fn answer(
     let message = match Message::from_value(request, "message") {
         Ok(m) => m,
         Err(v) => {
-            let response = violation_error(&v);
-            let code = if v.problem.contains("is required")
-                || v.problem.contains("missing field")
-                || v.problem.starts_with("needs")
-            {
-                131008
-            } else if v.problem.contains("unknown field")
-                || v.problem.contains("is not allowed")
-                || v.problem.contains("is not a supported")
-            {
-                100
-            } else {
-                131009
-            };
+            let (code, response) = violation_error(&v);
             return fail(code, response);
         }
     };
