@@ -13,13 +13,63 @@ pub struct Violation {
     pub field: String,
     /// What is wrong, in words a producer can act on.
     pub problem: String,
+    /// Which kind of rule: Meta answers each kind with its own error code.
+    pub kind: ViolationKind,
+}
+
+/// The kind of a broken rule, as Meta distinguishes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViolationKind {
+    /// A required field is absent (Meta: 131008).
+    Missing,
+    /// A field that does not exist or is not allowed here (Meta: 100).
+    NotAllowed,
+    /// A field is present but its value breaks a rule (Meta: 131009).
+    Invalid,
+}
+
+impl Violation {
+    /// A value that breaks a rule.
+    pub fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::new(field, problem, ViolationKind::Invalid)
+    }
+
+    /// A required field that is absent.
+    pub fn missing(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::new(field, problem, ViolationKind::Missing)
+    }
+
+    /// A field that is not allowed here.
+    pub fn not_allowed(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::new(field, problem, ViolationKind::NotAllowed)
+    }
+
+    fn new(field: impl Into<String>, problem: impl Into<String>, kind: ViolationKind) -> Self {
+        Violation {
+            field: field.into(),
+            problem: problem.into(),
+            kind,
+        }
+    }
+
+    /// Turns a serde decoding error into a violation of the right kind. serde words its errors
+    /// `missing field …` and `unknown field …`/`unknown variant …`; this is the one place that
+    /// reads them.
+    pub fn from_serde(field: impl Into<String>, e: &serde_json::Error) -> Self {
+        let problem = e.to_string();
+        let kind = if problem.starts_with("missing field") {
+            ViolationKind::Missing
+        } else if problem.starts_with("unknown field") || problem.starts_with("unknown variant") {
+            ViolationKind::NotAllowed
+        } else {
+            ViolationKind::Invalid
+        };
+        Self::new(field, problem, kind)
+    }
 }
 
 fn violation(field: impl Into<String>, problem: impl Into<String>) -> Violation {
-    Violation {
-        field: field.into(),
-        problem: problem.into(),
-    }
+    Violation::invalid(field, problem)
 }
 
 /// Checks a string's length in characters (Meta counts characters, not bytes).
@@ -348,7 +398,7 @@ impl RawMessage {
 }
 
 fn typed<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T, Violation> {
-    serde_json::from_value(value).map_err(|e| violation(field, e.to_string()))
+    serde_json::from_value(value).map_err(|e| Violation::from_serde(field, &e))
 }
 
 impl Message {
@@ -358,7 +408,7 @@ impl Message {
         if let Some(kind) = value.get("type").and_then(Value::as_str)
             && !MESSAGE_KINDS.contains(&kind)
         {
-            return Err(violation(
+            return Err(Violation::not_allowed(
                 format!("{field}.type"),
                 format!(
                     "{kind:?} is not a supported message type ({})",
@@ -369,11 +419,11 @@ impl Message {
         let mut raw: RawMessage = typed(field, value)?;
         let kind = raw.kind.clone();
         let path = format!("{field}.{kind}");
-        let object = raw
-            .take(&kind)
-            .ok_or_else(|| violation(&path, format!("is required when type is {kind:?}")))?;
+        let object = raw.take(&kind).ok_or_else(|| {
+            Violation::missing(&path, format!("is required when type is {kind:?}"))
+        })?;
         if let Some(extra) = raw.leftover() {
-            return Err(violation(
+            return Err(Violation::not_allowed(
                 format!("{field}.{extra}"),
                 format!("is not allowed when type is {kind:?}"),
             ));
@@ -441,7 +491,12 @@ impl Media {
                 check_len(&format!("{path}.link"), link, 1, 2048)?;
             }
             (Some(_), Some(_)) => return Err(violation(path, "give either id or link, not both")),
-            (None, None) => return Err(violation(path, "needs an uploaded media id or a link")),
+            (None, None) => {
+                return Err(Violation::missing(
+                    path,
+                    "needs an uploaded media id or a link",
+                ));
+            }
         }
         match (&self.caption, caption) {
             (Some(_), false) => {
@@ -484,7 +539,7 @@ impl Location {
 
 fn validate_contacts(path: &str, contacts: &[Value]) -> Result<(), Violation> {
     if contacts.is_empty() {
-        return Err(violation(path, "needs at least one contact"));
+        return Err(Violation::missing(path, "needs at least one contact"));
     }
     const FIELDS: &[&str] = &[
         "addresses",
@@ -559,7 +614,7 @@ impl Component {
             "body" => 1024,
             "button" => {
                 if self.sub_type.is_none() {
-                    return Err(violation(
+                    return Err(Violation::missing(
                         format!("{path}.sub_type"),
                         "is required for button components",
                     ));
@@ -574,7 +629,7 @@ impl Component {
                         ));
                     }
                     None => {
-                        return Err(violation(
+                        return Err(Violation::missing(
                             format!("{path}.index"),
                             "is required for button components",
                         ));
@@ -632,7 +687,7 @@ impl Component {
                 }
             };
             present.ok_or_else(|| {
-                violation(
+                Violation::missing(
                     format!("{at}.{}", p.kind),
                     format!("is required when type is {:?}", p.kind),
                 )
@@ -662,7 +717,9 @@ impl Interactive {
         let needs_body = !matches!(self.kind.as_str(), "product" | "product_list");
         match &self.body {
             Some(b) => check_len(&format!("{path}.body.text"), &b.text, 1, 1024)?,
-            None if needs_body => return Err(violation(format!("{path}.body"), "is required")),
+            None if needs_body => {
+                return Err(Violation::missing(format!("{path}.body"), "is required"));
+            }
             None => {}
         }
         if let Some(f) = &self.footer {
@@ -676,7 +733,7 @@ impl Interactive {
                 .action
                 .is_object()
                 .then_some(())
-                .ok_or_else(|| violation(action, "must be an object")),
+                .ok_or_else(|| Violation::missing(action, "must be an object")),
         }
     }
 }
@@ -700,7 +757,7 @@ fn validate_buttons(path: &str, action: &Value) -> Result<(), Violation> {
         let at = format!("{path}.buttons[{i}].reply");
         let reply = b
             .get("reply")
-            .ok_or_else(|| violation(&at, "is required"))?;
+            .ok_or_else(|| Violation::missing(&at, "is required"))?;
         check_len(
             &format!("{at}.id"),
             str_at(reply, "id").unwrap_or_default(),
@@ -727,7 +784,7 @@ fn validate_list(path: &str, action: &Value) -> Result<(), Violation> {
     let sections = action
         .get("sections")
         .and_then(Value::as_array)
-        .ok_or_else(|| violation(format!("{path}.sections"), "is required"))?;
+        .ok_or_else(|| Violation::missing(format!("{path}.sections"), "is required"))?;
     if !(1..=10).contains(&sections.len()) {
         return Err(violation(
             format!("{path}.sections"),
@@ -750,7 +807,7 @@ fn validate_list(path: &str, action: &Value) -> Result<(), Violation> {
         let rows = s
             .get("rows")
             .and_then(Value::as_array)
-            .ok_or_else(|| violation(format!("{at}.rows"), "is required"))?;
+            .ok_or_else(|| Violation::missing(format!("{at}.rows"), "is required"))?;
         total_rows += rows.len();
         for (j, r) in rows.iter().enumerate() {
             let row = format!("{at}.rows[{j}]");

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 pub use message::{
     Body, Component, Context, Language, Media, Message, Parameter, Template, Text, Violation,
+    ViolationKind,
 };
 
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId};
@@ -168,21 +169,15 @@ struct RawJob {
 
 fn required(field: &'static str, value: Option<Value>) -> Result<Value, JobError> {
     match value {
-        Some(Value::Null) | None => Err(JobError::Invalid(Violation {
-            field: field.into(),
-            problem: "is required".into(),
-        })),
+        Some(Value::Null) | None => {
+            Err(JobError::Invalid(Violation::missing(field, "is required")))
+        }
         Some(v) => Ok(v),
     }
 }
 
 fn field<T: serde::de::DeserializeOwned>(name: &'static str, value: Value) -> Result<T, JobError> {
-    serde_json::from_value(value).map_err(|e| {
-        JobError::Invalid(Violation {
-            field: name.into(),
-            problem: e.to_string(),
-        })
-    })
+    serde_json::from_value(value).map_err(|e| JobError::Invalid(Violation::from_serde(name, &e)))
 }
 
 fn optional<T: serde::de::DeserializeOwned>(
@@ -214,18 +209,14 @@ pub fn decode(body: &[u8]) -> Result<SendJob, JobError> {
         Some(Value::String(s)) => return Err(JobError::UnsupportedSchema(s.clone())),
         Some(other) => return Err(JobError::UnsupportedSchema(other.to_string())),
         None => {
-            return Err(JobError::Invalid(Violation {
-                field: "schema".into(),
-                problem: "is required (\"wa.send.v1\")".into(),
-            }));
+            return Err(JobError::Invalid(Violation::missing(
+                "schema",
+                "is required (\"wa.send.v1\")",
+            )));
         }
     }
-    let raw: RawJob = serde_json::from_value(value).map_err(|e| {
-        JobError::Invalid(Violation {
-            field: "job".into(),
-            problem: e.to_string(),
-        })
-    })?;
+    let raw: RawJob = serde_json::from_value(value)
+        .map_err(|e| JobError::Invalid(Violation::from_serde("job", &e)))?;
     let message = Message::from_value(required("message", raw.message)?, "message")
         .map_err(JobError::Invalid)?;
     let fallback_template: Option<Template> = optional("fallback_template", raw.fallback_template)?;
@@ -262,16 +253,16 @@ pub fn decode(body: &[u8]) -> Result<SendJob, JobError> {
     if let (Some(nb), Some(exp)) = (job.not_before, job.expires_at)
         && exp <= nb
     {
-        return Err(JobError::Invalid(Violation {
-            field: "expires_at".into(),
-            problem: "must be after not_before".into(),
-        }));
+        return Err(JobError::Invalid(Violation::invalid(
+            "expires_at",
+            "must be after not_before",
+        )));
     }
     if !(job.metadata.is_null() || job.metadata.is_object()) {
-        return Err(JobError::Invalid(Violation {
-            field: "metadata".into(),
-            problem: "must be a JSON object".into(),
-        }));
+        return Err(JobError::Invalid(Violation::invalid(
+            "metadata",
+            "must be a JSON object",
+        )));
     }
     Ok(job)
 }
