@@ -252,7 +252,7 @@ impl Settings {
         if self.worker.prefetch == 0 {
             return Err(invalid("worker.prefetch", "must be at least 1"));
         }
-        for (lane, _) in &self.worker.lane_weights {
+        for lane in self.worker.lane_weights.keys() {
             if crate::job::Lane::parse(lane).is_none() {
                 return Err(invalid(
                     &format!("worker.lane_weights.{lane}"),

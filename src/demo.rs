@@ -21,7 +21,7 @@ use crate::config::{Number, Settings};
 use crate::event::Event;
 use crate::ids::{PhoneNumberId, WabaId};
 use crate::job::Lane;
-use crate::simulator::{SimConfig, Simulator};
+use crate::simulator::{Latency, Scenario, Simulator};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 
@@ -58,15 +58,14 @@ pub struct Summary {
 /// Runs the demo; `embedded` uses the in-process broker and store instead of RabbitMQ/Redis.
 pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Result<Summary> {
     let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
-    let mut sim_config = SimConfig::single(DEMO_NUMBER, &token);
-    sim_config
-        .numbers
-        .get_mut(DEMO_NUMBER)
-        .expect("demo number")
-        .throughput_mps = DEMO_MPS;
-    sim_config.transient_failure_share = settings.demo.transient_failure_share;
-    sim_config.latency = (Duration::from_millis(5), Duration::from_millis(40));
-    let simulator = Simulator::start(sim_config, "127.0.0.1:0")
+    let mut scenario = Scenario::single(DEMO_NUMBER, DEMO_WABA, &token);
+    scenario.numbers[0].throughput_mps = Some(DEMO_MPS);
+    scenario.faults.transient_share = settings.demo.transient_failure_share;
+    scenario.faults.latency = Latency {
+        median_ms: 15.0,
+        p99_ms: 60.0,
+    };
+    let simulator = Simulator::start(scenario, "127.0.0.1:0")
         .await
         .context("starting the simulator")?;
 

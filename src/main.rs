@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use wa_sender::config::Settings;
 use wa_sender::job::Lane;
-use wa_sender::simulator::{SimConfig, Simulator};
+use wa_sender::simulator::{Scenario, SimNumber, Simulator};
 
 /// Exit code for configuration errors (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -50,12 +50,20 @@ enum Command {
     Worker,
     /// Run the Cloud API simulator.
     Simulate {
-        /// Bearer token the simulator accepts (the worker's cloud.access_token).
+        /// Scenario file (TOML, see scenarios/README.md); default: the configured numbers with
+        /// three approved templates.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Bearer token the simulator accepts, besides the scenario's (the worker's
+        /// cloud.access_token).
         #[arg(long, env = "WA_SENDER__CLOUD__ACCESS_TOKEN")]
-        token: String,
+        token: Option<String>,
         /// Listen address (default: simulator.listen).
         #[arg(long)]
         listen: Option<String>,
+        /// Callback URL for webhooks (overrides the scenario's webhooks.url).
+        #[arg(long)]
+        webhook_url: Option<String>,
     },
     /// Publish jobs (one JSON job per line, from a file or stdin) to a lane.
     Enqueue {
@@ -157,19 +165,27 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 Err(e) => Err(e).context("worker stopped"),
             }
         }
-        Command::Simulate { token, listen } => {
-            let mut config = SimConfig::single("106540352242922", &token);
-            config.numbers.clear();
-            for (id, n) in &settings.numbers {
-                config.numbers.insert(
-                    id.clone(),
-                    wa_sender::simulator::SimNumber {
-                        throughput_mps: n.throughput_mps,
-                    },
+        Command::Simulate {
+            scenario,
+            token,
+            listen,
+            webhook_url,
+        } => {
+            let mut scenario = match scenario {
+                Some(path) => Scenario::load(&path)?,
+                None => configured_scenario(&settings),
+            };
+            scenario.tokens.extend(token);
+            if webhook_url.is_some() {
+                scenario.webhooks.url = webhook_url;
+            }
+            if scenario.tokens.is_empty() {
+                anyhow::bail!(
+                    "the simulator accepts no token: pass --token or set WA_SENDER__CLOUD__ACCESS_TOKEN"
                 );
             }
             let listen = listen.unwrap_or(settings.simulator.listen.clone());
-            let simulator = Simulator::start(config, &listen)
+            let simulator = Simulator::start(scenario, &listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             info!(addr = %simulator.addr(), "simulator listening; audit at /_sim/audit");
@@ -212,4 +228,35 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The configured numbers, each with the default templates, as a scenario.
+fn configured_scenario(settings: &Settings) -> Scenario {
+    let mut scenario = Scenario::single("106540352242922", "102290129340398", "");
+    scenario.tokens.clear();
+    if !settings.numbers.is_empty() {
+        scenario.numbers = settings
+            .numbers
+            .iter()
+            .map(|(id, n)| SimNumber {
+                throughput_mps: Some(n.throughput_mps),
+                ..SimNumber::new(id, &n.waba_id)
+            })
+            .collect();
+        let templates = scenario.templates.clone();
+        scenario.templates = scenario
+            .numbers
+            .iter()
+            .map(|n| n.waba_id.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .flat_map(|waba| {
+                templates.iter().cloned().map(move |mut t| {
+                    t.waba_id.clone_from(&waba);
+                    t
+                })
+            })
+            .collect();
+    }
+    scenario
 }

@@ -33,7 +33,10 @@ fn worker_process(app: &common::TestApp) -> tokio::process::Child {
 #[tokio::test]
 async fn sigterm_with_jobs_in_flight_loses_none_of_them() {
     let mut app = spawn_app("sigterm", |_, sim| {
-        sim.latency = (Duration::from_millis(200), Duration::from_millis(400))
+        sim.faults.latency = wa_sender::simulator::Latency {
+            median_ms: 300.0,
+            p99_ms: 400.0,
+        }
     })
     .await;
     let jobs = 60;

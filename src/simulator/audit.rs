@@ -1,5 +1,5 @@
-//! What the simulator saw: accepted sends in order, errors by code, duplicates, and the peak
-//! number of sends per number in any 1 s window.
+//! What the simulator saw: accepted sends in order, errors by code, duplicates, the peak
+//! number of sends per number in any 1 s window, and what its webhooks did.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -36,6 +36,23 @@ pub struct NumberAudit {
     pub peak_per_second: u64,
 }
 
+/// What the webhook dispatcher did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WebhookAudit {
+    /// Updates scheduled, by kind (`sent`, `delivered`, `read`, `failed:131047`, `inbound`, …).
+    pub scheduled: BTreeMap<String, u64>,
+    /// Updates posted a second time on purpose (Meta duplicates).
+    pub duplicated: u64,
+    /// POSTs answered 200.
+    pub delivered_posts: u64,
+    /// Attempts that failed (non-200 or no answer) and were retried or given up.
+    pub failed_attempts: u64,
+    /// POSTs given up after the last attempt.
+    pub given_up: u64,
+    /// Updates inside POSTs answered 200.
+    pub delivered_updates: u64,
+}
+
 /// The simulator's audit.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Audit {
@@ -45,6 +62,11 @@ pub struct Audit {
     pub errors: BTreeMap<i64, u64>,
     /// Sends accepted more than once for the same `biz_opaque_callback_data`, with the count.
     pub duplicates: BTreeMap<String, u64>,
+    /// Webhook delivery figures.
+    pub webhooks: WebhookAudit,
+    /// Request bodies, when recording is on ([`super::Simulator::record_requests`]).
+    #[serde(skip)]
+    pub requests: Vec<serde_json::Value>,
     #[serde(skip)]
     pub(crate) seen: HashMap<String, u64>,
     #[serde(skip)]

@@ -1,83 +1,36 @@
-//! A Cloud API simulator that behaves like Meta's: it validates requests as Meta does, answers
-//! with Meta's error body, enforces per-number throughput, can be told to fail, and keeps an
-//! audit (peak rate per 1 s window, errors by code, duplicate sends) that tests assert on.
+//! A Cloud API simulator that behaves like Meta's: it validates requests as Meta does and answers
+//! with Meta's error body, enforces per-number throughput and the pair rate, serves the template
+//! and phone-number management endpoints, plays simulated users (care window, marketing stops,
+//! unreachable numbers, per-user marketing caps), and reports outcomes through signed, batched,
+//! sometimes duplicated and reordered status webhooks. An audit (peak rate per 1 s window, errors
+//! by code, duplicate sends) lets tests and benchmarks assert "zero 130429, zero duplicates".
 //! Runs as `wa-sender simulate` or in-process ([`Simulator::start`]).
 
 mod audit;
 mod http;
+mod limits;
+mod scenario;
+mod statuses;
+mod webhooks;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde_json::Value;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use audit::{AcceptedSend, Audit, NumberAudit};
-
-/// A template the simulator knows, as Meta's registry would hold it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SimTemplate {
-    /// Name.
-    pub name: String,
-    /// Language code, e.g. `en_US`.
-    pub language: String,
-    /// `APPROVED`, `PAUSED`, `DISABLED`, `PENDING`, `REJECTED`.
-    pub status: String,
-    /// `MARKETING`, `UTILITY`, `AUTHENTICATION`.
-    pub category: String,
-    /// Number of body parameters.
-    pub body_params: usize,
-}
-
-/// A business number the simulator serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SimNumber {
-    /// Messages per second before 130429.
-    pub throughput_mps: u32,
-}
-
-/// What the simulator is set up with.
-#[derive(Debug, Clone)]
-pub struct SimConfig {
-    /// Bearer tokens accepted (anything else → 190).
-    pub tokens: Vec<String>,
-    /// Numbers by `phone_number_id`.
-    pub numbers: HashMap<String, SimNumber>,
-    /// Templates.
-    pub templates: Vec<SimTemplate>,
-    /// Share of sends answered with a transient 5xx (131016), 0.0–1.0.
-    pub transient_failure_share: f64,
-    /// Added latency per request: uniform between these bounds.
-    pub latency: (Duration, Duration),
-}
-
-impl SimConfig {
-    /// One number, one token, a few approved templates, no faults.
-    pub fn single(phone_number_id: &str, token: &str) -> Self {
-        let t = |name: &str, category: &str, body_params| SimTemplate {
-            name: name.into(),
-            language: "en_US".into(),
-            status: "APPROVED".into(),
-            category: category.into(),
-            body_params,
-        };
-        SimConfig {
-            tokens: vec![token.to_owned()],
-            numbers: HashMap::from([(
-                phone_number_id.to_owned(),
-                SimNumber { throughput_mps: 80 },
-            )]),
-            templates: vec![
-                t("order_update", "UTILITY", 2),
-                t("otp_code", "AUTHENTICATION", 1),
-                t("spring_sale", "MARKETING", 1),
-            ],
-            transient_failure_share: 0.0,
-            latency: (Duration::ZERO, Duration::ZERO),
-        }
-    }
-}
+pub use audit::{AcceptedSend, Audit, NumberAudit, WebhookAudit};
+pub use scenario::{
+    Action, DelayRange, Faults, Latency, Marketing, PairRate, ParameterFormat, Scenario,
+    ScenarioError, SimButton, SimNumber, SimTemplate, SimUser, TimedAction, UnknownUsers,
+    WebhookSettings, placeholders,
+};
+pub use webhooks::sign;
 
 /// A fault to inject on matching requests.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +47,8 @@ pub enum Fault {
     /// Hold the request this long before answering normally (longer than the client's timeout
     /// makes an ambiguous send: the message *is* accepted, the answer is lost).
     Delay(Duration),
+    /// Drop the connection without an answer; the message is not sent.
+    Reset,
 }
 
 /// A fault applied to the next `times` requests that match.
@@ -107,11 +62,124 @@ pub struct FaultRule {
     pub times: u32,
 }
 
+/// What the simulator knows about one user.
+#[derive(Debug, Clone)]
+pub(crate) struct UserState {
+    pub(crate) name: String,
+    pub(crate) reachable: bool,
+    pub(crate) reads: bool,
+    pub(crate) marketing_cap_per_day: Option<u32>,
+    /// WABAs this user stopped marketing from.
+    pub(crate) stopped_marketing: Vec<String>,
+    /// Last inbound message per business number.
+    pub(crate) last_inbound: HashMap<String, DateTime<Utc>>,
+    /// Delivered marketing templates (rolling 24 h).
+    pub(crate) marketing_received: VecDeque<DateTime<Utc>>,
+}
+
+/// The mutable world: scenario plus everything learnt while running.
+pub(crate) struct World {
+    pub(crate) scenario: Scenario,
+    pub(crate) users: HashMap<String, UserState>,
+    pub(crate) throughput: limits::Throughput,
+    pub(crate) pairs: limits::PairLimiter,
+    /// Numbers in an upgrade's maintenance window (131057) until this instant.
+    pub(crate) maintenance: HashMap<String, Instant>,
+    /// Accepted sends so far (to sweep idle pair-rate state now and then).
+    pub(crate) sends: u64,
+}
+
+impl World {
+    fn new(mut scenario: Scenario) -> Self {
+        scenario.normalise();
+        let now = Utc::now();
+        let number_ids: Vec<String> = scenario
+            .numbers
+            .iter()
+            .map(|n| n.phone_number_id.clone())
+            .collect();
+        let users = scenario
+            .users
+            .iter()
+            .map(|u| {
+                let last_inbound = u
+                    .last_inbound_minutes_ago
+                    .map(|m| {
+                        let at = now - chrono::Duration::minutes(m as i64);
+                        number_ids.iter().map(|n| (n.clone(), at)).collect()
+                    })
+                    .unwrap_or_default();
+                let stopped_marketing = match u.marketing {
+                    Marketing::Stopped => {
+                        scenario.numbers.iter().map(|n| n.waba_id.clone()).collect()
+                    }
+                    Marketing::Subscribed => Vec::new(),
+                };
+                let state = UserState {
+                    name: u.name.clone(),
+                    reachable: u.reachable,
+                    reads: u.reads,
+                    marketing_cap_per_day: u.marketing_cap_per_day,
+                    stopped_marketing,
+                    last_inbound,
+                    marketing_received: VecDeque::new(),
+                };
+                (u.wa_id.clone(), state)
+            })
+            .collect();
+        let pairs = limits::PairLimiter::new(scenario.pair_rate.clone());
+        World {
+            scenario,
+            users,
+            throughput: limits::Throughput::default(),
+            pairs,
+            maintenance: HashMap::new(),
+            sends: 0,
+        }
+    }
+
+    /// The user, created on first contact from `unknown_users`.
+    pub(crate) fn user(&mut self, wa_id: &str) -> &mut UserState {
+        let defaults = &self.scenario.unknown_users;
+        self.users.entry(wa_id.to_owned()).or_insert_with(|| {
+            let mut rng = rand::rng();
+            UserState {
+                name: "Simulated User".into(),
+                reachable: !rng.random_bool(defaults.unreachable_share),
+                reads: rng.random_bool(defaults.read_share),
+                marketing_cap_per_day: None,
+                stopped_marketing: Vec::new(),
+                last_inbound: HashMap::new(),
+                marketing_received: VecDeque::new(),
+            }
+        })
+    }
+
+    /// Whether the user's 24 h care window with this number is open.
+    pub(crate) fn window_open(
+        &mut self,
+        phone_number_id: &str,
+        wa_id: &str,
+        now: DateTime<Utc>,
+    ) -> bool {
+        let always = self.scenario.unknown_users.window_open
+            && !self.scenario.users.iter().any(|u| u.wa_id == wa_id);
+        always
+            || self
+                .user(wa_id)
+                .last_inbound
+                .get(phone_number_id)
+                .is_some_and(|at| now - *at < chrono::Duration::hours(24))
+    }
+}
+
 pub(crate) struct SimState {
-    config: Mutex<SimConfig>,
-    faults: Mutex<VecDeque<FaultRule>>,
-    audit: Mutex<Audit>,
-    windows: Mutex<HashMap<String, VecDeque<tokio::time::Instant>>>,
+    pub(crate) world: Mutex<World>,
+    pub(crate) faults: Mutex<VecDeque<FaultRule>>,
+    pub(crate) audit: Arc<Mutex<Audit>>,
+    pub(crate) outbox: webhooks::Outbox,
+    /// Keep every request body in the audit (for shape tests).
+    pub(crate) record_requests: std::sync::atomic::AtomicBool,
 }
 
 /// A running simulator.
@@ -123,17 +191,22 @@ pub struct Simulator {
 }
 
 impl Simulator {
-    /// Starts serving on `listen` (`127.0.0.1:0` for a free port).
-    pub async fn start(config: SimConfig, listen: &str) -> std::io::Result<Simulator> {
+    /// Starts serving on `listen` (`127.0.0.1:0` for a free port), posting webhooks to the
+    /// scenario's `webhooks.url` and playing its timeline.
+    pub async fn start(scenario: Scenario, listen: &str) -> std::io::Result<Simulator> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(SimState {
-            config: Mutex::new(config),
-            faults: Mutex::default(),
-            audit: Mutex::default(),
-            windows: Mutex::default(),
-        });
         let stop = CancellationToken::new();
+        let audit = Arc::new(Mutex::new(Audit::default()));
+        let outbox = webhooks::Outbox::start(&scenario.webhooks, Arc::clone(&audit), stop.clone());
+        let timeline = scenario.timeline.clone();
+        let state = Arc::new(SimState {
+            world: Mutex::new(World::new(scenario)),
+            faults: Mutex::default(),
+            audit,
+            outbox,
+            record_requests: Default::default(),
+        });
         let app = http::router(Arc::clone(&state));
         let serve_stop = stop.clone();
         tokio::spawn(async move {
@@ -141,7 +214,24 @@ impl Simulator {
                 .with_graceful_shutdown(serve_stop.cancelled_owned())
                 .await;
         });
-        Ok(Simulator { state, addr, stop })
+        let simulator = Simulator { state, addr, stop };
+        if !timeline.is_empty() {
+            let sim = simulator.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                for step in timeline {
+                    tokio::select! {
+                        biased;
+                        () = sim.stop.cancelled() => return,
+                        () = tokio::time::sleep_until(start + Duration::from_millis(step.after_ms)) => {}
+                    }
+                    if let Err(e) = sim.act(step.action) {
+                        tracing::warn!(error = %e, "timeline action failed");
+                    }
+                }
+            });
+        }
+        Ok(simulator)
     }
 
     /// Its address.
@@ -163,9 +253,22 @@ impl Simulator {
             .push_back(rule);
     }
 
-    /// Changes the configuration (e.g. a template's status) while running.
-    pub fn configure(&self, change: impl FnOnce(&mut SimConfig)) {
-        change(&mut self.state.config.lock().expect("config lock"));
+    /// Changes the scenario (e.g. a number's throughput) while running, without webhooks; use
+    /// [`Simulator::act`] for changes Meta would announce.
+    pub fn configure(&self, change: impl FnOnce(&mut Scenario)) {
+        change(&mut self.state.world.lock().expect("world lock").scenario);
+    }
+
+    /// Something a user or Meta does, with the webhook Meta would send.
+    pub fn act(&self, action: Action) -> Result<(), String> {
+        http::apply(&self.state, action)
+    }
+
+    /// Keeps every send request's JSON body in the audit (`requests`), for shape checks.
+    pub fn record_requests(&self, on: bool) {
+        self.state
+            .record_requests
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A copy of the audit so far.
@@ -173,8 +276,13 @@ impl Simulator {
         self.state.audit.lock().expect("audit lock").clone()
     }
 
-    /// Stops serving.
+    /// Stops serving and delivering webhooks.
     pub fn stop(&self) {
         self.stop.cancel();
     }
+}
+
+/// Unix seconds as Meta writes them in webhooks: a string.
+pub(crate) fn unix_string(at: DateTime<Utc>) -> Value {
+    Value::String(at.timestamp().to_string())
 }
