@@ -253,8 +253,11 @@ fn sample_job(i: usize, invalid_share: f64, rng: &mut impl Rng) -> (Lane, Vec<u8
     let to = format!("+1650555{:04}", i % 10_000);
     let message = match lane {
         Lane::Otp => {
+            // Meta wants an authentication code twice: in the body and in the copy-code button.
+            let code = format!("{:06}", rng.random_range(0..1_000_000));
             json!({"type": "template", "template": {"name": "otp_code", "language": {"code": "en_US"},
-            "components": [{"type": "body", "parameters": [{"type": "text", "text": format!("{:06}", rng.random_range(0..1_000_000))}]}]}})
+            "components": [{"type": "body", "parameters": [{"type": "text", "text": code}]},
+                           {"type": "button", "sub_type": "url", "index": "0", "parameters": [{"type": "text", "text": code}]}]}})
         }
         Lane::Transactional => {
             json!({"type": "template", "template": {"name": "order_update", "language": {"code": "en_US"},
