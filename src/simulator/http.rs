@@ -822,6 +822,18 @@ const TEMPLATE_FIELDS: &[&str] = &[
     "rejected_reason",
 ];
 
+/// The `fields=a,b` a caller asked for, or the endpoint's defaults.
+fn requested_fields<'a>(asked: Option<&'a String>, default: &[&'a str]) -> Vec<&'a str> {
+    match asked {
+        Some(f) => f
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .collect(),
+        None => default.to_vec(),
+    }
+}
+
 /// `GET /{version}/{waba_id}/message_templates`: fields, filters and cursor paging.
 async fn list_templates(
     State(state): State<Arc<SimState>>,
@@ -854,14 +866,7 @@ fn templates_page(
     if !world.scenario.numbers.iter().any(|n| n.waba_id == waba_id) {
         return Err(no_such_object(waba_id));
     }
-    let fields: Vec<&str> = match query.get("fields") {
-        Some(f) => f
-            .split(',')
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-            .collect(),
-        None => TEMPLATE_DEFAULT_FIELDS.to_vec(),
-    };
+    let fields = requested_fields(query.get("fields"), TEMPLATE_DEFAULT_FIELDS);
     if let Some(unknown) = fields.iter().find(|f| !TEMPLATE_FIELDS.contains(f)) {
         return Err(unknown_parameter(format!(
             "Tried accessing nonexisting field ({unknown}) on node type (WhatsAppBusinessHSM)"
@@ -1052,54 +1057,54 @@ async fn phone_number(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let answer = (|| {
-        graph_version(&version)?;
-        check_token(&state, &headers)?;
-        let number = state
-            .world
-            .lock()
-            .expect("world lock")
-            .scenario
-            .number(&phone_number_id)
-            .cloned()
-            .ok_or_else(|| no_such_object(&phone_number_id))?;
-        let fields: Vec<&str> = match query.get("fields") {
-            Some(f) => f
-                .split(',')
-                .map(str::trim)
-                .filter(|f| !f.is_empty())
-                .collect(),
-            None => NUMBER_DEFAULT_FIELDS.to_vec(),
-        };
-        let mut out = serde_json::Map::new();
-        for field in fields.iter().chain(std::iter::once(&"id")) {
-            let value = match *field {
-                "id" => json!(number.phone_number_id),
-                "display_phone_number" => json!(number.display_phone_number),
-                "verified_name" => json!(number.verified_name),
-                "quality_rating" => json!(number.quality_rating),
-                "throughput" => json!({"level": number.throughput_level()}),
-                "whatsapp_business_manager_messaging_limit" | "messaging_limit_tier" => {
-                    json!(number.messaging_limit)
-                }
-                "status" => json!("CONNECTED"),
-                "platform_type" => json!("CLOUD_API"),
-                "code_verification_status" => json!("VERIFIED"),
-                "name_status" => json!("APPROVED"),
-                unknown => {
-                    return Err(unknown_parameter(format!(
-                        "Tried accessing nonexisting field ({unknown}) on node type (WhatsAppBusinessPhoneNumber)"
-                    )));
-                }
-            };
-            out.insert((*field).to_owned(), value);
-        }
-        Ok(Value::Object(out))
-    })();
-    match answer {
+    match phone_number_fields(&state, &version, &phone_number_id, &query, &headers) {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => reject(&state, e),
     }
+}
+
+fn phone_number_fields(
+    state: &SimState,
+    version: &str,
+    phone_number_id: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Value, MetaError> {
+    graph_version(version)?;
+    check_token(state, headers)?;
+    let number = state
+        .world
+        .lock()
+        .expect("world lock")
+        .scenario
+        .number(phone_number_id)
+        .cloned()
+        .ok_or_else(|| no_such_object(phone_number_id))?;
+    let fields = requested_fields(query.get("fields"), NUMBER_DEFAULT_FIELDS);
+    let mut out = serde_json::Map::new();
+    for field in fields.iter().chain(std::iter::once(&"id")) {
+        let value = match *field {
+            "id" => json!(number.phone_number_id),
+            "display_phone_number" => json!(number.display_phone_number),
+            "verified_name" => json!(number.verified_name),
+            "quality_rating" => json!(number.quality_rating),
+            "throughput" => json!({"level": number.throughput_level()}),
+            "whatsapp_business_manager_messaging_limit" | "messaging_limit_tier" => {
+                json!(number.messaging_limit)
+            }
+            "status" => json!("CONNECTED"),
+            "platform_type" => json!("CLOUD_API"),
+            "code_verification_status" => json!("VERIFIED"),
+            "name_status" => json!("APPROVED"),
+            unknown => {
+                return Err(unknown_parameter(format!(
+                    "Tried accessing nonexisting field ({unknown}) on node type (WhatsAppBusinessPhoneNumber)"
+                )));
+            }
+        };
+        out.insert((*field).to_owned(), value);
+    }
+    Ok(Value::Object(out))
 }
 
 async fn audit(State(state): State<Arc<SimState>>) -> Response {
