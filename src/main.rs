@@ -112,6 +112,10 @@ fn main() -> ExitCode {
             eprintln!("wa-sender: {e}");
             ExitCode::from(EXIT_CONFIG)
         }
+        Err(e) if e.downcast_ref::<wa_sender::simulator::ScenarioError>().is_some() => {
+            eprintln!("wa-sender: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("wa-sender: {e:#}");
             ExitCode::FAILURE
