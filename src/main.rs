@@ -108,11 +108,7 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     match runtime.block_on(run(cli.command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<wa_sender::config::ConfigError>().is_some() => {
-            eprintln!("wa-sender: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-        Err(e) if e.downcast_ref::<wa_sender::simulator::ScenarioError>().is_some() => {
+        Err(e) if is_configuration_error(&e) => {
             eprintln!("wa-sender: {e}");
             ExitCode::from(EXIT_CONFIG)
         }
@@ -263,4 +259,11 @@ fn configured_scenario(settings: &Settings) -> Scenario {
             .collect();
     }
     scenario
+}
+
+/// Bad settings or a bad scenario file: the operator's to fix, exit 64.
+fn is_configuration_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<wa_sender::config::ConfigError>().is_some()
+        || e.downcast_ref::<wa_sender::simulator::ScenarioError>()
+            .is_some()
 }
