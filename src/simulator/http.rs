@@ -157,6 +157,14 @@ fn reject(state: &SimState, e: MetaError) -> Response {
     e.into_response()
 }
 
+/// A management answer: the JSON, or Meta's error (recorded in the audit).
+fn json_or_reject(state: &SimState, answer: Result<Value, MetaError>) -> Response {
+    match answer {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => reject(state, e),
+    }
+}
+
 async fn send_message(
     State(state): State<Arc<SimState>>,
     Path((version, phone_number_id)): Path<(String, String)>,
@@ -846,10 +854,8 @@ async fn list_templates(
         .get("host")
         .and_then(|h| h.to_str().ok())
         .map_or_else(|| "http://localhost".to_owned(), |h| format!("http://{h}"));
-    match templates_page(&state, &base, &version, &waba_id, &query, &headers) {
-        Ok(page) => axum::Json(page).into_response(),
-        Err(e) => reject(&state, e),
-    }
+    let page = templates_page(&state, &base, &version, &waba_id, &query, &headers);
+    json_or_reject(&state, page)
 }
 
 fn templates_page(
@@ -1057,10 +1063,8 @@ async fn phone_number(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    match phone_number_fields(&state, &version, &phone_number_id, &query, &headers) {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => reject(&state, e),
-    }
+    let fields = phone_number_fields(&state, &version, &phone_number_id, &query, &headers);
+    json_or_reject(&state, fields)
 }
 
 fn phone_number_fields(

@@ -73,6 +73,8 @@ pub(crate) struct UserState {
     pub(crate) stopped_marketing: Vec<String>,
     /// Last inbound message per business number.
     pub(crate) last_inbound: HashMap<String, DateTime<Utc>>,
+    /// An unknown user under `unknown_users.window_open`: free-form is always allowed.
+    pub(crate) window_always_open: bool,
     /// Delivered marketing templates (rolling 24 h).
     pub(crate) marketing_received: VecDeque<DateTime<Utc>>,
 }
@@ -122,6 +124,7 @@ impl World {
                     marketing_cap_per_day: u.marketing_cap_per_day,
                     stopped_marketing,
                     last_inbound,
+                    window_always_open: false,
                     marketing_received: VecDeque::new(),
                 };
                 (u.wa_id.clone(), state)
@@ -150,6 +153,7 @@ impl World {
                 marketing_cap_per_day: None,
                 stopped_marketing: Vec::new(),
                 last_inbound: HashMap::new(),
+                window_always_open: defaults.window_open,
                 marketing_received: VecDeque::new(),
             }
         })
@@ -162,11 +166,9 @@ impl World {
         wa_id: &str,
         now: DateTime<Utc>,
     ) -> bool {
-        let always = self.scenario.unknown_users.window_open
-            && !self.scenario.users.iter().any(|u| u.wa_id == wa_id);
-        always
-            || self
-                .user(wa_id)
+        let user = self.user(wa_id);
+        user.window_always_open
+            || user
                 .last_inbound
                 .get(phone_number_id)
                 .is_some_and(|at| now - *at < chrono::Duration::hours(24))

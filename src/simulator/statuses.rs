@@ -160,7 +160,7 @@ fn status(
         s["pricing"] = message.pricing.to_json();
         if message.version <= 23 {
             let mut conversation = json!({
-                "id": format!("{:032x}", fxhash(&message.wamid)),
+                "id": format!("{:032x}", fnv1a(&message.wamid)),
                 "origin": {"type": message.pricing.category},
             });
             if status == "sent" {
@@ -180,8 +180,8 @@ fn status(
     })
 }
 
-/// A stable pseudo-id derived from a wamid (a conversation id looks like 32 hex digits).
-fn fxhash(text: &str) -> u128 {
+/// A stable pseudo-id derived from a wamid (FNV-1a, 128 bits) (a conversation id looks like 32 hex digits).
+fn fnv1a(text: &str) -> u128 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325_u128, |h, b| {
         (h ^ u128::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -290,7 +290,6 @@ pub(crate) fn template_status(template: &SimTemplate, event: &str, at: DateTime<
         "DISABLED" => {
             value["disable_info"] = json!({"disable_date": at.timestamp()});
         }
-        "APPROVED" | "REINSTATED" => {}
         _ => {}
     }
     value
