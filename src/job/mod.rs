@@ -71,6 +71,29 @@ pub enum Category {
     Service,
 }
 
+impl Category {
+    /// The wire name (`marketing`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Authentication => "authentication",
+            Category::Utility => "utility",
+            Category::Marketing => "marketing",
+            Category::Service => "service",
+        }
+    }
+
+    /// Parses Meta's template category (`MARKETING`, `UTILITY`, `AUTHENTICATION`), any case.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "authentication" => Some(Category::Authentication),
+            "utility" => Some(Category::Utility),
+            "marketing" => Some(Category::Marketing),
+            "service" => Some(Category::Service),
+            _ => None,
+        }
+    }
+}
+
 /// What to do when a send's outcome is unknown (timeout after the request left).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

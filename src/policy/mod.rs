@@ -1,6 +1,9 @@
 //! Pure policy: what an error code means for a job, how long to wait before the next attempt,
 //! and which delay queue a wait goes to. No I/O, no clocks: table-tested plain functions.
 
+pub mod admission;
+pub mod template;
+
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};

@@ -1,0 +1,437 @@
+//! Template definitions as the management API returns them, and the local parameter check that
+//! turns Meta's 132000 / 132005 / 132007 / 132012 into specific dead letters before any send.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::Category;
+use crate::job::{Parameter, Template};
+
+/// One template in one language, from `GET /{waba_id}/message_templates` (unknown fields are
+/// ignored: Meta adds fields over time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateDefinition {
+    /// Name.
+    pub name: String,
+    /// Exact locale, e.g. `en_US`.
+    pub language: String,
+    /// `APPROVED`, `PAUSED`, …
+    pub status: String,
+    /// `MARKETING`, `UTILITY` or `AUTHENTICATION`.
+    pub category: String,
+    /// `POSITIONAL` (default) or `NAMED`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter_format: Option<String>,
+    /// Header, body, footer, buttons.
+    #[serde(default)]
+    pub components: Vec<DefinitionComponent>,
+}
+
+/// One component of a definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionComponent {
+    /// `HEADER`, `BODY`, `FOOTER`, `BUTTONS`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Header format: `TEXT`, `IMAGE`, `VIDEO`, `DOCUMENT`, `LOCATION`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Text with `{{1}}` or `{{name}}` placeholders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Buttons, in order (their index is what a send addresses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buttons: Vec<DefinitionButton>,
+}
+
+/// One button of a definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionButton {
+    /// `QUICK_REPLY`, `URL`, `PHONE_NUMBER`, `OTP`, `COPY_CODE`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A URL button's URL; a `{{1}}` in it makes the button take a parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl TemplateDefinition {
+    /// The registry's category, if Meta's name is one wa-sender knows.
+    pub fn category(&self) -> Option<Category> {
+        Category::parse(&self.category)
+    }
+
+    fn component(&self, kind: &str) -> Option<&DefinitionComponent> {
+        self.components
+            .iter()
+            .find(|c| c.kind.eq_ignore_ascii_case(kind))
+    }
+
+    fn named(&self) -> bool {
+        self.parameter_format
+            .as_deref()
+            .is_some_and(|f| f.eq_ignore_ascii_case("NAMED"))
+    }
+}
+
+/// Body (with its parameters) limit, and header limit, in characters.
+const BODY_LIMIT: usize = 1024;
+const HEADER_LIMIT: usize = 60;
+/// An authentication code's limit.
+const OTP_LIMIT: usize = 15;
+
+/// The distinct placeholder names in `text`, in order: `{{1}}` gives `1`, `{{name}}` `name`.
+fn placeholders(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        let after = &rest[open + 2..];
+        let Some(close) = after.find("}}") else { break };
+        let name = after[..close].trim();
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
+        }
+        rest = &after[close + 2..];
+    }
+    names
+}
+
+/// The text a parameter puts in place of its placeholder (currency and date_time: the fallback).
+fn value_len(p: &Parameter) -> usize {
+    let fallback = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .and_then(|v| v.get("fallback_value"))
+            .and_then(|v| v.as_str())
+            .map(|s| s.chars().count())
+    };
+    p.text
+        .as_deref()
+        .map(|t| t.chars().count())
+        .or_else(|| fallback(&p.currency))
+        .or_else(|| fallback(&p.date_time))
+        .unwrap_or(0)
+}
+
+/// `text` with every placeholder replaced by its parameter, in characters.
+fn hydrated_len(text: &str, names: &[&str], params: &[&Parameter]) -> usize {
+    let placeholders: usize = names.iter().map(|n| n.chars().count() + 4).sum();
+    let values: usize = params.iter().map(|p| value_len(p)).sum();
+    (text.chars().count() + values).saturating_sub(placeholders)
+}
+
+/// What is wrong with `sent`'s parameters for `def`, in words a producer can act on; `None`
+/// when they fit. The rules are Meta's: count (132000), named vs positional and types (132012),
+/// no newlines, tabs or five spaces in a row (132007), hydrated length and OTP length (132005).
+pub fn check(def: &TemplateDefinition, sent: &Template) -> Option<String> {
+    let params = |kind: &str| -> Vec<&Parameter> {
+        sent.components
+            .iter()
+            .filter(|c| c.kind == kind)
+            .flat_map(|c| &c.parameters)
+            .collect()
+    };
+    let name = &def.name;
+
+    // Header: a text header takes its placeholders, a media header one parameter of its type.
+    let header = params("header");
+    if let Some(h) = def.component("HEADER") {
+        let format = h.format.as_deref().unwrap_or("TEXT").to_ascii_uppercase();
+        if format == "TEXT" {
+            let text = h.text.as_deref().unwrap_or("");
+            let names = placeholders(text);
+            if header.len() != names.len() {
+                return Some(format!(
+                    "template {name}: the header takes {} parameter(s), the job gives {}",
+                    names.len(),
+                    header.len()
+                ));
+            }
+            let len = hydrated_len(text, &names, &header);
+            if len > HEADER_LIMIT {
+                return Some(format!(
+                    "template {name}: the header with its parameters is {len} characters; the limit is {HEADER_LIMIT}"
+                ));
+            }
+        } else {
+            let wanted = format.to_ascii_lowercase();
+            if header.len() != 1 || header[0].kind != wanted {
+                return Some(format!(
+                    "template {name}: the {format} header takes one {wanted} parameter, the job gives {}",
+                    describe(&header)
+                ));
+            }
+        }
+    } else if !header.is_empty() {
+        return Some(format!(
+            "template {name} has no header parameters, the job gives {}",
+            header.len()
+        ));
+    }
+
+    // Body: count, then named vs positional, types and characters, then lengths.
+    let body = params("body");
+    let text = def
+        .component("BODY")
+        .and_then(|b| b.text.as_deref())
+        .unwrap_or("");
+    let names = placeholders(text);
+    if body.len() != names.len() {
+        return Some(format!(
+            "template {name}: the body takes {} parameter(s), the job gives {}",
+            names.len(),
+            body.len()
+        ));
+    }
+    for (i, p) in body.iter().enumerate() {
+        let at = format!("template {name}: body parameter {}", i + 1);
+        match (def.named(), p.parameter_name.as_deref()) {
+            (true, None) => {
+                return Some(format!(
+                    "{at} needs a parameter_name: the template uses named parameters {names:?}"
+                ));
+            }
+            (true, Some(given)) if !names.contains(&given) => {
+                return Some(format!(
+                    "{at}: parameter_name {given:?} is not one of {names:?}"
+                ));
+            }
+            (false, Some(given)) => {
+                return Some(format!(
+                    "{at}: the template uses positional parameters; parameter_name {given:?} is not allowed"
+                ));
+            }
+            _ => {}
+        }
+        if !matches!(p.kind.as_str(), "text" | "currency" | "date_time") {
+            return Some(format!(
+                "{at}: type {:?} cannot fill a body placeholder (text, currency, date_time)",
+                p.kind
+            ));
+        }
+        if let Some(t) = &p.text
+            && (t.contains(['\n', '\t']) || t.contains("     "))
+        {
+            return Some(format!(
+                "{at} has a newline, a tab or more than 4 spaces in a row, which Meta refuses"
+            ));
+        }
+    }
+    if def.category() == Some(Category::Authentication)
+        && let Some(code) = body.first().and_then(|p| p.text.as_deref())
+        && code.chars().count() > OTP_LIMIT
+    {
+        return Some(format!(
+            "template {name}: the authentication code is {} characters; the limit is {OTP_LIMIT}",
+            code.chars().count()
+        ));
+    }
+    let len = hydrated_len(text, &names, &body);
+    if len > BODY_LIMIT {
+        return Some(format!(
+            "template {name}: the body with its parameters is {len} characters; the limit is {BODY_LIMIT}"
+        ));
+    }
+
+    // Buttons: a dynamic URL, OTP or copy-code button takes one parameter at its index.
+    let buttons = def
+        .component("BUTTONS")
+        .map(|b| b.buttons.as_slice())
+        .unwrap_or_default();
+    let mut given: BTreeMap<usize, &[Parameter]> = BTreeMap::new();
+    for c in sent.components.iter().filter(|c| c.kind == "button") {
+        let index = match &c.index {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|i| i as usize),
+            Some(serde_json::Value::String(s)) => s.parse().ok(),
+            _ => None,
+        };
+        match index {
+            Some(i) if i < buttons.len() => {
+                given.insert(i, &c.parameters);
+            }
+            _ => {
+                return Some(format!(
+                    "template {name} has {} button(s); the job addresses button index {}",
+                    buttons.len(),
+                    c.index.as_ref().map_or("none".into(), ToString::to_string)
+                ));
+            }
+        }
+    }
+    for (i, b) in buttons.iter().enumerate() {
+        let kind = b.kind.to_ascii_uppercase();
+        let takes = match kind.as_str() {
+            "URL" => b.url.as_deref().is_some_and(|u| u.contains("{{")),
+            "OTP" | "COPY_CODE" => true,
+            _ => false,
+        };
+        let got = given.get(&i).map_or(0, |p| p.len());
+        let optional_payload = kind == "QUICK_REPLY" && got <= 1;
+        if got != usize::from(takes) && !optional_payload {
+            return Some(format!(
+                "template {name}: button {i} ({kind}) takes {} parameter(s), the job gives {got}",
+                usize::from(takes)
+            ));
+        }
+    }
+    None
+}
+
+fn describe(params: &[&Parameter]) -> String {
+    match params {
+        [] => "none".into(),
+        ps => ps
+            .iter()
+            .map(|p| p.kind.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn def(value: serde_json::Value) -> TemplateDefinition {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn sent(components: serde_json::Value) -> Template {
+        serde_json::from_value(
+            json!({"name": "t", "language": {"code": "en_US"}, "components": components}),
+        )
+        .unwrap()
+    }
+
+    fn order_update() -> TemplateDefinition {
+        def(json!({
+            "name": "order_update", "language": "en_US", "status": "APPROVED", "category": "UTILITY",
+            "id": "1", "quality_score": {"score": "GREEN"},
+            "components": [
+                {"type": "HEADER", "format": "TEXT", "text": "Order {{1}}"},
+                {"type": "BODY", "text": "Hi {{1}}, order {{2}} shipped."},
+                {"type": "BUTTONS", "buttons": [
+                    {"type": "URL", "text": "Track", "url": "https://x.example/t/{{1}}"},
+                    {"type": "QUICK_REPLY", "text": "Stop"}]}
+            ]
+        }))
+    }
+
+    fn text(t: &str) -> serde_json::Value {
+        json!({"type": "text", "text": t})
+    }
+
+    fn fits() -> serde_json::Value {
+        json!([
+            {"type": "header", "parameters": [text("A1")]},
+            {"type": "body", "parameters": [text("Ann"), text("A1")]},
+            {"type": "button", "sub_type": "url", "index": "0", "parameters": [text("A1")]}
+        ])
+    }
+
+    #[test]
+    fn parameters_that_fit_pass() {
+        assert_eq!(check(&order_update(), &sent(fits())), None);
+    }
+
+    #[test]
+    fn each_rule_gives_a_specific_problem() {
+        let d = order_update();
+        let mut cases = Vec::new();
+        let mut c = fits();
+        c[1]["parameters"] = json!([text("Ann")]);
+        cases.push((c, "the body takes 2 parameter(s), the job gives 1"));
+        let mut c = fits();
+        c[0]["parameters"] = json!([]);
+        cases.push((c, "the header takes 1 parameter(s), the job gives 0"));
+        let mut c = fits();
+        c[1]["parameters"][0]["text"] = json!("Ann\nB");
+        cases.push((c, "newline"));
+        let mut c = fits();
+        c[1]["parameters"][0]["text"] = json!("x".repeat(1020));
+        cases.push((c, "the limit is 1024"));
+        let mut c = fits();
+        c[0]["parameters"][0]["text"] = json!("x".repeat(60));
+        cases.push((c, "the limit is 60"));
+        let mut c = fits();
+        c[1]["parameters"][0]["parameter_name"] = json!("name");
+        cases.push((c, "positional parameters"));
+        let mut c = fits();
+        c.as_array_mut().unwrap().pop();
+        cases.push((c, "button 0 (URL) takes 1 parameter(s), the job gives 0"));
+        let mut c = fits();
+        c[2]["index"] = json!("5");
+        cases.push((c, "addresses button index \"5\""));
+        for (components, expected) in cases {
+            let problem = check(&d, &sent(components.clone())).unwrap_or_default();
+            assert!(
+                problem.contains(expected),
+                "{components}: {problem:?} should say {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn named_templates_need_their_names() {
+        let d = def(json!({
+            "name": "promo", "language": "en", "status": "APPROVED", "category": "MARKETING",
+            "parameter_format": "NAMED",
+            "components": [{"type": "BODY", "text": "Hi {{first_name}}, {{deal}}!"}]
+        }));
+        let named = |a: &str, b: &str| {
+            json!([{"type": "body", "parameters": [
+                {"type": "text", "parameter_name": a, "text": "x"},
+                {"type": "text", "parameter_name": b, "text": "y"}]}])
+        };
+        assert_eq!(check(&d, &sent(named("first_name", "deal"))), None);
+        assert!(
+            check(&d, &sent(named("first_name", "offer")))
+                .unwrap()
+                .contains("\"offer\" is not one of")
+        );
+        let positional = json!([{"type": "body", "parameters": [text("x"), text("y")]}]);
+        assert!(
+            check(&d, &sent(positional))
+                .unwrap()
+                .contains("needs a parameter_name")
+        );
+    }
+
+    #[test]
+    fn authentication_codes_are_at_most_15_characters() {
+        let d = def(json!({
+            "name": "otp", "language": "en_US", "status": "APPROVED", "category": "AUTHENTICATION",
+            "components": [{"type": "BODY", "text": "{{1}} is your code."},
+                           {"type": "BUTTONS", "buttons": [{"type": "OTP", "otp_type": "COPY_CODE"}]}]
+        }));
+        let with = |code: &str| {
+            json!([{"type": "body", "parameters": [text(code)]},
+                   {"type": "button", "sub_type": "url", "index": 0, "parameters": [text(code)]}])
+        };
+        assert_eq!(check(&d, &sent(with("123456"))), None);
+        assert!(
+            check(&d, &sent(with(&"1".repeat(16))))
+                .unwrap()
+                .contains("the limit is 15")
+        );
+    }
+
+    #[test]
+    fn a_media_header_takes_one_parameter_of_its_type() {
+        let d = def(json!({
+            "name": "m", "language": "en", "status": "APPROVED", "category": "MARKETING",
+            "components": [{"type": "HEADER", "format": "IMAGE"}, {"type": "BODY", "text": "Hi"}]
+        }));
+        let image =
+            json!([{"type": "header", "parameters": [{"type": "image", "image": {"id": "1"}}]}]);
+        assert_eq!(check(&d, &sent(image)), None);
+        let video =
+            json!([{"type": "header", "parameters": [{"type": "video", "video": {"id": "1"}}]}]);
+        assert!(
+            check(&d, &sent(video))
+                .unwrap()
+                .contains("takes one image parameter, the job gives video")
+        );
+    }
+}
