@@ -1,43 +1,140 @@
-//! One conformance suite, two stores: the in-memory store must behave exactly like Redis.
+//! One conformance suite, two stores: the in-memory store must answer exactly like Redis, rule
+//! by rule (DESIGN.md §7), and keep the same records.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, TimeDelta, Utc};
 use wa_sender::event::DeadReason;
-use wa_sender::ids::{JobId, WabaId, Wamid};
+use wa_sender::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId, Wamid};
+use wa_sender::job::Category;
+use wa_sender::policy::admission::{
+    CampaignState, Consent, DeadWhy, DeferReason, Mark, OptInPolicy, PairRate, Request,
+    TemplateUse, Verdict,
+};
+use wa_sender::policy::template::TemplateDefinition;
 use wa_sender::store::memory::MemoryStore;
 use wa_sender::store::redis::RedisStore;
-use wa_sender::store::{Claim, JobKey, Store, WamidRecord};
+use wa_sender::store::{Heartbeat, JobKey, Store, Subject, WamidRecord};
+
+const WABA: &str = "102290129340398";
+const NUMBER: &str = "106540352242922";
+
+fn waba() -> WabaId {
+    WabaId::parse(WABA).unwrap()
+}
+
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap()
+}
+
+fn secs(s: i64) -> TimeDelta {
+    TimeDelta::seconds(s)
+}
 
 fn key(id: &str) -> JobKey {
     JobKey {
-        waba: WabaId::parse("102290129340398").unwrap(),
+        waba: waba(),
         job_id: JobId::parse(id).unwrap(),
     }
 }
 
-async fn conformance(store: Arc<dyn Store>) {
-    let lease = Duration::from_secs(60);
-    let now = Utc::now();
+/// A job `id` to `to`: a template (`Some(name)`) or a free-form text (`None`).
+fn subject(id: &str, to: &str, template: Option<&str>) -> Subject {
+    Subject {
+        job: key(id),
+        number: PhoneNumberId::parse(NUMBER).unwrap(),
+        to: WaId::parse(to).unwrap(),
+        campaign: None,
+        template: template.map(|t| (t.to_owned(), "en_US".to_owned())),
+    }
+}
 
-    // A fresh job is claimed once; a second claimant is told it is busy.
-    assert_eq!(
-        store
-            .claim(&key("a"), "w1", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Fresh
-    );
-    assert_eq!(
-        store
-            .claim(&key("a"), "w2", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Busy
-    );
+fn request(now: DateTime<Utc>, template: bool) -> Request {
+    Request {
+        owner: "w1".into(),
+        now,
+        lease: Duration::from_secs(60),
+        retake_ambiguous: false,
+        expires_at: None,
+        not_before: None,
+        free_form: !template,
+        template: template.then_some(TemplateUse {
+            fallback: false,
+            params: None,
+        }),
+        opt_in: OptInPolicy {
+            marketing: true,
+            utility: true,
+            authentication: false,
+        },
+        tier_limit: None,
+        pair: PairRate {
+            period: Duration::from_secs(6),
+            burst: 3,
+        },
+        campaign_recheck: Duration::from_secs(60),
+        template_recheck: Duration::from_secs(600),
+    }
+}
 
-    // Once sent, it is never claimable again, and its wamid finds the job.
+fn definition(name: &str, status: &str, category: &str) -> TemplateDefinition {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "language": "en_US", "status": status, "category": category,
+        "components": [{"type": "BODY", "text": "Hi {{1}}"}]
+    }))
+    .unwrap()
+}
+
+fn mark(at: DateTime<Utc>, source: &str) -> Mark {
+    Mark {
+        at,
+        source: source.into(),
+    }
+}
+
+async fn admit(store: &dyn Store, subject: &Subject, req: &Request) -> Verdict {
+    store.admit(subject, req).await.unwrap()
+}
+
+fn dead_reason(v: &Verdict) -> Option<DeadReason> {
+    match v {
+        Verdict::Dead(why) => Some(why.reason()),
+        _ => None,
+    }
+}
+
+/// Claims, redeliveries, stale claims and dead letters.
+async fn idempotency(store: &dyn Store) {
+    let t = now();
+    let to = "4915100000001";
+    store
+        .record_inbound(
+            &waba(),
+            &subject("x", to, None).number,
+            &WaId::parse(to).unwrap(),
+            t - secs(60),
+        )
+        .await
+        .unwrap();
+    let text = |id: &str| subject(id, to, None);
+    let req = request(t, false);
+    let mut other = req.clone();
+    other.owner = "w2".into();
+
+    // A fresh job is admitted once; a second claimant waits.
+    assert_eq!(
+        admit(store, &text("a"), &req).await,
+        Verdict::Send { fallback: false }
+    );
+    assert!(matches!(
+        admit(store, &text("a"), &other).await,
+        Verdict::Defer {
+            why: DeferReason::ClaimedElsewhere,
+            ..
+        }
+    ));
+    // Once sent, never again, and its wamid finds the job.
     let wamid = Wamid::parse("wamid.HBgL1").unwrap();
     let record = WamidRecord {
         job_id: "a".into(),
@@ -45,12 +142,11 @@ async fn conformance(store: Arc<dyn Store>) {
         traceparent: None,
     };
     store.mark_sent(&key("a"), &wamid, &record).await.unwrap();
+    let mut retake = other.clone();
+    retake.retake_ambiguous = true;
     assert_eq!(
-        store
-            .claim(&key("a"), "w2", now, lease, true)
-            .await
-            .unwrap(),
-        Claim::Sent(wamid.clone())
+        admit(store, &text("a"), &retake).await,
+        Verdict::AlreadySent(wamid.clone())
     );
     assert_eq!(store.wamid(&wamid).await.unwrap(), Some(record));
     assert_eq!(
@@ -61,100 +157,551 @@ async fn conformance(store: Arc<dyn Store>) {
         None
     );
 
-    // Releasing lets a retry claim it; only the owner can release.
+    // Only the owner releases; a released job is admitted again.
+    let mut later = req.clone();
+    later.now = t + secs(7); // past the pair period
     assert_eq!(
-        store
-            .claim(&key("b"), "w1", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Fresh
+        admit(store, &text("b"), &later).await,
+        Verdict::Send { fallback: false }
     );
     store.release(&key("b"), "w2").await.unwrap();
-    assert_eq!(
-        store
-            .claim(&key("b"), "w2", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Busy
-    );
+    let mut later_other = other.clone();
+    later_other.now = later.now + secs(7);
+    assert!(matches!(
+        admit(store, &text("b"), &later_other).await,
+        Verdict::Defer { .. }
+    ));
     store.release(&key("b"), "w1").await.unwrap();
+    later_other.now = later.now + secs(14);
     assert_eq!(
-        store
-            .claim(&key("b"), "w2", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Fresh
+        admit(store, &text("b"), &later_other).await,
+        Verdict::Send { fallback: false }
     );
 
-    // A claim older than the lease means its owner died mid-send: ambiguous, unless retaken.
-    let later = now + chrono::Duration::seconds(61);
+    // A claim older than the lease: its owner died mid-send. At-most-once waits (ambiguous),
+    // at-least-once retakes it.
+    let mut stale = other.clone();
+    stale.now = later_other.now + secs(61);
     assert_eq!(
-        store
-            .claim(&key("c"), "w1", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Fresh
+        admit(store, &text("b"), &stale).await,
+        Verdict::Ambiguous(later_other.now)
     );
-    let since = match store
-        .claim(&key("c"), "w2", later, lease, false)
-        .await
-        .unwrap()
-    {
-        Claim::Ambiguous(since) => since,
-        other => panic!("expected ambiguous, got {other:?}"),
-    };
-    assert_eq!(since.timestamp_millis(), now.timestamp_millis());
+    let mut stale_retake = stale.clone();
+    stale_retake.retake_ambiguous = true;
     assert_eq!(
-        store
-            .claim(&key("c"), "w2", later, lease, true)
-            .await
-            .unwrap(),
-        Claim::Fresh
+        admit(store, &text("b"), &stale_retake).await,
+        Verdict::Send { fallback: false }
     );
 
     // An explicitly ambiguous send stays ambiguous for at-most-once claimants.
+    store
+        .mark_ambiguous(&key("b"), "w2", stale.now)
+        .await
+        .unwrap();
+    let mut after = stale.clone();
+    after.now = stale.now + secs(1);
     assert_eq!(
-        store
-            .claim(&key("d"), "w1", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Fresh
+        admit(store, &text("b"), &after).await,
+        Verdict::Ambiguous(stale.now)
     );
-    store.mark_ambiguous(&key("d"), "w1", now).await.unwrap();
-    assert!(matches!(
-        store
-            .claim(&key("d"), "w2", now, lease, false)
-            .await
-            .unwrap(),
-        Claim::Ambiguous(_)
-    ));
 
-    // Dead letters are remembered.
+    // Dead letters are remembered, before any other rule.
     store
         .mark_dead(&key("e"), DeadReason::Expired)
         .await
         .unwrap();
+    let mut expired = retake.clone();
+    expired.expires_at = Some(t - secs(1));
     assert_eq!(
-        store
-            .claim(&key("e"), "w1", now, lease, true)
-            .await
-            .unwrap(),
-        Claim::Dead
+        admit(store, &text("e"), &expired).await,
+        Verdict::AlreadyDead
     );
+}
+
+/// Each rule of DESIGN.md §7, with the exact verdict.
+async fn rules(store: &dyn Store) {
+    let t = now();
+    let w = waba();
+    store
+        .put_templates(
+            &w,
+            &[
+                definition("order_update", "APPROVED", "UTILITY"),
+                definition("spring_sale", "APPROVED", "MARKETING"),
+                definition("otp_code", "APPROVED", "AUTHENTICATION"),
+                definition("old_promo", "REJECTED", "MARKETING"),
+                definition("low_quality", "PAUSED", "MARKETING"),
+            ],
+            t,
+        )
+        .await
+        .unwrap();
+    let users = ["4915100000010", "4915100000011", "4915100000012"];
+    let [opted_in, opted_out, stranger] = users.map(|u| WaId::parse(u).unwrap());
+    store
+        .record_opt_ins(
+            &w,
+            &[
+                (opted_in.clone(), mark(t - secs(99), "csv")),
+                (opted_out.clone(), mark(t - secs(99), "csv")),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .record_opt_out(&w, &opted_out, Some(mark(t - secs(5), "131050")))
+        .await
+        .unwrap();
+    let campaign = |id: &str| CampaignId::parse(id).unwrap();
+    store
+        .set_campaign(&w, &campaign("paused"), CampaignState::Paused)
+        .await
+        .unwrap();
+    store
+        .set_campaign(&w, &campaign("gone"), CampaignState::Cancelled)
+        .await
+        .unwrap();
+
+    let tpl = |id: &str, to: &WaId, name: &str| subject(id, to.as_str(), Some(name));
+    let req = request(t, true);
+    let cases: Vec<(&str, Subject, Request, Verdict)> = vec![
+        (
+            "utility to an opted-in user",
+            tpl("r1", &opted_in, "order_update"),
+            req.clone(),
+            Verdict::Send { fallback: false },
+        ),
+        (
+            "expired",
+            tpl("r2", &opted_in, "order_update"),
+            Request {
+                expires_at: Some(t - secs(1)),
+                ..req.clone()
+            },
+            Verdict::Dead(DeadWhy::Expired(t - secs(1))),
+        ),
+        (
+            "not before",
+            tpl("r3", &opted_in, "order_update"),
+            Request {
+                not_before: Some(t + secs(30)),
+                ..req.clone()
+            },
+            Verdict::Defer {
+                until: t + secs(30),
+                why: DeferReason::NotBefore,
+            },
+        ),
+        (
+            "paused campaign",
+            Subject {
+                campaign: Some(campaign("paused")),
+                ..tpl("r4", &opted_in, "order_update")
+            },
+            req.clone(),
+            Verdict::Defer {
+                until: t + secs(60),
+                why: DeferReason::CampaignPaused,
+            },
+        ),
+        (
+            "cancelled campaign",
+            Subject {
+                campaign: Some(campaign("gone")),
+                ..tpl("r5", &opted_in, "order_update")
+            },
+            req.clone(),
+            Verdict::Dead(DeadWhy::CampaignCancelled),
+        ),
+        (
+            "free-form, no window",
+            subject("r6", stranger.as_str(), None),
+            request(t, false),
+            Verdict::Dead(DeadWhy::OutsideCareWindow { last_inbound: None }),
+        ),
+        (
+            "free-form, fallback",
+            subject("r7", opted_in.as_str(), Some("order_update")),
+            Request {
+                template: Some(TemplateUse {
+                    fallback: true,
+                    params: None,
+                }),
+                ..request(t, false)
+            },
+            Verdict::Send { fallback: true },
+        ),
+        (
+            "unknown template",
+            tpl("r8", &opted_in, "nope"),
+            req.clone(),
+            Verdict::Dead(DeadWhy::TemplateUnknown),
+        ),
+        (
+            "rejected template",
+            tpl("r9", &opted_in, "old_promo"),
+            req.clone(),
+            Verdict::Dead(DeadWhy::TemplateNotApproved {
+                status: "REJECTED".into(),
+            }),
+        ),
+        (
+            "paused template",
+            tpl("r10", &opted_in, "low_quality"),
+            req.clone(),
+            Verdict::Defer {
+                until: t + secs(600),
+                why: DeferReason::TemplatePaused,
+            },
+        ),
+        (
+            "bad parameters",
+            tpl("r11", &opted_in, "spring_sale"),
+            Request {
+                template: Some(TemplateUse {
+                    fallback: false,
+                    params: Some("body takes 1".into()),
+                }),
+                ..req.clone()
+            },
+            Verdict::Dead(DeadWhy::TemplateParams("body takes 1".into())),
+        ),
+        (
+            "marketing to an opted-out user",
+            tpl("r12", &opted_out, "spring_sale"),
+            req.clone(),
+            Verdict::Dead(DeadWhy::OptedOut(mark(t - secs(5), "131050"))),
+        ),
+        (
+            "utility to an opted-out user",
+            tpl("r13", &opted_out, "order_update"),
+            req.clone(),
+            Verdict::Send { fallback: false },
+        ),
+        (
+            "no opt-in",
+            tpl("r14", &stranger, "spring_sale"),
+            req.clone(),
+            Verdict::Dead(DeadWhy::NoOptIn(Category::Marketing)),
+        ),
+        (
+            "authentication needs none here",
+            tpl("r15", &stranger, "otp_code"),
+            req.clone(),
+            Verdict::Send { fallback: false },
+        ),
+    ];
+    for (name, subject, req, expected) in cases {
+        assert_eq!(admit(store, &subject, &req).await, expected, "{name}");
+    }
+    // A template status webhook pauses a template: its jobs wait.
+    store
+        .set_template_status(&w, "spring_sale", "en_US", "PAUSED")
+        .await
+        .unwrap();
+    let v = admit(store, &tpl("r16", &opted_in, "spring_sale"), &req).await;
+    assert!(
+        matches!(
+            v,
+            Verdict::Defer {
+                why: DeferReason::TemplatePaused,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    // The registry keeps the definitions and the status in force.
+    let names: Vec<(String, String)> = store
+        .templates(&w)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.name, d.status))
+        .collect();
+    assert!(
+        names.contains(&("spring_sale".into(), "PAUSED".into())),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 5);
+    // A resync replaces the registry.
+    store
+        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
+        .await
+        .unwrap();
+    assert_eq!(store.templates(&w).await.unwrap().len(), 1);
+    assert_eq!(
+        dead_reason(&admit(store, &tpl("r17", &opted_in, "spring_sale"), &req).await),
+        Some(DeadReason::TemplateNotApproved)
+    );
+}
+
+/// Registry never synced: template jobs wait rather than guess.
+async fn unsynced_registry(store: &dyn Store) {
+    let to = WaId::parse("4915100000020").unwrap();
+    let v = admit(
+        store,
+        &subject("u1", to.as_str(), Some("order_update")),
+        &request(now(), true),
+    )
+    .await;
+    assert!(
+        matches!(
+            v,
+            Verdict::Defer {
+                why: DeferReason::RegistryNotSynced,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+}
+
+/// The pair rate bursts then borrows; the tier counts unique users outside the window.
+async fn limits(store: &dyn Store) {
+    let t = now();
+    let w = waba();
+    store
+        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
+        .await
+        .unwrap();
+    let to = WaId::parse("4915100000030").unwrap();
+    store
+        .record_opt_ins(&w, &[(to.clone(), mark(t, "admin"))])
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    for s in 0..25 {
+        let mut req = request(t + secs(s), true);
+        req.tier_limit = Some(10);
+        let job = format!("p{s}");
+        match admit(
+            store,
+            &subject(&job, to.as_str(), Some("order_update")),
+            &req,
+        )
+        .await
+        {
+            Verdict::Send { .. } => sent.push(s),
+            Verdict::Defer {
+                why: DeferReason::PairRate,
+                ..
+            } => {}
+            other => panic!("second {s}: {other:?}"),
+        }
+    }
+    assert_eq!(sent, [0, 1, 2, 18, 19, 20]);
+
+    // Tier of 2: two new users pass, the third waits until the oldest leaves the 24 h window;
+    // a user already counted still passes; users inside their care window do not count.
+    let users: Vec<WaId> = (40..44)
+        .map(|i| WaId::parse(format!("49151000000{i}")).unwrap())
+        .collect();
+    let opt_ins: Vec<(WaId, Mark)> = users
+        .iter()
+        .map(|u| (u.clone(), mark(t, "admin")))
+        .collect();
+    store.record_opt_ins(&w, &opt_ins).await.unwrap();
+    let number = PhoneNumberId::parse(NUMBER).unwrap();
+    store
+        .record_inbound(&w, &number, &users[3], t - secs(10))
+        .await
+        .unwrap();
+    let mut req = request(t, true);
+    req.tier_limit = Some(2);
+    let tier_send = |id: &'static str, user: usize, req: Request| {
+        let s = subject(id, users[user].as_str(), Some("order_update"));
+        async move { admit(store, &s, &req).await }
+    };
+    // "p0".."p20" already counted user 30 once: it is one of the 2.
+    assert_eq!(
+        tier_send("t1", 0, req.clone()).await,
+        Verdict::Send { fallback: false }
+    );
+    assert_eq!(
+        tier_send("t2", 1, req.clone()).await,
+        Verdict::Defer {
+            until: t + secs(86_400),
+            why: DeferReason::TierExhausted { used: 2, limit: 2 }
+        }
+    );
+    assert_eq!(
+        tier_send("t3", 3, req.clone()).await,
+        Verdict::Send { fallback: false },
+        "inside the window"
+    );
+    // A webhook raised the tier: the stored limit wins.
+    store.set_tier_limit(&w, Some(3)).await.unwrap();
+    assert_eq!(
+        tier_send("t4", 1, req.clone()).await,
+        Verdict::Send { fallback: false }
+    );
+    assert!(matches!(
+        tier_send("t5", 2, req.clone()).await,
+        Verdict::Defer {
+            why: DeferReason::TierExhausted { used: 3, limit: 3 },
+            ..
+        }
+    ));
+    store.set_tier_limit(&w, None).await.unwrap();
+    assert_eq!(
+        tier_send("t6", 2, req.clone()).await,
+        Verdict::Send { fallback: false }
+    );
+}
+
+/// Consent, campaigns, heartbeats and locks read back what was written.
+async fn records(store: &dyn Store) {
+    let t = now();
+    let w = waba();
+    let to = WaId::parse("4915100000050").unwrap();
+    assert_eq!(store.consent(&w, &to).await.unwrap(), Consent::default());
+    store
+        .record_opt_ins(&w, &[(to.clone(), mark(t, "csv:a.csv"))])
+        .await
+        .unwrap();
+    store
+        .record_opt_out(&w, &to, Some(mark(t + secs(1), "keyword:STOP")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.consent(&w, &to).await.unwrap(),
+        Consent {
+            opt_in: Some(mark(t, "csv:a.csv")),
+            opt_out: Some(mark(t + secs(1), "keyword:STOP"))
+        }
+    );
+    store.record_opt_out(&w, &to, None).await.unwrap();
+    assert_eq!(store.consent(&w, &to).await.unwrap().opt_out, None);
+
+    let c = CampaignId::parse("spring").unwrap();
+    assert_eq!(store.campaign(&w, &c).await.unwrap(), None);
+    store
+        .set_campaign(&w, &c, CampaignState::Paused)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.campaign(&w, &c).await.unwrap(),
+        Some(CampaignState::Paused)
+    );
+
+    let number = PhoneNumberId::parse(NUMBER).unwrap();
+    let numbers = [number.clone()];
+    let beat = |replica: &'static str, at: DateTime<Utc>| Heartbeat {
+        group: "g",
+        replica,
+        now: at,
+        ttl: Duration::from_secs(3),
+        numbers: &numbers,
+    };
+    assert_eq!(store.heartbeat(&beat("r1", t)).await.unwrap().replicas, 1);
+    assert_eq!(store.heartbeat(&beat("r2", t)).await.unwrap().replicas, 2);
+    // r1 falls silent: gone after its ttl.
+    let live = store.heartbeat(&beat("r2", t + secs(4))).await.unwrap();
+    assert_eq!(live.replicas, 1);
+    assert!(live.throughput.is_empty());
+    store.set_throughput(&number, 1000).await.unwrap();
+    store.heartbeat(&beat("r3", t + secs(4))).await.unwrap();
+    store.leave("g", "r3").await.unwrap();
+    let live = store.heartbeat(&beat("r2", t + secs(5))).await.unwrap();
+    assert_eq!(live.replicas, 1);
+    assert_eq!(live.throughput.get(&number), Some(&1000));
+
+    assert!(
+        store
+            .try_lock("sync", "r1", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .try_lock("sync", "r2", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    store.unlock("sync", "r2").await.unwrap();
+    assert!(
+        !store
+            .try_lock("sync", "r2", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    store.unlock("sync", "r1").await.unwrap();
+    assert!(
+        store
+            .try_lock("sync", "r2", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+}
+
+async fn conformance(fresh: impl AsyncFn() -> Arc<dyn Store>) {
+    idempotency(fresh().await.as_ref()).await;
+    rules(fresh().await.as_ref()).await;
+    unsynced_registry(fresh().await.as_ref()).await;
+    limits(fresh().await.as_ref()).await;
+    records(fresh().await.as_ref()).await;
 }
 
 #[tokio::test]
 async fn memory_store_conforms() {
-    conformance(Arc::new(MemoryStore::new())).await;
+    conformance(async || Arc::new(MemoryStore::new()) as Arc<dyn Store>).await;
 }
 
 #[tokio::test]
 async fn redis_store_conforms() {
     let prefix = format!("t-store-{}", uuid::Uuid::new_v4().simple());
-    let store = match RedisStore::connect("redis://127.0.0.1:6379/0", &prefix).await {
-        Ok(s) => s,
-        Err(e) => panic!("integration tests need Redis: {e}"),
-    };
-    conformance(Arc::new(store.clone())).await;
+    let created = std::sync::Mutex::new(Vec::new());
+    conformance(async || {
+        let n = created.lock().unwrap().len();
+        let store = RedisStore::connect("redis://127.0.0.1:6379/0", &format!("{prefix}-{n}"))
+            .await
+            .unwrap_or_else(|e| panic!("integration tests need Redis: {e}"));
+        created.lock().unwrap().push(store.clone());
+        Arc::new(store) as Arc<dyn Store>
+    })
+    .await;
+    for store in created.into_inner().unwrap() {
+        store.delete_all().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn redis_admission_is_one_round_trip() {
+    let prefix = format!("t-trips-{}", uuid::Uuid::new_v4().simple());
+    let store = RedisStore::connect("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap();
+    let t = now();
+    store
+        .put_templates(
+            &waba(),
+            &[definition("order_update", "APPROVED", "UTILITY")],
+            t,
+        )
+        .await
+        .unwrap();
+    let before = store.round_trips();
+    for i in 0..50 {
+        let to = format!("49151000010{i:02}");
+        let v = admit(
+            &store,
+            &subject(&format!("j{i}"), &to, Some("order_update")),
+            &Request {
+                opt_in: OptInPolicy {
+                    marketing: false,
+                    utility: false,
+                    authentication: false,
+                },
+                ..request(t, true)
+            },
+        )
+        .await;
+        assert_eq!(v, Verdict::Send { fallback: false });
+    }
+    assert_eq!(
+        store.round_trips() - before,
+        50,
+        "one request to Redis per admission"
+    );
     store.delete_all().await.unwrap();
 }

@@ -1,29 +1,48 @@
-//! The in-process store: the same rules as the Redis scripts, over a map.
+//! The in-process store: admission is [`admission::admit`] itself, under one lock, over maps.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
-use super::{Claim, JobKey, Store, StoreError, WamidRecord};
+use super::{Heartbeat, JobKey, Live, Store, StoreError, Subject, WamidRecord};
 use crate::event::DeadReason;
-use crate::ids::Wamid;
+use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
+use crate::job::Category;
+use crate::policy::admission::{
+    self, CampaignState, Consent, JobState, Mark, PairState, Request, Snapshot, TemplateState,
+    TierState, Verdict,
+};
+use crate::policy::template::TemplateDefinition;
 
-#[derive(Debug, Clone)]
-enum Record {
-    Claimed { owner: String, at: DateTime<Utc> },
-    Ambiguous { at: DateTime<Utc> },
-    Sent(Wamid),
-    Dead,
+#[derive(Default)]
+struct Portfolio {
+    windows: HashMap<(PhoneNumberId, WaId), DateTime<Utc>>,
+    consent: HashMap<WaId, Consent>,
+    campaigns: HashMap<CampaignId, CampaignState>,
+    templates: BTreeMap<(String, String), TemplateDefinition>,
+    synced: bool,
+    tier: HashMap<WaId, DateTime<Utc>>,
+    tier_limit: Option<Option<u32>>,
+    pairs: HashMap<(PhoneNumberId, WaId), PairState>,
 }
 
-/// The in-process store (no expiry: it lives as long as the process).
+#[derive(Default)]
+struct State {
+    jobs: HashMap<JobKey, JobState>,
+    wamids: HashMap<Wamid, WamidRecord>,
+    portfolios: HashMap<WabaId, Portfolio>,
+    replicas: HashMap<String, HashMap<String, DateTime<Utc>>>,
+    throughput: HashMap<PhoneNumberId, u32>,
+    locks: HashMap<String, (String, DateTime<Utc>)>,
+}
+
+/// The in-process store (nothing expires but what the rules read as expired).
 #[derive(Default)]
 pub struct MemoryStore {
-    jobs: Mutex<HashMap<JobKey, Record>>,
-    wamids: Mutex<HashMap<Wamid, WamidRecord>>,
+    state: Mutex<State>,
 }
 
 impl MemoryStore {
@@ -31,49 +50,64 @@ impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, StoreError> {
+        Ok(f(&mut self.state.lock().expect("store lock")))
+    }
+}
+
+fn since(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now - TimeDelta::from_std(d).expect("small duration")
 }
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn claim(
-        &self,
-        key: &JobKey,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        retake_ambiguous: bool,
-    ) -> Result<Claim, StoreError> {
-        let mut jobs = self.jobs.lock().expect("store lock");
-        let claimed = Record::Claimed {
-            owner: owner.to_owned(),
-            at: now,
-        };
-        let ambiguous_since = match jobs.get(key) {
-            None => {
-                jobs.insert(key.clone(), claimed);
-                return Ok(Claim::Fresh);
-            }
-            Some(Record::Sent(wamid)) => return Ok(Claim::Sent(wamid.clone())),
-            Some(Record::Dead) => return Ok(Claim::Dead),
-            Some(Record::Claimed { at, .. })
-                if now.signed_duration_since(*at).to_std().unwrap_or_default() < lease =>
-            {
-                return Ok(Claim::Busy);
-            }
-            Some(Record::Claimed { at, .. } | Record::Ambiguous { at }) => *at,
-        };
-        if retake_ambiguous {
-            jobs.insert(key.clone(), claimed);
-            Ok(Claim::Fresh)
-        } else {
-            jobs.insert(
-                key.clone(),
-                Record::Ambiguous {
-                    at: ambiguous_since,
+    async fn admit(&self, subject: &Subject, req: &Request) -> Result<Verdict, StoreError> {
+        self.with(|state| {
+            let now = req.now;
+            let job = state.jobs.get(&subject.job).cloned();
+            let p = state
+                .portfolios
+                .entry(subject.job.waba.clone())
+                .or_default();
+            let pair_key = (subject.number.clone(), subject.to.clone());
+            let cutoff = since(now, admission::TIER_WINDOW);
+            p.tier.retain(|_, at| *at > cutoff);
+            let snapshot = Snapshot {
+                job,
+                last_inbound: p.windows.get(&pair_key).copied(),
+                consent: p.consent.get(&subject.to).cloned().unwrap_or_default(),
+                campaign: subject
+                    .campaign
+                    .as_ref()
+                    .and_then(|c| p.campaigns.get(c).copied()),
+                template: subject.template.as_ref().and_then(|k| {
+                    p.templates.get(k).map(|d| TemplateState {
+                        status: d.status.clone(),
+                        category: d.category().unwrap_or(Category::Marketing),
+                    })
+                }),
+                registry_synced: p.synced,
+                tier: TierState {
+                    counted: p.tier.contains_key(&subject.to),
+                    used: p.tier.len() as u32,
+                    oldest: p.tier.values().min().copied(),
+                    limit: p.tier_limit,
                 },
-            );
-            Ok(Claim::Ambiguous(ambiguous_since))
-        }
+                pair: p.pairs.get(&pair_key).copied(),
+            };
+            let (verdict, effects) = admission::admit(req, &snapshot);
+            if let Some(pair) = effects.pair {
+                p.pairs.insert(pair_key, pair);
+            }
+            if effects.tier {
+                p.tier.insert(subject.to.clone(), now);
+            }
+            if let Some(job) = effects.job {
+                state.jobs.insert(subject.job.clone(), job);
+            }
+            verdict
+        })
     }
 
     async fn mark_sent(
@@ -82,15 +116,10 @@ impl Store for MemoryStore {
         wamid: &Wamid,
         record: &WamidRecord,
     ) -> Result<(), StoreError> {
-        self.jobs
-            .lock()
-            .expect("store lock")
-            .insert(key.clone(), Record::Sent(wamid.clone()));
-        self.wamids
-            .lock()
-            .expect("store lock")
-            .insert(wamid.clone(), record.clone());
-        Ok(())
+        self.with(|s| {
+            s.jobs.insert(key.clone(), JobState::Sent(wamid.clone()));
+            s.wamids.insert(wamid.clone(), record.clone());
+        })
     }
 
     async fn mark_ambiguous(
@@ -99,30 +128,200 @@ impl Store for MemoryStore {
         owner: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let mut jobs = self.jobs.lock().expect("store lock");
-        if matches!(jobs.get(key), Some(Record::Claimed { owner: o, .. }) if o == owner) {
-            jobs.insert(key.clone(), Record::Ambiguous { at: now });
-        }
-        Ok(())
+        self.with(|s| {
+            if matches!(s.jobs.get(key), Some(JobState::Claimed { owner: o, .. }) if o == owner) {
+                s.jobs.insert(key.clone(), JobState::Ambiguous { at: now });
+            }
+        })
     }
 
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError> {
-        let mut jobs = self.jobs.lock().expect("store lock");
-        if matches!(jobs.get(key), Some(Record::Claimed { owner: o, .. }) if o == owner) {
-            jobs.remove(key);
-        }
-        Ok(())
+        self.with(|s| {
+            if matches!(s.jobs.get(key), Some(JobState::Claimed { owner: o, .. }) if o == owner) {
+                s.jobs.remove(key);
+            }
+        })
     }
 
     async fn mark_dead(&self, key: &JobKey, _reason: DeadReason) -> Result<(), StoreError> {
-        self.jobs
-            .lock()
-            .expect("store lock")
-            .insert(key.clone(), Record::Dead);
-        Ok(())
+        self.with(|s| {
+            s.jobs.insert(key.clone(), JobState::Dead);
+        })
     }
 
     async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError> {
-        Ok(self.wamids.lock().expect("store lock").get(wamid).cloned())
+        self.with(|s| s.wamids.get(wamid).cloned())
+    }
+
+    async fn record_inbound(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        to: &WaId,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            let windows = &mut s.portfolios.entry(waba.clone()).or_default().windows;
+            let last = windows.entry((number.clone(), to.clone())).or_insert(at);
+            *last = (*last).max(at);
+        })
+    }
+
+    async fn record_opt_ins(
+        &self,
+        waba: &WabaId,
+        opt_ins: &[(WaId, Mark)],
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            let consent = &mut s.portfolios.entry(waba.clone()).or_default().consent;
+            for (to, mark) in opt_ins {
+                consent.entry(to.clone()).or_default().opt_in = Some(mark.clone());
+            }
+        })
+    }
+
+    async fn record_opt_out(
+        &self,
+        waba: &WabaId,
+        to: &WaId,
+        mark: Option<Mark>,
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            let consent = &mut s.portfolios.entry(waba.clone()).or_default().consent;
+            consent.entry(to.clone()).or_default().opt_out = mark;
+        })
+    }
+
+    async fn consent(&self, waba: &WabaId, to: &WaId) -> Result<Consent, StoreError> {
+        self.with(|s| {
+            s.portfolios
+                .get(waba)
+                .and_then(|p| p.consent.get(to).cloned())
+                .unwrap_or_default()
+        })
+    }
+
+    async fn set_campaign(
+        &self,
+        waba: &WabaId,
+        campaign: &CampaignId,
+        state: CampaignState,
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            let campaigns = &mut s.portfolios.entry(waba.clone()).or_default().campaigns;
+            campaigns.insert(campaign.clone(), state);
+        })
+    }
+
+    async fn campaign(
+        &self,
+        waba: &WabaId,
+        campaign: &CampaignId,
+    ) -> Result<Option<CampaignState>, StoreError> {
+        self.with(|s| {
+            s.portfolios
+                .get(waba)
+                .and_then(|p| p.campaigns.get(campaign).copied())
+        })
+    }
+
+    async fn put_templates(
+        &self,
+        waba: &WabaId,
+        templates: &[TemplateDefinition],
+        _at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            let p = s.portfolios.entry(waba.clone()).or_default();
+            p.templates = templates
+                .iter()
+                .map(|t| ((t.name.clone(), t.language.clone()), t.clone()))
+                .collect();
+            p.synced = true;
+        })
+    }
+
+    async fn set_template_status(
+        &self,
+        waba: &WabaId,
+        name: &str,
+        language: &str,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            if let Some(t) = s
+                .portfolios
+                .get_mut(waba)
+                .and_then(|p| p.templates.get_mut(&(name.to_owned(), language.to_owned())))
+            {
+                t.status = status.to_owned();
+            }
+        })
+    }
+
+    async fn templates(&self, waba: &WabaId) -> Result<Vec<TemplateDefinition>, StoreError> {
+        self.with(|s| {
+            s.portfolios
+                .get(waba)
+                .map(|p| p.templates.values().cloned().collect())
+                .unwrap_or_default()
+        })
+    }
+
+    async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError> {
+        self.with(|s| s.portfolios.entry(waba.clone()).or_default().tier_limit = Some(limit))
+    }
+
+    async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError> {
+        self.with(|s| {
+            s.throughput.insert(number.clone(), mps);
+        })
+    }
+
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Live, StoreError> {
+        self.with(|s| {
+            let group = s.replicas.entry(beat.group.to_owned()).or_default();
+            group.insert(beat.replica.to_owned(), beat.now);
+            let cutoff = since(beat.now, beat.ttl);
+            group.retain(|_, at| *at > cutoff);
+            Live {
+                replicas: group.len() as u32,
+                throughput: beat
+                    .numbers
+                    .iter()
+                    .filter_map(|n| s.throughput.get(n).map(|t| (n.clone(), *t)))
+                    .collect(),
+            }
+        })
+    }
+
+    async fn leave(&self, group: &str, replica: &str) -> Result<(), StoreError> {
+        self.with(|s| {
+            if let Some(g) = s.replicas.get_mut(group) {
+                g.remove(replica);
+            }
+        })
+    }
+
+    async fn try_lock(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.with(|s| {
+            let now = Utc::now();
+            match s.locks.get(name) {
+                Some((_, until)) if *until > now => false,
+                _ => {
+                    let until = now + TimeDelta::from_std(ttl).expect("small duration");
+                    s.locks.insert(name.to_owned(), (owner.to_owned(), until));
+                    true
+                }
+            }
+        })
+    }
+
+    async fn unlock(&self, name: &str, owner: &str) -> Result<(), StoreError> {
+        self.with(|s| {
+            if s.locks.get(name).is_some_and(|(o, _)| o == owner) {
+                s.locks.remove(name);
+            }
+        })
     }
 }

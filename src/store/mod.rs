@@ -1,10 +1,13 @@
 //! Shared state behind the [`Store`] trait: Redis ([`redis`]) for production, in-process
 //! ([`memory`]) for the embedded demo; both pass the same conformance tests
-//! (`tests/store_conformance.rs`). Today it holds the idempotency record of DESIGN.md §6.
+//! (`tests/store_conformance.rs`). It holds what DESIGN.md §6 lists: idempotency records, care
+//! windows, consent, the template registry, campaigns, tier and pair-rate state, and the live
+//! replicas that share each number's throughput. The key schema is in [`redis`].
 
 pub mod memory;
 pub mod redis;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,7 +15,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::event::DeadReason;
-use crate::ids::{JobId, WabaId, Wamid};
+use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId, Wamid};
+use crate::policy::admission::{CampaignState, Consent, Mark, Request, Verdict};
+use crate::policy::template::TemplateDefinition;
 
 /// How long an idempotency record outlives its job (Meta retries webhooks for 7 days).
 pub const JOB_RECORD_TTL: Duration = Duration::from_secs(8 * 24 * 3600);
@@ -26,22 +31,6 @@ pub struct JobKey {
     pub waba: WabaId,
     /// The job.
     pub job_id: JobId,
-}
-
-/// The answer to "may I send this job now?".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// Claimed for this worker: go ahead.
-    Fresh,
-    /// Already accepted by Meta: never send again.
-    Sent(Wamid),
-    /// Already dead-lettered.
-    Dead,
-    /// Another worker holds a fresh claim: defer.
-    Busy,
-    /// An earlier send's outcome is unknown since this time (timeout, or a worker died
-    /// mid-send); an at-most-once job waits for a webhook to tell.
-    Ambiguous(DateTime<Utc>),
 }
 
 /// What the webhook processor needs to find a job from a wamid.
@@ -80,20 +69,52 @@ pub enum StoreError {
     },
 }
 
-/// Shared state as the pipeline sees it.
+/// What admission reads and writes besides the job record: the keys of one job's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The job (and its portfolio, the hash tag of every key below).
+    pub job: JobKey,
+    /// The sending number.
+    pub number: PhoneNumberId,
+    /// The recipient.
+    pub to: WaId,
+    /// The job's campaign.
+    pub campaign: Option<CampaignId>,
+    /// The template that would be sent (name, language), if any.
+    pub template: Option<(String, String)>,
+}
+
+/// One replica's heartbeat, and what it learns back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat<'a> {
+    /// Replicas sharing the same numbers (e.g. the deployment name).
+    pub group: &'a str,
+    /// This replica.
+    pub replica: &'a str,
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// A replica not heard from for this long is gone.
+    pub ttl: Duration,
+    /// The numbers whose recorded throughput the replica wants to know.
+    pub numbers: &'a [PhoneNumberId],
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    /// Live replicas in the group, this one included.
+    pub replicas: u32,
+    /// Throughput recorded for a number (by a throughput-upgrade webhook or an admin), which
+    /// wins over configuration.
+    pub throughput: BTreeMap<PhoneNumberId, u32>,
+}
+
+/// Shared state as the pipeline, the admin commands and the webhook processor see it.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Claims a job before sending it (one round trip, atomic across replicas). A claim older
-    /// than `lease` counts as ambiguous (its owner died mid-send). With `retake_ambiguous`
-    /// (at-least-once jobs) an ambiguous job is claimed afresh instead.
-    async fn claim(
-        &self,
-        key: &JobKey,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        retake_ambiguous: bool,
-    ) -> Result<Claim, StoreError>;
+    /// Decides whether a job may be sent now (DESIGN.md §7 steps 2–9) and, if so, claims it
+    /// and charges its pair rate and tier: one round trip, atomic across replicas.
+    async fn admit(&self, subject: &Subject, request: &Request) -> Result<Verdict, StoreError>;
     /// Records that Meta accepted the job, and indexes the wamid for webhook correlation.
     async fn mark_sent(
         &self,
@@ -114,4 +135,70 @@ pub trait Store: Send + Sync {
     async fn mark_dead(&self, key: &JobKey, reason: DeadReason) -> Result<(), StoreError>;
     /// Finds the job behind a wamid.
     async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError>;
+
+    /// Records an inbound message from `to` to `number` at `at`: the care window runs 24 h from it.
+    async fn record_inbound(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        to: &WaId,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Records opt-ins (one round trip for the batch); a later opt-in replaces an earlier one.
+    async fn record_opt_ins(
+        &self,
+        waba: &WabaId,
+        opt_ins: &[(WaId, Mark)],
+    ) -> Result<(), StoreError>;
+    /// Records a marketing opt-out (`Some`) or its withdrawal (`None`: the user resumed).
+    async fn record_opt_out(
+        &self,
+        waba: &WabaId,
+        to: &WaId,
+        mark: Option<Mark>,
+    ) -> Result<(), StoreError>;
+    /// What is recorded about `to`'s consent.
+    async fn consent(&self, waba: &WabaId, to: &WaId) -> Result<Consent, StoreError>;
+    /// Sets a campaign's state.
+    async fn set_campaign(
+        &self,
+        waba: &WabaId,
+        campaign: &CampaignId,
+        state: CampaignState,
+    ) -> Result<(), StoreError>;
+    /// A campaign's state (`None`: never paused, resumed or cancelled).
+    async fn campaign(
+        &self,
+        waba: &WabaId,
+        campaign: &CampaignId,
+    ) -> Result<Option<CampaignState>, StoreError>;
+    /// Replaces the portfolio's template registry with a fresh sync.
+    async fn put_templates(
+        &self,
+        waba: &WabaId,
+        templates: &[TemplateDefinition],
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Records a template's new status (a status webhook); unknown templates wait for a sync.
+    async fn set_template_status(
+        &self,
+        waba: &WabaId,
+        name: &str,
+        language: &str,
+        status: &str,
+    ) -> Result<(), StoreError>;
+    /// The portfolio's registry, with the statuses in force.
+    async fn templates(&self, waba: &WabaId) -> Result<Vec<TemplateDefinition>, StoreError>;
+    /// Records the portfolio's messaging tier (`None`: unlimited), winning over configuration.
+    async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError>;
+    /// Records a number's throughput (messages per second), winning over configuration.
+    async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError>;
+    /// Says this replica is alive; learns how many are, and the numbers' recorded throughput.
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Live, StoreError>;
+    /// Says this replica is leaving (graceful shutdown), so the others take over its share.
+    async fn leave(&self, group: &str, replica: &str) -> Result<(), StoreError>;
+    /// Takes a lock for `ttl` if nobody holds it (e.g. the one replica that syncs templates).
+    async fn try_lock(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError>;
+    /// Releases a lock this owner holds.
+    async fn unlock(&self, name: &str, owner: &str) -> Result<(), StoreError>;
 }

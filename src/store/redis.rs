@@ -1,6 +1,28 @@
-//! Redis through `redis-rs`: Lua scripts so each decision is one atomic round trip across
-//! replicas; every key of a job carries its portfolio as a Cluster hash tag (`{waba}`).
+//! Redis through `redis-rs`. Admission is one Lua script ([`admit.lua`](./admit.lua)), so each
+//! decision is one atomic round trip across replicas.
+//!
+//! Key schema (`<p>` is `redis.key_prefix`; `{<waba>}` is a Redis Cluster hash tag, so every key
+//! one admission touches lives on one shard):
+//!
+//! | key | holds | expires |
+//! |---|---|---|
+//! | `<p>:{<waba>}:job:<job_id>` | hash `state` (claimed/ambiguous/sent/dead), `owner`, `at`, `wamid`, `reason` | 8 days |
+//! | `<p>:wamid:<wamid>` | JSON: job_id, campaign_id, traceparent (webhook correlation) | 30 days |
+//! | `<p>:{<waba>}:window:<pnid>:<wa_id>` | last inbound message, ms | 24 h after it |
+//! | `<p>:{<waba>}:consent:<wa_id>` | hash `opt_in_at`, `opt_in_source`, `opt_out_at`, `opt_out_source` | durable |
+//! | `<p>:{<waba>}:campaign:<id>` | hash `state` (active/paused/cancelled), `at` | durable |
+//! | `<p>:{<waba>}:tpl:<name>:<lang>` | hash `status`, `category`, `def` (the definition, JSON) | until a sync drops it |
+//! | `<p>:{<waba>}:templates` | set of `<name>:<lang>` in the registry | durable |
+//! | `<p>:{<waba>}:templates:synced` | time of the last sync, ms | durable |
+//! | `<p>:{<waba>}:tier` | sorted set wa_id → last send outside the window, ms | 24 h after the last |
+//! | `<p>:{<waba>}:tier:limit` | the portfolio's tier (`unlimited` or a number), from a webhook | durable |
+//! | `<p>:{<waba>}:pair:<pnid>:<wa_id>` | hash `next`, `start`, `count` (pair-rate burst) | at `next` |
+//! | `<p>:throughput:<pnid>` | the number's throughput, msg/s, from a webhook | durable |
+//! | `<p>:replicas:<group>` | sorted set replica → last heartbeat, ms | 10 × heartbeat ttl |
+//! | `<p>:lock:<name>` | owner (e.g. the replica syncing templates) | its ttl |
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,28 +30,16 @@ use chrono::{DateTime, TimeZone, Utc};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::{Claim, JOB_RECORD_TTL, JobKey, Store, StoreError, WAMID_TTL, WamidRecord};
+use super::{
+    Heartbeat, JOB_RECORD_TTL, JobKey, Live, Store, StoreError, Subject, WAMID_TTL, WamidRecord,
+};
 use crate::event::DeadReason;
-use crate::ids::Wamid;
-
-/// Claim a job. KEYS[1] job record; ARGV owner, now_ms, lease_ms, ttl_s, retake (0/1).
-/// Returns {state, detail}.
-const CLAIM: &str = r#"
-local state = redis.call('HGET', KEYS[1], 'state')
-local function take()
-  redis.call('HSET', KEYS[1], 'state', 'claimed', 'owner', ARGV[1], 'at', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return {'fresh', ''}
-end
-if not state then return take() end
-if state == 'sent' then return {'sent', redis.call('HGET', KEYS[1], 'wamid')} end
-if state == 'dead' then return {'dead', ''} end
-local at = redis.call('HGET', KEYS[1], 'at')
-if state == 'claimed' and tonumber(ARGV[2]) - tonumber(at) < tonumber(ARGV[3]) then return {'busy', ''} end
-if ARGV[5] == '1' then return take() end
-redis.call('HSET', KEYS[1], 'state', 'ambiguous')
-return {'ambiguous', at}
-"#;
+use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
+use crate::job::Category;
+use crate::policy::admission::{
+    self, CampaignState, Consent, DeadWhy, DeferReason, Mark, Request, Verdict,
+};
+use crate::policy::template::TemplateDefinition;
 
 /// Change a claim held by ARGV[1] to ARGV[2] ('ambiguous' with time ARGV[3], or delete when '').
 const SETTLE_CLAIM: &str = r#"
@@ -39,13 +49,32 @@ redis.call('HSET', KEYS[1], 'state', ARGV[2], 'at', ARGV[3])
 return 1
 "#;
 
+/// Keep the latest inbound time (webhooks arrive out of order). KEYS[1] window; ARGV at, window ms.
+const INBOUND: &str = r#"
+local last = redis.call('GET', KEYS[1])
+if last and tonumber(last) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', tonumber(ARGV[1]) + tonumber(ARGV[2]))
+return 1
+"#;
+
+/// Set a known template's status. KEYS[1] template; ARGV status.
+const TEMPLATE_STATUS: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[1], 'status', ARGV[1]) end return 0";
+
+/// Delete a lock if ARGV[1] holds it.
+const UNLOCK: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
 /// The Redis store.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
-    claim: Script,
+    admit: Script,
     settle: Script,
+    inbound: Script,
+    template_status: Script,
+    unlock: Script,
+    round_trips: Arc<AtomicU64>,
 }
 
 fn command_error(operation: &'static str) -> impl Fn(redis::RedisError) -> StoreError {
@@ -53,6 +82,24 @@ fn command_error(operation: &'static str) -> impl Fn(redis::RedisError) -> Store
         operation,
         detail: e.to_string(),
     }
+}
+
+fn bad_reply(operation: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::Command {
+        operation,
+        detail: detail.into(),
+    }
+}
+
+fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_millis(operation: &'static str, ms: &str) -> Result<DateTime<Utc>, StoreError> {
+    ms.parse::<i64>()
+        .ok()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        .ok_or_else(|| bad_reply(operation, format!("bad time {ms:?}")))
 }
 
 impl RedisStore {
@@ -80,80 +127,203 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             prefix: prefix.to_owned(),
-            claim: Script::new(CLAIM),
+            admit: Script::new(include_str!("admit.lua")),
             settle: Script::new(SETTLE_CLAIM),
+            inbound: Script::new(INBOUND),
+            template_status: Script::new(TEMPLATE_STATUS),
+            unlock: Script::new(UNLOCK),
+            round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
 
+    /// Requests sent to Redis so far (a script, a command or a pipeline each count once).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// The connection for one round trip (counted).
+    fn conn(&self) -> ConnectionManager {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.conn.clone()
+    }
+
+    fn tagged(&self, waba: &WabaId, rest: std::fmt::Arguments<'_>) -> String {
+        format!("{}:{{{waba}}}:{rest}", self.prefix)
+    }
+
     fn job_key(&self, key: &JobKey) -> String {
-        format!("{}:{{{}}}:job:{}", self.prefix, key.waba, key.job_id)
+        self.tagged(&key.waba, format_args!("job:{}", key.job_id))
     }
 
     fn wamid_key(&self, wamid: &Wamid) -> String {
         format!("{}:wamid:{}", self.prefix, wamid)
     }
 
+    fn window_key(&self, waba: &WabaId, number: &PhoneNumberId, to: &WaId) -> String {
+        self.tagged(waba, format_args!("window:{number}:{to}"))
+    }
+
+    fn consent_key(&self, waba: &WabaId, to: &WaId) -> String {
+        self.tagged(waba, format_args!("consent:{to}"))
+    }
+
+    fn campaign_key(&self, waba: &WabaId, campaign: &str) -> String {
+        self.tagged(waba, format_args!("campaign:{campaign}"))
+    }
+
+    fn template_key(&self, waba: &WabaId, name: &str, language: &str) -> String {
+        self.tagged(waba, format_args!("tpl:{name}:{language}"))
+    }
+
     /// Deletes every key under this store's prefix (tests clean up after themselves).
     pub async fn delete_all(&self) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
-        let keys: Vec<String> = conn
+        let keys: Vec<String> = self
+            .conn()
             .keys(format!("{}:*", self.prefix))
             .await
             .map_err(command_error("KEYS"))?;
         if keys.is_empty() {
             return Ok(0);
         }
-        conn.del(keys).await.map_err(command_error("DEL"))
+        self.conn().del(keys).await.map_err(command_error("DEL"))
     }
 }
 
-fn millis(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
+fn opt_ms(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| millis(t).to_string()).unwrap_or_default()
+}
+
+/// Turns the script's reply into the verdict [`admission::admit`] would give.
+fn verdict(reply: &[String], req: &Request) -> Result<Verdict, StoreError> {
+    let bad = |what: &str| bad_reply("admit", format!("{what}: {reply:?}"));
+    let arg = |i: usize| {
+        reply
+            .get(i)
+            .map(String::as_str)
+            .ok_or_else(|| bad("short reply"))
+    };
+    let time = |i: usize| from_millis("admit", arg(i)?);
+    Ok(match arg(0)? {
+        "send" => Verdict::Send {
+            fallback: arg(1)? == "1",
+        },
+        "sent" => Verdict::AlreadySent(Wamid::parse(arg(1)?).map_err(|e| bad(&e.to_string()))?),
+        "done" => Verdict::AlreadyDead,
+        "ambiguous" => Verdict::Ambiguous(time(1)?),
+        "defer" => Verdict::Defer {
+            until: time(2)?,
+            why: match arg(1)? {
+                "busy" => DeferReason::ClaimedElsewhere,
+                "not_before" => DeferReason::NotBefore,
+                "campaign_paused" => DeferReason::CampaignPaused,
+                "template_paused" => DeferReason::TemplatePaused,
+                "registry" => DeferReason::RegistryNotSynced,
+                "pair" => DeferReason::PairRate,
+                "tier" => DeferReason::TierExhausted {
+                    used: arg(3)?.parse().map_err(|_| bad("tier used"))?,
+                    limit: arg(4)?.parse().map_err(|_| bad("tier limit"))?,
+                },
+                _ => return Err(bad("unknown deferral")),
+            },
+        },
+        "dead" => Verdict::Dead(match arg(1)? {
+            "expired" => DeadWhy::Expired(time(2)?),
+            "campaign_cancelled" => DeadWhy::CampaignCancelled,
+            "window" => DeadWhy::OutsideCareWindow {
+                last_inbound: match arg(2)? {
+                    "" => None,
+                    ms => Some(from_millis("admit", ms)?),
+                },
+            },
+            "template_unknown" => DeadWhy::TemplateUnknown,
+            "template_status" => DeadWhy::TemplateNotApproved {
+                status: arg(2)?.to_owned(),
+            },
+            "params" => DeadWhy::TemplateParams(
+                req.template
+                    .as_ref()
+                    .and_then(|t| t.params.clone())
+                    .unwrap_or_default(),
+            ),
+            "opted_out" => DeadWhy::OptedOut(Mark {
+                at: time(2)?,
+                source: arg(3).unwrap_or("").to_owned(),
+            }),
+            "no_opt_in" => {
+                DeadWhy::NoOptIn(Category::parse(arg(2)?).ok_or_else(|| bad("category"))?)
+            }
+            _ => return Err(bad("unknown dead letter")),
+        }),
+        _ => return Err(bad("unknown verdict")),
+    })
 }
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn claim(
-        &self,
-        key: &JobKey,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        retake_ambiguous: bool,
-    ) -> Result<Claim, StoreError> {
-        let (state, detail): (String, String) = self
-            .claim
-            .key(self.job_key(key))
-            .arg(owner)
-            .arg(millis(now))
-            .arg(lease.as_millis() as i64)
-            .arg(JOB_RECORD_TTL.as_secs())
-            .arg(if retake_ambiguous { "1" } else { "0" })
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(command_error("claim"))?;
-        let bad = |what: String| StoreError::Command {
-            operation: "claim",
-            detail: what,
+    async fn admit(&self, subject: &Subject, req: &Request) -> Result<Verdict, StoreError> {
+        let waba = &subject.job.waba;
+        let (name, language) = subject
+            .template
+            .as_ref()
+            .map(|(n, l)| (n.as_str(), l.as_str()))
+            .unwrap_or(("", ""));
+        let opt_in: String = [
+            Category::Marketing,
+            Category::Utility,
+            Category::Authentication,
+        ]
+        .into_iter()
+        .filter(|c| req.opt_in.requires(*c))
+        .fold(",".to_owned(), |acc, c| format!("{acc}{},", c.as_str()));
+        let used = match &req.template {
+            None => "",
+            Some(t) if t.fallback => "fallback",
+            Some(_) => "job",
         };
-        match state.as_str() {
-            "fresh" => Ok(Claim::Fresh),
-            "busy" => Ok(Claim::Busy),
-            "dead" => Ok(Claim::Dead),
-            "sent" => Wamid::parse(detail)
-                .map(Claim::Sent)
-                .map_err(|e| bad(e.to_string())),
-            "ambiguous" => {
-                let ms: i64 = detail
-                    .parse()
-                    .map_err(|_| bad(format!("bad claim time {detail:?}")))?;
-                Utc.timestamp_millis_opt(ms)
-                    .single()
-                    .map(Claim::Ambiguous)
-                    .ok_or_else(|| bad(format!("bad claim time {ms}")))
-            }
-            other => Err(bad(format!("unexpected state {other:?}"))),
-        }
+        let ms = |d: Duration| d.as_millis() as u64;
+        let campaign = subject.campaign.as_ref().map_or("", |c| c.as_str());
+        let keys = [
+            self.job_key(&subject.job),
+            self.window_key(waba, &subject.number, &subject.to),
+            self.consent_key(waba, &subject.to),
+            self.campaign_key(waba, campaign),
+            self.template_key(waba, name, language),
+            self.tagged(waba, format_args!("templates:synced")),
+            self.tagged(waba, format_args!("tier")),
+            self.tagged(waba, format_args!("tier:limit")),
+            self.tagged(waba, format_args!("pair:{}:{}", subject.number, subject.to)),
+        ];
+        let reply: Vec<String> = self
+            .admit
+            .key(&keys)
+            .arg(&req.owner)
+            .arg(millis(req.now))
+            .arg(ms(req.lease))
+            .arg(JOB_RECORD_TTL.as_secs())
+            .arg(u8::from(req.retake_ambiguous))
+            .arg(opt_ms(req.expires_at))
+            .arg(opt_ms(req.not_before))
+            .arg(u8::from(req.free_form))
+            .arg(used)
+            .arg(u8::from(
+                req.template.as_ref().is_some_and(|t| t.params.is_some()),
+            ))
+            .arg(opt_in)
+            .arg(req.tier_limit.map(|l| l.to_string()).unwrap_or_default())
+            .arg(ms(req.pair.period))
+            .arg(req.pair.burst)
+            .arg(ms(admission::CARE_WINDOW))
+            .arg(ms(admission::TIER_WINDOW))
+            .arg(u8::from(subject.campaign.is_some()))
+            .arg(subject.to.as_str())
+            .arg(ms(admission::BUSY_RECHECK))
+            .arg(ms(req.campaign_recheck))
+            .arg(ms(req.template_recheck))
+            .arg(ms(admission::REGISTRY_RECHECK))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("admit"))?;
+        verdict(&reply, req)
     }
 
     async fn mark_sent(
@@ -171,7 +341,7 @@ impl Store for RedisStore {
             )
             .expire(self.job_key(key), JOB_RECORD_TTL.as_secs() as i64)
             .set_ex(self.wamid_key(wamid), record, WAMID_TTL.as_secs())
-            .query_async::<()>(&mut self.conn.clone())
+            .query_async::<()>(&mut self.conn())
             .await
             .map_err(command_error("mark_sent"))
     }
@@ -188,7 +358,7 @@ impl Store for RedisStore {
             .arg(owner)
             .arg("ambiguous")
             .arg(millis(now))
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("mark_ambiguous"))?;
         Ok(())
@@ -201,7 +371,7 @@ impl Store for RedisStore {
             .arg(owner)
             .arg("")
             .arg(0)
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("release"))?;
         Ok(())
@@ -214,24 +384,332 @@ impl Store for RedisStore {
                 &[("state", "dead"), ("reason", reason.as_str())],
             )
             .expire(self.job_key(key), JOB_RECORD_TTL.as_secs() as i64)
-            .query_async::<()>(&mut self.conn.clone())
+            .query_async::<()>(&mut self.conn())
             .await
             .map_err(command_error("mark_dead"))
     }
 
     async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError> {
         let raw: Option<String> = self
-            .conn
-            .clone()
+            .conn()
             .get(self.wamid_key(wamid))
             .await
             .map_err(command_error("GET"))?;
-        raw.map(|r| {
-            serde_json::from_str(&r).map_err(|e| StoreError::Command {
-                operation: "wamid",
-                detail: e.to_string(),
-            })
+        raw.map(|r| serde_json::from_str(&r).map_err(|e| bad_reply("wamid", e.to_string())))
+            .transpose()
+    }
+
+    async fn record_inbound(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        to: &WaId,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let _: i64 = self
+            .inbound
+            .key(self.window_key(waba, number, to))
+            .arg(millis(at))
+            .arg(admission::CARE_WINDOW.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("record_inbound"))?;
+        Ok(())
+    }
+
+    async fn record_opt_ins(
+        &self,
+        waba: &WabaId,
+        opt_ins: &[(WaId, Mark)],
+    ) -> Result<(), StoreError> {
+        if opt_ins.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (to, mark) in opt_ins {
+            pipe.hset_multiple(
+                self.consent_key(waba, to),
+                &[
+                    ("opt_in_at", millis(mark.at).to_string()),
+                    ("opt_in_source", mark.source.clone()),
+                ],
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .map_err(command_error("record_opt_ins"))
+    }
+
+    async fn record_opt_out(
+        &self,
+        waba: &WabaId,
+        to: &WaId,
+        mark: Option<Mark>,
+    ) -> Result<(), StoreError> {
+        let key = self.consent_key(waba, to);
+        let mut conn = self.conn();
+        let result = match mark {
+            Some(mark) => {
+                conn.hset_multiple::<_, _, _, ()>(
+                    key,
+                    &[
+                        ("opt_out_at", millis(mark.at).to_string()),
+                        ("opt_out_source", mark.source),
+                    ],
+                )
+                .await
+            }
+            None => conn.hdel(key, &["opt_out_at", "opt_out_source"]).await,
+        };
+        result.map_err(command_error("record_opt_out"))
+    }
+
+    async fn consent(&self, waba: &WabaId, to: &WaId) -> Result<Consent, StoreError> {
+        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.consent_key(waba, to))
+            .arg(&["opt_in_at", "opt_in_source", "opt_out_at", "opt_out_source"])
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("consent"))?;
+        let mark = |at: &Option<String>, source: &Option<String>| -> Result<_, StoreError> {
+            at.as_deref()
+                .map(|at| {
+                    Ok(Mark {
+                        at: from_millis("consent", at)?,
+                        source: source.clone().unwrap_or_default(),
+                    })
+                })
+                .transpose()
+        };
+        Ok(Consent {
+            opt_in: mark(&fields[0], &fields[1])?,
+            opt_out: mark(&fields[2], &fields[3])?,
         })
-        .transpose()
+    }
+
+    async fn set_campaign(
+        &self,
+        waba: &WabaId,
+        campaign: &CampaignId,
+        state: CampaignState,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .hset_multiple::<_, _, _, ()>(
+                self.campaign_key(waba, campaign.as_str()),
+                &[
+                    ("state", state.as_str().to_owned()),
+                    ("at", millis(Utc::now()).to_string()),
+                ],
+            )
+            .await
+            .map_err(command_error("set_campaign"))
+    }
+
+    async fn campaign(
+        &self,
+        waba: &WabaId,
+        campaign: &CampaignId,
+    ) -> Result<Option<CampaignState>, StoreError> {
+        let state: Option<String> = self
+            .conn()
+            .hget(self.campaign_key(waba, campaign.as_str()), "state")
+            .await
+            .map_err(command_error("campaign"))?;
+        state
+            .map(|s| {
+                CampaignState::parse(&s)
+                    .ok_or_else(|| bad_reply("campaign", format!("unknown state {s:?}")))
+            })
+            .transpose()
+    }
+
+    async fn put_templates(
+        &self,
+        waba: &WabaId,
+        templates: &[TemplateDefinition],
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let index = self.tagged(waba, format_args!("templates"));
+        let old: Vec<String> = self
+            .conn()
+            .smembers(&index)
+            .await
+            .map_err(command_error("put_templates"))?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let member = |t: &TemplateDefinition| format!("{}:{}", t.name, t.language);
+        for stale in old
+            .iter()
+            .filter(|m| !templates.iter().any(|t| member(t) == **m))
+        {
+            pipe.del(self.tagged(waba, format_args!("tpl:{stale}")))
+                .ignore();
+        }
+        pipe.del(&index).ignore();
+        for t in templates {
+            let category = t.category().unwrap_or(Category::Marketing);
+            pipe.hset_multiple(
+                self.template_key(waba, &t.name, &t.language),
+                &[
+                    ("status", t.status.clone()),
+                    ("category", category.as_str().to_owned()),
+                    (
+                        "def",
+                        serde_json::to_string(t).expect("a definition always serialises"),
+                    ),
+                ],
+            )
+            .ignore()
+            .sadd(&index, member(t))
+            .ignore();
+        }
+        pipe.set(
+            self.tagged(waba, format_args!("templates:synced")),
+            millis(at),
+        )
+        .ignore();
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .map_err(command_error("put_templates"))
+    }
+
+    async fn set_template_status(
+        &self,
+        waba: &WabaId,
+        name: &str,
+        language: &str,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        // Only a known template: an unknown one has no category yet and waits for the next sync.
+        let _: i64 = self
+            .template_status
+            .key(self.template_key(waba, name, language))
+            .arg(status)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("set_template_status"))?;
+        Ok(())
+    }
+
+    async fn templates(&self, waba: &WabaId) -> Result<Vec<TemplateDefinition>, StoreError> {
+        let members: Vec<String> = self
+            .conn()
+            .smembers(self.tagged(waba, format_args!("templates")))
+            .await
+            .map_err(command_error("templates"))?;
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for m in &members {
+            pipe.cmd("HMGET")
+                .arg(self.tagged(waba, format_args!("tpl:{m}")))
+                .arg(&["def", "status"]);
+        }
+        let rows: Vec<(Option<String>, Option<String>)> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("templates"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (def, status) in rows {
+            let Some(def) = def else { continue };
+            let mut def: TemplateDefinition =
+                serde_json::from_str(&def).map_err(|e| bad_reply("templates", e.to_string()))?;
+            if let Some(status) = status {
+                def.status = status;
+            }
+            out.push(def);
+        }
+        out.sort_by(|a, b| (&a.name, &a.language).cmp(&(&b.name, &b.language)));
+        Ok(out)
+    }
+
+    async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError> {
+        let value = limit.map_or("unlimited".to_owned(), |l| l.to_string());
+        self.conn()
+            .set::<_, _, ()>(self.tagged(waba, format_args!("tier:limit")), value)
+            .await
+            .map_err(command_error("set_tier_limit"))
+    }
+
+    async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError> {
+        self.conn()
+            .set::<_, _, ()>(format!("{}:throughput:{number}", self.prefix), mps)
+            .await
+            .map_err(command_error("set_throughput"))
+    }
+
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Live, StoreError> {
+        let key = format!("{}:replicas:{}", self.prefix, beat.group);
+        let now = millis(beat.now);
+        let ttl = beat.ttl.as_millis() as i64;
+        let mut pipe = redis::pipe();
+        pipe.zadd(&key, beat.replica, now)
+            .ignore()
+            .zrembyscore(&key, "-inf", now - ttl)
+            .ignore()
+            .pexpire(&key, ttl * 10)
+            .ignore()
+            .zcard(&key);
+        for n in beat.numbers {
+            pipe.get(format!("{}:throughput:{n}", self.prefix));
+        }
+        let (replicas, throughput): (u32, Vec<Option<u32>>) = {
+            let reply: Vec<redis::Value> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(command_error("heartbeat"))?;
+            let parse = |v: &redis::Value| redis::from_redis_value_ref::<Option<u32>>(v);
+            let mut values = reply.iter();
+            let replicas = values
+                .next()
+                .and_then(|v| parse(v).ok().flatten())
+                .unwrap_or(1);
+            let rest = values
+                .map(|v| parse(v).map_err(|e| bad_reply("heartbeat", e.to_string())))
+                .collect::<Result<_, _>>()?;
+            (replicas, rest)
+        };
+        Ok(Live {
+            replicas: replicas.max(1),
+            throughput: beat
+                .numbers
+                .iter()
+                .zip(throughput)
+                .filter_map(|(n, t)| t.map(|t| (n.clone(), t)))
+                .collect(),
+        })
+    }
+
+    async fn leave(&self, group: &str, replica: &str) -> Result<(), StoreError> {
+        self.conn()
+            .zrem::<_, _, ()>(format!("{}:replicas:{group}", self.prefix), replica)
+            .await
+            .map_err(command_error("leave"))
+    }
+
+    async fn try_lock(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:lock:{name}", self.prefix))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("try_lock"))?;
+        Ok(taken.is_some())
+    }
+
+    async fn unlock(&self, name: &str, owner: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .unlock
+            .key(format!("{}:lock:{name}", self.prefix))
+            .arg(owner)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("unlock"))?;
+        Ok(())
     }
 }
