@@ -5,13 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admin::Admin;
 use crate::broker::rabbit::{RabbitBroker, RabbitSettings};
 use crate::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Target};
 use crate::cloud::{HttpCloud, HttpSettings};
 use crate::config::{ConfigError, Number, Settings};
-use crate::ids::PhoneNumberId;
+use crate::ids::{PhoneNumberId, WabaId};
 use crate::job::Lane;
-use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::pipeline::{AdmissionSettings, PacingSettings, Pipeline, PipelineSettings};
+use crate::policy::admission::PairRate;
+use crate::store::StoreError;
 use crate::store::redis::RedisStore;
 use crate::worker::WorkerSettings;
 
@@ -31,6 +34,19 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<(Arc<RabbitBroker>, 
     let broker = RabbitBroker::connect(rabbit_settings(settings)?).await?;
     let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
     Ok((Arc::new(broker), Arc::new(store)))
+}
+
+/// Connects to Redis only: what the admin commands need (they never touch the queues).
+pub async fn connect_store(settings: &Settings) -> Result<Arc<RedisStore>, StoreError> {
+    let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
+    Ok(Arc::new(store))
+}
+
+/// The admin operations over the store and the configured numbers.
+pub async fn admin(settings: &Settings) -> anyhow::Result<Admin> {
+    let numbers = settings.number_wabas()?;
+    let store = connect_store(settings).await?;
+    Ok(Admin::new(store, numbers)?)
 }
 
 /// The HTTP Cloud API client.
@@ -56,6 +72,43 @@ pub fn pipeline_settings(
         halt_cooldown: Duration::from_secs(settings.worker.halt_cooldown_secs),
         retry: settings.retry_policy(),
         tiers: settings.delay_tiers()?,
+        admission: admission_settings(settings)?,
+        pacing: PacingSettings {
+            group: settings.worker.group.clone(),
+            heartbeat: Duration::from_millis(settings.worker.heartbeat_ms),
+            replica_ttl: Duration::from_millis(settings.worker.replica_ttl_ms),
+            max_wait: Duration::from_millis(settings.worker.pace_wait_ms),
+            headroom: settings.worker.throughput_headroom,
+            throttle_cooldown: Duration::from_secs(settings.worker.throttle_cooldown_secs),
+        },
+    })
+}
+
+/// Admission rules from the configuration.
+pub fn admission_settings(settings: &Settings) -> Result<AdmissionSettings, ConfigError> {
+    let policy = &settings.policy;
+    let mut tiers = BTreeMap::new();
+    let mut default_tier = Some(250);
+    for (key, limit) in &policy.messaging_limits {
+        if key == "default" {
+            default_tier = limit.users();
+        } else {
+            let waba = WabaId::parse(key.clone())
+                .map_err(|e| ConfigError(format!("policy.messaging_limits.{key}: {e}")))?;
+            tiers.insert(waba, limit.users());
+        }
+    }
+    Ok(AdmissionSettings {
+        opt_in: policy.opt_in_required,
+        pair: PairRate {
+            period: Duration::from_millis(policy.pair_period_ms),
+            burst: policy.pair_burst,
+        },
+        tiers,
+        default_tier,
+        template_refresh: Duration::from_secs(policy.template_refresh_secs),
+        campaign_recheck: Duration::from_secs(policy.campaign_recheck_secs),
+        template_recheck: Duration::from_secs(policy.template_recheck_secs),
     })
 }
 

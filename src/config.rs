@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::broker::rabbit::QueueType;
 use crate::ids::{PhoneNumberId, WabaId};
+use crate::policy::admission::OptInPolicy;
 use crate::policy::{DelayTiers, RetryPolicy};
 
 /// Everything wa-sender can be told.
@@ -33,10 +34,14 @@ pub struct Settings {
     /// Business numbers this deployment may send from, keyed by `phone_number_id`.
     #[serde(default)]
     pub numbers: BTreeMap<String, NumberSettings>,
+    /// Admission rules: consent, the pair rate, messaging tiers, the template registry.
+    pub policy: PolicySettings,
     /// `wa-sender simulate`.
     pub simulator: SimulatorSettings,
     /// `wa-sender demo`.
     pub demo: DemoSettings,
+    /// `wa-sender admin`: the HTTP API for campaigns, consent and care windows.
+    pub admin: AdminSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
 }
@@ -148,6 +153,76 @@ pub struct WorkerSettings {
     pub ambiguous_wait_secs: u64,
     /// How long a number, WABA or token is paused after a halting error (190, 131031, …), in seconds.
     pub halt_cooldown_secs: u64,
+    /// Replicas sharing the same numbers (one deployment); each number's throughput is split
+    /// evenly among the live replicas of the group.
+    pub group: String,
+    /// How often a replica says it is alive, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// A replica not heard from for this long is gone and its share goes to the others, ms.
+    pub replica_ttl_ms: u64,
+    /// Longest wait for a throughput token, ms; a longer wait defers the job to a delay queue
+    /// so one busy number never holds the others' jobs.
+    pub pace_wait_ms: u64,
+    /// Share of a number's limit actually used, 0.5–1.0: the rest absorbs network jitter so
+    /// that Meta never counts more than the limit in any second.
+    pub throughput_headroom: f64,
+    /// After a 130429, this replica's share of that number is halved for this long, seconds.
+    pub throttle_cooldown_secs: u64,
+}
+
+/// Admission rules (DESIGN.md §7).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Template categories that need a recorded opt-in when sent outside the care window,
+    /// e.g. `{ marketing = true, utility = true, authentication = false }`.
+    pub opt_in_required: OptInPolicy,
+    /// Pair rate: one message per this many milliseconds to one user (Meta: 6 s; a little
+    /// more absorbs network jitter).
+    pub pair_period_ms: u64,
+    /// Pair rate: messages allowed in one burst (Meta: up to 45, borrowed from future quota).
+    pub pair_burst: u32,
+    /// Each portfolio's messaging tier, unique users outside the care window per rolling 24 h:
+    /// `250`, `2000`, `10000`, `100000` or `"unlimited"`; keyed by WABA id, `default` for the rest.
+    /// A tier recorded from a webhook wins.
+    pub messaging_limits: BTreeMap<String, MessagingLimit>,
+    /// How often one replica re-reads the template registry from the management API, seconds
+    /// (Meta allows 200–5,000 management calls per hour per WABA; status webhooks keep it fresh
+    /// in between).
+    pub template_refresh_secs: u64,
+    /// How long a job of a paused campaign waits before it looks again, seconds.
+    pub campaign_recheck_secs: u64,
+    /// How long a job for a paused template waits before it looks again, seconds (Meta pauses
+    /// a template for 3 or 6 hours, or until it is edited).
+    pub template_recheck_secs: u64,
+}
+
+/// A messaging tier: a number of unique users, or unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum MessagingLimit {
+    /// At most this many.
+    Users(u32),
+    /// `"unlimited"`.
+    Named(Unlimited),
+}
+
+/// The word `unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unlimited {
+    /// No tier limit.
+    Unlimited,
+}
+
+impl MessagingLimit {
+    /// `None` when unlimited.
+    pub fn users(self) -> Option<u32> {
+        match self {
+            MessagingLimit::Users(n) => Some(n),
+            MessagingLimit::Named(Unlimited::Unlimited) => None,
+        }
+    }
 }
 
 /// Retry backoff (capped exponential with jitter, computed by `backon`).
@@ -182,6 +257,22 @@ pub struct DemoSettings {
     pub invalid_share: f64,
     /// Share of sends the simulator fails with a transient error, 0.0–1.0.
     pub transient_failure_share: f64,
+}
+
+/// The admin HTTP API (`wa-sender admin`). It changes what is sent (pauses campaigns, records
+/// consent), so it only starts with a token and should listen on a private address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Listen address, e.g. `127.0.0.1:8090`.
+    pub listen: String,
+    /// Bearer token callers present as `Authorization: Bearer <token>` (secret): set the env var
+    /// `WA_SENDER__ADMIN__TOKEN`. Without a token the admin API refuses to start.
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// File holding the token (e.g. a mounted Kubernetes secret).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Logging.
@@ -300,6 +391,32 @@ impl Settings {
                 "must be \"text\" or \"json\"",
             ));
         }
+        if !(0.5..=1.0).contains(&self.worker.throughput_headroom) {
+            return Err(invalid(
+                "worker.throughput_headroom",
+                "must be between 0.5 and 1.0",
+            ));
+        }
+        if self.worker.heartbeat_ms == 0
+            || self.worker.replica_ttl_ms < 2 * self.worker.heartbeat_ms
+        {
+            return Err(invalid(
+                "worker.replica_ttl_ms",
+                "must be at least twice worker.heartbeat_ms (above 0), or live replicas look dead",
+            ));
+        }
+        if self.policy.pair_period_ms == 0 || self.policy.pair_burst == 0 {
+            return Err(invalid(
+                "policy.pair_period_ms",
+                "the pair period and burst must be above 0",
+            ));
+        }
+        for key in self.policy.messaging_limits.keys() {
+            if key != "default" {
+                WabaId::parse(key.clone())
+                    .map_err(|e| invalid(&format!("policy.messaging_limits.{key}"), e))?;
+            }
+        }
         for (id, n) in &self.numbers {
             PhoneNumberId::parse(id.clone()).map_err(|e| invalid(&format!("numbers.{id}"), e))?;
             WabaId::parse(n.waba_id.clone())
@@ -370,6 +487,47 @@ impl Settings {
                 Ok((PhoneNumberId::parse(id.clone()).map_err(|e| invalid(&format!("numbers.{id}"), e))?, Number { waba, throughput_mps: n.throughput_mps, token }))
             })
             .collect()
+    }
+}
+
+impl Settings {
+    /// The configured numbers and the WABA of each, without their tokens (the admin commands
+    /// need no Cloud API secret).
+    pub fn number_wabas(&self) -> Result<BTreeMap<PhoneNumberId, WabaId>, ConfigError> {
+        if self.numbers.is_empty() {
+            return Err(invalid(
+                "numbers",
+                "no business number is configured; add [numbers.<phone_number_id>] with waba_id",
+            ));
+        }
+        self.numbers
+            .iter()
+            .map(|(id, n)| {
+                let number = PhoneNumberId::parse(id.clone())
+                    .map_err(|e| invalid(&format!("numbers.{id}"), e))?;
+                let waba = WabaId::parse(n.waba_id.clone())
+                    .map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
+                Ok((number, waba))
+            })
+            .collect()
+    }
+
+    /// The admin API's bearer token; an error when none is set, because an admin API open to
+    /// anyone could pause every campaign or forge consent.
+    pub fn admin_token(&self) -> Result<SecretString, ConfigError> {
+        let token = secret("admin.token", &self.admin.token, &self.admin.token_file)?.ok_or_else(|| {
+            invalid(
+                "admin.token",
+                "is not set, and the admin API does not start without one: set WA_SENDER__ADMIN__TOKEN or WA_SENDER__ADMIN__TOKEN_FILE",
+            )
+        })?;
+        if secrecy::ExposeSecret::expose_secret(&token)
+            .trim()
+            .is_empty()
+        {
+            return Err(invalid("admin.token", "is empty"));
+        }
+        Ok(token)
     }
 }
 
@@ -507,6 +665,23 @@ mod tests {
             .resolve_numbers()
             .unwrap_err();
         assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_api_needs_a_token() {
+        let s = Settings::from_figment(figment()).unwrap();
+        assert_eq!(s.admin.listen, "127.0.0.1:8090");
+        let err = s.admin_token().unwrap_err();
+        assert!(err.to_string().contains("WA_SENDER__ADMIN__TOKEN"), "{err}");
+        let s = Settings::from_figment(
+            figment().merge(Serialized::default("admin.token", "admin-secret")),
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("admin-secret"));
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&s.admin_token().unwrap()),
+            "admin-secret"
+        );
     }
 
     #[test]

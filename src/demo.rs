@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, Tap};
-use crate::config::{Number, Settings};
+use crate::config::{MessagingLimit, Number, Settings};
 use crate::event::Event;
-use crate::ids::{PhoneNumberId, WabaId};
+use crate::ids::{PhoneNumberId, WaId, WabaId};
 use crate::job::Lane;
-use crate::simulator::{Latency, Scenario, Simulator};
+use crate::policy::admission::Mark;
+use crate::simulator::{Latency, Marketing, Scenario, SimUser, Simulator};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 
@@ -65,6 +66,17 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         median_ms: 15.0,
         p99_ms: 60.0,
     };
+    scenario.numbers[0].messaging_limit = "TIER_10K".into();
+    // Meta's side of the demo's users: who wrote recently, who stopped marketing.
+    for i in 0..jobs {
+        let user = DemoUser::of(i);
+        let mut sim_user = SimUser::new(user.wa_id.trim_start_matches('+'));
+        sim_user.last_inbound_minutes_ago = user.wrote.then_some(30);
+        if user.stopped_marketing {
+            sim_user.marketing = Marketing::Stopped;
+        }
+        scenario.users.push(sim_user);
+    }
     let simulator = Simulator::start(scenario, "127.0.0.1:0")
         .await
         .context("starting the simulator")?;
@@ -78,6 +90,8 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     settings.amqp.prefix = run_prefix.clone();
     settings.amqp.queue_type = crate::broker::rabbit::QueueType::Classic;
     settings.redis.key_prefix = run_prefix.clone();
+    settings.policy.messaging_limits =
+        BTreeMap::from([("default".to_owned(), MessagingLimit::Users(10_000))]);
     let numbers = BTreeMap::from([(
         PhoneNumberId::parse(DEMO_NUMBER)?,
         Number {
@@ -114,6 +128,7 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         simulator.base_url()
     );
 
+    seed_users(store.as_ref(), jobs).await?;
     let cloud = Arc::new(crate::app::http_cloud(&settings)?);
     let pipeline = Arc::new(crate::app::pipeline(
         &settings,
@@ -236,6 +251,59 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     Ok(summary)
 }
 
+/// What the demo's user number `i` has done: most wrote recently (replies may go), most opted
+/// in (templates may go outside the window), a few stopped marketing.
+struct DemoUser {
+    wa_id: String,
+    wrote: bool,
+    opted_in: bool,
+    stopped_marketing: bool,
+}
+
+impl DemoUser {
+    fn of(i: usize) -> Self {
+        DemoUser {
+            wa_id: format!("+1650555{:04}", i % 10_000),
+            wrote: i % 10 != 7,
+            opted_in: i % 20 != 7,
+            stopped_marketing: i % 50 == 11,
+        }
+    }
+}
+
+/// Records in the store what the webhook processor and the opt-in import would have: care
+/// windows, opt-ins and marketing opt-outs of the demo's users.
+async fn seed_users(store: &dyn Store, jobs: usize) -> anyhow::Result<()> {
+    let waba = WabaId::parse(DEMO_WABA)?;
+    let number = PhoneNumberId::parse(DEMO_NUMBER)?;
+    let now = chrono::Utc::now();
+    let mut opt_ins = Vec::new();
+    for i in 0..jobs {
+        let user = DemoUser::of(i);
+        let wa_id = WaId::parse(user.wa_id)?;
+        if user.wrote {
+            let at = now - chrono::TimeDelta::minutes(30);
+            store.record_inbound(&waba, &number, &wa_id, at).await?;
+        }
+        if user.stopped_marketing {
+            let mark = Mark {
+                at: now,
+                source: "user_preferences".into(),
+            };
+            store.record_opt_out(&waba, &wa_id, Some(mark)).await?;
+        }
+        if user.opted_in {
+            let mark = Mark {
+                at: now - chrono::TimeDelta::days(30),
+                source: "demo signup form".into(),
+            };
+            opt_ins.push((wa_id, mark));
+        }
+    }
+    store.record_opt_ins(&waba, &opt_ins).await?;
+    Ok(())
+}
+
 /// One sample job: mostly valid, across lanes and message types; some broken on purpose.
 fn sample_job(i: usize, invalid_share: f64, rng: &mut impl Rng) -> (Lane, Vec<u8>, Option<String>) {
     let lane = *[
@@ -250,7 +318,7 @@ fn sample_job(i: usize, invalid_share: f64, rng: &mut impl Rng) -> (Lane, Vec<u8
     .choose(rng)
     .expect("non-empty");
     let job_id = format!("demo-{i:05}");
-    let to = format!("+1650555{:04}", i % 10_000);
+    let to = DemoUser::of(i).wa_id;
     let message = match lane {
         Lane::Otp => {
             // Meta wants an authentication code twice: in the body and in the copy-code button.

@@ -3,19 +3,24 @@
 //! Map of the crate, in the order a job meets it:
 //! - [`job`]: the send job schema `wa.send.v1`; decoding is validation.
 //! - [`pipeline`]: `decode → admit → pace → send → settle` for one delivery.
-//! - [`policy`]: pure rules: error classification, retry delays, delay tiers.
+//! - [`policy`]: pure rules: admission, template parameters, error classification, retry delays.
+//! - [`registry`]: the template registry, synced from the management API into the store.
 //! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, error codes).
 //! - [`broker`]: the queue edge (RabbitMQ via lapin, or in-memory).
-//! - [`store`]: shared state (Redis, or in-memory): idempotency records.
+//! - [`store`]: shared state (Redis, or in-memory): admission in one round trip, consent,
+//!   windows, templates, campaigns, replica heartbeats.
 //! - [`worker`]: the consumer loop: lane priorities, concurrency, graceful drain.
 //! - [`event`]: events on `wa.events` and the closed set of dead-letter reasons.
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
+//! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
+//!   imports, care windows.
 //! - [`app`]: wiring shared by `main`, tests, benches and [`demo`].
 //! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
+pub mod admin;
 pub mod app;
 pub mod broker;
 pub mod cloud;
@@ -26,6 +31,7 @@ pub mod ids;
 pub mod job;
 pub mod pipeline;
 pub mod policy;
+pub mod registry;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;

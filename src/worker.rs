@@ -62,13 +62,25 @@ pub async fn run(
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) -> Result<Drained, BrokerError> {
+    // Join the replica group and load the template registry before taking any job.
+    let upkeep_stop = CancellationToken::new();
+    let upkeep = pipeline.start(upkeep_stop.clone()).await;
     let lanes: Vec<Lane> = Lane::ALL
         .into_iter()
         .filter(|l| settings.lane_weights.get(l).copied().unwrap_or(0) > 0)
         .collect();
     let mut streams: BTreeMap<Lane, Stream<Delivery>> = BTreeMap::new();
     for lane in &lanes {
-        streams.insert(*lane, broker.consume(*lane, settings.prefetch).await?);
+        match broker.consume(*lane, settings.prefetch).await {
+            Ok(stream) => {
+                streams.insert(*lane, stream);
+            }
+            Err(e) => {
+                upkeep_stop.cancel();
+                pipeline.leave().await;
+                return Err(e);
+            }
+        }
     }
     let order = pick_order(
         &settings
@@ -164,6 +176,9 @@ pub async fn run(
             "grace period over; unsettled jobs return to their queues when the connection closes"
         );
     }
+    upkeep_stop.cancel();
+    let _ = upkeep.await;
+    pipeline.leave().await;
     match failure {
         Some(e) => Err(e),
         None => Ok(Drained { abandoned }),

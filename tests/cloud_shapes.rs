@@ -319,14 +319,16 @@ async fn the_workers_requests_match_metas_shape() {
 
     let settings = common::settings("shapes", &sim.base_url());
     let cloud = Arc::new(wa_sender::app::http_cloud(&settings).unwrap());
+    let store = Arc::new(MemoryStore::new());
     let pipeline = wa_sender::app::pipeline(
         &settings,
         cloud,
         Arc::new(MemoryBroker::new()),
-        Arc::new(MemoryStore::new()),
+        store.clone(),
         common::numbers(),
     )
     .unwrap();
+    pipeline.refresh_templates().await;
     let mut sent = 0;
     for entry in std::fs::read_dir(project_path("schemas/examples")).unwrap() {
         let path = entry.unwrap().path();
@@ -336,6 +338,9 @@ async fn the_workers_requests_match_metas_shape() {
         // Scheduled examples are sent now: this test is about shapes, not scheduling.
         let mut job = read_json(&path);
         job.as_object_mut().unwrap().remove("not_before");
+        // Each example's user has written and opted in: the policy lets every example through.
+        common::user_wrote(store.as_ref(), &job).await;
+        common::opted_in(store.as_ref(), &job).await;
         let envelope = Envelope {
             body: serde_json::to_vec(&job).unwrap().into(),
             headers: Headers::default(),

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorData};
 
-use crate::ids::{PhoneNumberId, Wamid};
+use crate::ids::{PhoneNumberId, WabaId, Wamid};
 use crate::job::Message;
+use crate::policy::template::TemplateDefinition;
 
 /// The body of a send request, exactly as Meta expects it.
 #[derive(Debug, Serialize)]
@@ -112,12 +113,42 @@ pub enum SendError {
     Ambiguous(String),
 }
 
-/// The Cloud API as the pipeline sees it.
+/// One page of `GET /{waba_id}/message_templates`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TemplatePage {
+    /// The templates on this page.
+    pub templates: Vec<TemplateDefinition>,
+    /// The cursor of the next page, if there is one.
+    pub after: Option<String>,
+}
+
+/// Why a management call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManagementError {
+    /// Meta answered with its error body.
+    #[error("cloud api error {}: {}", .0.code, .0.details())]
+    Api(Box<ApiError>),
+    /// Transport failure or an answer that is not Meta's shape.
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// The Cloud API as wa-sender sees it.
 #[async_trait]
 pub trait CloudApi: Send + Sync {
     /// Sends one message.
     async fn send(&self, request: SendRequest) -> Result<Accepted, SendError>;
+    /// One page of a WABA's message templates (`after`: the cursor of the page before).
+    async fn templates(
+        &self,
+        waba: &WabaId,
+        token: &SecretString,
+        after: Option<&str>,
+    ) -> Result<TemplatePage, ManagementError>;
 }
+
+/// The fields the template registry needs.
+pub const TEMPLATE_FIELDS: &str = "name,language,status,category,parameter_format,components";
 
 /// Settings for [`HttpCloud`].
 #[derive(Debug, Clone)]
@@ -182,6 +213,64 @@ impl CloudApi for HttpCloud {
             .await
             .map_err(|e| SendError::Ambiguous(format!("reading the answer failed: {e}")))?;
         interpret(status.as_u16(), &body)
+    }
+
+    async fn templates(
+        &self,
+        waba: &WabaId,
+        token: &SecretString,
+        after: Option<&str>,
+    ) -> Result<TemplatePage, ManagementError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            data: Vec<TemplateDefinition>,
+            #[serde(default)]
+            paging: Option<Paging>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Paging {
+            #[serde(default)]
+            cursors: Option<Cursors>,
+            #[serde(default)]
+            next: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Cursors {
+            #[serde(default)]
+            after: Option<String>,
+        }
+        let url = format!("{}/{waba}/message_templates", self.messages_url_prefix);
+        let mut query = vec![("fields", TEMPLATE_FIELDS), ("limit", "100")];
+        if let Some(after) = after {
+            query.push(("after", after));
+        }
+        let transport = |e: reqwest::Error| ManagementError::Transport(e.to_string());
+        let response = self
+            .client
+            .get(url)
+            .bearer_auth(token.expose_secret())
+            .query(&query)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(transport)?;
+        if let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(&body) {
+            return Err(ManagementError::Api(Box::new(error)));
+        }
+        let page: Page = serde_json::from_slice(&body).map_err(|e| {
+            ManagementError::Transport(format!("HTTP {status}: not a template list: {e}"))
+        })?;
+        // Meta gives `next` only when there is a next page; the cursor alone is always there.
+        let after = page
+            .paging
+            .filter(|p| p.next.is_some())
+            .and_then(|p| p.cursors)
+            .and_then(|c| c.after);
+        Ok(TemplatePage {
+            templates: page.data,
+            after,
+        })
     }
 }
 

@@ -3,17 +3,19 @@
 //! [`Pipeline::process_one`] takes a delivery and settles it exactly once; everything before
 //! [`Pipeline::settle`] only *decides* (an [`Outcome`]), so every path ends in one place.
 
+mod pacer;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap};
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tracing::{Instrument, debug, error, warn};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, warn};
 
+pub use pacer::{Pacer, share};
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::broker::{
@@ -24,14 +26,16 @@ use crate::cloud::{CloudApi, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
 use crate::event::{DeadReason, ErrorSource, Event, EventError};
 use crate::ids::{PhoneNumberId, WabaId};
-use crate::job::{self, DeliveryMode, Lane, SendJob};
-use crate::policy::{self, Action, DelayTiers, RetryPolicy, Scope};
-use crate::store::{Claim, JobKey, Store, StoreError, WamidRecord};
+use crate::job::{self, Body, DeliveryMode, Lane, Message, SendJob};
+use crate::policy::admission::{self, DeadWhy, OptInPolicy, PairRate, TemplateUse, Verdict};
+use crate::policy::{self, Action, DelayTiers, RetryPolicy, Scope, template};
+use crate::registry::Registry;
+use crate::store::{Heartbeat, JobKey, Store, StoreError, Subject, WamidRecord};
 use crate::telemetry;
 
 /// How long a throttled job waits before it is tried again.
 const THROTTLE_WAIT: Duration = Duration::from_secs(1);
-/// How long a job claimed by another live worker waits.
+/// How long a job waits when the store cannot be reached.
 const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// How often an at-most-once job with an unknown outcome looks for its webhook.
 const AMBIGUOUS_RECHECK: Duration = Duration::from_secs(30);
@@ -100,6 +104,46 @@ pub struct PipelineSettings {
     pub retry: RetryPolicy,
     /// Delay queues.
     pub tiers: DelayTiers,
+    /// Admission rules.
+    pub admission: AdmissionSettings,
+    /// Throughput sharing among replicas.
+    pub pacing: PacingSettings,
+}
+
+/// The rules admission applies (besides what the store holds).
+#[derive(Debug, Clone)]
+pub struct AdmissionSettings {
+    /// Categories that need an opt-in outside the care window.
+    pub opt_in: OptInPolicy,
+    /// The pair rate.
+    pub pair: PairRate,
+    /// Messaging tier per portfolio (`None`: unlimited).
+    pub tiers: BTreeMap<WabaId, Option<u32>>,
+    /// Tier of a portfolio not listed.
+    pub default_tier: Option<u32>,
+    /// How often the template registry is re-read from the management API.
+    pub template_refresh: Duration,
+    /// How long a job of a paused campaign waits before it looks again.
+    pub campaign_recheck: Duration,
+    /// How long a job for a paused template waits before it looks again.
+    pub template_recheck: Duration,
+}
+
+/// How replicas share each number's throughput.
+#[derive(Debug, Clone)]
+pub struct PacingSettings {
+    /// The replicas' group.
+    pub group: String,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// A replica silent this long is gone.
+    pub replica_ttl: Duration,
+    /// Longest in-place wait for a token; longer waits become deferrals.
+    pub max_wait: Duration,
+    /// Share of the limit used.
+    pub headroom: f64,
+    /// How long a 130429 halves the share.
+    pub throttle_cooldown: Duration,
 }
 
 /// A send-time error that stops a whole number, account or token for a while.
@@ -117,7 +161,8 @@ pub struct Pipeline {
     broker: Arc<dyn Broker>,
     store: Arc<dyn Store>,
     numbers: BTreeMap<PhoneNumberId, Number>,
-    limiters: HashMap<PhoneNumberId, DefaultDirectRateLimiter>,
+    pacer: Pacer,
+    registry: Registry,
     halts: Mutex<HashMap<HaltKey, Instant>>,
     settings: PipelineSettings,
     stats: Arc<Stats>,
@@ -132,25 +177,18 @@ impl Pipeline {
         numbers: BTreeMap<PhoneNumberId, Number>,
         settings: PipelineSettings,
     ) -> Self {
-        let limiters = numbers
-            .iter()
-            .map(|(id, n)| {
-                // CORRECTNESS: Meta counts sends in any 1 s window. A bucket of `burst` refilled
-                // at `rate`/s admits at most burst + rate in one second, so rate = limit - burst.
-                let burst = (n.throughput_mps / 10).max(1);
-                let rate = n.throughput_mps.saturating_sub(burst).max(1);
-                let quota = Quota::with_period(Duration::from_secs(1) / rate)
-                    .expect("period above zero")
-                    .allow_burst(NonZeroU32::new(burst).expect("burst at least 1"));
-                (id.clone(), RateLimiter::direct(quota))
-            })
-            .collect();
+        let pacer = Pacer::new(
+            &numbers,
+            settings.pacing.headroom,
+            settings.pacing.throttle_cooldown,
+        );
         Pipeline {
             cloud,
             broker,
             store,
             numbers,
-            limiters,
+            pacer,
+            registry: Registry::new(),
             halts: Mutex::new(HashMap::new()),
             settings,
             stats: Arc::new(Stats::default()),
@@ -160,6 +198,100 @@ impl Pipeline {
     /// Counters and latencies of this replica.
     pub fn stats(&self) -> Arc<Stats> {
         Arc::clone(&self.stats)
+    }
+
+    /// This replica's pacing (shares of each number's throughput).
+    pub fn pacer(&self) -> &Pacer {
+        &self.pacer
+    }
+
+    /// Joins the replica group and loads the template registry; then keeps both fresh until
+    /// `stop`. Call before consuming: a replica takes its share only once the others know of it.
+    pub async fn start(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let replicas = self.heartbeat().await;
+        self.refresh_templates().await;
+        if replicas > 1 {
+            // The others hear of this replica at their next heartbeat; until then they still
+            // use the larger share, so this one waits before taking its own.
+            tokio::time::sleep(self.settings.pacing.heartbeat + Duration::from_millis(300)).await;
+            self.heartbeat().await;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(this.settings.pacing.heartbeat);
+            let tick = this
+                .settings
+                .admission
+                .template_refresh
+                .min(Duration::from_secs(30));
+            let mut templates = tokio::time::interval(tick);
+            beat.tick().await;
+            templates.tick().await;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    _ = beat.tick() => { this.heartbeat().await; }
+                    _ = templates.tick() => this.refresh_templates().await,
+                }
+            }
+        })
+    }
+
+    /// Leaves the replica group (after draining), so the others take over this share at once.
+    pub async fn leave(&self) {
+        let group = &self.settings.pacing.group;
+        if let Err(e) = self.store.leave(group, &self.settings.owner).await {
+            warn!(error = %e, "could not leave the replica group; the others notice when its heartbeat expires");
+        }
+    }
+
+    /// Says this replica is alive and applies what it learns; returns the live replicas.
+    async fn heartbeat(&self) -> u32 {
+        let numbers: Vec<PhoneNumberId> = self.numbers.keys().cloned().collect();
+        let beat = Heartbeat {
+            group: &self.settings.pacing.group,
+            replica: &self.settings.owner,
+            now: Utc::now(),
+            ttl: self.settings.pacing.replica_ttl,
+            numbers: &numbers,
+        };
+        match self.store.heartbeat(&beat).await {
+            Ok(live) => {
+                let before = self.pacer.replicas();
+                self.pacer.update(&live);
+                if live.replicas != before {
+                    info!(
+                        replicas = live.replicas,
+                        "live replicas changed; throughput shares follow"
+                    );
+                }
+                live.replicas
+            }
+            Err(e) => {
+                warn!(error = %e, "heartbeat failed; keeping the last known shares");
+                self.pacer.replicas()
+            }
+        }
+    }
+
+    /// Syncs the template registry (one replica per refresh period) and loads it.
+    pub async fn refresh_templates(&self) {
+        let mut wabas: BTreeMap<WabaId, SecretString> = BTreeMap::new();
+        for n in self.numbers.values() {
+            wabas
+                .entry(n.waba.clone())
+                .or_insert_with(|| n.token.clone());
+        }
+        self.registry
+            .refresh(
+                self.cloud.as_ref(),
+                self.store.as_ref(),
+                &wabas,
+                &self.settings.owner,
+                self.settings.admission.template_refresh,
+            )
+            .await;
     }
 
     /// Decides and settles one delivery. Never panics on bad input; the only error is a broker
@@ -228,22 +360,17 @@ impl Pipeline {
             );
             return dead(DeadReason::UnknownSender, detail, job);
         };
-        if let Some(expires_at) = job.expires_at
-            && expires_at <= now
-        {
-            return dead(
-                DeadReason::Expired,
-                format!("expires_at {expires_at} passed before it could be sent"),
-                job,
-            );
-        }
         let due = envelope
             .headers
             .get_str(H_DUE)
             .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
             .map(|d| d.with_timezone(&Utc));
-        if let Some(not_before) = job.not_before.into_iter().chain(due).max()
+        let not_before = job.not_before.into_iter().chain(due).max();
+        // A scheduled job that came back early from a delay queue waits again without touching
+        // the store or a throughput token (admission would say the same).
+        if let Some(not_before) = not_before
             && not_before > now
+            && job.expires_at.is_none_or(|e| e > now)
         {
             return later(not_before, "not_before", job);
         }
@@ -251,32 +378,95 @@ impl Pipeline {
             return later(until, "sending halted", job);
         }
 
+        // 10. pace first: the send must follow admission at once, or the pair rate admitted at
+        // one time would be spent at another. A token taken by a job admission then refuses is
+        // lost; that only slows a number whose jobs are being refused.
+        if !self
+            .pacer
+            .wait(&job.phone_number_id, self.settings.pacing.max_wait)
+            .await
+        {
+            let due = now + self.settings.pacing.max_wait;
+            return later(due, "throughput share of this number busy", job);
+        }
+
+        // 2-9. admission: one round trip, atomic across replicas.
         let key = JobKey {
             waba: number.waba.clone(),
             job_id: job.job_id.clone(),
         };
         let mode = job.delivery_mode(lane);
-        let claim = self
-            .store
-            .claim(
-                &key,
-                &self.settings.owner,
-                now,
-                self.settings.claim_lease,
-                mode == DeliveryMode::AtLeastOnce,
-            )
-            .await;
-        match claim {
-            Ok(Claim::Fresh) => {}
-            Ok(Claim::Sent(wamid)) => {
+        let (template, free_form) = match &job.message.body {
+            Body::Template(t) => (Some(t), false),
+            _ => (job.fallback_template.as_ref(), true),
+        };
+        let subject = Subject {
+            job: key.clone(),
+            number: job.phone_number_id.clone(),
+            to: job.to.clone(),
+            campaign: job.campaign_id.clone(),
+            template: template.map(|t| (t.name.clone(), t.language.code.clone())),
+        };
+        let request = admission::Request {
+            owner: self.settings.owner.clone(),
+            now: truncate_to_millis(Utc::now()),
+            lease: self.settings.claim_lease,
+            retake_ambiguous: mode == DeliveryMode::AtLeastOnce,
+            expires_at: job.expires_at,
+            not_before,
+            free_form,
+            template: template.map(|t| TemplateUse {
+                fallback: free_form,
+                params: self
+                    .registry
+                    .get(&number.waba, &t.name, &t.language.code)
+                    .and_then(|def| template::check(&def, t)),
+            }),
+            opt_in: self.settings.admission.opt_in,
+            tier_limit: self
+                .settings
+                .admission
+                .tiers
+                .get(&number.waba)
+                .copied()
+                .unwrap_or(self.settings.admission.default_tier),
+            pair: self.settings.admission.pair,
+            campaign_recheck: self.settings.admission.campaign_recheck,
+            template_recheck: self.settings.admission.template_recheck,
+        };
+        let send_fallback = match self.store.admit(&subject, &request).await {
+            Ok(Verdict::Send { fallback }) => fallback,
+            Ok(Verdict::AlreadySent(wamid)) => {
                 self.stats.count_duplicate_avoided();
                 let mut event = Event::for_job("message.accepted", &job);
                 event.wamid = Some(wamid.to_string());
                 return Outcome::AlreadyDone(Some(Box::new(event)));
             }
-            Ok(Claim::Dead) => return Outcome::AlreadyDone(None),
-            Ok(Claim::Busy) => return later(now + BUSY_WAIT, "claimed by another worker", job),
-            Ok(Claim::Ambiguous(since)) => {
+            Ok(Verdict::AlreadyDead) => return Outcome::AlreadyDone(None),
+            Ok(Verdict::Defer { until, why }) => {
+                return Outcome::Later(Later {
+                    due: until,
+                    attempts,
+                    why: why.label().into(),
+                    error: Some(EventError {
+                        code: None,
+                        title: why.label().into(),
+                        details: why.to_string(),
+                        source: ErrorSource::Policy,
+                    }),
+                    job: Some(Box::new(job)),
+                });
+            }
+            Ok(Verdict::Dead(why)) => {
+                let detail = match (&why, template) {
+                    (DeadWhy::TemplateUnknown | DeadWhy::TemplateNotApproved { .. }, Some(t)) => {
+                        format!("template {} ({}): {why}", t.name, t.language.code)
+                    }
+                    _ => why.to_string(),
+                };
+                return dead(why.reason(), detail, job);
+            }
+            Ok(Verdict::Ambiguous(since)) => {
                 let waited = now
                     .signed_duration_since(since)
                     .to_std()
@@ -296,17 +486,23 @@ impl Pipeline {
                 );
             }
             Err(e) => return self.store_unavailable(e, job, attempts),
-        }
-
-        // pace: this replica's share of the number's throughput.
-        if let Some(limiter) = self.limiters.get(&job.phone_number_id) {
-            limiter.until_ready().await;
-        }
+        };
 
         // send
+        let fallback_message;
+        let message = match (&job.fallback_template, send_fallback) {
+            (Some(t), true) => {
+                fallback_message = Message {
+                    body: Body::Template(t.clone()),
+                    context: None,
+                };
+                &fallback_message
+            }
+            _ => &job.message,
+        };
         let body = serde_json::to_vec(&OutboundMessage::new(
             job.to.as_str(),
-            &job.message,
+            message,
             job.job_id.as_str(),
         ))
         .expect("a validated message always serialises");
@@ -434,7 +630,16 @@ impl Pipeline {
         match action {
             Action::Retry => self.retry(job, attempts, error),
             // A throttle is not the job's fault: it does not use up an attempt.
-            Action::Throttle(_) => wait(THROTTLE_WAIT, "throttled", attempts - 1),
+            Action::Throttle(scope) => {
+                if scope == Scope::Number {
+                    warn!(
+                        cooldown_s = self.settings.pacing.throttle_cooldown.as_secs(),
+                        "130429 from Meta: halving this replica's share of the number for a while"
+                    );
+                    self.pacer.throttled(&job.phone_number_id);
+                }
+                wait(THROTTLE_WAIT, "throttled", attempts - 1)
+            }
             Action::Halt(scope) => {
                 let halt_key = match scope {
                     Scope::Number | Scope::Pair => HaltKey::Number(job.phone_number_id.clone()),
@@ -646,6 +851,11 @@ impl Pipeline {
         });
         self.publish_event(&event).await
     }
+}
+
+/// The store keeps milliseconds; deciding on the same precision keeps both stores equal.
+fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 /// Settlement failed; the delivery was returned to its queue.

@@ -21,6 +21,10 @@ pub struct AcceptedSend {
     pub job_id: Option<String>,
     /// The wamid given.
     pub wamid: String,
+    /// The WABA of the sending number (its portfolio's messaging tier).
+    pub waba_id: String,
+    /// The user's care window was closed: the send counts against the messaging tier.
+    pub outside_window: bool,
     /// Milliseconds since the simulator started.
     pub at_ms: u64,
     #[serde(skip)]
@@ -126,6 +130,17 @@ impl Audit {
                 )
             })
             .collect()
+    }
+
+    /// Unique users a WABA's numbers sent to outside their care window (Meta's messaging tier
+    /// counts these per rolling 24 h; a simulator run is shorter than that).
+    pub fn unique_outside_window(&self, waba_id: &str) -> usize {
+        self.accepted
+            .iter()
+            .filter(|s| s.outside_window && s.waba_id == waba_id)
+            .map(|s| s.to.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     /// Position (0-based) of a job among accepted sends.

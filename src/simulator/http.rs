@@ -359,6 +359,8 @@ fn accept(
         kind: envelope.message.body.kind().to_owned(),
         job_id: envelope.job_id.clone(),
         wamid: wamid.clone(),
+        waba_id: number.waba_id.clone(),
+        outside_window: !window_open,
         at_ms: 0,
         at: None,
     };

@@ -17,9 +17,11 @@ use wa_sender::broker::rabbit::RabbitBroker;
 use wa_sender::broker::{Broker, BrokerError, Stream, Tap, Tapped};
 use wa_sender::config::{Number, Settings};
 use wa_sender::event::Event;
-use wa_sender::ids::{PhoneNumberId, WabaId};
+use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
 use wa_sender::job::Lane;
+use wa_sender::policy::admission::Mark;
 use wa_sender::simulator::{Scenario, Simulator};
+use wa_sender::store::Store;
 use wa_sender::store::redis::RedisStore;
 use wa_sender::worker::Drained;
 
@@ -44,6 +46,11 @@ pub fn settings(prefix: &str, simulator_url: &str) -> Settings {
         .merge(Serialized::default(
             &format!("numbers.{NUMBER}.throughput_mps"),
             1000,
+        ))
+        // Tests about other things must not run into a new portfolio's 250 users a day.
+        .merge(Serialized::default(
+            "policy.messaging_limits",
+            json!({"default": "unlimited"}),
         ));
     Settings::from_figment(figment).expect("test settings are valid")
 }
@@ -64,8 +71,7 @@ pub struct TestApp {
     pub events: Stream<Tapped>,
     pub dead: Stream<Tapped>,
     pub seen: Vec<Event>,
-    shutdown: Option<CancellationToken>,
-    worker: Option<JoinHandle<Result<Drained, BrokerError>>>,
+    workers: Vec<(CancellationToken, JoinHandle<Result<Drained, BrokerError>>)>,
 }
 
 /// Connects to the real RabbitMQ and Redis with a unique prefix, starts a simulator, and taps
@@ -97,8 +103,7 @@ pub async fn spawn_app(test: &str, tweak: impl FnOnce(&mut Settings, &mut Scenar
         events,
         dead,
         seen: Vec::new(),
-        shutdown: None,
-        worker: None,
+        workers: Vec::new(),
     }
 }
 
@@ -134,38 +139,81 @@ pub fn text_job(job_id: &str) -> Value {
     )
 }
 
+fn job_to(job: &Value) -> WaId {
+    WaId::parse(job["to"].as_str().expect("job has a recipient")).unwrap()
+}
+
+/// Records an inbound message from the job's recipient, as the webhook processor would.
+pub async fn user_wrote(store: &dyn Store, job: &Value) {
+    store
+        .record_inbound(
+            &WabaId::parse(WABA).unwrap(),
+            &PhoneNumberId::parse(NUMBER).unwrap(),
+            &job_to(job),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Records an opt-in for the job's recipient.
+pub async fn opted_in(store: &dyn Store, job: &Value) {
+    let mark = Mark {
+        at: chrono::Utc::now(),
+        source: "test".into(),
+    };
+    store
+        .record_opt_ins(&WabaId::parse(WABA).unwrap(), &[(job_to(job), mark)])
+        .await
+        .unwrap();
+}
+
 impl TestApp {
     pub fn start_worker(&mut self) {
+        let (broker, store) = (self.broker.clone(), self.store.clone());
+        self.run_worker(broker, store);
+    }
+
+    /// Starts one more replica with its own RabbitMQ and Redis connections, as a separate
+    /// process would have.
+    pub async fn start_replica(&mut self) {
+        let (broker, store) = wa_sender::app::connect(&self.settings).await.unwrap();
+        self.run_worker(broker, store);
+    }
+
+    fn run_worker(&mut self, broker: Arc<RabbitBroker>, store: Arc<RedisStore>) {
         let cloud = Arc::new(wa_sender::app::http_cloud(&self.settings).unwrap());
         let pipeline = Arc::new(
             wa_sender::app::pipeline(
                 &self.settings,
                 cloud,
-                self.broker.clone(),
-                self.store.clone(),
-                numbers(),
+                broker.clone(),
+                store,
+                self.settings.resolve_numbers().unwrap(),
             )
             .unwrap(),
         );
         let shutdown = CancellationToken::new();
         let worker = tokio::spawn(wa_sender::worker::run(
             pipeline,
-            self.broker.clone(),
+            broker,
             wa_sender::app::worker_settings(&self.settings),
             shutdown.clone(),
         ));
-        self.shutdown = Some(shutdown);
-        self.worker = Some(worker);
+        self.workers.push((shutdown, worker));
     }
 
+    /// Stops every worker; returns how the first one drained.
     pub async fn stop_worker(&mut self) -> Drained {
-        self.shutdown.take().expect("worker running").cancel();
-        self.worker
-            .take()
-            .unwrap()
-            .await
-            .unwrap()
-            .expect("worker drains")
+        for (shutdown, _) in &self.workers {
+            shutdown.cancel();
+        }
+        let mut first = None;
+        for (_, worker) in self.workers.drain(..) {
+            let drained = worker.await.unwrap().expect("worker drains");
+            first.get_or_insert(drained);
+        }
+        first.expect("a worker was running")
     }
 
     pub async fn enqueue(&self, lane: Lane, body: impl Into<Vec<u8>>) {
@@ -176,6 +224,22 @@ impl TestApp {
 
     pub async fn enqueue_json(&self, lane: Lane, job: &Value) {
         self.enqueue(lane, serde_json::to_vec(job).unwrap()).await;
+    }
+
+    /// The job's recipient has just written to the number: its care window is open.
+    pub async fn user_wrote(&self, job: &Value) {
+        user_wrote(self.store.as_ref(), job).await;
+    }
+
+    /// The job's recipient opted in (so business-initiated templates may go).
+    pub async fn opted_in(&self, job: &Value) {
+        opted_in(self.store.as_ref(), job).await;
+    }
+
+    /// Enqueues a reply: a free-form job to a user who has just written.
+    pub async fn enqueue_reply(&self, lane: Lane, job: &Value) {
+        self.user_wrote(job).await;
+        self.enqueue_json(lane, job).await;
     }
 
     /// Waits for the first event (seen before or arriving within `timeout`) matching `pred`.
