@@ -1,7 +1,7 @@
 //! The `wa-sender` binary: parses the command line, loads settings, installs telemetry and runs
 //! one subcommand. Bad configuration exits with code 64 and names the key.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,12 +10,18 @@ use clap::{Parser, Subcommand};
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
+use wa_sender::admin::http::AdminServer;
+use wa_sender::admin::import::{self, ImportError};
+use wa_sender::admin::{Admin, AdminError, ConsentChange};
 use wa_sender::config::Settings;
 use wa_sender::job::Lane;
+use wa_sender::policy::admission::CampaignState;
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
 
-/// Exit code for configuration errors (EX_USAGE).
+/// Exit code for configuration errors and bad arguments (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Exit code when an import skipped bad lines or could not read its file (EX_DATAERR).
+const EXIT_DATA: u8 = 65;
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +89,118 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+    /// Serve the admin HTTP API (campaigns, consent, care windows) until SIGTERM/SIGINT.
+    Admin {
+        /// Listen address (default: admin.listen).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Pause, resume or cancel a campaign in every configured WABA, or show its state.
+    Campaign {
+        #[command(subcommand)]
+        action: CampaignAction,
+    },
+    /// Record a user's opt-in or opt-out, or import opt-ins from a CSV file.
+    Consent {
+        #[command(subcommand)]
+        action: ConsentAction,
+    },
+    /// Open a user's care window by hand (tests, migrations).
+    Window {
+        #[command(subcommand)]
+        action: WindowAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CampaignAction {
+    /// Its jobs wait until it is resumed.
+    Pause {
+        /// The campaign id.
+        id: String,
+    },
+    /// Its jobs send again.
+    Resume {
+        /// The campaign id.
+        id: String,
+    },
+    /// Its remaining jobs are dead-lettered `campaign_cancelled`.
+    Cancel {
+        /// The campaign id.
+        id: String,
+    },
+    /// Show its state per WABA.
+    Status {
+        /// The campaign id.
+        id: String,
+    },
+}
+
+/// Which WABA a consent command is for, and where the consent came from.
+#[derive(clap::Args)]
+struct ConsentTarget {
+    /// The WABA (required when more than one is configured).
+    #[arg(long)]
+    waba: Option<String>,
+    /// Where the consent came from (default: admin).
+    #[arg(long)]
+    source: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ConsentAction {
+    /// Record an opt-in.
+    OptIn {
+        /// The user, E.164 with or without +.
+        wa_id: String,
+        #[command(flatten)]
+        target: ConsentTarget,
+    },
+    /// Record a marketing opt-out.
+    OptOut {
+        /// The user, E.164 with or without +.
+        wa_id: String,
+        #[command(flatten)]
+        target: ConsentTarget,
+    },
+    /// Withdraw a marketing opt-out (the user resumed).
+    Resume {
+        /// The user, E.164 with or without +.
+        wa_id: String,
+        /// The WABA (required when more than one is configured).
+        #[arg(long)]
+        waba: Option<String>,
+    },
+    /// Import opt-ins from CSV: a header row, then wa_id, opted_in_at (RFC 3339, optional),
+    /// source (optional). Exits 65 when some lines were rejected.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// The WABA (required when more than one is configured).
+        #[arg(long)]
+        waba: Option<String>,
+        /// Source for lines without one (default: csv:<file name>).
+        #[arg(long)]
+        source: Option<String>,
+        /// Write the rejected lines here as CSV (line, wa_id, error).
+        #[arg(long)]
+        errors: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WindowAction {
+    /// Record an inbound message from the user: the care window runs 24 h from it.
+    Open {
+        /// The business number (phone_number_id), as configured.
+        #[arg(long)]
+        number: String,
+        /// The user, E.164 with or without +.
+        wa_id: String,
+        /// When the user wrote, RFC 3339 (default: now).
+        #[arg(long)]
+        at: Option<String>,
+    },
 }
 
 fn parse_lane(s: &str) -> Result<Lane, String> {
@@ -111,6 +229,10 @@ fn main() -> ExitCode {
         Err(e) if is_configuration_error(&e) => {
             eprintln!("wa-sender: {e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) if is_data_error(&e) => {
+            eprintln!("wa-sender: {e}");
+            ExitCode::from(EXIT_DATA)
         }
         Err(e) => {
             eprintln!("wa-sender: {e:#}");
@@ -227,7 +349,108 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             println!("{}", wa_sender::demo::render(&summary));
             Ok(())
         }
+        Command::Admin { listen } => {
+            // The token first: without one, refuse before connecting to anything.
+            let token = settings.admin_token()?;
+            let admin = wa_sender::app::admin(&settings).await?;
+            let listen = listen.unwrap_or(settings.admin.listen.clone());
+            let server = AdminServer::bind(&listen, admin, &token)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            info!(addr = %server.addr()?, "admin API listening");
+            server.run_until_stopped(shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Campaign { action } => {
+            let admin = wa_sender::app::admin(&settings).await?;
+            let status = match action {
+                CampaignAction::Pause { id } => {
+                    admin.set_campaign(&id, CampaignState::Paused).await
+                }
+                CampaignAction::Resume { id } => {
+                    admin.set_campaign(&id, CampaignState::Active).await
+                }
+                CampaignAction::Cancel { id } => {
+                    admin.set_campaign(&id, CampaignState::Cancelled).await
+                }
+                CampaignAction::Status { id } => admin.campaign(&id).await,
+            };
+            print_json(&status?)
+        }
+        Command::Consent { action } => {
+            let admin = wa_sender::app::admin(&settings).await?;
+            let status = match &action {
+                ConsentAction::OptIn { wa_id, target } => {
+                    admin.opt_in(consent_change(wa_id, target)).await?
+                }
+                ConsentAction::OptOut { wa_id, target } => {
+                    admin.opt_out(consent_change(wa_id, target)).await?
+                }
+                ConsentAction::Resume { wa_id, waba } => {
+                    admin.resume(waba.as_deref(), wa_id).await?
+                }
+                ConsentAction::Import {
+                    file,
+                    waba,
+                    source,
+                    errors,
+                } => {
+                    return import_consent(
+                        &admin,
+                        file,
+                        waba.as_deref(),
+                        source.as_deref(),
+                        errors.as_deref(),
+                    )
+                    .await;
+                }
+            };
+            print_json(&status)
+        }
+        Command::Window {
+            action: WindowAction::Open { number, wa_id, at },
+        } => {
+            let admin = wa_sender::app::admin(&settings).await?;
+            print_json(&admin.open_window(&number, &wa_id, at.as_deref()).await?)
+        }
     }
+}
+
+/// Imports, prints a one-line summary, and fails with [`ImportError::Rejected`] (exit 65) when
+/// some lines were skipped.
+async fn import_consent(
+    admin: &Admin,
+    file: &Path,
+    waba: Option<&str>,
+    source: Option<&str>,
+    errors: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (waba, report) = import::import_file(admin, file, waba, source, errors).await?;
+    let reasons = match errors {
+        Some(path) if !report.rejected.is_empty() => format!(" (reasons in {})", path.display()),
+        _ => String::new(),
+    };
+    println!(
+        "imported {} opt-ins into WABA {waba}, skipped {} of {} lines{reasons}",
+        report.imported,
+        report.rejected.len(),
+        report.lines,
+    );
+    Ok(report.check()?)
+}
+
+fn consent_change<'a>(wa_id: &'a str, target: &'a ConsentTarget) -> ConsentChange<'a> {
+    ConsentChange {
+        waba_id: target.waba.as_deref(),
+        wa_id,
+        source: target.source.as_deref(),
+        at: None,
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }
 
 /// The configured numbers, each with the default templates, as a scenario.
@@ -261,9 +484,25 @@ fn configured_scenario(settings: &Settings) -> Scenario {
     scenario
 }
 
-/// Bad settings or a bad scenario file: the operator's to fix, exit 64.
+/// Bad settings, a bad scenario file or a bad admin argument: the operator's to fix, exit 64.
 fn is_configuration_error(e: &anyhow::Error) -> bool {
     e.downcast_ref::<wa_sender::config::ConfigError>().is_some()
         || e.downcast_ref::<wa_sender::simulator::ScenarioError>()
             .is_some()
+        || matches!(
+            e.downcast_ref::<AdminError>(),
+            Some(AdminError::Invalid { .. })
+        )
+        || matches!(
+            e.downcast_ref::<ImportError>(),
+            Some(ImportError::Argument(AdminError::Invalid { .. }))
+        )
+}
+
+/// An import whose file is unreadable, has a bad header or has bad lines: exit 65.
+fn is_data_error(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ImportError>(),
+        Some(ImportError::Read { .. } | ImportError::Header(_) | ImportError::Rejected { .. })
+    )
 }

@@ -1,0 +1,309 @@
+//! The admin API over HTTP (axum): JSON in and out, every route behind a bearer token. Bad input
+//! is a 400 naming the field, a missing or wrong token a 401, a store failure a 503; the body of
+//! every error is `{"error": "...", "field": "..."}` (`field` only when one is to blame).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::{Admin, AdminError, ConsentChange};
+use crate::policy::admission::CampaignState;
+
+/// The admin API, bound to its address and ready to serve.
+pub struct AdminServer {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl AdminServer {
+    /// Binds `listen` (`127.0.0.1:0` for a free port) and builds the routes.
+    pub async fn bind(
+        listen: &str,
+        admin: Admin,
+        token: &SecretString,
+    ) -> std::io::Result<AdminServer> {
+        let listener = TcpListener::bind(listen).await?;
+        Ok(AdminServer {
+            listener,
+            router: router(admin, token),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then finishes the requests in flight.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    admin: Admin,
+    /// SHA-256 of the token: comparing digests takes the same time whatever the presented
+    /// token's length, so neither the token nor its length leaks through timing.
+    token_digest: Arc<[u8; 32]>,
+}
+
+/// The routes, every one (and the 404 fallback) behind the bearer token.
+pub fn router(admin: Admin, token: &SecretString) -> Router {
+    let state = AppState {
+        admin,
+        token_digest: Arc::new(Sha256::digest(token.expose_secret().as_bytes()).into()),
+    };
+    Router::new()
+        .route("/v1/campaigns/{id}", get(campaign))
+        .route("/v1/campaigns/{id}/pause", post(pause))
+        .route("/v1/campaigns/{id}/resume", post(resume))
+        .route("/v1/campaigns/{id}/cancel", post(cancel))
+        .route("/v1/consent/opt-in", post(opt_in))
+        .route("/v1/consent/opt-out", post(opt_out))
+        .route("/v1/consent/{waba_id}/{wa_id}", get(consent))
+        .route("/v1/windows", post(open_window))
+        .fallback(not_found)
+        // A layer (not a route layer) so that unknown paths answer 401 too: without the token
+        // nobody learns which routes exist.
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let authorized = presented.is_some_and(|token| {
+        let digest = Sha256::digest(token.as_bytes());
+        bool::from(digest.as_slice().ct_eq(state.token_digest.as_slice()))
+    });
+    if !authorized {
+        warn!(
+            path = %request.uri().path(),
+            presented = presented.is_some(),
+            "admin request refused: missing or wrong bearer token"
+        );
+        let mut response = ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            field: None,
+            message: "missing or wrong bearer token (Authorization: Bearer <admin.token>)".into(),
+        }
+        .into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"wa-sender admin\""),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
+/// An error answer: `{"error": message, "field": field}`.
+struct ApiError {
+    status: StatusCode,
+    field: Option<&'static str>,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.field {
+            Some(field) => json!({ "error": self.message, "field": field }),
+            None => json!({ "error": self.message }),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::Invalid { field, problem } => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                field: Some(field),
+                message: problem,
+            },
+            AdminError::Store(e) => {
+                warn!(error = %e, "admin request failed in the store");
+                ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    field: None,
+                    message: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        // axum's text names the offending field (`wa_id: invalid type: …`). Its 422 for a
+        // body that parses but does not fit is a 400 here: all bad input answers alike.
+        let status = match rejection {
+            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError {
+            status,
+            field: None,
+            message: rejection.body_text(),
+        }
+    }
+}
+
+type Answer<T> = Result<Json<T>, ApiError>;
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        field: None,
+        message: "no such route; see README \"Admin: campaigns, consent, windows\"".into(),
+    }
+}
+
+async fn campaign(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Answer<super::CampaignStatus> {
+    Ok(Json(s.admin.campaign(&id).await?))
+}
+
+async fn pause(s: State<AppState>, id: Path<String>) -> Answer<super::CampaignStatus> {
+    set_campaign(s, id, CampaignState::Paused).await
+}
+
+async fn resume(s: State<AppState>, id: Path<String>) -> Answer<super::CampaignStatus> {
+    set_campaign(s, id, CampaignState::Active).await
+}
+
+async fn cancel(s: State<AppState>, id: Path<String>) -> Answer<super::CampaignStatus> {
+    set_campaign(s, id, CampaignState::Cancelled).await
+}
+
+async fn set_campaign(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    state: CampaignState,
+) -> Answer<super::CampaignStatus> {
+    Ok(Json(s.admin.set_campaign(&id, state).await?))
+}
+
+/// `POST /v1/consent/opt-in`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptInBody {
+    waba_id: Option<String>,
+    // Optional here so that its absence is answered as a 400 naming `wa_id`, like a bad value.
+    wa_id: Option<String>,
+    source: Option<String>,
+    at: Option<String>,
+}
+
+/// `POST /v1/consent/opt-out`; `"resume": true` withdraws the opt-out instead.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptOutBody {
+    waba_id: Option<String>,
+    wa_id: Option<String>,
+    source: Option<String>,
+    at: Option<String>,
+    #[serde(default)]
+    resume: bool,
+}
+
+async fn opt_in(
+    State(s): State<AppState>,
+    body: Result<Json<OptInBody>, JsonRejection>,
+) -> Answer<super::ConsentStatus> {
+    let Json(body) = body?;
+    let change = ConsentChange {
+        waba_id: body.waba_id.as_deref(),
+        wa_id: body.wa_id.as_deref().unwrap_or_default(),
+        source: body.source.as_deref(),
+        at: body.at.as_deref(),
+    };
+    Ok(Json(s.admin.opt_in(change).await?))
+}
+
+async fn opt_out(
+    State(s): State<AppState>,
+    body: Result<Json<OptOutBody>, JsonRejection>,
+) -> Answer<super::ConsentStatus> {
+    let Json(body) = body?;
+    let wa_id = body.wa_id.as_deref().unwrap_or_default();
+    if body.resume {
+        if body.source.is_some() || body.at.is_some() {
+            return Err(AdminError::Invalid {
+                field: if body.source.is_some() {
+                    "source"
+                } else {
+                    "at"
+                },
+                problem: "source and at do not apply to a resume (it deletes the opt-out)".into(),
+            }
+            .into());
+        }
+        return Ok(Json(s.admin.resume(body.waba_id.as_deref(), wa_id).await?));
+    }
+    let change = ConsentChange {
+        waba_id: body.waba_id.as_deref(),
+        wa_id,
+        source: body.source.as_deref(),
+        at: body.at.as_deref(),
+    };
+    Ok(Json(s.admin.opt_out(change).await?))
+}
+
+async fn consent(
+    State(s): State<AppState>,
+    Path((waba_id, wa_id)): Path<(String, String)>,
+) -> Answer<super::ConsentStatus> {
+    Ok(Json(s.admin.consent(Some(&waba_id), &wa_id).await?))
+}
+
+/// `POST /v1/windows`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowBody {
+    phone_number_id: Option<String>,
+    wa_id: Option<String>,
+    at: Option<String>,
+}
+
+async fn open_window(
+    State(s): State<AppState>,
+    body: Result<Json<WindowBody>, JsonRejection>,
+) -> Answer<super::WindowStatus> {
+    let Json(body) = body?;
+    let window = s
+        .admin
+        .open_window(
+            body.phone_number_id.as_deref().unwrap_or_default(),
+            body.wa_id.as_deref().unwrap_or_default(),
+            body.at.as_deref(),
+        )
+        .await?;
+    Ok(Json(window))
+}
