@@ -467,15 +467,10 @@ impl Settings {
             &self.cloud.access_token,
             &self.cloud.access_token_file,
         )?;
-        if self.numbers.is_empty() {
-            return Err(invalid(
-                "numbers",
-                "no business number is configured; add [numbers.<phone_number_id>] with waba_id",
-            ));
-        }
-        self.numbers
-            .iter()
-            .map(|(id, n)| {
+        self.number_wabas()?
+            .into_iter()
+            .map(|(id, waba)| {
+                let n = &self.numbers[id.as_str()];
                 let key = format!("numbers.{id}.access_token");
                 let token = match secret(&key, &n.access_token, &n.access_token_file)? {
                     Some(t) => t,
@@ -483,8 +478,8 @@ impl Settings {
                         invalid("cloud.access_token", "is not set: set WA_SENDER__CLOUD__ACCESS_TOKEN or WA_SENDER__CLOUD__ACCESS_TOKEN_FILE")
                     })?,
                 };
-                let waba = WabaId::parse(n.waba_id.clone()).map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
-                Ok((PhoneNumberId::parse(id.clone()).map_err(|e| invalid(&format!("numbers.{id}"), e))?, Number { waba, throughput_mps: n.throughput_mps, token }))
+                let throughput_mps = n.throughput_mps;
+                Ok((id, Number { waba, throughput_mps, token }))
             })
             .collect()
     }

@@ -219,8 +219,7 @@ impl Admin {
         waba_id: Option<&str>,
         wa_id: &str,
     ) -> Result<ConsentStatus, AdminError> {
-        let waba = self.waba(waba_id)?;
-        let to = parse_wa_id(wa_id).map_err(|e| invalid("wa_id", e))?;
+        let (waba, to) = self.user(waba_id, wa_id)?;
         self.store.record_opt_out(&waba, &to, None).await?;
         info!(waba = %waba, to = %to.masked(), "opt-out withdrawn");
         self.consent_of(waba, to).await
@@ -232,9 +231,15 @@ impl Admin {
         waba_id: Option<&str>,
         wa_id: &str,
     ) -> Result<ConsentStatus, AdminError> {
+        let (waba, to) = self.user(waba_id, wa_id)?;
+        self.consent_of(waba, to).await
+    }
+
+    /// The portfolio and the user a consent command is about.
+    fn user(&self, waba_id: Option<&str>, wa_id: &str) -> Result<(WabaId, WaId), AdminError> {
         let waba = self.waba(waba_id)?;
         let to = parse_wa_id(wa_id).map_err(|e| invalid("wa_id", e))?;
-        self.consent_of(waba, to).await
+        Ok((waba, to))
     }
 
     /// Opens the care window of `wa_id` with a configured number, as if the user had written at
