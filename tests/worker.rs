@@ -272,3 +272,57 @@ impl DepthOf for wa_sender::broker::rabbit::RabbitBroker {
         wa_sender::broker::Broker::depth(self, lane).await.unwrap()
     }
 }
+
+#[tokio::test]
+async fn an_otp_job_is_sent_promptly_while_a_campaign_saturates_its_number() {
+    let mut app = spawn_app("saturated", |settings, scenario| {
+        settings.worker.prefetch = 64;
+        settings.worker.concurrency = 64;
+        settings
+            .numbers
+            .get_mut(NUMBER)
+            .expect("the test number")
+            .throughput_mps = 20;
+        scenario.numbers[0].throughput_mps = Some(20);
+    })
+    .await;
+    for i in 0..300 {
+        app.enqueue_reply(Lane::Bulk, &text_job(&format!("sat-{i}")))
+            .await;
+    }
+    app.start_worker();
+    while app.simulator.audit().accepted.len() < 20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The campaign now fills every slot the number has; otp jobs arrive now and then.
+    let mut before = Vec::new();
+    for i in 0..8 {
+        before.push(app.simulator.audit().accepted.len());
+        app.enqueue_reply(
+            Lane::Otp,
+            &job(
+                &format!("otp-saturated-{i}"),
+                json!({"type": "text", "text": {"body": "123456"}}),
+            ),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    for i in 0..8 {
+        app.wait_job_event(&format!("otp-saturated-{i}"), "message.accepted")
+            .await;
+    }
+    app.stop_worker().await;
+    let audit = app.simulator.audit();
+    // Bulk books at most a quarter of the wait bound ahead (5 slots at 20 msg/s); an otp job
+    // takes the next free slot after those, instead of queueing behind a second of campaign.
+    let ahead: Vec<usize> = (0..8)
+        .map(|i| audit.position(&format!("otp-saturated-{i}")).unwrap() - before[i])
+        .collect();
+    assert!(
+        ahead.iter().all(|n| *n <= 10),
+        "bulk sends that went before each otp job: {ahead:?}"
+    );
+    assert_eq!(audit.error_count(130429), 0);
+    app.cleanup().await;
+}

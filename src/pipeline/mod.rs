@@ -379,15 +379,17 @@ impl Pipeline {
         }
 
         // 10. pace first: the send must follow admission at once, or the pair rate admitted at
-        // one time would be spent at another. A token taken by a job admission then refuses is
+        // one time would be spent at another. A slot taken by a job admission then refuses is
         // lost; that only slows a number whose jobs are being refused.
+        let urgent = lane == Lane::Otp;
+        let max_wait = self.settings.pacing.max_wait;
         if !self
             .pacer
-            .wait(&job.phone_number_id, self.settings.pacing.max_wait)
+            .wait(&job.phone_number_id, max_wait, urgent)
             .await
         {
             let due = now + self.settings.pacing.max_wait;
-            return later(due, "throughput share of this number busy", job);
+            return later(due, "throughput_busy", job);
         }
 
         // 2-9. admission: one round trip, atomic across replicas.

@@ -33,6 +33,8 @@ struct Pace {
     rate: f64,
     /// The next free send slot of this replica for the number.
     next_slot: Instant,
+    /// The latest slot whose job went ahead (no slot may follow it closer than one interval).
+    last_used: Option<Instant>,
     /// Bumped when the rate changes, so slots reserved at the old rate are taken again.
     generation: u64,
     limiter: Arc<DefaultDirectRateLimiter>,
@@ -73,6 +75,7 @@ impl Pacer {
                     throttled_until: None,
                     rate,
                     next_slot: Instant::now(),
+                    last_used: None,
                     generation: 0,
                     limiter: limiter(rate),
                 };
@@ -144,13 +147,15 @@ impl Pacer {
 
     /// Waits for this replica's next send slot for `number`, at most `bound`. `false`: the wait
     /// would be longer, so the job should be deferred rather than hold a slot that other
-    /// numbers' jobs need.
+    /// numbers' jobs need. An `urgent` job (otp) takes the first slot after the last one used,
+    /// and the jobs that had booked later slots book again behind it: an otp job never queues
+    /// behind a campaign on the same number.
     ///
-    /// CORRECTNESS: slots are reserved on an absolute schedule, one interval apart, so a
-    /// waiter woken a millisecond late does not push every later send back (a plain
-    /// wait-until-ready loop loses that millisecond on every message); governor's bucket then
-    /// checks the send, so no schedule can exceed the share.
-    pub async fn wait(&self, number: &PhoneNumberId, bound: Duration) -> bool {
+    /// CORRECTNESS: slots are booked on an absolute schedule, one interval apart, so a waiter
+    /// woken a millisecond late does not push every later send back (a plain wait-until-ready
+    /// loop loses that millisecond on every message); governor's bucket then checks the send,
+    /// so no schedule can exceed the share.
+    pub async fn wait(&self, number: &PhoneNumberId, bound: Duration, urgent: bool) -> bool {
         let Some(pace) = self.numbers.get(number) else {
             return true;
         };
@@ -166,16 +171,30 @@ impl Pacer {
             }
             let (slot, generation, limiter) = {
                 let mut pace = pace.lock().expect("pacer lock");
-                let slot = pace.next_slot.max(now);
+                let interval = Duration::from_secs_f64(1.0 / pace.rate.max(0.01));
+                let slot = if urgent {
+                    pace.last_used
+                        .map_or(now, |used| (used + interval).max(now))
+                } else {
+                    pace.next_slot.max(now)
+                };
                 if slot.duration_since(now) > bound {
                     return false;
                 }
-                pace.next_slot = slot + Duration::from_secs_f64(1.0 / pace.rate.max(0.01));
+                if urgent && slot < pace.next_slot {
+                    // Everyone booked after this slot books again, behind it.
+                    pace.generation += 1;
+                }
+                pace.next_slot = slot + interval;
                 (slot, pace.generation, Arc::clone(&pace.limiter))
             };
             tokio::time::sleep_until(slot.into()).await;
-            if pace.lock().expect("pacer lock").generation != generation {
-                continue;
+            {
+                let mut pace = pace.lock().expect("pacer lock");
+                if pace.generation != generation {
+                    continue;
+                }
+                pace.last_used = Some(pace.last_used.map_or(slot, |used| used.max(slot)));
             }
             limiter.until_ready().await;
             return true;
@@ -211,7 +230,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_wait_beyond_the_bound_is_refused_without_taking_a_slot() {
+    async fn slots_are_refused_beyond_the_bound_and_otp_goes_first() {
         let number = PhoneNumberId::parse("106540352242922").unwrap();
         let numbers = BTreeMap::from([(
             number.clone(),
@@ -224,14 +243,27 @@ mod tests {
         let pacer = Pacer::new(&numbers, 1.0, Duration::from_secs(60));
         assert_eq!(pacer.rate(&number), Some(10.0));
         assert!(
-            pacer.wait(&number, Duration::ZERO).await,
+            pacer.wait(&number, Duration::ZERO, false).await,
             "the first slot is now"
         );
         // The next slot is 100 ms away: refused with no wait allowed, and refusing took no slot.
         for _ in 0..3 {
-            assert!(!pacer.wait(&number, Duration::ZERO).await);
+            assert!(!pacer.wait(&number, Duration::ZERO, false).await);
         }
-        assert!(pacer.wait(&number, Duration::from_secs(1)).await);
+        // A bulk job books the next slot; an otp job arriving later still goes first, and the
+        // bulk job books again behind it.
+        let order = Mutex::new(Vec::new());
+        let bulk = async {
+            assert!(pacer.wait(&number, Duration::from_secs(1), false).await);
+            order.lock().unwrap().push("bulk");
+        };
+        let otp = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(pacer.wait(&number, Duration::from_secs(1), true).await);
+            order.lock().unwrap().push("otp");
+        };
+        tokio::join!(bulk, otp);
+        assert_eq!(*order.lock().unwrap(), ["otp", "bulk"]);
         pacer.throttled(&number);
         assert_eq!(pacer.rate(&number), Some(5.0), "a 130429 halves the share");
     }
