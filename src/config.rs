@@ -42,6 +42,8 @@ pub struct Settings {
     pub demo: DemoSettings,
     /// `wa-sender admin`: the HTTP API for campaigns, consent and care windows.
     pub admin: AdminSettings,
+    /// `wa-sender webhook`: the receiver of Meta's webhooks.
+    pub webhook: WebhookSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
 }
@@ -275,6 +277,26 @@ pub struct AdminSettings {
     pub token_file: Option<PathBuf>,
 }
 
+/// The webhook receiver.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Listen address, e.g. `0.0.0.0:8091` behind a TLS-terminating load balancer.
+    pub listen: String,
+    /// The verify token entered in the App Dashboard (secret): `WA_SENDER__WEBHOOK__VERIFY_TOKEN`.
+    #[serde(default)]
+    pub verify_token: Option<SecretString>,
+    /// File holding the verify token.
+    #[serde(default)]
+    pub verify_token_file: Option<PathBuf>,
+    /// The app secret that signs every POST (secret): `WA_SENDER__WEBHOOK__APP_SECRET`.
+    #[serde(default)]
+    pub app_secret: Option<SecretString>,
+    /// File holding the app secret.
+    #[serde(default)]
+    pub app_secret_file: Option<PathBuf>,
+}
+
 /// Logging.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -505,6 +527,33 @@ impl Settings {
                 Ok((number, waba))
             })
             .collect()
+    }
+
+    /// The webhook receiver's verify token and app secret; an error when either is missing,
+    /// because an unsigned webhook must never be accepted.
+    pub fn webhook_secrets(&self) -> Result<(SecretString, SecretString), ConfigError> {
+        let w = &self.webhook;
+        let required = |key: &str, value: Option<SecretString>| {
+            value
+                .filter(|v| !secrecy::ExposeSecret::expose_secret(v).trim().is_empty())
+                .ok_or_else(|| {
+                    let env = key.to_ascii_uppercase().replace('.', "__");
+                    invalid(
+                        key,
+                        format!("is not set, and the receiver does not start without it: set WA_SENDER__{env} or WA_SENDER__{env}_FILE"),
+                    )
+                })
+        };
+        let verify = secret(
+            "webhook.verify_token",
+            &w.verify_token,
+            &w.verify_token_file,
+        )?;
+        let app_secret = secret("webhook.app_secret", &w.app_secret, &w.app_secret_file)?;
+        Ok((
+            required("webhook.verify_token", verify)?,
+            required("webhook.app_secret", app_secret)?,
+        ))
     }
 
     /// The admin API's bearer token; an error when none is set, because an admin API open to

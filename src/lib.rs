@@ -11,6 +11,7 @@
 //!   windows, templates, campaigns, replica heartbeats.
 //! - [`worker`]: the consumer loop: lane priorities, concurrency, graceful drain.
 //! - [`event`]: events on `wa.events` and the closed set of dead-letter reasons.
+//! - [`webhook`]: Meta's webhooks: the signed-POST receiver, the payload parser, the status machine.
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
 //! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
 //!   imports, care windows.
@@ -35,4 +36,5 @@ pub mod registry;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;
 pub mod worker;

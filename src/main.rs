@@ -89,6 +89,13 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+    /// Receive Meta's webhooks: verify each signature and land the body in wa.webhooks.intake
+    /// before answering 200, until SIGTERM/SIGINT.
+    Webhook {
+        /// Listen address (default: webhook.listen).
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Serve the admin HTTP API (campaigns, consent, care windows) until SIGTERM/SIGINT.
     Admin {
         /// Listen address (default: admin.listen).
@@ -347,6 +354,30 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 .await
                 .inspect_err(|e| error!(error = %e, "demo failed"))?;
             println!("{}", wa_sender::demo::render(&summary));
+            Ok(())
+        }
+        Command::Webhook { listen } => {
+            // The secrets first: without them, refuse before connecting to anything.
+            let (verify_token, app_secret) = settings.webhook_secrets()?;
+            let broker = wa_sender::broker::rabbit::RabbitBroker::connect(
+                wa_sender::app::rabbit_settings(&settings)?,
+            )
+            .await?;
+            let broker = std::sync::Arc::new(broker);
+            let router = wa_sender::webhook::receiver::router(
+                broker.clone(),
+                wa_sender::webhook::receiver::ReceiverSettings {
+                    verify_token,
+                    app_secret,
+                },
+            );
+            let listen = listen.unwrap_or(settings.webhook.listen.clone());
+            let server = wa_sender::app::HttpServer::bind(&listen, router)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            info!(addr = %server.addr()?, "webhook receiver listening");
+            server.run_until_stopped(shutdown_on_signal()).await?;
+            broker.close().await;
             Ok(())
         }
         Command::Admin { listen } => {

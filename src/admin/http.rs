@@ -2,7 +2,6 @@
 //! is a 400 naming the field, a missing or wrong token a 401, a store failure a 503; the body of
 //! every error is `{"error": "...", "field": "..."}` (`field` only when one is to blame).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
@@ -17,18 +16,14 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{Admin, AdminError, ConsentChange};
+use crate::app::HttpServer;
 use crate::policy::admission::CampaignState;
 
 /// The admin API, bound to its address and ready to serve.
-pub struct AdminServer {
-    listener: TcpListener,
-    router: Router,
-}
+pub struct AdminServer;
 
 impl AdminServer {
     /// Binds `listen` (`127.0.0.1:0` for a free port) and builds the routes.
@@ -36,24 +31,8 @@ impl AdminServer {
         listen: &str,
         admin: Admin,
         token: &SecretString,
-    ) -> std::io::Result<AdminServer> {
-        let listener = TcpListener::bind(listen).await?;
-        Ok(AdminServer {
-            listener,
-            router: router(admin, token),
-        })
-    }
-
-    /// The address it listens on.
-    pub fn addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves until `shutdown` is cancelled, then finishes the requests in flight.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+    ) -> std::io::Result<HttpServer> {
+        HttpServer::bind(listen, router(admin, token)).await
     }
 }
 

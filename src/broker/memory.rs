@@ -48,6 +48,8 @@ struct Inner {
     lanes: HashMap<Lane, Arc<LaneQueue>>,
     taps: Mutex<Vec<(Tap, mpsc::UnboundedSender<Tapped>)>>,
     dead: Mutex<Vec<Tapped>>,
+    intake: Mutex<Vec<Envelope>>,
+    parked: Mutex<Vec<Envelope>>,
     stop: CancellationToken,
 }
 
@@ -73,6 +75,11 @@ impl MemoryBroker {
     /// Everything dead-lettered so far (the `wa.dead.all` queue).
     pub fn dead_letters(&self) -> Vec<Tapped> {
         self.inner.dead.lock().expect("dead lock").clone()
+    }
+
+    /// Webhook bodies published to the intake so far.
+    pub fn intake(&self) -> Vec<Envelope> {
+        self.inner.intake.lock().expect("intake lock").clone()
     }
 
     fn fan_out(&self, tap: Tap, tapped: Tapped) {
@@ -141,6 +148,18 @@ impl Broker for MemoryBroker {
                     .push(tapped.clone());
                 self.fan_out(Tap::Dead, tapped);
             }
+            Target::Intake => self
+                .inner
+                .intake
+                .lock()
+                .expect("intake lock")
+                .push(envelope),
+            Target::Parked => self
+                .inner
+                .parked
+                .lock()
+                .expect("parked lock")
+                .push(envelope),
         }
         Ok(())
     }

@@ -106,6 +106,10 @@ pub enum Target {
     Event(String),
     /// `wa.dead` with this reason as routing key.
     Dead(DeadReason),
+    /// `wa.webhooks.intake`: a signature-verified webhook body, raw.
+    Intake,
+    /// `wa.webhooks.parked`: a webhook body that could not be parsed, kept for inspection.
+    Parked,
 }
 
 /// A stream of something the broker hands out.

@@ -310,6 +310,9 @@ impl RabbitBroker {
             ),
             Target::Event(key) => (n.events_exchange(), key.clone()),
             Target::Dead(reason) => (n.dead_exchange(), reason.as_str().to_owned()),
+            // The default exchange routes by queue name.
+            Target::Intake => (String::new(), n.intake_queue()),
+            Target::Parked => (String::new(), n.parked_queue()),
         }
     }
 }

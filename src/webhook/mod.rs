@@ -1,0 +1,7 @@
+//! Meta's webhooks: the HTTP receiver ([`receiver`]) verifies each POST's signature and lands the
+//! raw body, publisher-confirmed, in `wa.webhooks.intake` before answering 200; the processor
+//! turns what it holds into events (issue 5, in progress).
+
+pub mod payload;
+pub mod receiver;
+pub mod status;

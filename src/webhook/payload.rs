@@ -1,0 +1,1386 @@
+//! Parsing a verified webhook body into typed updates: the first step after the receiver, before
+//! the status machine ([`super::status`]) and the event publishers.
+//!
+//! Two formats come in: Meta's Cloud API envelope (`object`/`entry[]`/`changes[]`) and the flat
+//! On-Premises format that BSPs such as Vonage still forward (top-level `statuses[]`,
+//! `messages[]`, `contacts[]`, `errors[]`). Parsing is tolerant, because Meta adds fields and
+//! values without notice: unknown fields are ignored, unknown `field`s and status strings become
+//! explicit values, and an item that cannot be used (a bad wamid, a missing timestamp) is
+//! skipped *with its reason*, so nothing disappears silently. Only a body that is not a webhook
+//! at all is an error.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+use crate::ids::{PhoneNumberId, WaId, WabaId, Wamid};
+
+/// Why a body is not a webhook at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// The body is not valid JSON.
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// The body is JSON, but an array, string, number, boolean or null.
+    #[error("not a JSON object but {0}")]
+    NotAnObject(&'static str),
+    /// An envelope whose `object` is another Graph product (`page`, `instagram`, …).
+    #[error("object is {0}, not \"whatsapp_business_account\"")]
+    NotWhatsApp(String),
+    /// The body has an `entry` that is not an array.
+    #[error("entry is {0}, not an array")]
+    EntryNotArray(&'static str),
+    /// The body is an object with neither `entry` nor any of the flat format's lists.
+    #[error(
+        "neither a Cloud API envelope (object/entry) nor a flat On-Premises payload \
+         (statuses/messages/errors)"
+    )]
+    UnknownFormat,
+}
+
+/// What one body held: the updates in the order they appeared, and every item left out.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parsed {
+    /// The typed updates.
+    pub updates: Vec<Update>,
+    /// One line per item skipped or field ignored: where it was and why.
+    pub skipped: Vec<String>,
+}
+
+/// One thing a webhook told us.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// A status of a message we sent (`statuses[]`).
+    Status(StatusUpdate),
+    /// A message a user sent us (`messages[]`).
+    Inbound(InboundMessage),
+    /// value.errors[] / top-level errors[]: a problem not tied to one message.
+    Error {
+        /// `entry[].id`; `None` in the flat format.
+        waba_id: Option<WabaId>,
+        /// `metadata.phone_number_id`; `None` in the flat format.
+        phone_number_id: Option<PhoneNumberId>,
+        /// The error.
+        error: WebhookError,
+    },
+    /// A user stopped or resumed marketing messages (`user_preferences`).
+    UserPreference {
+        /// `entry[].id`.
+        waba_id: Option<WabaId>,
+        /// The user.
+        wa_id: WaId,
+        /// `true` for `stop`, `false` for `resume`.
+        stop: bool,
+        /// When the user chose.
+        at: DateTime<Utc>,
+    },
+    /// A template changed status (`message_template_status_update`).
+    TemplateStatus {
+        /// `entry[].id`.
+        waba_id: Option<WabaId>,
+        /// `message_template_name`.
+        name: String,
+        /// `message_template_language`, e.g. `en_US`.
+        language: String,
+        /// `APPROVED`, `REJECTED`, `PAUSED`, `DISABLED`, `REINSTATED`, …
+        event: String,
+        /// Meta's `reason` code; `None` when absent, null or `NONE`.
+        reason: Option<String>,
+    },
+    /// phone_number_quality_update: THROUGHPUT_UPGRADE etc.
+    NumberQuality {
+        /// `entry[].id`.
+        waba_id: Option<WabaId>,
+        /// The number, digits only.
+        display_phone_number: Option<String>,
+        /// `THROUGHPUT_UPGRADE`, `ONBOARDING`, legacy `FLAGGED`/`UNFLAGGED`/`UPGRADE`/`DOWNGRADE`.
+        event: String,
+        /// `max_daily_conversations_per_business`, or else `current_limit` (`TIER_…`).
+        limit: Option<String>,
+    },
+    /// Something happened to the WABA (`account_update`): violations, restrictions, deletion.
+    AccountUpdate {
+        /// `entry[].id`.
+        waba_id: Option<WabaId>,
+        /// `ACCOUNT_VIOLATION`, `ACCOUNT_RESTRICTION`, `DISABLED_UPDATE`, …
+        event: String,
+    },
+    /// A change whose `field` this build does not handle, kept whole for the log.
+    Unrecognized {
+        /// `changes[].field`.
+        field: String,
+        /// `changes[].value`.
+        raw: Value,
+    },
+}
+
+/// A status webhook for one message we sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    /// The message.
+    pub wamid: Wamid,
+    /// What happened to it.
+    pub status: MessageStatus,
+    /// When it happened (Meta's `timestamp`, not when we heard of it).
+    pub at: DateTime<Utc>,
+    /// The user's number, or a group id.
+    pub recipient_id: Option<String>,
+    /// The business number that sent it; `None` in the flat format.
+    pub phone_number_id: Option<PhoneNumberId>,
+    /// `entry[].id`; `None` in the flat format.
+    pub waba_id: Option<WabaId>,
+    /// What we set on the send (wa-sender puts the job id there).
+    pub biz_opaque_callback_data: Option<String>,
+    /// How the message is billed; on `sent` and one later status at most.
+    pub pricing: Option<Pricing>,
+    /// Why it failed (usually on `failed` only).
+    pub errors: Vec<WebhookError>,
+}
+
+/// A message status, as the webhook names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MessageStatus {
+    /// Meta accepted the message and sent it towards the user.
+    Sent,
+    /// It reached the user's device.
+    Delivered,
+    /// The user opened it.
+    Read,
+    /// The user played the voice message.
+    Played,
+    /// It could not be delivered; see the status's errors.
+    Failed,
+    /// On-Premises only: the user deleted the message.
+    Deleted,
+    /// On-Premises only: a problem with a message that was still delivered (e.g. a catalog item).
+    Warning,
+    /// A status this build does not know, as sent.
+    Other(String),
+}
+
+impl MessageStatus {
+    /// The status as the webhook spells it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Read => "read",
+            MessageStatus::Played => "played",
+            MessageStatus::Failed => "failed",
+            MessageStatus::Deleted => "deleted",
+            MessageStatus::Warning => "warning",
+            MessageStatus::Other(other) => other,
+        }
+    }
+}
+
+impl From<&str> for MessageStatus {
+    /// Case-insensitive, as BSPs do not all keep Meta's lower case.
+    fn from(status: &str) -> Self {
+        match status.to_ascii_lowercase().as_str() {
+            "sent" => MessageStatus::Sent,
+            "delivered" => MessageStatus::Delivered,
+            "read" => MessageStatus::Read,
+            "played" => MessageStatus::Played,
+            "failed" => MessageStatus::Failed,
+            "deleted" => MessageStatus::Deleted,
+            "warning" => MessageStatus::Warning,
+            _ => MessageStatus::Other(status.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for MessageStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status's `pricing` object.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Pricing {
+    /// Deprecated by Meta in favour of `kind` + `category`.
+    #[serde(default)]
+    pub billable: Option<bool>,
+    /// `PMP` (per message), or `CBP` on webhooks sent before July 2025.
+    #[serde(default)]
+    pub pricing_model: Option<String>,
+    /// `type`: `regular`, `free_customer_service`, `free_entry_point`, …
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// `marketing`, `utility`, `authentication`, `service`, …
+    #[serde(default)]
+    pub category: Option<String>,
+}
+
+/// An error in a webhook: on a failed status, in `value.errors[]` or in top-level `errors[]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookError {
+    /// The numeric code: the only thing behaviour may depend on (see `cloud::error::ErrorCode`).
+    pub code: i64,
+    /// Meta's title (the same as its `message`); empty if there was none.
+    pub title: String,
+    /// error_data.details, or details (On-Premises), or message; empty if there was none.
+    pub details: String,
+}
+
+/// A message a user sent to one of our numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundMessage {
+    /// The user's message id.
+    pub wamid: Wamid,
+    /// The user.
+    pub from: WaId,
+    /// When the user sent it.
+    pub at: DateTime<Utc>,
+    /// The business number it was sent to; `None` in the flat format.
+    pub phone_number_id: Option<PhoneNumberId>,
+    /// `entry[].id`; `None` in the flat format.
+    pub waba_id: Option<WabaId>,
+    /// `text`, `button`, `interactive`, `image`, `system`, `unsupported`, …
+    pub kind: String,
+    /// `text.body`, `button.text`, or the title of an interactive button or list reply.
+    pub text: Option<String>,
+    /// The user's profile name from `contacts[]`.
+    pub profile_name: Option<String>,
+}
+
+/// Whether an inbound text is an opt-out: the whole message, trimmed, equals one of `keywords`
+/// ignoring case ("stop", " Stopp ", "ABMELDEN"). A sentence that merely contains a keyword is
+/// not an opt-out.
+pub fn is_stop_keyword(text: &str, keywords: &[String]) -> bool {
+    let text = text.trim();
+    !text.is_empty()
+        && keywords.iter().any(|keyword| {
+            let keyword = keyword.trim();
+            !keyword.is_empty()
+                && keyword
+                    .chars()
+                    .flat_map(char::to_lowercase)
+                    .eq(text.chars().flat_map(char::to_lowercase))
+        })
+}
+
+/// Parses a webhook body (already verified by its signature) into updates.
+pub fn parse(body: &[u8]) -> Result<Parsed, ParseError> {
+    let root: Value = serde_json::from_slice(body).map_err(ParseError::NotJson)?;
+    if !root.is_object() {
+        return Err(ParseError::NotAnObject(json_kind(&root)));
+    }
+    let mut parsed = Parsed::default();
+    if let Some(entries) = root.get("entry") {
+        match root.get("object") {
+            None => {}
+            Some(object) if object == "whatsapp_business_account" => {}
+            Some(other) => return Err(ParseError::NotWhatsApp(other.to_string())),
+        }
+        let entries = entries
+            .as_array()
+            .ok_or_else(|| ParseError::EntryNotArray(json_kind(entries)))?;
+        for (i, entry) in entries.iter().enumerate() {
+            parsed.entry(&format!("entry[{i}]"), entry);
+        }
+    } else if let Some(flat) = message_lists(&root) {
+        // The flat format is a `messages` change value without metadata or WABA.
+        parsed.messages(&Source::default(), "", flat);
+    } else {
+        return Err(ParseError::UnknownFormat);
+    }
+    Ok(parsed)
+}
+
+/// Where the items of one change came from.
+#[derive(Default)]
+struct Source {
+    waba_id: Option<WabaId>,
+    phone_number_id: Option<PhoneNumberId>,
+}
+
+impl Parsed {
+    fn skip(&mut self, at: impl fmt::Display, why: impl fmt::Display) {
+        self.skipped.push(format!("{at}: {why}"));
+    }
+
+    /// Deserializes `value` as `T`, or notes why not.
+    fn decode<T: DeserializeOwned>(&mut self, at: impl fmt::Display, value: &Value) -> Option<T> {
+        T::deserialize(value).inspect_err(|e| self.skip(at, e)).ok()
+    }
+
+    fn entry(&mut self, at: &str, entry: &Value) {
+        let waba_id = entry
+            .get("id")
+            .and_then(|id| self.id(format_args!("{at}.id"), id, WabaId::parse));
+        let Some(changes) = entry.get("changes").and_then(Value::as_array) else {
+            self.skip(at, "no changes[]");
+            return;
+        };
+        for (i, change) in changes.iter().enumerate() {
+            let at = format!("{at}.changes[{i}]");
+            let field = change.get("field").and_then(Value::as_str);
+            let Some((field, value)) = field.zip(change.get("value")) else {
+                self.skip(at, "no field or no value");
+                continue;
+            };
+            self.change(&format!("{at}.value"), waba_id.clone(), field, value);
+        }
+    }
+
+    fn change(&mut self, at: &str, waba_id: Option<WabaId>, field: &str, value: &Value) {
+        if field == "messages"
+            && let Some(lists) = message_lists(value)
+        {
+            let phone_number_id = value.pointer("/metadata/phone_number_id").and_then(|id| {
+                self.id(
+                    format_args!("{at}.metadata.phone_number_id"),
+                    id,
+                    PhoneNumberId::parse,
+                )
+            });
+            let source = Source {
+                waba_id,
+                phone_number_id,
+            };
+            self.messages(&source, at, lists);
+            return;
+        }
+        if field == "user_preferences"
+            && let Some(list) = value.get("user_preferences").and_then(Value::as_array)
+        {
+            for (i, item) in list.iter().enumerate() {
+                let at = format!("{at}.user_preferences[{i}]");
+                if let Some(update) = self.user_preference(&at, waba_id.clone(), item) {
+                    self.updates.push(update);
+                }
+            }
+            return;
+        }
+        let update = match field {
+            "message_template_status_update" => {
+                self.decode(at, value)
+                    .map(|t: RawTemplateStatus| Update::TemplateStatus {
+                        waba_id,
+                        name: t.message_template_name,
+                        language: t.message_template_language,
+                        event: t.event,
+                        reason: t.reason.filter(|r| !r.is_empty() && r != "NONE"),
+                    })
+            }
+            "phone_number_quality_update" => {
+                self.decode(at, value)
+                    .map(|q: RawNumberQuality| Update::NumberQuality {
+                        waba_id,
+                        display_phone_number: q.display_phone_number,
+                        event: q.event,
+                        limit: q.max_daily_conversations_per_business.or(q.current_limit),
+                    })
+            }
+            "account_update" => {
+                self.decode(at, value)
+                    .map(|a: RawAccountUpdate| Update::AccountUpdate {
+                        waba_id,
+                        event: a.event,
+                    })
+            }
+            // Includes `messages` and `user_preferences` values without their lists.
+            _ => Some(Update::Unrecognized {
+                field: field.to_owned(),
+                raw: value.clone(),
+            }),
+        };
+        self.updates.extend(update);
+    }
+
+    /// A `messages` change value, or the whole flat On-Premises body.
+    fn messages(&mut self, source: &Source, at: &str, value: &Map<String, Value>) {
+        let path = |list: &str, i: usize| {
+            if at.is_empty() {
+                format!("{list}[{i}]")
+            } else {
+                format!("{at}.{list}[{i}]")
+            }
+        };
+        for (i, status) in list(value, "statuses").enumerate() {
+            if let Some(status) = self.status(&path("statuses", i), source, status) {
+                self.updates.push(Update::Status(status));
+            }
+        }
+        let contacts: Vec<RawContact> = list(value, "contacts")
+            .enumerate()
+            .filter_map(|(i, contact)| self.decode(path("contacts", i), contact))
+            .collect();
+        for (i, message) in list(value, "messages").enumerate() {
+            if let Some(message) = self.inbound(&path("messages", i), source, &contacts, message) {
+                self.updates.push(Update::Inbound(message));
+            }
+        }
+        for (i, error) in list(value, "errors").enumerate() {
+            if let Some(error) = self.error(path("errors", i), error) {
+                self.updates.push(Update::Error {
+                    waba_id: source.waba_id.clone(),
+                    phone_number_id: source.phone_number_id.clone(),
+                    error,
+                });
+            }
+        }
+    }
+
+    fn status(&mut self, at: &str, source: &Source, value: &Value) -> Option<StatusUpdate> {
+        let raw: RawStatus = self.decode(at, value)?;
+        let wamid = Wamid::parse(raw.id)
+            .inspect_err(|e| self.skip(at, e))
+            .ok()?;
+        let pricing = raw
+            .pricing
+            .and_then(|p| self.decode(format_args!("{at}.pricing (ignored)"), &p));
+        let errors = raw
+            .errors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| self.error(format_args!("{at}.errors[{i}]"), e))
+            .collect();
+        Some(StatusUpdate {
+            wamid,
+            status: MessageStatus::from(raw.status.as_str()),
+            at: raw.timestamp,
+            recipient_id: raw.recipient_id,
+            phone_number_id: source.phone_number_id.clone(),
+            waba_id: source.waba_id.clone(),
+            biz_opaque_callback_data: raw.biz_opaque_callback_data,
+            pricing,
+            errors,
+        })
+    }
+
+    fn inbound(
+        &mut self,
+        at: &str,
+        source: &Source,
+        contacts: &[RawContact],
+        value: &Value,
+    ) -> Option<InboundMessage> {
+        let raw: RawMessage = self.decode(at, value)?;
+        let wamid = Wamid::parse(raw.id)
+            .inspect_err(|e| self.skip(at, e))
+            .ok()?;
+        let from = WaId::parse(raw.from)
+            .inspect_err(|e| self.skip(at, format_args!("from: {e}")))
+            .ok()?;
+        let text = match raw.kind.as_str() {
+            "text" => raw.text.and_then(|t| t.body),
+            "button" => raw.button.and_then(|b| b.text),
+            "interactive" => raw
+                .interactive
+                .and_then(|i| i.button_reply.or(i.list_reply))
+                .and_then(|reply| reply.title),
+            _ => None,
+        };
+        // A value carries the contacts of its messages; with one contact there is no doubt.
+        let contact = contacts
+            .iter()
+            .find(|c| c.wa_id.as_deref() == Some(from.as_str()))
+            .or(match contacts {
+                [only] => Some(only),
+                _ => None,
+            });
+        Some(InboundMessage {
+            wamid,
+            from,
+            at: raw.timestamp,
+            phone_number_id: source.phone_number_id.clone(),
+            waba_id: source.waba_id.clone(),
+            kind: raw.kind,
+            text,
+            profile_name: contact.and_then(|c| c.profile.as_ref()?.name.clone()),
+        })
+    }
+
+    fn error(&mut self, at: impl fmt::Display, value: &Value) -> Option<WebhookError> {
+        let raw: RawError = self.decode(at, value)?;
+        let present = |s: Option<String>| s.filter(|s| !s.is_empty());
+        let details = present(raw.error_data.and_then(|d| d.details))
+            .or(present(raw.details))
+            .or(present(raw.message.clone()));
+        Some(WebhookError {
+            code: raw.code,
+            title: present(raw.title).or(raw.message).unwrap_or_default(),
+            details: details.unwrap_or_default(),
+        })
+    }
+
+    fn user_preference(
+        &mut self,
+        at: &str,
+        waba_id: Option<WabaId>,
+        value: &Value,
+    ) -> Option<Update> {
+        let raw: RawUserPreference = self.decode(at, value)?;
+        if let Some(category) = raw.category.filter(|c| c != "marketing_messages") {
+            self.skip(
+                at,
+                format_args!("category {category:?} is not marketing_messages"),
+            );
+            return None;
+        }
+        let stop = match raw.value.to_ascii_lowercase().as_str() {
+            "stop" => true,
+            "resume" => false,
+            other => {
+                self.skip(
+                    at,
+                    format_args!("value {other:?} is neither stop nor resume"),
+                );
+                return None;
+            }
+        };
+        let wa_id = WaId::parse(raw.wa_id)
+            .inspect_err(|e| self.skip(at, format_args!("wa_id: {e}")))
+            .ok()?;
+        Some(Update::UserPreference {
+            waba_id,
+            wa_id,
+            stop,
+            at: raw.timestamp,
+        })
+    }
+
+    /// An id beside the items (WABA, phone number): a bad one is noted and left out, and the
+    /// items are still parsed.
+    fn id<T, E: fmt::Display>(
+        &mut self,
+        at: impl fmt::Display,
+        value: &Value,
+        parse: fn(String) -> Result<T, E>,
+    ) -> Option<T> {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        parse(text).inspect_err(|e| self.skip(at, e)).ok()
+    }
+}
+
+/// The object, if it carries any of a `messages` value's lists.
+fn message_lists(value: &Value) -> Option<&Map<String, Value>> {
+    value.as_object().filter(|map| {
+        ["statuses", "messages", "errors"]
+            .iter()
+            .any(|key| map.contains_key(*key))
+    })
+}
+
+/// The elements of `value[key]`, none if it is absent or not an array.
+fn list<'v>(value: &'v Map<String, Value>, key: &str) -> impl Iterator<Item = &'v Value> {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Unix seconds, as a string (Meta's statuses and messages) or a number (`user_preferences`).
+fn unix_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    let seconds = match &value {
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    };
+    seconds
+        .and_then(|s| DateTime::from_timestamp(s, 0))
+        .ok_or_else(|| D::Error::custom(format!("timestamp {value} is not unix seconds")))
+}
+
+/// An error code, as a number or (from some BSPs) a string of digits.
+fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    match &value {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| D::Error::custom(format!("code {value} is not an integer")))
+}
+
+// The wire shapes. Ids stay strings here and are parsed after, so that a skip names the field.
+
+#[derive(Deserialize)]
+struct RawStatus {
+    id: String,
+    status: String,
+    #[serde(deserialize_with = "unix_seconds")]
+    timestamp: DateTime<Utc>,
+    #[serde(default)]
+    recipient_id: Option<String>,
+    #[serde(default)]
+    biz_opaque_callback_data: Option<String>,
+    /// Decoded on its own: a pricing quirk must not cost us the status.
+    #[serde(default)]
+    pricing: Option<Value>,
+    #[serde(default)]
+    errors: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    #[serde(deserialize_with = "integer")]
+    code: i64,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    /// On-Premises puts the details at the top.
+    #[serde(default)]
+    details: Option<String>,
+    #[serde(default)]
+    error_data: Option<RawErrorData>,
+}
+
+#[derive(Deserialize)]
+struct RawErrorData {
+    #[serde(default)]
+    details: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawContact {
+    #[serde(default)]
+    wa_id: Option<String>,
+    #[serde(default)]
+    profile: Option<RawProfile>,
+}
+
+#[derive(Deserialize)]
+struct RawProfile {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    id: String,
+    from: String,
+    #[serde(deserialize_with = "unix_seconds")]
+    timestamp: DateTime<Utc>,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<RawText>,
+    #[serde(default)]
+    button: Option<RawText>,
+    #[serde(default)]
+    interactive: Option<RawInteractive>,
+}
+
+/// `text{body}` and `button{payload, text}`.
+#[derive(Deserialize)]
+struct RawText {
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawInteractive {
+    #[serde(default)]
+    button_reply: Option<RawReply>,
+    #[serde(default)]
+    list_reply: Option<RawReply>,
+}
+
+#[derive(Deserialize)]
+struct RawReply {
+    #[serde(default)]
+    title: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawUserPreference {
+    wa_id: String,
+    value: String,
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(deserialize_with = "unix_seconds")]
+    timestamp: DateTime<Utc>,
+}
+
+#[derive(Deserialize)]
+struct RawTemplateStatus {
+    event: String,
+    message_template_name: String,
+    message_template_language: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawNumberQuality {
+    event: String,
+    #[serde(default)]
+    display_phone_number: Option<String>,
+    #[serde(default)]
+    max_daily_conversations_per_business: Option<String>,
+    #[serde(default)]
+    current_limit: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawAccountUpdate {
+    event: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::webhook::status::{Transition, transition};
+
+    const WABA: &str = "102290129340398";
+    const NUMBER: &str = "106540352242922";
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(seconds, 0).expect("in range")
+    }
+
+    fn waba(id: &str) -> Option<WabaId> {
+        Some(WabaId::parse(id).expect("waba id"))
+    }
+
+    fn number(id: &str) -> Option<PhoneNumberId> {
+        Some(PhoneNumberId::parse(id).expect("phone number id"))
+    }
+
+    /// The updates of a body that must parse without skipping anything.
+    fn updates(body: &[u8]) -> Vec<Update> {
+        let parsed = parse(body).expect("a webhook");
+        assert_eq!(parsed.skipped, Vec::<String>::new());
+        parsed.updates
+    }
+
+    fn only(body: &[u8]) -> Update {
+        let mut updates = updates(body);
+        assert_eq!(updates.len(), 1, "{updates:#?}");
+        updates.remove(0)
+    }
+
+    fn status(update: &Update) -> &StatusUpdate {
+        match update {
+            Update::Status(status) => status,
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn delivered_with_pricing() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/status-delivered-pricing.json"
+        ));
+        assert_eq!(
+            update,
+            Update::Status(StatusUpdate {
+                wamid: Wamid::parse(
+                    "wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQUFERjg0NDEzNDdFODU3MUMxMAA="
+                )
+                .unwrap(),
+                status: MessageStatus::Delivered,
+                at: at(1750030080),
+                recipient_id: Some("16505551234".into()),
+                phone_number_id: number(NUMBER),
+                waba_id: waba(WABA),
+                biz_opaque_callback_data: Some("job-8c1f".into()),
+                pricing: Some(Pricing {
+                    billable: Some(true),
+                    pricing_model: Some("PMP".into()),
+                    kind: Some("regular".into()),
+                    category: Some("utility".into()),
+                }),
+                errors: vec![],
+            })
+        );
+    }
+
+    #[test]
+    fn failed_131049_takes_details_from_error_data() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/status-failed-131049.json"
+        ));
+        let status = status(&update);
+        assert_eq!(status.status, MessageStatus::Failed);
+        assert_eq!(status.pricing, None);
+        assert_eq!(
+            status.errors,
+            [WebhookError {
+                code: 131049,
+                title: "This message was not delivered to maintain healthy ecosystem engagement."
+                    .into(),
+                details: "In order to maintain a healthy ecosystem engagement, the message failed \
+                          to be delivered."
+                    .into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn inbound_text_with_profile_name() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/inbound-text.json"
+        ));
+        assert_eq!(
+            update,
+            Update::Inbound(InboundMessage {
+                wamid: Wamid::parse(
+                    "wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQTRBNjU5OUFFRTAzODEwMTQ0RgA="
+                )
+                .unwrap(),
+                from: WaId::parse("16505551234").unwrap(),
+                at: at(1749416383),
+                phone_number_id: number(NUMBER),
+                waba_id: waba("419561257915477"),
+                kind: "text".into(),
+                text: Some("Does it come in another color?".into()),
+                profile_name: Some("Sheena Nelson".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn replies_to_buttons_carry_their_title_as_text() {
+        let Update::Inbound(reply) = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/inbound-button-reply.json"
+        )) else {
+            panic!("not inbound");
+        };
+        assert_eq!(
+            (reply.kind.as_str(), reply.text.as_deref()),
+            ("interactive", Some("Cancel"))
+        );
+
+        let list = br#"{"statuses":[],"messages":[{"from":"16505551234","id":"wamid.L","timestamp":"1749854575",
+            "type":"interactive","interactive":{"type":"list_reply","list_reply":{"id":"priority_express",
+            "title":"Priority Mail Express","description":"Next Day to 2 Days"}}}]}"#;
+        let Update::Inbound(reply) = only(list) else {
+            panic!("not inbound");
+        };
+        assert_eq!(reply.text.as_deref(), Some("Priority Mail Express"));
+        assert_eq!(reply.profile_name, None, "no contacts, no name");
+    }
+
+    #[test]
+    fn user_preferences_stop_with_a_numeric_timestamp() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/user-preferences-stop.json"
+        ));
+        assert_eq!(
+            update,
+            Update::UserPreference {
+                waba_id: waba(WABA),
+                wa_id: WaId::parse("16505551234").unwrap(),
+                stop: true,
+                at: at(1739321024),
+            }
+        );
+    }
+
+    #[test]
+    fn template_paused_without_a_reason() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/template-status-paused.json"
+        ));
+        assert_eq!(
+            update,
+            Update::TemplateStatus {
+                waba_id: waba(WABA),
+                name: "order_update".into(),
+                language: "en_US".into(),
+                event: "PAUSED".into(),
+                reason: None,
+            }
+        );
+    }
+
+    #[test]
+    fn template_rejected_keeps_its_reason() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{
+            "field":"message_template_status_update","value":{"event":"REJECTED","message_template_id":1,
+            "message_template_name":"promo","message_template_language":"de","reason":"INVALID_FORMAT"}}]}]}"#;
+        let Update::TemplateStatus { event, reason, .. } = only(body) else {
+            panic!("not a template status");
+        };
+        assert_eq!(
+            (event.as_str(), reason.as_deref()),
+            ("REJECTED", Some("INVALID_FORMAT"))
+        );
+    }
+
+    #[test]
+    fn throughput_upgrade() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/phone-quality-throughput-upgrade.json"
+        ));
+        assert_eq!(
+            update,
+            Update::NumberQuality {
+                waba_id: waba(WABA),
+                display_phone_number: Some("15550783881".into()),
+                event: "THROUGHPUT_UPGRADE".into(),
+                limit: Some("TIER_UNLIMITED".into()),
+            }
+        );
+        let current = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{
+            "field":"phone_number_quality_update","value":{"event":"UPGRADE","current_limit":"TIER_10K"}}]}]}"#;
+        let Update::NumberQuality { limit, .. } = only(current) else {
+            panic!("not a quality update");
+        };
+        assert_eq!(limit.as_deref(), Some("TIER_10K"));
+    }
+
+    #[test]
+    fn account_update() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/account-update-violation.json"
+        ));
+        assert_eq!(
+            update,
+            Update::AccountUpdate {
+                waba_id: waba(WABA),
+                event: "ACCOUNT_VIOLATION".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn value_errors_are_not_tied_to_a_message() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/value-errors.json"
+        ));
+        assert_eq!(
+            update,
+            Update::Error {
+                waba_id: waba(WABA),
+                phone_number_id: number(NUMBER),
+                error: WebhookError {
+                    code: 131000,
+                    title: "Something went wrong".into(),
+                    details: "Message failed to send due to an unknown error.".into(),
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn a_batch_of_two_entries_keeps_every_status_in_order_with_its_own_source() {
+        let statuses = |prefix: &str| {
+            format!(
+                r#"[{{"id":"wamid.{prefix}1","status":"sent","timestamp":"100","recipient_id":"16505551234"}},
+                    {{"id":"wamid.{prefix}2","status":"delivered","timestamp":101,"recipient_id":"16505551234"}},
+                    {{"id":"wamid.{prefix}3","status":"read","timestamp":"102","recipient_id":"16505551234"}}]"#
+            )
+        };
+        let body = format!(
+            r#"{{"object":"whatsapp_business_account","entry":[
+                {{"id":"111","changes":[{{"field":"messages","value":{{"messaging_product":"whatsapp",
+                  "metadata":{{"display_phone_number":"15550000001","phone_number_id":"201"}},"statuses":{}}}}}]}},
+                {{"id":"222","changes":[{{"field":"messages","value":{{"messaging_product":"whatsapp",
+                  "metadata":{{"display_phone_number":"15550000002","phone_number_id":"202"}},"statuses":{}}}}}]}}]}}"#,
+            statuses("A"),
+            statuses("B")
+        );
+        let updates = updates(body.as_bytes());
+        let seen: Vec<_> = updates
+            .iter()
+            .map(status)
+            .map(|s| {
+                (
+                    s.wamid.as_str(),
+                    s.status.as_str(),
+                    s.at.timestamp(),
+                    s.waba_id.as_ref().map(WabaId::as_str),
+                    s.phone_number_id.as_ref().map(PhoneNumberId::as_str),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("wamid.A1", "sent", 100, Some("111"), Some("201")),
+                ("wamid.A2", "delivered", 101, Some("111"), Some("201")),
+                ("wamid.A3", "read", 102, Some("111"), Some("201")),
+                ("wamid.B1", "sent", 100, Some("222"), Some("202")),
+                ("wamid.B2", "delivered", 101, Some("222"), Some("202")),
+                ("wamid.B3", "read", 102, Some("222"), Some("202")),
+            ]
+        );
+    }
+
+    #[test]
+    fn batched_fixture_mixes_statuses_and_a_quick_reply() {
+        let updates = updates(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/batched-two-entries.json"
+        ));
+        let kinds: Vec<_> = updates
+            .iter()
+            .map(|u| match u {
+                Update::Status(s) => s.status.to_string(),
+                Update::Inbound(m) => format!("{}:{}", m.kind, m.text.as_deref().unwrap_or("")),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["sent", "read", "button:Unsubscribe"]);
+    }
+
+    const VONAGE_1020: &[u8] = br#"{
+        "statuses":[{"id":"gBEGkYiEB1VXAglK1ZEqA1YKPrU","recipient_id":"16315555555","status":"failed",
+          "timestamp":"1586351700","errors":[{"code":1020,"title":"Invalid params",
+          "details":"The value of one or more parameters is invalid: the fallback policy is no longer supported"}]}]}"#;
+
+    const VONAGE_1022: &[u8] = br#"{
+        "statuses":[{"id":"gBEGkYiEB1VXAglK1ZEqA1YKPrV","recipient_id":"16315555555","status":"failed",
+          "timestamp":1586351701,"errors":[{"code":1022,"title":"Invalid template"}]}],
+        "contacts":[], "meta":{"api_status":"stable"}}"#;
+
+    #[test]
+    fn flat_on_premises_failures_1020_and_1022() {
+        for (body, code, wamid, details) in [
+            (
+                VONAGE_1020,
+                1020,
+                "gBEGkYiEB1VXAglK1ZEqA1YKPrU",
+                "The value of one or more parameters is invalid: the fallback policy is no longer \
+                 supported",
+            ),
+            (VONAGE_1022, 1022, "gBEGkYiEB1VXAglK1ZEqA1YKPrV", ""),
+        ] {
+            let update = only(body);
+            let status = status(&update);
+            assert_eq!(status.wamid.as_str(), wamid);
+            assert_eq!(status.status, MessageStatus::Failed);
+            assert_eq!(
+                (status.waba_id.as_ref(), status.phone_number_id.as_ref()),
+                (None, None)
+            );
+            assert_eq!(status.errors.len(), 1);
+            assert_eq!(status.errors[0].code, code);
+            assert_eq!(status.errors[0].details, details);
+        }
+    }
+
+    #[test]
+    fn flat_on_premises_statuses_messages_and_errors() {
+        let body = br#"{
+            "contacts":[{"profile":{"name":"Kerry Fisher"},"wa_id":"16315551234"}],
+            "messages":[{"from":"16315551234","id":"ABGGFlA5FpafAgo6EhmKwSIu","timestamp":"1518694235",
+              "type":"text","text":{"body":"Hello this is an answer"}}],
+            "statuses":[
+              {"id":"gBGGFlB5YjhvAgnhuF1qIUvCo7A","recipient_id":"16315555555","status":"deleted","timestamp":"1518694700"},
+              {"id":"gBGGFlB5YjhvAgnhuF1qIUvCo7B","recipient_id":"16315555555","status":"warning","timestamp":"1518694701"}],
+            "errors":[{"code":1022,"title":"Webhooks URL is not configured","details":"Set a webhook URL"}]}"#;
+        let updates = updates(body);
+        assert_eq!(updates.len(), 4, "{updates:#?}");
+        assert_eq!(status(&updates[0]).status, MessageStatus::Deleted);
+        assert_eq!(status(&updates[1]).status, MessageStatus::Warning);
+        let Update::Inbound(message) = &updates[2] else {
+            panic!("not inbound: {:?}", updates[2]);
+        };
+        assert_eq!(message.profile_name.as_deref(), Some("Kerry Fisher"));
+        assert_eq!(message.text.as_deref(), Some("Hello this is an answer"));
+        assert_eq!(
+            updates[3],
+            Update::Error {
+                waba_id: None,
+                phone_number_id: None,
+                error: WebhookError {
+                    code: 1022,
+                    title: "Webhooks URL is not configured".into(),
+                    details: "Set a webhook URL".into(),
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn read_before_delivered_parses_both_and_the_machine_keeps_read() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{
+            "field":"messages","value":{"metadata":{"phone_number_id":"106540352242922"},"statuses":[
+              {"id":"wamid.R","status":"read","timestamp":"1750030300","recipient_id":"16505551234"},
+              {"id":"wamid.R","status":"delivered","timestamp":"1750030080","recipient_id":"16505551234"}]}}]}]}"#;
+        let updates = updates(body);
+        let mut recorded: Option<MessageStatus> = Some(MessageStatus::Sent);
+        let mut decisions = Vec::new();
+        for update in &updates {
+            let next = &status(update).status;
+            let decision = transition(recorded.as_ref(), next);
+            if decision == Transition::Apply {
+                recorded = Some(next.clone());
+            }
+            decisions.push(decision);
+        }
+        assert_eq!(decisions, [Transition::Apply, Transition::Stale]);
+        assert_eq!(recorded, Some(MessageStatus::Read));
+        assert!(
+            status(&updates[1]).at < status(&updates[0]).at,
+            "timestamps tell the true order"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_values_and_statuses_are_tolerated() {
+        let body = br#"{"object":"whatsapp_business_account","future":true,"entry":[{"id":"102290129340398","time":1,
+            "changes":[
+              {"field":"smb_message_echoes","value":{"message_echoes":[{"id":"wamid.E"}]}},
+              {"field":"messages","value":{"groups":[]}},
+              {"field":"messages","value":{"metadata":{"phone_number_id":"106540352242922","new":1},
+                "statuses":[{"id":"wamid.U","status":"pending_review","timestamp":"1750030080",
+                  "recipient_id":"16505551234","recipient_identity_key_hash":"x","shiny":{"a":[1]}}]}}]}]}"#;
+        let updates = updates(body);
+        assert_eq!(
+            updates[0],
+            Update::Unrecognized {
+                field: "smb_message_echoes".into(),
+                raw: serde_json::json!({"message_echoes":[{"id":"wamid.E"}]}),
+            }
+        );
+        assert!(
+            matches!(&updates[1], Update::Unrecognized { field, .. } if field == "messages"),
+            "a messages value without statuses/messages/errors: {:?}",
+            updates[1]
+        );
+        assert_eq!(
+            status(&updates[2]).status,
+            MessageStatus::Other("pending_review".into())
+        );
+    }
+
+    #[test]
+    fn bodies_that_are_not_webhooks_are_errors_that_say_why() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"<html>", "not JSON: "),
+            (b"[]", "not a JSON object but an array"),
+            (b"42", "not a JSON object but a number"),
+            (
+                b"{}",
+                "neither a Cloud API envelope (object/entry) nor a flat On-Premises payload \
+                 (statuses/messages/errors)",
+            ),
+            (
+                br#"{"object":"page","entry":[]}"#,
+                r#"object is "page", not"#,
+            ),
+            (
+                br#"{"object":"whatsapp_business_account","entry":{}}"#,
+                "entry is an object, not an array",
+            ),
+        ];
+        for (body, message) in cases {
+            let error = parse(body).expect_err(&String::from_utf8_lossy(body));
+            assert!(
+                error.to_string().starts_with(message),
+                "{:?}: {error}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_envelope_is_a_webhook_with_nothing_in_it() {
+        let parsed = parse(br#"{"object":"whatsapp_business_account","entry":[]}"#).unwrap();
+        assert_eq!(parsed, Parsed::default());
+    }
+
+    #[test]
+    fn unusable_items_are_skipped_with_their_reason_and_the_rest_is_kept() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[
+            {"field":"messages","value":{"metadata":{"phone_number_id":"106540352242922"},"statuses":[
+              {"id":"","status":"delivered","timestamp":"1750030080","recipient_id":"16505551234"},
+              {"id":"wamid.T","status":"delivered","timestamp":"yesterday"},
+              {"id":"wamid.OK","status":"failed","timestamp":"1750030080",
+                "pricing":{"billable":"yes"},"errors":[{"title":"no code"},{"code":"131050","title":"t"}]}]}},
+            {"field":"messages","value":{"contacts":[],"messages":[
+              {"from":"+0123","id":"wamid.IN","timestamp":"1","type":"text","text":{"body":"hi"}}]}},
+            {"field":"user_preferences","value":{"user_preferences":[
+              {"wa_id":"16505551234","value":"maybe","category":"marketing_messages","timestamp":1}]}},
+            {"field":"message_template_status_update","value":{"event":"PAUSED","message_template_name":"x"}}]}]}"#;
+        let parsed = parse(body).unwrap();
+        assert_eq!(parsed.updates.len(), 1);
+        let kept = status(&parsed.updates[0]);
+        assert_eq!(kept.wamid.as_str(), "wamid.OK");
+        assert_eq!(kept.pricing, None);
+        assert_eq!(kept.errors.len(), 1);
+        assert_eq!(
+            kept.errors[0].code, 131050,
+            "a code as a string of digits is read"
+        );
+
+        let expected = [
+            "entry[0].changes[0].value.statuses[0]: wamid must not be empty",
+            "entry[0].changes[0].value.statuses[1]: timestamp \"yesterday\" is not unix seconds",
+            "entry[0].changes[0].value.statuses[2].pricing (ignored): invalid type",
+            "entry[0].changes[0].value.statuses[2].errors[0]: missing field `code`",
+            "entry[0].changes[1].value.messages[0]: from: ",
+            "entry[0].changes[2].value.user_preferences[0]: value \"maybe\" is neither stop nor resume",
+            "entry[0].changes[3].value: missing field `message_template_language`",
+        ];
+        assert_eq!(
+            parsed.skipped.len(),
+            expected.len(),
+            "{:#?}",
+            parsed.skipped
+        );
+        for (skipped, expected) in parsed.skipped.iter().zip(expected) {
+            assert!(
+                skipped.starts_with(expected),
+                "{skipped:?} should start with {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_waba_or_phone_number_id_is_noted_and_the_status_kept_without_it() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"WABA","changes":[{"field":"messages",
+            "value":{"metadata":{"phone_number_id":"+1 555"},"statuses":[
+              {"id":"wamid.S","status":"sent","timestamp":"1"}]}}]}]}"#;
+        let parsed = parse(body).unwrap();
+        let status = status(&parsed.updates[0]);
+        assert_eq!(
+            (status.waba_id.as_ref(), status.phone_number_id.as_ref()),
+            (None, None)
+        );
+        assert_eq!(parsed.skipped.len(), 2, "{:#?}", parsed.skipped);
+        assert!(parsed.skipped[0].starts_with("entry[0].id: waba_id"));
+        assert!(
+            parsed.skipped[1].starts_with("entry[0].changes[0].value.metadata.phone_number_id")
+        );
+    }
+
+    /// The shapes `simulator::statuses` produces: merged statuses, v23 `conversation`, a numeric
+    /// template id, a numeric `user_preferences` timestamp, a quality update without metadata.
+    #[test]
+    fn everything_the_simulator_posts_parses() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[
+            {"field":"messages","value":{"messaging_product":"whatsapp",
+              "metadata":{"display_phone_number":"15550783881","phone_number_id":"106540352242922"},
+              "statuses":[
+                {"id":"wamid.S1","status":"sent","timestamp":"1750030021","recipient_id":"16505551234",
+                 "biz_opaque_callback_data":"job-1",
+                 "pricing":{"billable":true,"pricing_model":"PMP","type":"regular","category":"marketing"},
+                 "conversation":{"id":"c4e8f0b1d2a3948576afbe0d1c2b3a49","origin":{"type":"marketing"},
+                   "expiration_timestamp":"1750116421"}},
+                {"id":"wamid.S2","status":"failed","timestamp":"1750030022","recipient_id":"16505551234",
+                 "errors":[{"code":131047,"title":"Re-engagement message","message":"Re-engagement message",
+                   "error_data":{"details":"more than 24 hours"},
+                   "href":"/documentation/business-messaging/whatsapp/support/error-codes"}]}]}},
+            {"field":"user_preferences","value":{"messaging_product":"whatsapp",
+              "metadata":{"display_phone_number":"15550783881","phone_number_id":"106540352242922"},
+              "user_preferences":[{"wa_id":"16505551234","detail":"User requested to resume marketing messages",
+                "category":"marketing_messages","value":"resume","timestamp":1750030030}]}},
+            {"field":"message_template_status_update","value":{"event":"DISABLED","message_template_id":42,
+              "message_template_name":"promo","message_template_language":"en","message_template_category":"MARKETING",
+              "reason":"NONE","disable_info":{"disable_date":1750030040}}},
+            {"field":"phone_number_quality_update","value":{"display_phone_number":"15550783881",
+              "event":"THROUGHPUT_UPGRADE","max_daily_conversations_per_business":"TIER_UNLIMITED"}}]}]}"#;
+        let updates = updates(body);
+        assert_eq!(updates.len(), 5, "{updates:#?}");
+        assert_eq!(
+            status(&updates[0]).biz_opaque_callback_data.as_deref(),
+            Some("job-1")
+        );
+        assert_eq!(status(&updates[1]).errors[0].details, "more than 24 hours");
+        assert!(matches!(
+            updates[2],
+            Update::UserPreference { stop: false, .. }
+        ));
+        assert!(matches!(&updates[3], Update::TemplateStatus { event, .. } if event == "DISABLED"));
+        assert!(
+            matches!(&updates[4], Update::NumberQuality { event, .. } if event == "THROUGHPUT_UPGRADE")
+        );
+    }
+
+    fn fixtures(dir: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|entry| entry.expect("dir entry").path())
+            .filter(|path| path.extension().is_some_and(|e| e == "json"))
+            .map(|path| {
+                let body = std::fs::read(&path).expect("fixture");
+                (path.display().to_string(), body)
+            })
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no fixtures in {}", dir.display());
+        files
+    }
+
+    #[test]
+    fn every_valid_fixture_parses_completely() {
+        for (path, body) in fixtures("tests/fixtures/cloud/webhook") {
+            let parsed = parse(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(parsed.skipped, Vec::<String>::new(), "{path}");
+            assert!(!parsed.updates.is_empty(), "{path}: no updates");
+            assert!(
+                !parsed
+                    .updates
+                    .iter()
+                    .any(|u| matches!(u, Update::Unrecognized { .. })),
+                "{path}: {:?}",
+                parsed.updates
+            );
+        }
+    }
+
+    /// The schema rejects these; the parser, which must not lose Meta's next surprise, reads
+    /// every one of them except the envelope of another product.
+    #[test]
+    fn schema_invalid_but_plausible_webhooks_are_tolerated() {
+        for (path, body) in fixtures("tests/fixtures/cloud/invalid/webhook") {
+            let fixture: Value = serde_json::from_slice(&body).expect("fixture JSON");
+            let instance = serde_json::to_vec(&fixture["instance"]).expect("instance");
+            let result = parse(&instance);
+            if path.ends_with("object-not-waba.json") {
+                assert!(matches!(result, Err(ParseError::NotWhatsApp(_))), "{path}");
+            } else {
+                assert!(result.is_ok(), "{path}: {result:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn stop_keywords_match_the_whole_message_ignoring_case_and_spaces() {
+        let keywords: Vec<String> = ["stop", "stopp", "abmelden", "UNSUBSCRIBE", "arrêt"]
+            .map(String::from)
+            .to_vec();
+        for (text, stop) in [
+            ("stop", true),
+            ("STOP", true),
+            (" Stopp ", true),
+            ("ABMELDEN", true),
+            ("unsubscribe\n", true),
+            ("ARRÊT", true),
+            ("please stop", false),
+            ("stop!", false),
+            ("stopping", false),
+            ("", false),
+            ("   ", false),
+        ] {
+            assert_eq!(is_stop_keyword(text, &keywords), stop, "{text:?}");
+        }
+        assert!(
+            !is_stop_keyword("", &[String::new()]),
+            "an empty keyword matches nothing"
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! The webhook receiver over real HTTP with a real RabbitMQ: Meta's handshake, signatures checked
+//! over the raw bytes (a bad one is refused and nothing reaches the intake), size and type
+//! limits, 503 when the broker cannot take the body, and the simulator's own signed webhooks.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicGetOptions;
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use wa_sender::app::HttpServer;
+use wa_sender::broker::rabbit::RabbitBroker;
+use wa_sender::simulator::{Action, Scenario, Simulator, sign};
+use wa_sender::webhook::receiver::{ReceiverSettings, router};
+
+const APP_SECRET: &str = "test-app-secret";
+const VERIFY_TOKEN: &str = "test-verify-token";
+
+struct Receiver {
+    url: String,
+    prefix: String,
+    settings: wa_sender::config::Settings,
+    broker: Arc<RabbitBroker>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+async fn start(test: &str) -> Receiver {
+    let prefix = common::unique_prefix(test);
+    let settings = common::settings(&prefix, "http://unused");
+    let broker = RabbitBroker::connect(wa_sender::app::rabbit_settings(&settings).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("integration tests need RabbitMQ: {e}"));
+    let broker = Arc::new(broker);
+    let server = HttpServer::bind(
+        "127.0.0.1:0",
+        router(
+            broker.clone(),
+            ReceiverSettings {
+                verify_token: SecretString::from(VERIFY_TOKEN),
+                app_secret: SecretString::from(APP_SECRET),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}/webhook", server.addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server.run_until_stopped(stop.clone()));
+    Receiver {
+        url,
+        prefix,
+        settings,
+        broker,
+        stop,
+    }
+}
+
+impl Receiver {
+    /// Everything in the intake queue, taken off it.
+    async fn intake(&self) -> Vec<Vec<u8>> {
+        let conn = lapin::Connection::connect(
+            &self.settings.amqp.url,
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let queue = format!("{}.webhooks.intake", self.prefix);
+        let mut bodies = Vec::new();
+        while let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            bodies.push(message.delivery.data.clone());
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        bodies
+    }
+
+    async fn post(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+        content_type: &str,
+    ) -> reqwest::Response {
+        let mut request = reqwest::Client::new()
+            .post(&self.url)
+            .header("content-type", content_type)
+            .body(body.to_vec());
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn cleanup(self) {
+        self.stop.cancel();
+        let broker =
+            RabbitBroker::connect(wa_sender::app::rabbit_settings(&self.settings).unwrap())
+                .await
+                .unwrap();
+        broker.delete_topology().await.unwrap();
+        broker.close().await;
+    }
+}
+
+/// Meta's documented `delivered` example, with escaped unicode: signed as sent, byte for byte.
+const DELIVERED: &str = r#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{"value":{"messaging_product":"whatsapp","metadata":{"display_phone_number":"15550783881","phone_number_id":"106540352242922"},"statuses":[{"id":"wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQUFERjg0NDEzNDdFODU3MUMxMAA=","status":"delivered","timestamp":"1750030080","recipient_id":"16505551234","biz_opaque_callback_data":"job-8c1f \u00e4","pricing":{"billable":true,"pricing_model":"PMP","type":"regular","category":"utility"}}]},"field":"messages"}]}]}"#;
+
+#[tokio::test]
+async fn the_handshake_answers_the_challenge_only_with_the_right_token() {
+    let r = start("wh-handshake").await;
+    let client = reqwest::Client::new();
+    let ok = client
+        .get(format!(
+            "{}?hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1158201444",
+            r.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(ok.text().await.unwrap(), "1158201444");
+    let wrong = client
+        .get(format!(
+            "{}?hub.mode=subscribe&hub.verify_token=guess&hub.challenge=1",
+            r.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
+    r.cleanup().await;
+}
+
+#[tokio::test]
+async fn only_correctly_signed_json_reaches_the_intake_byte_for_byte() {
+    let r = start("wh-signed").await;
+    let body = DELIVERED.as_bytes();
+    let good = sign(APP_SECRET, body);
+    let wrong_secret = sign("not-the-secret", body);
+    let mut tampered = body.to_vec();
+    tampered[10] ^= 1;
+
+    assert_eq!(
+        r.post(&tampered, Some(&good), "application/json")
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        r.post(body, Some(&wrong_secret), "application/json")
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        r.post(body, None, "application/json").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        r.post(body, Some(&good), "text/plain").await.status(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    let huge = vec![b' '; 3 * 1024 * 1024 + 1];
+    let huge_sig = sign(APP_SECRET, &huge);
+    assert_eq!(
+        r.post(&huge, Some(&huge_sig), "application/json")
+            .await
+            .status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert!(r.intake().await.is_empty(), "nothing refused was taken");
+
+    let accepted = r
+        .post(body, Some(&good), "application/json; charset=utf-8")
+        .await;
+    assert_eq!(accepted.status(), StatusCode::OK);
+    assert_eq!(
+        r.intake().await,
+        vec![body.to_vec()],
+        "the raw body, unchanged"
+    );
+    r.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_broker_that_cannot_take_the_body_gets_a_503_so_meta_retries() {
+    let r = start("wh-down").await;
+    r.broker.close().await;
+    let body = DELIVERED.as_bytes();
+    let answer = r
+        .post(body, Some(&sign(APP_SECRET, body)), "application/json")
+        .await;
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers()["retry-after"], "5");
+    r.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_simulators_signed_webhooks_are_taken() {
+    let r = start("wh-sim").await;
+    let mut scenario = Scenario::single(common::NUMBER, common::WABA, common::TOKEN);
+    scenario.webhooks.url = Some(r.url.clone());
+    scenario.webhooks.app_secret = APP_SECRET.into();
+    let sim = Simulator::start(scenario, "127.0.0.1:0").await.unwrap();
+    sim.act(Action::Inbound {
+        from: "16505551234".into(),
+        phone_number_id: common::NUMBER.into(),
+        text: "STOP".into(),
+    })
+    .unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..100 {
+        bodies.extend(r.intake().await);
+        if !bodies.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(bodies.len(), 1, "one inbound webhook");
+    let value: serde_json::Value = serde_json::from_slice(&bodies[0]).unwrap();
+    assert_eq!(
+        value["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"],
+        "STOP"
+    );
+    assert_eq!(sim.audit().webhooks.delivered_posts, 1);
+    sim.stop();
+    r.cleanup().await;
+}
