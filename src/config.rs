@@ -295,6 +295,8 @@ pub struct WebhookSettings {
     /// File holding the app secret.
     #[serde(default)]
     pub app_secret_file: Option<PathBuf>,
+    /// Inbound messages that, as the whole message (any case), record a marketing opt-out.
+    pub stop_keywords: Vec<String>,
 }
 
 /// Logging.

@@ -135,6 +135,10 @@ pub struct Event {
     /// The job's metadata, echoed.
     #[serde(skip_serializing_if = "Value::is_null", default)]
     pub metadata: Value,
+    /// `false` on a status webhook for a wamid no job of this deployment is known to have sent
+    /// (published all the same, flagged).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub correlated: Option<bool>,
 }
 
 impl Event {
@@ -154,6 +158,7 @@ impl Event {
             attempts: None,
             pricing: None,
             metadata: Value::Null,
+            correlated: None,
         }
     }
 

@@ -89,8 +89,8 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
-    /// Receive Meta's webhooks: verify each signature and land the body in wa.webhooks.intake
-    /// before answering 200, until SIGTERM/SIGINT.
+    /// Receive Meta's webhooks (verify each signature, land the body in wa.webhooks.intake
+    /// before answering 200) and process the intake into events, until SIGTERM/SIGINT.
     Webhook {
         /// Listen address (default: webhook.listen).
         #[arg(long)]
@@ -375,9 +375,28 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let server = wa_sender::app::HttpServer::bind(&listen, router)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            info!(addr = %server.addr()?, "webhook receiver listening");
-            server.run_until_stopped(shutdown_on_signal()).await?;
+            let store = wa_sender::app::connect_store(&settings).await?;
+            let processor = wa_sender::webhook::processor::Processor::new(
+                broker.clone(),
+                store,
+                wa_sender::webhook::processor::ProcessorSettings {
+                    numbers: settings.number_wabas()?,
+                    stop_keywords: settings.webhook.stop_keywords.clone(),
+                },
+            );
+            info!(addr = %server.addr()?, "webhook receiver listening; processing the intake");
+            let shutdown = shutdown_on_signal();
+            let processing = async {
+                let processed = processor.run(64, shutdown.clone()).await;
+                // A processor that stops takes the receiver down with it: no silent half.
+                shutdown.cancel();
+                processed
+            };
+            let (served, processed) =
+                tokio::join!(server.run_until_stopped(shutdown.clone()), processing);
             broker.close().await;
+            served?;
+            processed?;
             Ok(())
         }
         Command::Admin { listen } => {

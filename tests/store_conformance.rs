@@ -140,6 +140,7 @@ async fn idempotency(store: &dyn Store) {
         job_id: "a".into(),
         campaign_id: Some("c".into()),
         traceparent: None,
+        metadata: serde_json::json!({"order": 7}),
     };
     store.mark_sent(&key("a"), &wamid, &record).await.unwrap();
     let mut retake = other.clone();

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Acker, Broker, BrokerError, Delivery, Envelope, Stream, Tap, Tapped, Target};
+use super::{Acker, Broker, BrokerError, Delivery, Envelope, Intake, Stream, Tap, Tapped, Target};
 use crate::job::Lane;
 
 #[derive(Default)]
@@ -48,7 +48,7 @@ struct Inner {
     lanes: HashMap<Lane, Arc<LaneQueue>>,
     taps: Mutex<Vec<(Tap, mpsc::UnboundedSender<Tapped>)>>,
     dead: Mutex<Vec<Tapped>>,
-    intake: Mutex<Vec<Envelope>>,
+    intake: Arc<LaneQueue>,
     parked: Mutex<Vec<Envelope>>,
     stop: CancellationToken,
 }
@@ -77,9 +77,63 @@ impl MemoryBroker {
         self.inner.dead.lock().expect("dead lock").clone()
     }
 
-    /// Webhook bodies published to the intake so far.
+    /// Webhook bodies waiting in the intake.
     pub fn intake(&self) -> Vec<Envelope> {
-        self.inner.intake.lock().expect("intake lock").clone()
+        let ready = self.inner.intake.ready.lock().expect("intake lock");
+        ready.iter().map(|(e, _)| e.clone()).collect()
+    }
+
+    /// Webhook bodies parked as unparseable.
+    pub fn parked(&self) -> Vec<Envelope> {
+        self.inner.parked.lock().expect("parked lock").clone()
+    }
+
+    /// Consumes `queue` with `prefetch`; deliveries carry `origin`.
+    fn consume_queue<Q: Copy + Send + 'static>(
+        &self,
+        queue: Arc<LaneQueue>,
+        origin: Q,
+        prefetch: u16,
+    ) -> Stream<Delivery<Q>> {
+        let permits = Arc::new(Semaphore::new(usize::from(prefetch.max(1))));
+        let stop = self.inner.stop.clone();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stream = futures::stream::unfold(
+            (queue, permits, stop, stopped),
+            move |(queue, permits, stop, stopped)| async move {
+                if stopped.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let permit = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return None,
+                    p = Arc::clone(&permits).acquire_owned() => p.ok()?,
+                };
+                let next = loop {
+                    let notified = queue.notify.notified();
+                    if let Some(next) = queue.ready.lock().expect("lane lock").pop_front() {
+                        break next;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => {
+                            stopped.store(true, Ordering::Relaxed);
+                            return None;
+                        }
+                        _ = notified => {}
+                    }
+                };
+                let (envelope, redelivered) = next;
+                let acker = MemoryAcker {
+                    queue: Arc::clone(&queue),
+                    envelope: Mutex::new(Some(envelope.clone())),
+                    _permit: permit,
+                };
+                let delivery = Delivery::new(origin, envelope, redelivered, Box::new(acker));
+                Some((Ok(delivery), (queue, permits, stop, stopped)))
+            },
+        );
+        stream.boxed()
     }
 
     fn fan_out(&self, tap: Tap, tapped: Tapped) {
@@ -148,12 +202,7 @@ impl Broker for MemoryBroker {
                     .push(tapped.clone());
                 self.fan_out(Tap::Dead, tapped);
             }
-            Target::Intake => self
-                .inner
-                .intake
-                .lock()
-                .expect("intake lock")
-                .push(envelope),
+            Target::Intake => self.inner.intake.push_back(envelope, false),
             Target::Parked => self
                 .inner
                 .parked
@@ -165,46 +214,11 @@ impl Broker for MemoryBroker {
     }
 
     async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError> {
-        let queue = self.lane(lane);
-        let permits = Arc::new(Semaphore::new(usize::from(prefetch.max(1))));
-        let stop = self.inner.stop.clone();
-        let stopped = Arc::new(AtomicBool::new(false));
-        let stream = futures::stream::unfold(
-            (queue, permits, stop, stopped),
-            move |(queue, permits, stop, stopped)| async move {
-                if stopped.load(Ordering::Relaxed) {
-                    return None;
-                }
-                let permit = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return None,
-                    p = Arc::clone(&permits).acquire_owned() => p.ok()?,
-                };
-                let next = loop {
-                    let notified = queue.notify.notified();
-                    if let Some(next) = queue.ready.lock().expect("lane lock").pop_front() {
-                        break next;
-                    }
-                    tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => {
-                            stopped.store(true, Ordering::Relaxed);
-                            return None;
-                        }
-                        _ = notified => {}
-                    }
-                };
-                let (envelope, redelivered) = next;
-                let acker = MemoryAcker {
-                    queue: Arc::clone(&queue),
-                    envelope: Mutex::new(Some(envelope.clone())),
-                    _permit: permit,
-                };
-                let delivery = Delivery::new(lane, envelope, redelivered, Box::new(acker));
-                Some((Ok(delivery), (queue, permits, stop, stopped)))
-            },
-        );
-        Ok(stream.boxed())
+        Ok(self.consume_queue(self.lane(lane), lane, prefetch))
+    }
+
+    async fn consume_intake(&self, prefetch: u16) -> Result<Stream<Delivery<Intake>>, BrokerError> {
+        Ok(self.consume_queue(Arc::clone(&self.inner.intake), Intake, prefetch))
     }
 
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {

@@ -135,9 +135,9 @@ pub struct Tapped {
 }
 
 /// One job handed to a worker. It must be settled with [`Delivery::ack`] (or requeued).
-pub struct Delivery {
-    /// The lane it came from.
-    pub lane: Lane,
+pub struct Delivery<Q = Lane> {
+    /// Where it came from: a lane, or [`Intake`] for webhook bodies.
+    pub lane: Q,
     /// Body and headers.
     pub envelope: Envelope,
     /// Whether the broker delivered it before (a worker died holding it).
@@ -145,7 +145,11 @@ pub struct Delivery {
     acker: Box<dyn Acker>,
 }
 
-impl std::fmt::Debug for Delivery {
+/// The webhook intake queue, as a delivery's origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intake;
+
+impl<Q: std::fmt::Debug> std::fmt::Debug for Delivery<Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
             .field("lane", &self.lane)
@@ -154,9 +158,9 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-impl Delivery {
+impl<Q> Delivery<Q> {
     /// A delivery from a broker implementation.
-    pub fn new(lane: Lane, envelope: Envelope, redelivered: bool, acker: Box<dyn Acker>) -> Self {
+    pub fn new(lane: Q, envelope: Envelope, redelivered: bool, acker: Box<dyn Acker>) -> Self {
         Delivery {
             lane,
             envelope,
@@ -228,6 +232,8 @@ pub trait Broker: Send + Sync {
     async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError>;
     /// Starts consuming a lane with at most `prefetch` unacked deliveries.
     async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError>;
+    /// Starts consuming `wa.webhooks.intake` (competing consumers: each body goes to one).
+    async fn consume_intake(&self, prefetch: u16) -> Result<Stream<Delivery<Intake>>, BrokerError>;
     /// Subscribes to a copy of events or dead letters from now on.
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError>;
     /// Jobs waiting in a lane (ready, not unacked), for the demo and queue-depth scaling.

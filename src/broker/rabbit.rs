@@ -15,8 +15,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::Mutex;
 
 use super::{
-    Acker, Broker, BrokerError, Delivery, Envelope, HeaderValue, Headers, Stream, Tap, Tapped,
-    Target,
+    Acker, Broker, BrokerError, Delivery, Envelope, HeaderValue, Headers, Intake, Stream, Tap,
+    Tapped, Target,
 };
 use crate::job::Lane;
 use crate::policy::DelayTiers;
@@ -300,6 +300,51 @@ impl RabbitBroker {
         let _ = self.connection.close(200, "bye".into()).await;
     }
 
+    /// Consumes `queue` on its own channel with `prefetch`; deliveries carry `origin`.
+    async fn consume_queue<Q: Copy + Send + 'static>(
+        &self,
+        queue: String,
+        origin: Q,
+        prefetch: u16,
+    ) -> Result<Stream<Delivery<Q>>, BrokerError> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::op("open channel", e))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| BrokerError::op("basic.qos", e))?;
+        let tag: ShortString =
+            format!("wa-sender-{queue}-{}", uuid::Uuid::new_v4().simple()).into();
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::op("basic.consume", e))?;
+        self.consumers.lock().await.push((channel, tag));
+        Ok(consumer
+            .map(move |d| {
+                let d = d.map_err(|e| BrokerError::op("consume", e))?;
+                let envelope = Envelope {
+                    body: d.data.into(),
+                    headers: from_properties(&d.properties),
+                };
+                Ok(Delivery::new(
+                    origin,
+                    envelope,
+                    d.redelivered,
+                    Box::new(LapinAcker(d.acker)),
+                ))
+            })
+            .boxed())
+    }
+
     fn route(&self, target: &Target) -> (String, String) {
         let n = &self.names;
         match target {
@@ -414,46 +459,13 @@ impl Broker for RabbitBroker {
     }
 
     async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError> {
-        let channel = self
-            .connection
-            .create_channel()
+        self.consume_queue(self.names.lane_queue(lane), lane, prefetch)
             .await
-            .map_err(|e| BrokerError::op("open channel", e))?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
+    }
+
+    async fn consume_intake(&self, prefetch: u16) -> Result<Stream<Delivery<Intake>>, BrokerError> {
+        self.consume_queue(self.names.intake_queue(), Intake, prefetch)
             .await
-            .map_err(|e| BrokerError::op("basic.qos", e))?;
-        let tag: ShortString = format!(
-            "wa-sender-{}-{}",
-            lane.as_str(),
-            uuid::Uuid::new_v4().simple()
-        )
-        .into();
-        let consumer = channel
-            .basic_consume(
-                self.names.lane_queue(lane).into(),
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::op("basic.consume", e))?;
-        self.consumers.lock().await.push((channel, tag));
-        Ok(consumer
-            .map(move |d| {
-                let d = d.map_err(|e| BrokerError::op("consume", e))?;
-                let envelope = Envelope {
-                    body: d.data.into(),
-                    headers: from_properties(&d.properties),
-                };
-                Ok(Delivery::new(
-                    lane,
-                    envelope,
-                    d.redelivered,
-                    Box::new(LapinAcker(d.acker)),
-                ))
-            })
-            .boxed())
     }
 
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {

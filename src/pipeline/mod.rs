@@ -526,6 +526,7 @@ impl Pipeline {
                     job_id: job.job_id.to_string(),
                     campaign_id: job.campaign_id.as_ref().map(ToString::to_string),
                     traceparent: envelope.headers.get_str(crate::broker::H_TRACEPARENT),
+                    metadata: job.metadata.clone(),
                 };
                 if let Err(e) = self.store.mark_sent(&key, &accepted.wamid, &record).await {
                     // The message exists; the event below still reports it. A redelivery would

@@ -33,6 +33,7 @@ struct Portfolio {
 struct State {
     jobs: HashMap<JobKey, JobState>,
     wamids: HashMap<Wamid, WamidRecord>,
+    statuses: HashMap<Wamid, String>,
     portfolios: HashMap<WabaId, Portfolio>,
     replicas: HashMap<String, HashMap<String, DateTime<Utc>>>,
     throughput: HashMap<PhoneNumberId, u32>,
@@ -151,6 +152,25 @@ impl Store for MemoryStore {
 
     async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError> {
         self.with(|s| s.wamids.get(wamid).cloned())
+    }
+
+    async fn message_status(&self, wamid: &Wamid) -> Result<Option<String>, StoreError> {
+        self.with(|s| s.statuses.get(wamid).cloned())
+    }
+
+    async fn swap_message_status(
+        &self,
+        wamid: &Wamid,
+        expected: Option<&str>,
+        status: &str,
+    ) -> Result<bool, StoreError> {
+        self.with(|s| {
+            if s.statuses.get(wamid).map(String::as_str) != expected {
+                return false;
+            }
+            s.statuses.insert(wamid.clone(), status.to_owned());
+            true
+        })
     }
 
     async fn record_inbound(

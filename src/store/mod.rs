@@ -44,6 +44,9 @@ pub struct WamidRecord {
     /// Its trace context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The job's metadata, echoed in every event about it.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub metadata: serde_json::Value,
 }
 
 /// Store failures.
@@ -135,6 +138,16 @@ pub trait Store: Send + Sync {
     async fn mark_dead(&self, key: &JobKey, reason: DeadReason) -> Result<(), StoreError>;
     /// Finds the job behind a wamid.
     async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError>;
+    /// The last status recorded for a wamid.
+    async fn message_status(&self, wamid: &Wamid) -> Result<Option<String>, StoreError>;
+    /// Records `status` for a wamid only if the recorded one is still `expected` (compare and
+    /// set, atomic across processors); `false`: another processor got there first.
+    async fn swap_message_status(
+        &self,
+        wamid: &Wamid,
+        expected: Option<&str>,
+        status: &str,
+    ) -> Result<bool, StoreError>;
 
     /// Records an inbound message from `to` to `number` at `at`: the care window runs 24 h from it.
     async fn record_inbound(

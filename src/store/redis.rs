@@ -7,7 +7,8 @@
 //! | key | holds | expires |
 //! |---|---|---|
 //! | `<p>:{<waba>}:job:<job_id>` | hash `state` (claimed/ambiguous/sent/dead), `owner`, `at`, `wamid`, `reason` | 8 days |
-//! | `<p>:wamid:<wamid>` | JSON: job_id, campaign_id, traceparent (webhook correlation) | 30 days |
+//! | `<p>:wamid:<wamid>` | JSON: job_id, campaign_id, traceparent, metadata (webhook correlation) | 30 days |
+//! | `<p>:wamid:<wamid>:status` | last status applied (monotonic, compare-and-set) | 30 days |
 //! | `<p>:{<waba>}:window:<pnid>:<wa_id>` | last inbound message, ms | 24 h after it |
 //! | `<p>:{<waba>}:consent:<wa_id>` | hash `opt_in_at`, `opt_in_source`, `opt_out_at`, `opt_out_source` | durable |
 //! | `<p>:{<waba>}:campaign:<id>` | hash `state` (active/paused/cancelled), `at` | durable |
@@ -60,6 +61,14 @@ return 1
 /// Set a known template's status. KEYS[1] template; ARGV status.
 const TEMPLATE_STATUS: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[1], 'status', ARGV[1]) end return 0";
 
+/// Set KEYS[1] to ARGV[2] (ttl ARGV[3] s) if it holds ARGV[1] ('' = absent).
+const SWAP_STATUS: &str = r#"
+local current = redis.call('GET', KEYS[1]) or ''
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"#;
+
 /// Delete a lock if ARGV[1] holds it.
 const UNLOCK: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
@@ -74,6 +83,7 @@ pub struct RedisStore {
     inbound: Script,
     template_status: Script,
     unlock: Script,
+    swap_status: Script,
     round_trips: Arc<AtomicU64>,
 }
 
@@ -132,6 +142,7 @@ impl RedisStore {
             inbound: Script::new(INBOUND),
             template_status: Script::new(TEMPLATE_STATUS),
             unlock: Script::new(UNLOCK),
+            swap_status: Script::new(SWAP_STATUS),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -397,6 +408,31 @@ impl Store for RedisStore {
             .map_err(command_error("GET"))?;
         raw.map(|r| serde_json::from_str(&r).map_err(|e| bad_reply("wamid", e.to_string())))
             .transpose()
+    }
+
+    async fn message_status(&self, wamid: &Wamid) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .get(format!("{}:status", self.wamid_key(wamid)))
+            .await
+            .map_err(command_error("message_status"))
+    }
+
+    async fn swap_message_status(
+        &self,
+        wamid: &Wamid,
+        expected: Option<&str>,
+        status: &str,
+    ) -> Result<bool, StoreError> {
+        let swapped: i64 = self
+            .swap_status
+            .key(format!("{}:status", self.wamid_key(wamid)))
+            .arg(expected.unwrap_or(""))
+            .arg(status)
+            .arg(WAMID_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("swap_message_status"))?;
+        Ok(swapped == 1)
     }
 
     async fn record_inbound(

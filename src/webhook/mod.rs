@@ -3,5 +3,6 @@
 //! turns what it holds into events (issue 5, in progress).
 
 pub mod payload;
+pub mod processor;
 pub mod receiver;
 pub mod status;

@@ -1,0 +1,384 @@
+//! The webhook processor against real RabbitMQ and Redis: statuses become events for their job
+//! (duplicates once, never backwards), failures become dead letters with the original job id,
+//! opt-outs and care windows are recorded, and what cannot be parsed is parked, not dropped.
+//! The last test runs the whole path: simulator → signed POST → receiver → intake → processor.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{NUMBER, WABA, spawn_app};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use wa_sender::event::Event;
+use wa_sender::ids::{WaId, WabaId, Wamid};
+use wa_sender::store::{Store, WamidRecord};
+use wa_sender::webhook::processor::{Processor, ProcessorSettings};
+
+fn processor(app: &common::TestApp) -> Processor {
+    Processor::new(
+        app.broker.clone(),
+        app.store.clone(),
+        ProcessorSettings {
+            numbers: app.settings.number_wabas().unwrap(),
+            stop_keywords: vec!["STOP".into(), "ABMELDEN".into()],
+        },
+    )
+}
+
+fn envelope(value: Value) -> Vec<u8> {
+    let mut inner = json!({"messaging_product": "whatsapp",
+                           "metadata": {"display_phone_number": "15550783881", "phone_number_id": NUMBER}});
+    for (k, v) in value.as_object().unwrap() {
+        inner[k] = v.clone();
+    }
+    serde_json::to_vec(&json!({"object": "whatsapp_business_account",
+                               "entry": [{"id": WABA, "changes": [{"field": "messages", "value": inner}]}]}))
+    .unwrap()
+}
+
+fn status(wamid: &str, status: &str, ts: u64, errors: Value) -> Vec<u8> {
+    let mut s = json!({"id": wamid, "status": status, "timestamp": ts.to_string(), "recipient_id": "16505551234",
+                       "pricing": {"billable": true, "pricing_model": "PMP", "type": "regular", "category": "utility"}});
+    if !errors.is_null() {
+        s["errors"] = errors;
+    }
+    envelope(json!({"statuses": [s]}))
+}
+
+async fn sent(app: &common::TestApp, wamid: &str, job_id: &str) {
+    let record = WamidRecord {
+        job_id: job_id.into(),
+        campaign_id: Some("c-1".into()),
+        traceparent: None,
+        metadata: json!({"order": 42}),
+    };
+    let key = wa_sender::store::JobKey {
+        waba: WabaId::parse(WABA).unwrap(),
+        job_id: wa_sender::ids::JobId::parse(job_id).unwrap(),
+    };
+    app.store
+        .mark_sent(&key, &Wamid::parse(wamid).unwrap(), &record)
+        .await
+        .unwrap();
+}
+
+fn events_of<'a>(app: &'a common::TestApp, kind: &str) -> Vec<&'a Event> {
+    app.seen.iter().filter(|e| e.event == kind).collect()
+}
+
+async fn drain(app: &mut common::TestApp) {
+    // Takes every event published so far into app.seen.
+    while let Ok(Some(Ok(tapped))) =
+        tokio::time::timeout(Duration::from_millis(500), app.events.next()).await
+    {
+        app.seen
+            .push(serde_json::from_slice(&tapped.envelope.body).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn statuses_reach_their_job_once_and_never_go_backwards() {
+    let mut app = spawn_app("wh-status", |_, _| {}).await;
+    let p = processor(&app);
+    sent(&app, "wamid.A", "job-a").await;
+    let delivered = status("wamid.A", "delivered", 1_750_030_080, Value::Null);
+    let h = p.handle(&delivered).await.unwrap();
+    assert_eq!(h.events, 1);
+    assert_eq!(
+        p.handle(&delivered).await.unwrap().duplicates,
+        1,
+        "Meta's duplicate"
+    );
+    p.handle(&status("wamid.A", "read", 1_750_030_090, Value::Null))
+        .await
+        .unwrap();
+    // Out of order: sent and delivered arrive after read. Nothing regresses.
+    assert_eq!(
+        p.handle(&status("wamid.A", "sent", 1_750_030_070, Value::Null))
+            .await
+            .unwrap()
+            .stale,
+        1
+    );
+    assert_eq!(
+        p.handle(&delivered).await.unwrap().stale,
+        1,
+        "delivered after read"
+    );
+    assert_eq!(
+        app.store
+            .message_status(&Wamid::parse("wamid.A").unwrap())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("read")
+    );
+    // A status for a wamid no job sent is still published, flagged.
+    p.handle(&status(
+        "wamid.stranger",
+        "delivered",
+        1_750_030_000,
+        Value::Null,
+    ))
+    .await
+    .unwrap();
+    drain(&mut app).await;
+    let delivered = events_of(&app, "message.delivered");
+    assert_eq!(delivered.len(), 2);
+    let ours = delivered
+        .iter()
+        .find(|e| e.wamid.as_deref() == Some("wamid.A"))
+        .unwrap();
+    assert_eq!(ours.job_id.as_deref(), Some("job-a"));
+    assert_eq!(ours.campaign_id.as_deref(), Some("c-1"));
+    assert_eq!(ours.metadata, json!({"order": 42}));
+    assert_eq!(ours.pricing.as_ref().unwrap()["category"], "utility");
+    assert_eq!(ours.correlated, None);
+    let stranger = delivered
+        .iter()
+        .find(|e| e.wamid.as_deref() == Some("wamid.stranger"))
+        .unwrap();
+    assert_eq!(stranger.correlated, Some(false));
+    assert_eq!(events_of(&app, "message.read").len(), 1);
+    assert!(
+        events_of(&app, "message.sent").is_empty(),
+        "a late sent is not published"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn failed_statuses_dead_letter_with_the_original_job_id() {
+    let mut app = spawn_app("wh-failed", |_, _| {}).await;
+    let p = processor(&app);
+    let error = |code: i64| json!([{"code": code, "title": "t", "message": "m", "error_data": {"details": format!("details {code}")}}]);
+    let cases = [
+        ("wamid.F1", "job-131047", 131047, "outside_care_window"),
+        ("wamid.F2", "job-131050", 131050, "opted_out_marketing"),
+        ("wamid.F3", "job-132001", 132001, "template_not_approved"),
+    ];
+    for (wamid, job, code, _) in cases {
+        sent(&app, wamid, job).await;
+        p.handle(&status(wamid, "failed", 1_750_030_080, error(code)))
+            .await
+            .unwrap();
+    }
+    // Vonage forwards the legacy flat format: 1020 and 1022 ride on the status itself.
+    for (wamid, job, code) in [
+        ("wamid.V1", "job-1020", 1020),
+        ("wamid.V2", "job-1022", 1022),
+    ] {
+        sent(&app, wamid, job).await;
+        let body = json!({"statuses": [{"id": wamid, "status": "failed", "timestamp": "1750030080", "recipient_id": "16505551234",
+                                         "errors": [{"code": code, "title": "Invalid template"}]}]});
+        p.handle(&serde_json::to_vec(&body).unwrap()).await.unwrap();
+    }
+    let mut dead = std::collections::BTreeMap::new();
+    for _ in 0..5 {
+        let letter = app.next_dead().await;
+        let body: Value = serde_json::from_slice(&letter.envelope.body).unwrap();
+        dead.insert(
+            body["job_id"].as_str().unwrap().to_owned(),
+            letter.routing_key,
+        );
+    }
+    for (_, job, _, reason) in cases {
+        assert_eq!(dead[job], reason, "{job}");
+    }
+    assert_eq!(dead["job-1020"], "template_params_invalid");
+    assert_eq!(dead["job-1022"], "template_not_approved");
+    drain(&mut app).await;
+    let events = events_of(&app, "job.dead_lettered");
+    assert_eq!(events.len(), 5);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.error.as_ref().unwrap().source == wa_sender::event::ErrorSource::Webhook)
+    );
+    // 131050 records the opt-out, so the next marketing job is refused before any API call.
+    let consent = app
+        .store
+        .consent(
+            &WabaId::parse(WABA).unwrap(),
+            &WaId::parse("16505551234").unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(consent.opt_out.unwrap().source, "131050");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn inbound_messages_open_the_window_and_stop_keywords_opt_out() {
+    let mut app = spawn_app("wh-inbound", |_, _| {}).await;
+    let p = processor(&app);
+    let inbound = |text: &str, id: &str| {
+        envelope(json!({
+        "contacts": [{"profile": {"name": "Sheena"}, "wa_id": "4915100000777"}],
+        "messages": [{"from": "4915100000777", "id": id, "timestamp": chrono::Utc::now().timestamp().to_string(), "type": "text", "text": {"body": text}}]}))
+    };
+    p.handle(&inbound("Does it come in blue?", "wamid.in1"))
+        .await
+        .unwrap();
+    let user = WaId::parse("4915100000777").unwrap();
+    let waba = WabaId::parse(WABA).unwrap();
+    assert_eq!(app.store.consent(&waba, &user).await.unwrap().opt_out, None);
+    // The window is open: a free-form reply is admitted.
+    let job = json!({"to": "+4915100000777"});
+    let reply = common::text_job("reply-after-inbound");
+    let mut reply = reply;
+    reply["to"] = job["to"].clone();
+    app.enqueue_json(wa_sender::job::Lane::Transactional, &reply)
+        .await;
+    app.start_worker();
+    app.wait_job_event("reply-after-inbound", "message.accepted")
+        .await;
+    app.stop_worker().await;
+
+    p.handle(&inbound(" abmelden ", "wamid.in2")).await.unwrap();
+    let opt_out = app
+        .store
+        .consent(&waba, &user)
+        .await
+        .unwrap()
+        .opt_out
+        .unwrap();
+    assert_eq!(opt_out.source, "keyword:ABMELDEN");
+    drain(&mut app).await;
+    assert_eq!(events_of(&app, "inbound.message").len(), 2);
+    assert_eq!(events_of(&app, "optout.recorded").len(), 1);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn what_cannot_be_parsed_is_parked_and_template_updates_reach_the_registry() {
+    let app = spawn_app("wh-parked", |_, _| {}).await;
+    let p = processor(&app);
+    assert!(p.handle(b"{not json").await.unwrap().parked);
+    assert!(
+        p.handle(br#"{"object":"page","entry":[]}"#)
+            .await
+            .unwrap()
+            .parked
+    );
+    let paused = serde_json::to_vec(&json!({"object": "whatsapp_business_account", "entry": [{"id": WABA, "changes": [{"field": "message_template_status_update",
+        "value": {"event": "PAUSED", "message_template_id": 1, "message_template_name": "spring_sale", "message_template_language": "en_US", "reason": "LOW_QUALITY"}}]}]})).unwrap();
+    let waba = WabaId::parse(WABA).unwrap();
+    let def: wa_sender::policy::template::TemplateDefinition = serde_json::from_value(json!({
+        "name": "spring_sale", "language": "en_US", "status": "APPROVED", "category": "MARKETING", "components": []})).unwrap();
+    app.store
+        .put_templates(&waba, &[def], chrono::Utc::now())
+        .await
+        .unwrap();
+    p.handle(&paused).await.unwrap();
+    assert_eq!(
+        app.store.templates(&waba).await.unwrap()[0].status,
+        "PAUSED"
+    );
+    let conn = lapin::Connection::connect(
+        &app.settings.amqp.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let parked = channel
+        .queue_declare(
+            format!("{}.webhooks.parked", app.prefix).as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(parked.message_count(), 2, "both unreadable bodies kept");
+    let _ = conn.close(200, "bye".into()).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn simulator_to_receiver_to_processor_end_to_end() {
+    use wa_sender::webhook::receiver::{ReceiverSettings, router};
+    let secret = "e2e-secret";
+    // The receiver's address must be in the scenario before the simulator starts.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+    let mut app = spawn_app("wh-e2e", |_, scenario| {
+        scenario.webhooks.url = Some(url.clone());
+        scenario.webhooks.app_secret = secret.into();
+        scenario.webhooks.duplicate_share = 0.5;
+        scenario.webhooks.reorder_share = 0.5;
+        scenario.unknown_users.read_share = 1.0;
+    })
+    .await;
+    let receiver = router(
+        app.broker.clone(),
+        ReceiverSettings {
+            verify_token: "v".to_owned().into(),
+            app_secret: secret.to_owned().into(),
+        },
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(
+        axum::serve(listener, receiver)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let p = Arc::new(processor(&app));
+    let running = {
+        let p = p.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { p.run(16, stop).await })
+    };
+    for i in 0..5 {
+        app.enqueue_reply(
+            wa_sender::job::Lane::Transactional,
+            &common::text_job(&format!("e2e-{i}")),
+        )
+        .await;
+    }
+    app.start_worker();
+    for i in 0..5 {
+        app.wait_job_event(&format!("e2e-{i}"), "message.read")
+            .await;
+    }
+    app.stop_worker().await;
+    drain(&mut app).await;
+    // Duplicated and reordered by the simulator: one event per status and job, and none
+    // after a read.
+    for i in 0..5 {
+        let job = format!("e2e-{i}");
+        let kinds: Vec<&str> = app
+            .seen
+            .iter()
+            .filter(|e| {
+                e.job_id.as_deref() == Some(job.as_str()) && e.event.starts_with("message.")
+            })
+            .map(|e| e.event.as_str())
+            .collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "message.read").count(),
+            1,
+            "{job}: {kinds:?}"
+        );
+        assert_eq!(
+            kinds.last(),
+            Some(&"message.read"),
+            "{job}: nothing after read: {kinds:?}"
+        );
+        let mut sorted = kinds.clone();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            kinds.len(),
+            "{job}: no status twice: {kinds:?}"
+        );
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.cleanup().await;
+}
