@@ -300,19 +300,25 @@ async fn what_cannot_be_parsed_is_parked_and_template_updates_reach_the_registry
     app.cleanup().await;
 }
 
-#[tokio::test]
-async fn simulator_to_receiver_to_processor_end_to_end() {
+/// An app whose simulator posts its webhooks to a receiver, with a processor consuming the
+/// intake: the whole path of issue 5.
+async fn with_webhooks(
+    test: &str,
+    tweak: impl FnOnce(&mut wa_sender::simulator::Scenario),
+) -> (
+    common::TestApp,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), wa_sender::broker::BrokerError>>,
+) {
     use wa_sender::webhook::receiver::{ReceiverSettings, router};
     let secret = "e2e-secret";
     // The receiver's address must be in the scenario before the simulator starts.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/webhook", listener.local_addr().unwrap());
-    let mut app = spawn_app("wh-e2e", |_, scenario| {
+    let app = spawn_app(test, |_, scenario| {
         scenario.webhooks.url = Some(url.clone());
         scenario.webhooks.app_secret = secret.into();
-        scenario.webhooks.duplicate_share = 0.5;
-        scenario.webhooks.reorder_share = 0.5;
-        scenario.unknown_users.read_share = 1.0;
+        tweak(scenario);
     })
     .await;
     let receiver = router(
@@ -330,10 +336,20 @@ async fn simulator_to_receiver_to_processor_end_to_end() {
     );
     let p = Arc::new(processor(&app));
     let running = {
-        let p = p.clone();
         let stop = stop.clone();
         tokio::spawn(async move { p.run(16, stop).await })
     };
+    (app, stop, running)
+}
+
+#[tokio::test]
+async fn simulator_to_receiver_to_processor_end_to_end() {
+    let (mut app, stop, running) = with_webhooks("wh-e2e", |scenario| {
+        scenario.webhooks.duplicate_share = 0.5;
+        scenario.webhooks.reorder_share = 0.5;
+        scenario.unknown_users.read_share = 1.0;
+    })
+    .await;
     for i in 0..5 {
         app.enqueue_reply(
             wa_sender::job::Lane::Transactional,
@@ -378,6 +394,37 @@ async fn simulator_to_receiver_to_processor_end_to_end() {
             "{job}: no status twice: {kinds:?}"
         );
     }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_ambiguous_send_is_settled_by_its_webhook_not_resent_nor_dead_lettered() {
+    let (mut app, stop, running) = with_webhooks("wh-ambiguous", |_| {}).await;
+    // Meta accepts the message but answers after the client's 1 s timeout: the worker cannot
+    // know. The job is at-most-once (bulk), so it waits for a webhook carrying its job id.
+    app.simulator.inject(wa_sender::simulator::FaultRule {
+        job_id: Some("amb-1".into()),
+        fault: wa_sender::simulator::Fault::Delay(Duration::from_millis(2500)),
+        times: 1,
+    });
+    app.enqueue_reply(wa_sender::job::Lane::Bulk, &common::text_job("amb-1"))
+        .await;
+    app.start_worker();
+    let accepted = app.wait_job_event("amb-1", "message.accepted").await;
+    assert!(
+        accepted.wamid.is_some(),
+        "the webhook's wamid settles the job"
+    );
+    app.stop_worker().await;
+    drain(&mut app).await;
+    assert!(
+        app.seen.iter().all(|e| e.event != "job.dead_lettered"),
+        "not dead-lettered ambiguous_send"
+    );
+    let audit = app.simulator.audit();
+    assert_eq!(audit.times_sent("amb-1"), 1, "sent once");
     stop.cancel();
     running.await.unwrap().unwrap();
     app.cleanup().await;

@@ -24,7 +24,7 @@ use crate::event::{DeadReason, ErrorSource, Event, EventError};
 use crate::ids::{JobId, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::Mark;
 use crate::policy::{self, Action};
-use crate::store::{JobKey, Store, StoreError};
+use crate::store::{JobKey, Store, StoreError, WamidRecord};
 
 /// What the processor needs to know besides the store and the broker.
 #[derive(Debug, Clone)]
@@ -221,7 +221,10 @@ impl Processor {
     }
 
     async fn status(&self, s: StatusUpdate, handled: &mut Handled) -> Result<(), ProcessError> {
-        let record = self.store.wamid(&s.wamid).await?;
+        let mut record = self.store.wamid(&s.wamid).await?;
+        if record.is_none() {
+            record = self.reconcile(&s).await?;
+        }
         // Monotonic per wamid: compare and set, so competing processors agree.
         loop {
             let previous = self.store.message_status(&s.wamid).await?;
@@ -276,6 +279,34 @@ impl Processor {
             self.failed(&s, event, handled).await?;
         }
         Ok(())
+    }
+
+    /// A status for a wamid the worker never recorded, carrying a job id: the send's answer was
+    /// lost (a timeout after the request left, or a worker killed mid-send). Recording the job as
+    /// sent settles it: the at-most-once job waiting for this webhook finds it sent and is acked,
+    /// never resent.
+    async fn reconcile(&self, s: &StatusUpdate) -> Result<Option<WamidRecord>, ProcessError> {
+        let Some(job_id) = s
+            .biz_opaque_callback_data
+            .as_ref()
+            .and_then(|j| JobId::parse(j.clone()).ok())
+        else {
+            return Ok(None);
+        };
+        let Some(waba) = self.waba(s.waba_id.clone(), s.phone_number_id.as_ref()) else {
+            return Ok(None);
+        };
+        let record = WamidRecord {
+            job_id: job_id.to_string(),
+            campaign_id: None,
+            traceparent: None,
+            metadata: Value::Null,
+        };
+        self.store
+            .mark_sent(&JobKey { waba, job_id }, &s.wamid, &record)
+            .await?;
+        info!(wamid = %s.wamid, "a send whose answer was lost is settled by its status webhook");
+        Ok(Some(record))
     }
 
     /// A failed status: classified like a synchronous error.
