@@ -21,12 +21,7 @@ const JOBS: usize = 4000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_80_msg_per_second_without_a_130429() {
     let mut app = spawn_app("replicas", |settings, scenario| {
-        settings
-            .numbers
-            .get_mut(NUMBER)
-            .expect("the test number")
-            .throughput_mps = 80;
-        scenario.numbers[0].throughput_mps = Some(80);
+        common::limit_number(settings, scenario, 80);
     })
     .await;
     // 4,000 users who opted in, one template job each (unique recipients: the pair rate is not

@@ -278,12 +278,7 @@ async fn an_otp_job_is_sent_promptly_while_a_campaign_saturates_its_number() {
     let mut app = spawn_app("saturated", |settings, scenario| {
         settings.worker.prefetch = 64;
         settings.worker.concurrency = 64;
-        settings
-            .numbers
-            .get_mut(NUMBER)
-            .expect("the test number")
-            .throughput_mps = 20;
-        scenario.numbers[0].throughput_mps = Some(20);
+        common::limit_number(settings, scenario, 20);
     })
     .await;
     for i in 0..300 {

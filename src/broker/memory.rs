@@ -77,17 +77,6 @@ impl MemoryBroker {
         self.inner.dead.lock().expect("dead lock").clone()
     }
 
-    /// Webhook bodies waiting in the intake.
-    pub fn intake(&self) -> Vec<Envelope> {
-        let ready = self.inner.intake.ready.lock().expect("intake lock");
-        ready.iter().map(|(e, _)| e.clone()).collect()
-    }
-
-    /// Webhook bodies parked as unparseable.
-    pub fn parked(&self) -> Vec<Envelope> {
-        self.inner.parked.lock().expect("parked lock").clone()
-    }
-
     /// Consumes `queue` with `prefetch`; deliveries carry `origin`.
     fn consume_queue<Q: Copy + Send + 'static>(
         &self,

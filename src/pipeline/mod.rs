@@ -15,7 +15,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
-pub use pacer::{Pacer, share};
+pub use pacer::Pacer;
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::broker::{
@@ -331,7 +331,8 @@ impl Pipeline {
             }
         };
         tracing::Span::current().record("job_id", job.job_id.as_str());
-        let now = Utc::now();
+        // The store keeps milliseconds; deciding on the same precision keeps both stores equal.
+        let now = truncate_to_millis(Utc::now());
         let dead = |reason, detail: String, job: SendJob| {
             Outcome::Dead(Box::new(Dead {
                 reason,
@@ -411,7 +412,7 @@ impl Pipeline {
         };
         let request = admission::Request {
             owner: self.settings.owner.clone(),
-            now: truncate_to_millis(Utc::now()),
+            now,
             lease: self.settings.claim_lease,
             retake_ambiguous: mode == DeliveryMode::AtLeastOnce,
             expires_at: job.expires_at,
@@ -856,7 +857,7 @@ impl Pipeline {
     }
 }
 
-/// The store keeps milliseconds; deciding on the same precision keeps both stores equal.
+/// `t` without its sub-millisecond part.
 fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }

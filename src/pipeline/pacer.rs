@@ -19,7 +19,7 @@ use crate::store::Live;
 /// at most `⌈r·L⌉` into a window of length `L`, so `n` replicas at `r = ⌊limit/n⌋ · headroom`
 /// stay within the limit as long as jitter stretches a window by less than `1/headroom − 1`
 /// (1% is 10 ms). Fewer messages than replicas: each gets its fraction.
-pub fn share(limit: u32, replicas: u32, headroom: f64, throttled: bool) -> f64 {
+fn share(limit: u32, replicas: u32, headroom: f64, throttled: bool) -> f64 {
     let even = f64::from(limit) / f64::from(replicas.max(1));
     let base = if even >= 1.0 { even.floor() } else { even };
     let rate = base * headroom;

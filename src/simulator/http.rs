@@ -142,6 +142,18 @@ fn check_token(state: &SimState, headers: &HeaderMap) -> Result<(), MetaError> {
     }
 }
 
+/// The scenario's number with this id, or Meta's 100/33 for an unknown object.
+fn known_number(state: &SimState, phone_number_id: &str) -> Result<SimNumber, MetaError> {
+    state
+        .world
+        .lock()
+        .expect("world lock")
+        .scenario
+        .number(phone_number_id)
+        .cloned()
+        .ok_or_else(|| no_such_object(phone_number_id))
+}
+
 fn no_such_object(id: &str) -> MetaError {
     MetaError {
         subcode: Some(33),
@@ -221,14 +233,7 @@ fn accept(
 ) -> Result<Answer, MetaError> {
     let version = graph_version(version)?;
     check_token(state, headers)?;
-    let number = state
-        .world
-        .lock()
-        .expect("world lock")
-        .scenario
-        .number(phone_number_id)
-        .cloned()
-        .ok_or_else(|| no_such_object(phone_number_id))?;
+    let number = known_number(state, phone_number_id)?;
     let request = parse_request(body)?;
     if state.record_requests.load(Ordering::Relaxed) {
         state
@@ -1078,14 +1083,7 @@ fn phone_number_fields(
 ) -> Result<Value, MetaError> {
     graph_version(version)?;
     check_token(state, headers)?;
-    let number = state
-        .world
-        .lock()
-        .expect("world lock")
-        .scenario
-        .number(phone_number_id)
-        .cloned()
-        .ok_or_else(|| no_such_object(phone_number_id))?;
+    let number = known_number(state, phone_number_id)?;
     let fields = requested_fields(query.get("fields"), NUMBER_DEFAULT_FIELDS);
     let mut out = serde_json::Map::new();
     for field in fields.iter().chain(std::iter::once(&"id")) {

@@ -5,7 +5,7 @@
 //! classification as synchronous errors. A body that cannot be parsed is parked, never dropped;
 //! a store or broker failure leaves the body in the intake for another try.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,9 +214,12 @@ impl Processor {
     fn waba(&self, waba: Option<WabaId>, number: Option<&PhoneNumberId>) -> Option<WabaId> {
         waba.or_else(|| number.and_then(|n| self.settings.numbers.get(n).cloned()))
             .or_else(|| {
-                let mut wabas: Vec<&WabaId> = self.settings.numbers.values().collect();
-                wabas.dedup();
-                (wabas.len() == 1).then(|| wabas[0].clone())
+                let wabas: BTreeSet<&WabaId> = self.settings.numbers.values().collect();
+                let mut only = wabas.into_iter();
+                match (only.next(), only.next()) {
+                    (Some(waba), None) => Some(waba.clone()),
+                    _ => None,
+                }
             })
     }
 

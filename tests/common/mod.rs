@@ -55,6 +55,16 @@ pub fn settings(prefix: &str, simulator_url: &str) -> Settings {
     Settings::from_figment(figment).expect("test settings are valid")
 }
 
+/// Limits the test number to `mps` on both sides: the worker's configuration and Meta's.
+pub fn limit_number(settings: &mut Settings, scenario: &mut Scenario, mps: u32) {
+    settings
+        .numbers
+        .get_mut(NUMBER)
+        .expect("the test number")
+        .throughput_mps = mps;
+    scenario.numbers[0].throughput_mps = Some(mps);
+}
+
 pub fn unique_prefix(test: &str) -> String {
     format!(
         "t-{test}-{}",
