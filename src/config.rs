@@ -44,6 +44,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// `wa-sender webhook`: the receiver of Meta's webhooks.
     pub webhook: WebhookSettings,
+    /// The rate card for cost estimates.
+    pub pricing: crate::pricing::RateCard,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
 }
@@ -361,6 +363,9 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(problem) = self.pricing.problem() {
+            return Err(ConfigError(problem));
+        }
         if self.worker.concurrency == 0 {
             return Err(invalid("worker.concurrency", "must be at least 1"));
         }

@@ -32,6 +32,7 @@ pub mod ids;
 pub mod job;
 pub mod pipeline;
 pub mod policy;
+pub mod pricing;
 pub mod registry;
 pub mod simulator;
 pub mod store;

@@ -141,6 +141,18 @@ enum CampaignAction {
         /// The campaign id.
         id: String,
     },
+    /// Counts per outcome and dead-letter reason, delivery and read rates, estimated cost.
+    Report {
+        /// The campaign id.
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Every job of the configured portfolios instead of one campaign.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Which WABA a consent command is for, and where the consent came from.
@@ -382,6 +394,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 wa_sender::webhook::processor::ProcessorSettings {
                     numbers: settings.number_wabas()?,
                     stop_keywords: settings.webhook.stop_keywords.clone(),
+                    rate_card: settings.pricing.clone(),
                 },
             );
             info!(addr = %server.addr()?, "webhook receiver listening; processing the intake");
@@ -424,6 +437,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     admin.set_campaign(&id, CampaignState::Cancelled).await
                 }
                 CampaignAction::Status { id } => admin.campaign(&id).await,
+                CampaignAction::Report { id, json, .. } => {
+                    let report = admin
+                        .report(id.as_deref(), &settings.pricing.currency)
+                        .await?;
+                    if json {
+                        return print_json(&report);
+                    }
+                    print!("{}", report.render());
+                    return Ok(());
+                }
             };
             print_json(&status?)
         }

@@ -15,7 +15,9 @@ use wa_sender::policy::admission::{
 use wa_sender::policy::template::TemplateDefinition;
 use wa_sender::store::memory::MemoryStore;
 use wa_sender::store::redis::RedisStore;
-use wa_sender::store::{Heartbeat, JobKey, Store, Subject, WamidRecord};
+use wa_sender::store::{
+    Cost, Heartbeat, JobKey, Message, Report, Store, Subject, Tally, WamidRecord,
+};
 
 const WABA: &str = "102290129340398";
 const NUMBER: &str = "106540352242922";
@@ -149,13 +151,16 @@ async fn idempotency(store: &dyn Store) {
         admit(store, &text("a"), &retake).await,
         Verdict::AlreadySent(wamid.clone())
     );
-    assert_eq!(store.wamid(&wamid).await.unwrap(), Some(record));
+    assert_eq!(
+        store.message(&waba(), &wamid).await.unwrap().record,
+        Some(record)
+    );
     assert_eq!(
         store
-            .wamid(&Wamid::parse("wamid.unknown").unwrap())
+            .message(&waba(), &Wamid::parse("wamid.unknown").unwrap())
             .await
             .unwrap(),
-        None
+        Message::default()
     );
 
     // Only the owner releases; a released job is admitted again.
@@ -208,7 +213,7 @@ async fn idempotency(store: &dyn Store) {
 
     // Dead letters are remembered, before any other rule.
     store
-        .mark_dead(&key("e"), DeadReason::Expired)
+        .mark_dead(&key("e"), DeadReason::Expired, None)
         .await
         .unwrap();
     let mut expired = retake.clone();
@@ -635,7 +640,88 @@ async fn records(store: &dyn Store) {
     );
 }
 
+/// Message statuses (compare and set) and the reports they count into.
+async fn messages(store: &dyn Store) {
+    let campaign = CampaignId::parse("spring").unwrap();
+    let wamid = Wamid::parse("wamid.M1").unwrap();
+    let record = WamidRecord {
+        job_id: "m1".into(),
+        campaign_id: Some("spring".into()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        metadata: serde_json::Value::Null,
+    };
+    store.mark_sent(&key("m1"), &wamid, &record).await.unwrap();
+    let tally = |reached: &[&'static str], micros: Option<i64>| Tally {
+        report: true,
+        campaign: Some(campaign.clone()),
+        reached: reached.to_vec(),
+        cost: micros.map(|micros| Cost {
+            category: "marketing".into(),
+            micros,
+        }),
+    };
+    let apply = async |expected: Option<&str>, status: &str, tally: Tally| {
+        store
+            .apply_status(&waba(), &wamid, expected, status, &tally)
+            .await
+            .unwrap()
+    };
+    // Compare and set: only from the status recorded.
+    assert!(apply(None, "sent", tally(&["sent"], Some(150_200))).await);
+    assert!(!apply(None, "sent", tally(&["sent"], Some(150_200))).await);
+    assert!(!apply(Some("delivered"), "read", tally(&["read"], None)).await);
+    // Meta prices the message again on a later status: counted once.
+    assert!(
+        apply(
+            Some("sent"),
+            "read",
+            tally(&["delivered", "read"], Some(150_200))
+        )
+        .await
+    );
+    let message = store.message(&waba(), &wamid).await.unwrap();
+    assert_eq!(
+        (message.record, message.status.as_deref(), message.priced),
+        (Some(record), Some("read"), true)
+    );
+    // Dead letters count once per job.
+    for _ in 0..2 {
+        store
+            .mark_dead(&key("m2"), DeadReason::NoOptIn, Some(&campaign))
+            .await
+            .unwrap();
+    }
+    store
+        .mark_dead(&key("m3"), DeadReason::Expired, None)
+        .await
+        .unwrap();
+
+    let spring = store.report(&waba(), Some(&campaign)).await.unwrap();
+    let mut expected = Report::default();
+    for (field, n) in [
+        ("accepted", 1),
+        ("status:sent", 1),
+        ("status:delivered", 1),
+        ("status:read", 1),
+        ("dead:no_opt_in", 1),
+        ("billable:marketing", 1),
+        ("cost:marketing", 150_200),
+    ] {
+        expected.add(field, n);
+    }
+    assert_eq!(spring, expected);
+    // The portfolio's report counts every job, with or without a campaign.
+    expected.add("dead:expired", 1);
+    assert_eq!(store.report(&waba(), None).await.unwrap(), expected);
+    let other = CampaignId::parse("autumn").unwrap();
+    assert_eq!(
+        store.report(&waba(), Some(&other)).await.unwrap(),
+        Report::default()
+    );
+}
+
 async fn conformance(fresh: impl AsyncFn() -> Arc<dyn Store>) {
+    messages(fresh().await.as_ref()).await;
     idempotency(fresh().await.as_ref()).await;
     rules(fresh().await.as_ref()).await;
     unsynced_registry(fresh().await.as_ref()).await;

@@ -12,7 +12,7 @@ use common::{NUMBER, WABA, spawn_app};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use wa_sender::event::Event;
-use wa_sender::ids::{WaId, WabaId, Wamid};
+use wa_sender::ids::{CampaignId, WaId, WabaId, Wamid};
 use wa_sender::store::{Store, WamidRecord};
 use wa_sender::webhook::processor::{Processor, ProcessorSettings};
 
@@ -23,6 +23,7 @@ fn processor(app: &common::TestApp) -> Processor {
         ProcessorSettings {
             numbers: app.settings.number_wabas().unwrap(),
             stop_keywords: vec!["STOP".into(), "ABMELDEN".into()],
+            rate_card: app.settings.pricing.clone(),
         },
     )
 }
@@ -107,14 +108,31 @@ async fn statuses_reach_their_job_once_and_never_go_backwards() {
         1,
         "delivered after read"
     );
+    let waba = WabaId::parse(WABA).unwrap();
+    let message = app
+        .store
+        .message(&waba, &Wamid::parse("wamid.A").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(message.status.as_deref(), Some("read"));
+    // The campaign's report: delivered and read once, priced once (utility to a +1 number at
+    // the rate card's north_america utility rate, 0.0044 USD), though two statuses were priced.
+    let report = app
+        .store
+        .report(&waba, Some(&CampaignId::parse("c-1").unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 1);
     assert_eq!(
-        app.store
-            .message_status(&Wamid::parse("wamid.A").unwrap())
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("read")
+        (
+            report.reached("sent"),
+            report.reached("delivered"),
+            report.reached("read")
+        ),
+        (1, 1, 1)
     );
+    assert_eq!(report.billable["utility"], 1);
+    assert_eq!(report.cost_micros["utility"], 4_400);
     // A status for a wamid no job sent is still published, flagged.
     p.handle(&status(
         "wamid.stranger",

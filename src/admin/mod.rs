@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod import;
+pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

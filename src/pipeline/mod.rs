@@ -753,7 +753,11 @@ impl Pipeline {
                 waba: number.waba.clone(),
                 job_id: job.job_id.clone(),
             };
-            if let Err(e) = self.store.mark_dead(&key, dead.reason).await {
+            if let Err(e) = self
+                .store
+                .mark_dead(&key, dead.reason, job.campaign_id.as_ref())
+                .await
+            {
                 warn!(error = %e, "could not record the dead letter");
             }
         }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::{Heartbeat, JobKey, Live, Store, StoreError, Subject, WamidRecord};
+use super::{
+    Heartbeat, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally, WamidRecord,
+};
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
 use crate::job::Category;
@@ -32,8 +34,8 @@ struct Portfolio {
 #[derive(Default)]
 struct State {
     jobs: HashMap<JobKey, JobState>,
-    wamids: HashMap<Wamid, WamidRecord>,
-    statuses: HashMap<Wamid, String>,
+    messages: HashMap<(WabaId, Wamid), Message>,
+    reports: HashMap<(WabaId, Option<CampaignId>), Report>,
     portfolios: HashMap<WabaId, Portfolio>,
     replicas: HashMap<String, HashMap<String, DateTime<Utc>>>,
     throughput: HashMap<PhoneNumberId, u32>,
@@ -44,6 +46,19 @@ struct State {
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+}
+
+impl State {
+    /// Applies `f` to the portfolio's report and, for a campaign's job, the campaign's.
+    fn count(&mut self, waba: &WabaId, campaign: Option<&CampaignId>, f: impl Fn(&mut Report)) {
+        f(self.reports.entry((waba.clone(), None)).or_default());
+        if let Some(campaign) = campaign {
+            f(self
+                .reports
+                .entry((waba.clone(), Some(campaign.clone())))
+                .or_default());
+        }
+    }
 }
 
 impl MemoryStore {
@@ -117,9 +132,17 @@ impl Store for MemoryStore {
         wamid: &Wamid,
         record: &WamidRecord,
     ) -> Result<(), StoreError> {
+        let campaign = record
+            .campaign_id
+            .clone()
+            .and_then(|c| CampaignId::parse(c).ok());
         self.with(|s| {
             s.jobs.insert(key.clone(), JobState::Sent(wamid.clone()));
-            s.wamids.insert(wamid.clone(), record.clone());
+            s.messages
+                .entry((key.waba.clone(), wamid.clone()))
+                .or_default()
+                .record = Some(record.clone());
+            s.count(&key.waba, campaign.as_ref(), |r| r.accepted += 1);
         })
     }
 
@@ -144,32 +167,69 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn mark_dead(&self, key: &JobKey, _reason: DeadReason) -> Result<(), StoreError> {
+    async fn mark_dead(
+        &self,
+        key: &JobKey,
+        reason: DeadReason,
+        campaign: Option<&CampaignId>,
+    ) -> Result<(), StoreError> {
         self.with(|s| {
-            s.jobs.insert(key.clone(), JobState::Dead);
+            if s.jobs.insert(key.clone(), JobState::Dead) != Some(JobState::Dead) {
+                s.count(&key.waba, campaign, |r| r.add(&format!("dead:{reason}"), 1));
+            }
         })
     }
 
-    async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError> {
-        self.with(|s| s.wamids.get(wamid).cloned())
+    async fn message(&self, waba: &WabaId, wamid: &Wamid) -> Result<Message, StoreError> {
+        self.with(|s| {
+            s.messages
+                .get(&(waba.clone(), wamid.clone()))
+                .cloned()
+                .unwrap_or_default()
+        })
     }
 
-    async fn message_status(&self, wamid: &Wamid) -> Result<Option<String>, StoreError> {
-        self.with(|s| s.statuses.get(wamid).cloned())
-    }
-
-    async fn swap_message_status(
+    async fn apply_status(
         &self,
+        waba: &WabaId,
         wamid: &Wamid,
         expected: Option<&str>,
         status: &str,
+        tally: &Tally,
     ) -> Result<bool, StoreError> {
         self.with(|s| {
-            if s.statuses.get(wamid).map(String::as_str) != expected {
+            let message = s.messages.entry((waba.clone(), wamid.clone())).or_default();
+            if message.status.as_deref() != expected {
                 return false;
             }
-            s.statuses.insert(wamid.clone(), status.to_owned());
+            message.status = Some(status.to_owned());
+            let cost = tally.cost.clone().filter(|_| !message.priced);
+            message.priced |= tally.cost.is_some();
+            if tally.report {
+                s.count(waba, tally.campaign.as_ref(), |r| {
+                    for reached in &tally.reached {
+                        r.add(&format!("status:{reached}"), 1);
+                    }
+                    if let Some(cost) = &cost {
+                        r.add(&format!("billable:{}", cost.category), 1);
+                        r.add(&format!("cost:{}", cost.category), cost.micros);
+                    }
+                });
+            }
             true
+        })
+    }
+
+    async fn report(
+        &self,
+        waba: &WabaId,
+        campaign: Option<&CampaignId>,
+    ) -> Result<Report, StoreError> {
+        self.with(|s| {
+            s.reports
+                .get(&(waba.clone(), campaign.cloned()))
+                .cloned()
+                .unwrap_or_default()
         })
     }
 

@@ -49,6 +49,76 @@ pub struct WamidRecord {
     pub metadata: serde_json::Value,
 }
 
+/// What the webhook processor knows about one message.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Message {
+    /// The job behind it (`None`: no worker of this deployment recorded the wamid).
+    pub record: Option<WamidRecord>,
+    /// The last status applied.
+    pub status: Option<String>,
+    /// Its cost was counted (Meta prices a message on one status only, but may repeat it).
+    pub priced: bool,
+}
+
+/// What applying one status adds to the reports (nothing for a message no job is known for).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tally {
+    /// Count in the portfolio's report and this campaign's (`None`: the portfolio's only).
+    pub report: bool,
+    /// The job's campaign.
+    pub campaign: Option<CampaignId>,
+    /// Statuses reached by this one, skipped ones included (`read` after `sent` reaches
+    /// `delivered` too), so rates stay right when Meta skips a status.
+    pub reached: Vec<&'static str>,
+    /// The message's estimated cost, counted once per message.
+    pub cost: Option<Cost>,
+}
+
+/// A billable message's estimated cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cost {
+    /// Meta's pricing category (`marketing`, `utility`, …).
+    pub category: String,
+    /// Millionths of the rate card's currency (0 when the card has no rate for it).
+    pub micros: i64,
+}
+
+/// Counters of a campaign or a portfolio.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Jobs Meta accepted.
+    pub accepted: u64,
+    /// Messages that reached each status (`sent`, `delivered`, `read`, `failed`).
+    pub statuses: BTreeMap<String, u64>,
+    /// Jobs dead-lettered, per reason.
+    pub dead: BTreeMap<String, u64>,
+    /// Billable messages per pricing category.
+    pub billable: BTreeMap<String, u64>,
+    /// Estimated cost per pricing category, in millionths of the rate card's currency.
+    pub cost_micros: BTreeMap<String, i64>,
+}
+
+impl Report {
+    /// Adds one counter by its stored name (`accepted`, `status:<s>`, `dead:<reason>`,
+    /// `billable:<category>`, `cost:<category>`); unknown names are ignored.
+    pub fn add(&mut self, field: &str, value: i64) {
+        let count = u64::try_from(value).unwrap_or(0);
+        match field.split_once(':') {
+            None if field == "accepted" => self.accepted += count,
+            Some(("status", s)) => *self.statuses.entry(s.into()).or_default() += count,
+            Some(("dead", r)) => *self.dead.entry(r.into()).or_default() += count,
+            Some(("billable", c)) => *self.billable.entry(c.into()).or_default() += count,
+            Some(("cost", c)) => *self.cost_micros.entry(c.into()).or_default() += value,
+            _ => {}
+        }
+    }
+
+    /// Messages that reached `status`.
+    pub fn reached(&self, status: &str) -> u64 {
+        self.statuses.get(status).copied().unwrap_or(0)
+    }
+}
+
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -118,7 +188,8 @@ pub trait Store: Send + Sync {
     /// Decides whether a job may be sent now (DESIGN.md §7 steps 2–9) and, if so, claims it
     /// and charges its pair rate and tier: one round trip, atomic across replicas.
     async fn admit(&self, subject: &Subject, request: &Request) -> Result<Verdict, StoreError>;
-    /// Records that Meta accepted the job, and indexes the wamid for webhook correlation.
+    /// Records that Meta accepted the job, indexes the wamid for webhook correlation and counts
+    /// it as accepted in its reports.
     async fn mark_sent(
         &self,
         key: &JobKey,
@@ -134,20 +205,34 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Drops this worker's claim after a definitive failure, so a retry may claim it again.
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError>;
-    /// Records that the job was dead-lettered.
-    async fn mark_dead(&self, key: &JobKey, reason: DeadReason) -> Result<(), StoreError>;
-    /// Finds the job behind a wamid.
-    async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError>;
-    /// The last status recorded for a wamid.
-    async fn message_status(&self, wamid: &Wamid) -> Result<Option<String>, StoreError>;
-    /// Records `status` for a wamid only if the recorded one is still `expected` (compare and
-    /// set, atomic across processors); `false`: another processor got there first.
-    async fn swap_message_status(
+    /// Records that the job was dead-lettered, and counts it in its reports (once: a job already
+    /// recorded dead is not counted again).
+    async fn mark_dead(
         &self,
+        key: &JobKey,
+        reason: DeadReason,
+        campaign: Option<&CampaignId>,
+    ) -> Result<(), StoreError>;
+    /// What is known about a message: the job behind it, its last status, whether its cost
+    /// was counted.
+    async fn message(&self, waba: &WabaId, wamid: &Wamid) -> Result<Message, StoreError>;
+    /// Records `status` for a message only if the recorded one is still `expected` (compare and
+    /// set, atomic across processors), and counts `tally` in the same step; `false`: another
+    /// processor got there first and nothing changed.
+    async fn apply_status(
+        &self,
+        waba: &WabaId,
         wamid: &Wamid,
         expected: Option<&str>,
         status: &str,
+        tally: &Tally,
     ) -> Result<bool, StoreError>;
+    /// A campaign's report (`None`: every job of the portfolio).
+    async fn report(
+        &self,
+        waba: &WabaId,
+        campaign: Option<&CampaignId>,
+    ) -> Result<Report, StoreError>;
 
     /// Records an inbound message from `to` to `number` at `at`: the care window runs 24 h from it.
     async fn record_inbound(

@@ -7,8 +7,9 @@
 //! | key | holds | expires |
 //! |---|---|---|
 //! | `<p>:{<waba>}:job:<job_id>` | hash `state` (claimed/ambiguous/sent/dead), `owner`, `at`, `wamid`, `reason` | 8 days |
-//! | `<p>:wamid:<wamid>` | JSON: job_id, campaign_id, traceparent, metadata (webhook correlation) | 30 days |
-//! | `<p>:wamid:<wamid>:status` | last status applied (monotonic, compare-and-set) | 30 days |
+//! | `<p>:{<waba>}:wamid:<wamid>` | hash `record` (JSON: job_id, campaign_id, traceparent, metadata), `status` (last applied, monotonic, compare-and-set), `priced` | 30 days after the last status |
+//! | `<p>:{<waba>}:report` | hash of counters over every job: `accepted`, `status:<s>`, `dead:<reason>`, `billable:<category>`, `cost:<category>` (millionths) | durable |
+//! | `<p>:{<waba>}:report:<campaign>` | the same counters for one campaign | durable |
 //! | `<p>:{<waba>}:window:<pnid>:<wa_id>` | last inbound message, ms | 24 h after it |
 //! | `<p>:{<waba>}:consent:<wa_id>` | hash `opt_in_at`, `opt_in_source`, `opt_out_at`, `opt_out_source` | durable |
 //! | `<p>:{<waba>}:campaign:<id>` | hash `state` (active/paused/cancelled), `at` | durable |
@@ -32,7 +33,8 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Heartbeat, JOB_RECORD_TTL, JobKey, Live, Store, StoreError, Subject, WAMID_TTL, WamidRecord,
+    Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally,
+    WAMID_TTL, WamidRecord,
 };
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
@@ -61,11 +63,30 @@ return 1
 /// Set a known template's status. KEYS[1] template; ARGV status.
 const TEMPLATE_STATUS: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[1], 'status', ARGV[1]) end return 0";
 
-/// Set KEYS[1] to ARGV[2] (ttl ARGV[3] s) if it holds ARGV[1] ('' = absent).
-const SWAP_STATUS: &str = r#"
-local current = redis.call('GET', KEYS[1]) or ''
-if current ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+/// Record a job dead once and count it. KEYS[1] job, KEYS[2..] reports; ARGV reason, ttl s.
+const MARK_DEAD: &str = r#"
+if redis.call('HGET', KEYS[1], 'state') == 'dead' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'dead', 'reason', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+for i = 2, #KEYS do redis.call('HINCRBY', KEYS[i], 'dead:' .. ARGV[1], 1) end
+return 1
+"#;
+
+/// Set a message's status to ARGV[2] if it is still ARGV[1] ('' = none) and count it.
+/// KEYS[1] message, KEYS[2..] reports; ARGV[3] ttl s, ARGV[4] cost category ('' = not billable),
+/// ARGV[5] cost, millionths; ARGV[6..] statuses reached.
+const APPLY_STATUS: &str = r#"
+if (redis.call('HGET', KEYS[1], 'status') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local priced = ARGV[4] ~= '' and redis.call('HSETNX', KEYS[1], 'priced', '1') == 1
+for i = 2, #KEYS do
+  for j = 6, #ARGV do redis.call('HINCRBY', KEYS[i], 'status:' .. ARGV[j], 1) end
+  if priced then
+    redis.call('HINCRBY', KEYS[i], 'billable:' .. ARGV[4], 1)
+    redis.call('HINCRBY', KEYS[i], 'cost:' .. ARGV[4], ARGV[5])
+  end
+end
 return 1
 "#;
 
@@ -83,7 +104,8 @@ pub struct RedisStore {
     inbound: Script,
     template_status: Script,
     unlock: Script,
-    swap_status: Script,
+    mark_dead: Script,
+    apply_status: Script,
     round_trips: Arc<AtomicU64>,
 }
 
@@ -142,7 +164,8 @@ impl RedisStore {
             inbound: Script::new(INBOUND),
             template_status: Script::new(TEMPLATE_STATUS),
             unlock: Script::new(UNLOCK),
-            swap_status: Script::new(SWAP_STATUS),
+            mark_dead: Script::new(MARK_DEAD),
+            apply_status: Script::new(APPLY_STATUS),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -166,8 +189,15 @@ impl RedisStore {
         self.tagged(&key.waba, format_args!("job:{}", key.job_id))
     }
 
-    fn wamid_key(&self, wamid: &Wamid) -> String {
-        format!("{}:wamid:{}", self.prefix, wamid)
+    fn message_key(&self, waba: &WabaId, wamid: &Wamid) -> String {
+        self.tagged(waba, format_args!("wamid:{wamid}"))
+    }
+
+    /// The portfolio's report and, for a campaign's job, the campaign's.
+    fn report_keys(&self, waba: &WabaId, campaign: Option<&str>) -> Vec<String> {
+        let mut keys = vec![self.tagged(waba, format_args!("report"))];
+        keys.extend(campaign.map(|c| self.tagged(waba, format_args!("report:{c}"))));
+        keys
     }
 
     fn window_key(&self, waba: &WabaId, number: &PhoneNumberId, to: &WaId) -> String {
@@ -343,16 +373,22 @@ impl Store for RedisStore {
         wamid: &Wamid,
         record: &WamidRecord,
     ) -> Result<(), StoreError> {
-        let record = serde_json::to_string(record).expect("a WamidRecord always serialises");
-        // Two hash slots (job under its portfolio tag, wamid global): a pipeline, one round trip.
-        redis::pipe()
+        let message = self.message_key(&key.waba, wamid);
+        let json = serde_json::to_string(record).expect("a WamidRecord always serialises");
+        let mut pipe = redis::pipe();
+        // One slot (the portfolio's tag): atomic, one round trip.
+        pipe.atomic()
             .hset_multiple(
                 self.job_key(key),
                 &[("state", "sent"), ("wamid", wamid.as_str())],
             )
             .expire(self.job_key(key), JOB_RECORD_TTL.as_secs() as i64)
-            .set_ex(self.wamid_key(wamid), record, WAMID_TTL.as_secs())
-            .query_async::<()>(&mut self.conn())
+            .hset(&message, "record", json)
+            .expire(&message, WAMID_TTL.as_secs() as i64);
+        for report in self.report_keys(&key.waba, record.campaign_id.as_deref()) {
+            pipe.hincr(report, "accepted", 1);
+        }
+        pipe.query_async::<()>(&mut self.conn())
             .await
             .map_err(command_error("mark_sent"))
     }
@@ -388,51 +424,92 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn mark_dead(&self, key: &JobKey, reason: DeadReason) -> Result<(), StoreError> {
-        redis::pipe()
-            .hset_multiple(
-                self.job_key(key),
-                &[("state", "dead"), ("reason", reason.as_str())],
-            )
-            .expire(self.job_key(key), JOB_RECORD_TTL.as_secs() as i64)
-            .query_async::<()>(&mut self.conn())
-            .await
-            .map_err(command_error("mark_dead"))
-    }
-
-    async fn wamid(&self, wamid: &Wamid) -> Result<Option<WamidRecord>, StoreError> {
-        let raw: Option<String> = self
-            .conn()
-            .get(self.wamid_key(wamid))
-            .await
-            .map_err(command_error("GET"))?;
-        raw.map(|r| serde_json::from_str(&r).map_err(|e| bad_reply("wamid", e.to_string())))
-            .transpose()
-    }
-
-    async fn message_status(&self, wamid: &Wamid) -> Result<Option<String>, StoreError> {
-        self.conn()
-            .get(format!("{}:status", self.wamid_key(wamid)))
-            .await
-            .map_err(command_error("message_status"))
-    }
-
-    async fn swap_message_status(
+    async fn mark_dead(
         &self,
+        key: &JobKey,
+        reason: DeadReason,
+        campaign: Option<&CampaignId>,
+    ) -> Result<(), StoreError> {
+        let mut script = self.mark_dead.key(self.job_key(key));
+        for report in self.report_keys(&key.waba, campaign.map(CampaignId::as_str)) {
+            script.key(report);
+        }
+        let _: i64 = script
+            .arg(reason.as_str())
+            .arg(JOB_RECORD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("mark_dead"))?;
+        Ok(())
+    }
+
+    async fn message(&self, waba: &WabaId, wamid: &Wamid) -> Result<Message, StoreError> {
+        let fields: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(self.message_key(waba, wamid))
+            .await
+            .map_err(command_error("message"))?;
+        let record = fields
+            .get("record")
+            .map(|r| serde_json::from_str(r).map_err(|e| bad_reply("message", e.to_string())))
+            .transpose()?;
+        Ok(Message {
+            record,
+            status: fields.get("status").cloned(),
+            priced: fields.contains_key("priced"),
+        })
+    }
+
+    async fn apply_status(
+        &self,
+        waba: &WabaId,
         wamid: &Wamid,
         expected: Option<&str>,
         status: &str,
+        tally: &Tally,
     ) -> Result<bool, StoreError> {
-        let swapped: i64 = self
-            .swap_status
-            .key(format!("{}:status", self.wamid_key(wamid)))
+        let mut script = self.apply_status.key(self.message_key(waba, wamid));
+        if tally.report {
+            for report in self.report_keys(waba, tally.campaign.as_ref().map(CampaignId::as_str)) {
+                script.key(report);
+            }
+        }
+        let (category, micros) = tally
+            .cost
+            .as_ref()
+            .map_or(("", 0), |c| (c.category.as_str(), c.micros));
+        let applied: i64 = script
             .arg(expected.unwrap_or(""))
             .arg(status)
             .arg(WAMID_TTL.as_secs())
+            .arg(category)
+            .arg(micros)
+            .arg(&tally.reached)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(command_error("swap_message_status"))?;
-        Ok(swapped == 1)
+            .map_err(command_error("apply_status"))?;
+        Ok(applied == 1)
+    }
+
+    async fn report(
+        &self,
+        waba: &WabaId,
+        campaign: Option<&CampaignId>,
+    ) -> Result<Report, StoreError> {
+        let key = self
+            .report_keys(waba, campaign.map(CampaignId::as_str))
+            .pop()
+            .expect("at least the portfolio's");
+        let fields: Vec<(String, i64)> = self
+            .conn()
+            .hgetall(key)
+            .await
+            .map_err(command_error("report"))?;
+        let mut report = Report::default();
+        for (field, value) in fields {
+            report.add(&field, value);
+        }
+        Ok(report)
     }
 
     async fn record_inbound(

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -17,14 +17,16 @@ use tracing::{debug, info, warn};
 use super::payload::{self, InboundMessage, MessageStatus, StatusUpdate, Update, WebhookError};
 use super::status::{self, Transition};
 use crate::broker::{
-    Broker, BrokerError, Envelope, H_DETAIL, H_ERROR_CODE, H_REASON, Headers, Target,
+    Broker, BrokerError, Delivery, Envelope, H_DETAIL, H_ERROR_CODE, H_REASON, H_TRACEPARENT,
+    Headers, Intake, Target,
 };
 use crate::cloud::ErrorCode;
 use crate::event::{DeadReason, ErrorSource, Event, EventError};
-use crate::ids::{JobId, PhoneNumberId, WaId, WabaId};
+use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::Mark;
 use crate::policy::{self, Action};
-use crate::store::{JobKey, Store, StoreError, WamidRecord};
+use crate::pricing::RateCard;
+use crate::store::{Cost, JobKey, Store, StoreError, Tally, WamidRecord};
 
 /// What the processor needs to know besides the store and the broker.
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct ProcessorSettings {
     pub numbers: BTreeMap<PhoneNumberId, WabaId>,
     /// Whole inbound messages that record a marketing opt-out (compared case-insensitively).
     pub stop_keywords: Vec<String>,
+    /// Prices billable messages.
+    pub rate_card: RateCard,
 }
 
 /// Why a body could not be processed now (it stays in the intake).
@@ -64,7 +68,12 @@ pub struct Processor {
     broker: Arc<dyn Broker>,
     store: Arc<dyn Store>,
     settings: ProcessorSettings,
+    /// Statuses of one wamid are applied one at a time in this process (bodies are processed
+    /// concurrently), so two copies of a status never both publish an event here.
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
+
+const STRIPES: usize = 256;
 
 /// How long a body whose processing failed waits before it goes back to the intake.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -80,35 +89,35 @@ impl Processor {
             broker,
             store,
             settings,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
-    /// Consumes the intake until `shutdown`; each body is acked only once handled.
+    /// Consumes the intake until `shutdown`, up to `prefetch` bodies at a time; each body is
+    /// acked only once handled, and the ones in hand are finished before it returns.
     pub async fn run(&self, prefetch: u16, shutdown: CancellationToken) -> Result<(), BrokerError> {
-        let mut intake = self.broker.consume_intake(prefetch).await?;
-        loop {
-            let delivery = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                next = intake.next() => match next {
-                    Some(delivery) => delivery?,
-                    None => break,
-                },
-            };
-            match self.handle(&delivery.envelope.body).await {
-                Ok(handled) => {
-                    debug!(?handled, "webhook processed");
-                    delivery.ack().await?;
-                }
-                Err(e) => {
-                    // CORRECTNESS: not acked, so not lost: it returns to the intake.
-                    warn!(error = %e, "webhook could not be processed now; it goes back to the intake");
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    delivery.requeue().await?;
-                }
+        let intake = self.broker.consume_intake(prefetch).await?;
+        intake
+            .take_until(shutdown.cancelled_owned())
+            .map(|delivery| async move { self.settle(delivery?).await })
+            .buffer_unordered(usize::from(prefetch.max(1)))
+            .try_for_each(|()| async { Ok(()) })
+            .await
+    }
+
+    async fn settle(&self, delivery: Delivery<Intake>) -> Result<(), BrokerError> {
+        match self.handle(&delivery.envelope.body).await {
+            Ok(handled) => {
+                debug!(?handled, "webhook processed");
+                delivery.ack().await
+            }
+            Err(e) => {
+                // CORRECTNESS: not acked, so not lost: it returns to the intake.
+                warn!(error = %e, "webhook could not be processed now; it goes back to the intake");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                delivery.requeue().await
             }
         }
-        Ok(())
     }
 
     /// Processes one verified webhook body.
@@ -155,7 +164,7 @@ impl Processor {
                     event.to = Some(wa_id.to_string());
                     event.metadata =
                         json!({"source": "user_preferences", "waba_id": waba.as_str()});
-                    self.publish(&event, &mut handled).await?;
+                    self.publish(&event, None, &mut handled).await?;
                 }
                 Update::TemplateStatus {
                     waba_id,
@@ -173,7 +182,7 @@ impl Processor {
                     }
                     let mut e = Event::new("template.status_changed");
                     e.metadata = json!({"template": name, "language": language, "status": event, "reason": reason});
-                    self.publish(&e, &mut handled).await?;
+                    self.publish(&e, None, &mut handled).await?;
                 }
                 Update::NumberQuality {
                     waba_id,
@@ -185,12 +194,12 @@ impl Processor {
                         .await?;
                     let mut e = Event::new("number.throughput_changed");
                     e.metadata = json!({"event": event, "limit": limit, "display_phone_number": display_phone_number});
-                    self.publish(&e, &mut handled).await?;
+                    self.publish(&e, None, &mut handled).await?;
                 }
                 Update::AccountUpdate { waba_id, event } => {
                     let mut e = Event::new("account.updated");
                     e.metadata = json!({"event": event, "waba_id": waba_id.map(|w| w.to_string())});
-                    self.publish(&e, &mut handled).await?;
+                    self.publish(&e, None, &mut handled).await?;
                 }
                 Update::Error {
                     phone_number_id,
@@ -200,7 +209,7 @@ impl Processor {
                     let mut e = Event::new("webhook.error");
                     e.phone_number_id = phone_number_id.map(|p| p.to_string());
                     e.error = Some(event_error(&error));
-                    self.publish(&e, &mut handled).await?;
+                    self.publish(&e, None, &mut handled).await?;
                 }
                 Update::Unrecognized { field, .. } => {
                     debug!(field, "webhook field not handled");
@@ -223,25 +232,29 @@ impl Processor {
             })
     }
 
+    /// One status: looked up, checked against the message's last status, published, then
+    /// recorded. The event goes out before the status is recorded, so a crash in between
+    /// publishes it again on redelivery (at least once) instead of never.
     async fn status(&self, s: StatusUpdate, handled: &mut Handled) -> Result<(), ProcessError> {
-        let mut record = self.store.wamid(&s.wamid).await?;
-        if record.is_none() {
-            record = self.reconcile(&s).await?;
+        let Some(waba) = self.waba(s.waba_id.clone(), s.phone_number_id.as_ref()) else {
+            // Nowhere to look the wamid up: published as it came, flagged.
+            warn!(wamid = %s.wamid, "status for a number of no configured portfolio");
+            let event = self.status_event(&s, None, false);
+            return self.publish(&event, None, handled).await;
+        };
+        let _one_at_a_time = self.stripes[stripe(&s.wamid)].lock().await;
+        let mut message = self.store.message(&waba, &s.wamid).await?;
+        if message.record.is_none() {
+            message.record = self.reconcile(&waba, &s).await?;
         }
-        // Monotonic per wamid: compare and set, so competing processors agree.
+        let mut published = false;
         loop {
-            let previous = self.store.message_status(&s.wamid).await?;
-            let previous_status = previous.as_deref().map(MessageStatus::from);
-            match status::transition(previous_status.as_ref(), &s.status) {
-                Transition::Apply => {
-                    if self
-                        .store
-                        .swap_message_status(&s.wamid, previous.as_deref(), s.status.as_str())
-                        .await?
-                    {
-                        break;
-                    }
-                }
+            let previous = message.status.as_deref().map(MessageStatus::from);
+            match status::transition(previous.as_ref(), &s.status) {
+                Transition::Apply => {}
+                // A competing processor applied it (or a later one) after this one published:
+                // the event is out, nothing else to do.
+                _ if published => return Ok(()),
                 Transition::Duplicate => {
                     handled.duplicates += 1;
                     return Ok(());
@@ -251,18 +264,60 @@ impl Processor {
                     return Ok(());
                 }
             }
+            let estimate = s.pricing.as_ref().and_then(|p| {
+                self.settings
+                    .rate_card
+                    .estimate(p, s.recipient_id.as_deref().unwrap_or_default())
+            });
+            if !published {
+                let event = self.status_event(&s, message.record.as_ref(), !message.priced);
+                let trace = message
+                    .record
+                    .as_ref()
+                    .and_then(|r| r.traceparent.as_deref());
+                self.publish(&event, trace, handled).await?;
+                if s.status == MessageStatus::Failed {
+                    self.failed(&waba, &s, event, message.record.as_ref(), handled)
+                        .await?;
+                }
+                published = true;
+            }
+            let record = message.record.as_ref();
+            let tally = Tally {
+                report: record.is_some(),
+                campaign: record
+                    .and_then(|r| r.campaign_id.clone())
+                    .and_then(|c| CampaignId::parse(c).ok()),
+                reached: status::reached(previous.as_ref(), &s.status),
+                cost: estimate.map(|e| Cost {
+                    category: e.category,
+                    micros: e.micros.unwrap_or(0),
+                }),
+            };
+            let expected = message.status.as_deref();
+            if self
+                .store
+                .apply_status(&waba, &s.wamid, expected, s.status.as_str(), &tally)
+                .await?
+            {
+                return Ok(());
+            }
+            message = self.store.message(&waba, &s.wamid).await?;
         }
+    }
+
+    /// The event for a status; `price` adds the estimated cost (the first billable status of a
+    /// message only, as Meta may price it twice).
+    fn status_event(&self, s: &StatusUpdate, record: Option<&WamidRecord>, price: bool) -> Event {
         let job_id = record
-            .as_ref()
             .map(|r| r.job_id.clone())
             .or_else(|| s.biz_opaque_callback_data.clone());
         let mut event = Event::new(&format!(
             "message.{}",
             s.status.as_str().to_ascii_lowercase()
         ));
-        event.job_id = job_id.clone();
-        event.campaign_id = record.as_ref().and_then(|r| r.campaign_id.clone());
-        event.metadata = record.as_ref().map_or(Value::Null, |r| r.metadata.clone());
+        event.campaign_id = record.and_then(|r| r.campaign_id.clone());
+        event.metadata = record.map_or(Value::Null, |r| r.metadata.clone());
         event.phone_number_id = s.phone_number_id.as_ref().map(ToString::to_string);
         event.to = s
             .recipient_id
@@ -271,32 +326,42 @@ impl Processor {
         event.wamid = Some(s.wamid.to_string());
         event.at = s.at;
         event.pricing = s.pricing.as_ref().map(|p| {
-            json!({"billable": p.billable, "pricing_model": p.pricing_model, "type": p.kind, "category": p.category})
+            let mut pricing = json!({"billable": p.billable, "pricing_model": p.pricing_model,
+                                     "type": p.kind, "category": p.category});
+            let card = &self.settings.rate_card;
+            if price
+                && let Some(estimate) =
+                    card.estimate(p, s.recipient_id.as_deref().unwrap_or_default())
+            {
+                pricing["market"] = json!(estimate.market);
+                pricing["currency"] = json!(card.currency);
+                pricing["estimated_cost"] =
+                    json!(estimate.micros.map(crate::pricing::format_micros));
+            }
+            pricing
         });
         event.error = s.errors.first().map(event_error);
         if job_id.is_none() {
             event.correlated = Some(false);
         }
-        self.publish(&event, handled).await?;
-        if s.status == MessageStatus::Failed {
-            self.failed(&s, event, handled).await?;
-        }
-        Ok(())
+        event.job_id = job_id;
+        event
     }
 
     /// A status for a wamid the worker never recorded, carrying a job id: the send's answer was
     /// lost (a timeout after the request left, or a worker killed mid-send). Recording the job as
     /// sent settles it: the at-most-once job waiting for this webhook finds it sent and is acked,
     /// never resent.
-    async fn reconcile(&self, s: &StatusUpdate) -> Result<Option<WamidRecord>, ProcessError> {
+    async fn reconcile(
+        &self,
+        waba: &WabaId,
+        s: &StatusUpdate,
+    ) -> Result<Option<WamidRecord>, ProcessError> {
         let Some(job_id) = s
             .biz_opaque_callback_data
             .as_ref()
             .and_then(|j| JobId::parse(j.clone()).ok())
         else {
-            return Ok(None);
-        };
-        let Some(waba) = self.waba(s.waba_id.clone(), s.phone_number_id.as_ref()) else {
             return Ok(None);
         };
         let record = WamidRecord {
@@ -305,9 +370,11 @@ impl Processor {
             traceparent: None,
             metadata: Value::Null,
         };
-        self.store
-            .mark_sent(&JobKey { waba, job_id }, &s.wamid, &record)
-            .await?;
+        let key = JobKey {
+            waba: waba.clone(),
+            job_id,
+        };
+        self.store.mark_sent(&key, &s.wamid, &record).await?;
         info!(wamid = %s.wamid, "a send whose answer was lost is settled by its status webhook");
         Ok(Some(record))
     }
@@ -315,17 +382,18 @@ impl Processor {
     /// A failed status: classified like a synchronous error.
     async fn failed(
         &self,
+        waba: &WabaId,
         s: &StatusUpdate,
         event: Event,
+        record: Option<&WamidRecord>,
         handled: &mut Handled,
     ) -> Result<(), ProcessError> {
         let Some(error) = s.errors.first() else {
             return Ok(());
         };
         let code = ErrorCode::from(error.code);
-        let waba = self.waba(s.waba_id.clone(), s.phone_number_id.as_ref());
         if code == ErrorCode::MarketingOptOut
-            && let (Some(waba), Some(to)) = (&waba, s.recipient_id.as_ref())
+            && let Some(to) = s.recipient_id.as_ref()
             && let Ok(to) = WaId::parse(to.clone())
         {
             let mark = Mark {
@@ -336,10 +404,12 @@ impl Processor {
             let mut optout = Event::new("optout.recorded");
             optout.to = Some(to.to_string());
             optout.metadata = json!({"source": "131050", "waba_id": waba.as_str()});
-            self.publish(&optout, handled).await?;
+            self.publish(&optout, None, handled).await?;
         }
         match policy::classify(code) {
-            Action::DeadLetter(reason) => self.dead(reason, error, event, waba, handled).await,
+            Action::DeadLetter(reason) => {
+                self.dead(reason, error, event, waba, record, handled).await
+            }
             other => {
                 // The job body is not kept with the wamid, so a retry or a 131049 cool-down
                 // cannot be re-enqueued from here; the failure is reported as message.failed.
@@ -354,10 +424,15 @@ impl Processor {
         reason: DeadReason,
         error: &WebhookError,
         failed: Event,
-        waba: Option<WabaId>,
+        waba: &WabaId,
+        record: Option<&WamidRecord>,
         handled: &mut Handled,
     ) -> Result<(), ProcessError> {
+        let trace = record.and_then(|r| r.traceparent.as_deref());
         let mut headers = Headers::default();
+        if let Some(trace) = trace {
+            headers.set_str(H_TRACEPARENT, trace);
+        }
         headers
             .set_str(H_REASON, reason.as_str())
             .set_int(H_ERROR_CODE, error.code)
@@ -376,11 +451,18 @@ impl Processor {
                 },
             )
             .await?;
-        if let (Some(waba), Some(job_id)) = (waba, failed.job_id.as_ref())
+        if let Some(job_id) = failed.job_id.as_ref()
             && let Ok(job_id) = JobId::parse(job_id.clone())
         {
+            let key = JobKey {
+                waba: waba.clone(),
+                job_id,
+            };
+            let campaign = record
+                .and_then(|r| r.campaign_id.clone())
+                .and_then(|c| CampaignId::parse(c).ok());
             self.store
-                .mark_dead(&JobKey { waba, job_id }, reason)
+                .mark_dead(&key, reason, campaign.as_ref())
                 .await?;
         }
         let mut event = Event {
@@ -391,7 +473,7 @@ impl Processor {
         if let Some(e) = event.error.as_mut() {
             e.title = reason.as_str().into();
         }
-        self.publish(&event, handled).await
+        self.publish(&event, trace, handled).await
     }
 
     async fn inbound(&self, m: InboundMessage, handled: &mut Handled) -> Result<(), ProcessError> {
@@ -419,7 +501,7 @@ impl Processor {
             optout.to = Some(m.from.to_string());
             optout.metadata =
                 json!({"source": format!("keyword:{keyword}"), "waba_id": waba.as_str()});
-            self.publish(&optout, handled).await?;
+            self.publish(&optout, None, handled).await?;
         }
         let mut event = Event::new("inbound.message");
         event.phone_number_id = m.phone_number_id.as_ref().map(ToString::to_string);
@@ -427,7 +509,7 @@ impl Processor {
         event.wamid = Some(m.wamid.to_string());
         event.at = m.at;
         event.metadata = json!({"type": m.kind, "text": m.text, "profile_name": m.profile_name});
-        self.publish(&event, handled).await
+        self.publish(&event, None, handled).await
     }
 
     async fn number_quality(
@@ -478,20 +560,37 @@ impl Processor {
         Ok(())
     }
 
-    async fn publish(&self, event: &Event, handled: &mut Handled) -> Result<(), ProcessError> {
+    /// Publishes an event, carrying the job's trace context (`trace`, its `traceparent`) so
+    /// the webhook's events join the job's trace.
+    async fn publish(
+        &self,
+        event: &Event,
+        trace: Option<&str>,
+        handled: &mut Handled,
+    ) -> Result<(), ProcessError> {
         let body = serde_json::to_vec(event).expect("events always serialise");
+        let mut headers = Headers::default();
+        if let Some(trace) = trace {
+            headers.set_str(H_TRACEPARENT, trace);
+        }
         self.broker
             .publish(
                 Target::Event(event.event.clone()),
                 Envelope {
                     body: body.into(),
-                    headers: Headers::default(),
+                    headers,
                 },
             )
             .await?;
         handled.events += 1;
         Ok(())
     }
+}
+
+/// The stripe a wamid's statuses are serialised on.
+fn stripe(wamid: &crate::ids::Wamid) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(wamid.as_str()) as usize % STRIPES
 }
 
 fn event_error(e: &WebhookError) -> EventError {

@@ -61,6 +61,23 @@ pub fn transition(previous: Option<&MessageStatus>, next: &MessageStatus) -> Tra
     }
 }
 
+/// The statuses a message newly reaches when `next` is applied after `previous`, the skipped
+/// ones included: `read` right after `sent` reaches `delivered` too (Meta skips it when the read
+/// receipt comes first), so delivery and read rates counted from these stay true. `played`
+/// counts as `read`; `failed` reaches only itself.
+pub fn reached(previous: Option<&MessageStatus>, next: &MessageStatus) -> Vec<&'static str> {
+    if *next == MessageStatus::Failed {
+        return vec!["failed"];
+    }
+    let before = previous.and_then(rank).filter(|r| *r <= 3).unwrap_or(0);
+    let after = rank(next).filter(|r| *r <= 3).unwrap_or(0);
+    [("sent", 1), ("delivered", 2), ("read", 3)]
+        .into_iter()
+        .filter(|(_, r)| before < *r && *r <= after)
+        .map(|(name, _)| name)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +166,17 @@ mod tests {
             }
         }
         assert_eq!(recorded, Some(MessageStatus::Read));
+    }
+
+    #[test]
+    fn skipped_statuses_are_reached_too() {
+        use MessageStatus::*;
+        assert_eq!(reached(None, &Sent), ["sent"]);
+        assert_eq!(reached(None, &Read), ["sent", "delivered", "read"]);
+        assert_eq!(reached(Some(&Sent), &Read), ["delivered", "read"]);
+        assert_eq!(reached(Some(&Delivered), &Read), ["read"]);
+        assert!(reached(Some(&Read), &Played).is_empty());
+        assert_eq!(reached(Some(&Delivered), &Failed), ["failed"]);
+        assert!(reached(None, &Other("pending".into())).is_empty());
     }
 }
