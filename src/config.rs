@@ -299,6 +299,8 @@ pub struct WebhookSettings {
     pub app_secret_file: Option<PathBuf>,
     /// Inbound messages that, as the whole message (any case), record a marketing opt-out.
     pub stop_keywords: Vec<String>,
+    /// Intake bodies the processor holds and works on at once.
+    pub prefetch: u16,
 }
 
 /// Logging.
@@ -371,6 +373,9 @@ impl Settings {
         }
         if self.worker.prefetch == 0 {
             return Err(invalid("worker.prefetch", "must be at least 1"));
+        }
+        if self.webhook.prefetch == 0 {
+            return Err(invalid("webhook.prefetch", "must be at least 1"));
         }
         for lane in self.worker.lane_weights.keys() {
             if crate::job::Lane::parse(lane).is_none() {

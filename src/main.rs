@@ -400,7 +400,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             info!(addr = %server.addr()?, "webhook receiver listening; processing the intake");
             let shutdown = shutdown_on_signal();
             let processing = async {
-                let processed = processor.run(64, shutdown.clone()).await;
+                let processed = processor
+                    .run(settings.webhook.prefetch, shutdown.clone())
+                    .await;
                 // A processor that stops takes the receiver down with it: no silent half.
                 shutdown.cancel();
                 processed

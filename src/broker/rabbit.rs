@@ -1,7 +1,8 @@
 //! RabbitMQ through lapin: the topology of DESIGN.md §3, declared idempotently at connect,
 //! publisher confirms on every publish, one channel per consumed lane.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -12,7 +13,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, RwLock};
 
 use super::{
     Acker, Broker, BrokerError, Delivery, Envelope, HeaderValue, Headers, Intake, Stream, Tap,
@@ -97,14 +98,28 @@ impl Names {
     }
 }
 
-/// A connected RabbitMQ broker.
+/// A connected RabbitMQ broker. When the connection is lost (a broker restart, a network cut),
+/// the failing publish is reported (the receiver answers 503, a worker returns its job) and
+/// the next use after [`RECONNECT_PAUSE`] opens a new connection and declares the topology
+/// again; consumers consume again through [`Broker::consume_intake`] / [`Broker::consume`].
 pub struct RabbitBroker {
-    connection: Connection,
-    publisher: Channel,
+    link: RwLock<Link>,
+    /// When a reconnection was last tried (one at a time, one per pause).
+    reconnected: Mutex<Option<Instant>>,
     names: Names,
     settings: RabbitSettings,
     consumers: Mutex<Vec<(Channel, ShortString)>>,
 }
+
+/// One connection and its publishing channel (confirm mode).
+struct Link {
+    connection: Arc<Connection>,
+    publisher: Channel,
+}
+
+/// At most one reconnection attempt per this long, so a broker that is down is not hammered
+/// (each request in the meantime fails fast).
+pub const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -130,6 +145,18 @@ fn long_string(s: impl Into<String>) -> AMQPValue {
 impl RabbitBroker {
     /// Connects and declares the whole topology (idempotent: safe on every start of every replica).
     pub async fn connect(settings: RabbitSettings) -> Result<Self, BrokerError> {
+        let broker = RabbitBroker {
+            link: RwLock::new(Self::open(&settings).await?),
+            reconnected: Mutex::new(None),
+            names: Names::new(&settings.prefix),
+            settings,
+            consumers: Mutex::new(Vec::new()),
+        };
+        broker.declare().await?;
+        Ok(broker)
+    }
+
+    async fn open(settings: &RabbitSettings) -> Result<Link, BrokerError> {
         let connection = Connection::connect(&settings.url, ConnectionProperties::default())
             .await
             .map_err(|e| BrokerError::Unreachable {
@@ -144,15 +171,48 @@ impl RabbitBroker {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| BrokerError::op("confirm.select", e))?;
-        let broker = RabbitBroker {
-            connection,
+        Ok(Link {
+            connection: Arc::new(connection),
             publisher,
-            names: Names::new(&settings.prefix),
-            settings,
-            consumers: Mutex::new(Vec::new()),
-        };
-        broker.declare().await?;
-        Ok(broker)
+        })
+    }
+
+    /// Opens a new connection if the current one is gone (and none was tried in the last
+    /// [`RECONNECT_PAUSE`]), and declares the topology on it, in case the broker lost it.
+    async fn heal(&self) {
+        if self.link.read().await.connection.status().connected() {
+            return;
+        }
+        let mut last = self.reconnected.lock().await;
+        if self.link.read().await.connection.status().connected()
+            || last.is_some_and(|at| at.elapsed() < RECONNECT_PAUSE)
+        {
+            return;
+        }
+        *last = Some(Instant::now());
+        match Self::open(&self.settings).await {
+            Ok(link) => {
+                *self.link.write().await = link;
+                match self.declare().await {
+                    Ok(()) => tracing::info!("reconnected to RabbitMQ"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reconnected to RabbitMQ, but declaring the topology failed")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "RabbitMQ is still unreachable"),
+        }
+    }
+
+    /// The current connection, healed first if it was lost.
+    async fn connection(&self) -> Arc<Connection> {
+        self.heal().await;
+        self.link.read().await.connection.clone()
+    }
+
+    /// The current publishing channel.
+    async fn publisher(&self) -> Channel {
+        self.link.read().await.publisher.clone()
     }
 
     /// The topology's names.
@@ -174,7 +234,7 @@ impl RabbitBroker {
     }
 
     async fn declare(&self) -> Result<(), BrokerError> {
-        let ch = &self.publisher;
+        let ch = &self.publisher().await;
         let n = &self.names;
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
@@ -263,7 +323,8 @@ impl RabbitBroker {
     /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
     pub async fn delete_topology(&self) -> Result<(), BrokerError> {
         let ch = self
-            .connection
+            .connection()
+            .await
             .create_channel()
             .await
             .map_err(|e| BrokerError::op("open channel", e))?;
@@ -297,7 +358,8 @@ impl RabbitBroker {
 
     /// Closes the connection (in-flight acks are flushed first by the broker protocol).
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "bye".into()).await;
+        let connection = self.link.read().await.connection.clone();
+        let _ = connection.close(200, "bye".into()).await;
     }
 
     /// Consumes `queue` on its own channel with `prefetch`; deliveries carry `origin`.
@@ -308,7 +370,8 @@ impl RabbitBroker {
         prefetch: u16,
     ) -> Result<Stream<Delivery<Q>>, BrokerError> {
         let channel = self
-            .connection
+            .connection()
+            .await
             .create_channel()
             .await
             .map_err(|e| BrokerError::op("open channel", e))?;
@@ -428,9 +491,11 @@ impl Broker for RabbitBroker {
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_headers(to_table(&envelope.headers));
+        self.heal().await;
         // mandatory: an unroutable message comes back instead of vanishing.
         let confirm = self
-            .publisher
+            .publisher()
+            .await
             .basic_publish(
                 exchange.clone().into(),
                 key.clone().into(),
@@ -470,7 +535,8 @@ impl Broker for RabbitBroker {
 
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {
         let channel = self
-            .connection
+            .connection()
+            .await
             .create_channel()
             .await
             .map_err(|e| BrokerError::op("open channel", e))?;
@@ -531,7 +597,8 @@ impl Broker for RabbitBroker {
             ..Default::default()
         };
         let q = self
-            .publisher
+            .publisher()
+            .await
             .queue_declare(
                 self.names.lane_queue(lane).into(),
                 options,

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -53,6 +54,8 @@ pub enum ProcessError {
 /// What one body produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Handled {
+    /// Message statuses in the body.
+    pub statuses: usize,
     /// Events published.
     pub events: usize,
     /// Statuses seen before (same wamid and status).
@@ -71,6 +74,26 @@ pub struct Processor {
     /// Statuses of one wamid are applied one at a time in this process (bodies are processed
     /// concurrently), so two copies of a status never both publish an event here.
     stripes: Vec<tokio::sync::Mutex<()>>,
+    stats: ProcessorStats,
+}
+
+/// What a processor has done since it started (for logs, dashboards and the benchmark).
+#[derive(Debug, Default)]
+pub struct ProcessorStats {
+    /// Bodies handled (acked).
+    pub bodies: AtomicU64,
+    /// Message statuses handled (applied, duplicate or stale).
+    pub statuses: AtomicU64,
+    /// Events published.
+    pub events: AtomicU64,
+    /// Statuses seen before.
+    pub duplicates: AtomicU64,
+    /// Statuses older than the one recorded.
+    pub stale: AtomicU64,
+    /// Bodies (or parts) parked.
+    pub parked: AtomicU64,
+    /// Bodies returned to the intake after a store or broker failure.
+    pub requeued: AtomicU64,
 }
 
 const STRIPES: usize = 256;
@@ -90,15 +113,42 @@ impl Processor {
             store,
             settings,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stats: ProcessorStats::default(),
         }
     }
 
+    /// Counters since start.
+    pub fn stats(&self) -> &ProcessorStats {
+        &self.stats
+    }
+
     /// Consumes the intake until `shutdown`, up to `prefetch` bodies at a time; each body is
-    /// acked only once handled, and the ones in hand are finished before it returns.
+    /// acked only once handled, and the ones in hand are finished before it returns. A lost
+    /// connection (broker restart) is consumed again once it is back; the bodies that were in
+    /// hand return to the intake and come again (their statuses are recognised as seen).
     pub async fn run(&self, prefetch: u16, shutdown: CancellationToken) -> Result<(), BrokerError> {
+        loop {
+            let lost = match self.consume(prefetch, &shutdown).await {
+                Ok(()) if shutdown.is_cancelled() => return Ok(()),
+                Ok(()) => "the intake consumer was closed".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            warn!(%lost, "consuming the intake again in a moment");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(RETRY_PAUSE) => {}
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        prefetch: u16,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BrokerError> {
         let intake = self.broker.consume_intake(prefetch).await?;
         intake
-            .take_until(shutdown.cancelled_owned())
+            .take_until(shutdown.clone().cancelled_owned())
             .map(|delivery| async move { self.settle(delivery?).await })
             .buffer_unordered(usize::from(prefetch.max(1)))
             .try_for_each(|()| async { Ok(()) })
@@ -109,9 +159,19 @@ impl Processor {
         match self.handle(&delivery.envelope.body).await {
             Ok(handled) => {
                 debug!(?handled, "webhook processed");
+                let count = |counter: &AtomicU64, n: usize| {
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                };
+                count(&self.stats.bodies, 1);
+                count(&self.stats.statuses, handled.statuses);
+                count(&self.stats.events, handled.events);
+                count(&self.stats.duplicates, handled.duplicates);
+                count(&self.stats.stale, handled.stale);
+                count(&self.stats.parked, usize::from(handled.parked));
                 delivery.ack().await
             }
             Err(e) => {
+                self.stats.requeued.fetch_add(1, Ordering::Relaxed);
                 // CORRECTNESS: not acked, so not lost: it returns to the intake.
                 warn!(error = %e, "webhook could not be processed now; it goes back to the intake");
                 tokio::time::sleep(RETRY_PAUSE).await;
@@ -138,7 +198,10 @@ impl Processor {
         }
         for update in parsed.updates {
             match update {
-                Update::Status(s) => self.status(s, &mut handled).await?,
+                Update::Status(s) => {
+                    handled.statuses += 1;
+                    self.status(s, &mut handled).await?;
+                }
                 Update::Inbound(m) => self.inbound(m, &mut handled).await?,
                 Update::UserPreference {
                     waba_id,

@@ -1,0 +1,138 @@
+//! What the load benchmarks share: `--name value` options and a minimal keep-alive HTTP/1.1
+//! client over raw TCP, so most of the machine goes to the server being measured.
+
+#![allow(dead_code)]
+
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The value after `--name` on the command line, parsed.
+pub fn option<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether `word` is on the command line.
+pub fn flag(word: &str) -> bool {
+    std::env::args().any(|a| a == word)
+}
+
+/// Reads one response; returns its status code.
+pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end]).unwrap_or_default();
+            let status = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(status);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What one connection saw after the warm-up.
+pub struct Tally {
+    /// 200 answers.
+    pub ok: u64,
+    /// Any other answer.
+    pub other: u64,
+    /// Latency per request, µs.
+    pub latency: Histogram<u64>,
+}
+
+impl Tally {
+    /// Nothing yet.
+    pub fn new() -> Self {
+        Tally {
+            ok: 0,
+            other: 0,
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+        }
+    }
+
+    /// Adds another connection's tally.
+    pub fn add(&mut self, other: &Tally) {
+        self.ok += other.ok;
+        self.other += other.other;
+        self.latency.add(&other.latency).expect("same bounds");
+    }
+
+    /// `N requests/s answered 200 (M other answers), latency p50 …, p99 …, max …`.
+    pub fn summary(&self, seconds: f64) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        format!(
+            "{:.0} requests/s answered 200 ({} other answers), latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.ok as f64 / seconds,
+            self.other,
+            ms(self.latency.value_at_quantile(0.5)),
+            ms(self.latency.value_at_quantile(0.99)),
+            ms(self.latency.max()),
+        )
+    }
+}
+
+/// Sends `request(i)` for i = first, first + stride, … back to back on one keep-alive
+/// connection until `until`, counting what comes back after `warm_until`.
+pub async fn connection(
+    addr: std::net::SocketAddr,
+    first: u64,
+    stride: u64,
+    request: impl Fn(u64) -> Vec<u8>,
+    warm_until: Instant,
+    until: Instant,
+) -> Tally {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut tally = Tally::new();
+    let mut buf = Vec::with_capacity(8192);
+    let mut i = first;
+    loop {
+        let started = Instant::now();
+        if started >= until {
+            return tally;
+        }
+        stream.write_all(&request(i)).await.expect("write");
+        let status = read_response(&mut stream, &mut buf).await.expect("read");
+        if started >= warm_until {
+            if status == 200 {
+                tally.ok += 1;
+            } else {
+                tally.other += 1;
+            }
+            let _ = tally
+                .latency
+                .record(started.elapsed().as_micros().max(1) as u64);
+        }
+        i += stride;
+    }
+}

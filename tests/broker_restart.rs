@@ -1,0 +1,187 @@
+//! A broker that goes away mid-stream loses no webhook. The receiver and the processor reach
+//! RabbitMQ through a TCP proxy that the test cuts (every connection dropped, new ones refused)
+//! and restores, which is what they see of a broker restart, without restarting the RabbitMQ
+//! the other tests share. Meta's side is played by a sender that, like Meta, retries every
+//! answer but 200: it sees 503 while the broker is gone, and every status ends as an event.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{NUMBER, WABA, spawn_app};
+use futures::StreamExt;
+use secrecy::SecretString;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wa_sender::app::HttpServer;
+use wa_sender::broker::Broker;
+use wa_sender::event::Event;
+use wa_sender::simulator::sign;
+use wa_sender::webhook::processor::{Processor, ProcessorSettings};
+use wa_sender::webhook::receiver::{ReceiverSettings, router};
+
+const APP_SECRET: &str = "restart-secret";
+const STATUSES: usize = 120;
+
+/// A TCP proxy to RabbitMQ that can be cut and restored.
+struct Proxy {
+    addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let (d, l) = (down.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused, as by a stopped broker
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+                l.lock().unwrap().push(link);
+            }
+        });
+        Proxy { addr, down, links }
+    }
+
+    /// The broker "stops": every open connection is dropped, new ones are refused.
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// The broker is back.
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+fn status_body(i: usize) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"object": "whatsapp_business_account", "entry": [{"id": WABA, "changes": [{
+        "field": "messages",
+        "value": {"messaging_product": "whatsapp",
+                  "metadata": {"display_phone_number": "15550783881", "phone_number_id": NUMBER},
+                  "statuses": [{"id": format!("wamid.restart{i:04}"), "status": "delivered",
+                                "timestamp": "1750030080", "recipient_id": "16505551234"}]}}]}]}),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_stream_loses_no_webhook() {
+    let mut app = spawn_app("restart", |_, _| {}).await;
+    let proxy = Proxy::start().await;
+    let mut through_proxy = app.settings.clone();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let (broker, store) = wa_sender::app::connect(&through_proxy).await.unwrap();
+
+    let server = HttpServer::bind(
+        "127.0.0.1:0",
+        router(
+            broker.clone(),
+            ReceiverSettings {
+                verify_token: SecretString::from("v"),
+                app_secret: SecretString::from(APP_SECRET),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}/webhook", server.addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run_until_stopped(stop.clone()));
+    let processor = Arc::new(Processor::new(
+        broker.clone() as Arc<dyn Broker>,
+        store,
+        ProcessorSettings {
+            numbers: app.settings.number_wabas().unwrap(),
+            stop_keywords: vec![],
+            rate_card: app.settings.pricing.clone(),
+        },
+    ));
+    let processing = {
+        let (processor, stop) = (processor.clone(), stop.clone());
+        tokio::spawn(async move { processor.run(16, stop).await })
+    };
+
+    // Meta: one status after another, each retried until answered 200.
+    let client = reqwest::Client::new();
+    let mut refused = 0;
+    for i in 0..STATUSES {
+        if i == STATUSES / 3 {
+            proxy.cut();
+            let proxy_down = Duration::from_secs(2);
+            let down = proxy.down.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(proxy_down).await;
+                down.store(false, Ordering::SeqCst);
+            });
+        }
+        let body = status_body(i);
+        loop {
+            let answer = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-hub-signature-256", sign(APP_SECRET, &body))
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            if answer.status() == 200 {
+                break;
+            }
+            assert_eq!(
+                answer.status(),
+                503,
+                "only 'try again' while the broker is gone"
+            );
+            refused += 1;
+            assert!(refused < 100, "the receiver never recovered from the cut");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    proxy.restore();
+    assert!(refused > 0, "the cut was seen as 503s");
+
+    // Every status became an event (read through a connection that was never cut).
+    let mut delivered = BTreeSet::new();
+    while delivered.len() < STATUSES {
+        let tapped = tokio::time::timeout(Duration::from_secs(20), app.events.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {STATUSES} statuses became events",
+                    delivered.len()
+                )
+            })
+            .unwrap()
+            .unwrap();
+        let event: Event = serde_json::from_slice(&tapped.envelope.body).unwrap();
+        if event.event == "message.delivered" {
+            delivered.insert(event.wamid.unwrap());
+        }
+    }
+    assert_eq!(delivered.len(), STATUSES);
+    stop.cancel();
+    assert!(processing.await.unwrap().is_ok());
+    broker.close().await;
+    app.cleanup().await;
+}
