@@ -149,6 +149,7 @@ async fn processor(settings: Settings) {
                     campaign_id: Some("bench".into()),
                     traceparent: Some(format!("00-{:032x}-{:016x}-01", i + 1, i + 1)),
                     metadata: json!({"order": i}),
+                    resend: None,
                 };
                 store
                     .mark_sent(&key, &Wamid::parse(wamid(i)).expect("wamid"), &record)
@@ -188,6 +189,7 @@ async fn processor(settings: Settings) {
             numbers: settings.number_wabas().expect("numbers"),
             stop_keywords: vec![],
             rate_card: settings.pricing.clone(),
+            delay_tiers: settings.delay_tiers().unwrap(),
         },
     ));
     let stop = CancellationToken::new();

@@ -395,6 +395,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     numbers: settings.number_wabas()?,
                     stop_keywords: settings.webhook.stop_keywords.clone(),
                     rate_card: settings.pricing.clone(),
+                    delay_tiers: settings.delay_tiers()?,
                 },
             );
             info!(addr = %server.addr()?, "webhook receiver listening; processing the intake");

@@ -115,6 +115,7 @@ async fn a_broker_restart_mid_stream_loses_no_webhook() {
             numbers: app.settings.number_wabas().unwrap(),
             stop_keywords: vec![],
             rate_card: app.settings.pricing.clone(),
+            delay_tiers: app.settings.delay_tiers().unwrap(),
         },
     ));
     let processing = {

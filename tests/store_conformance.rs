@@ -143,6 +143,7 @@ async fn idempotency(store: &dyn Store) {
         campaign_id: Some("c".into()),
         traceparent: None,
         metadata: serde_json::json!({"order": 7}),
+        resend: None,
     };
     store.mark_sent(&key("a"), &wamid, &record).await.unwrap();
     let mut retake = other.clone();
@@ -151,6 +152,17 @@ async fn idempotency(store: &dyn Store) {
         admit(store, &text("a"), &retake).await,
         Verdict::AlreadySent(wamid.clone())
     );
+    // Reopened (Meta failed it after accepting it, 131049) only for that wamid; then admitted.
+    let other_wamid = Wamid::parse("wamid.HBgL2").unwrap();
+    assert!(!store.reopen(&key("a"), &other_wamid).await.unwrap());
+    assert!(store.reopen(&key("a"), &wamid).await.unwrap());
+    let mut again = retake.clone();
+    again.now = t + secs(7); // past the pair period
+    assert_eq!(
+        admit(store, &text("a"), &again).await,
+        Verdict::Send { fallback: false }
+    );
+    store.mark_sent(&key("a"), &wamid, &record).await.unwrap();
     assert_eq!(
         store.message(&waba(), &wamid).await.unwrap().record,
         Some(record)
@@ -649,6 +661,7 @@ async fn messages(store: &dyn Store) {
         campaign_id: Some("spring".into()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         metadata: serde_json::Value::Null,
+        resend: None,
     };
     store.mark_sent(&key("m1"), &wamid, &record).await.unwrap();
     let tally = |reached: &[&'static str], micros: Option<i64>| Tally {

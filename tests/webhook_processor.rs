@@ -24,9 +24,13 @@ fn processor(app: &common::TestApp) -> Processor {
             numbers: app.settings.number_wabas().unwrap(),
             stop_keywords: vec!["STOP".into(), "ABMELDEN".into()],
             rate_card: app.settings.pricing.clone(),
+            delay_tiers: app.settings.delay_tiers().unwrap(),
         },
     )
 }
+
+/// The trace context of the producer's publish, recorded with the send.
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn envelope(value: Value) -> Vec<u8> {
     let mut inner = json!({"messaging_product": "whatsapp",
@@ -52,8 +56,9 @@ async fn sent(app: &common::TestApp, wamid: &str, job_id: &str) {
     let record = WamidRecord {
         job_id: job_id.into(),
         campaign_id: Some("c-1".into()),
-        traceparent: None,
+        traceparent: Some(TRACE.into()),
         metadata: json!({"order": 42}),
+        resend: None,
     };
     let key = wa_sender::store::JobKey {
         waba: WabaId::parse(WABA).unwrap(),
@@ -87,6 +92,18 @@ async fn statuses_reach_their_job_once_and_never_go_backwards() {
     let delivered = status("wamid.A", "delivered", 1_750_030_080, Value::Null);
     let h = p.handle(&delivered).await.unwrap();
     assert_eq!(h.events, 1);
+    // The event joins the job's trace.
+    let tapped = tokio::time::timeout(Duration::from_secs(5), app.events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tapped.envelope.headers.get_str("traceparent").as_deref(),
+        Some(TRACE)
+    );
+    app.seen
+        .push(serde_json::from_slice(&tapped.envelope.body).unwrap());
     assert_eq!(
         p.handle(&delivered).await.unwrap().duplicates,
         1,
@@ -443,6 +460,50 @@ async fn an_ambiguous_send_is_settled_by_its_webhook_not_resent_nor_dead_lettere
     );
     let audit = app.simulator.audit();
     assert_eq!(audit.times_sent("amb-1"), 1, "sent once");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_marketing_cap_failure_sends_the_job_again_a_day_later() {
+    let to = common::recipient("cap-1");
+    let (mut app, stop, running) = with_webhooks("wh-cap", |scenario| {
+        // Meta accepts the marketing template, then fails it: the user's cap is reached (131049).
+        let mut user = wa_sender::simulator::SimUser::new(to.trim_start_matches('+'));
+        user.marketing_cap_per_day = Some(0);
+        scenario.users.push(user);
+    })
+    .await;
+    let job = common::job(
+        "cap-1",
+        json!({"type": "template", "template": {"name": "spring_sale", "language": {"code": "en_US"},
+               "components": [{"type": "body", "parameters": [{"type": "text", "text": "Ann"}]}]}}),
+    );
+    app.opted_in(&job).await;
+    app.enqueue_json(wa_sender::job::Lane::Bulk, &job).await;
+    app.start_worker();
+    let accepted = app.wait_job_event("cap-1", "message.accepted").await;
+    let deferred = app.wait_job_event("cap-1", "job.deferred").await;
+    app.stop_worker().await;
+    let error = deferred.error.expect("the failure is in the event");
+    assert_eq!(error.code, Some(131049));
+    assert!(error.details.contains("sent again after"), "{error:?}");
+    assert_eq!(deferred.wamid, accepted.wamid);
+    assert_eq!(deferred.campaign_id.as_deref(), Some("c-1"));
+    // The job may be sent again: its record no longer says sent.
+    let waba = WabaId::parse(WABA).unwrap();
+    let key = wa_sender::store::JobKey {
+        waba: waba.clone(),
+        job_id: wa_sender::ids::JobId::parse("cap-1").unwrap(),
+    };
+    let wamid = Wamid::parse(accepted.wamid.unwrap()).unwrap();
+    assert!(
+        !app.store.reopen(&key, &wamid).await.unwrap(),
+        "reopened already"
+    );
+    drain(&mut app).await;
+    assert!(events_of(&app, "job.dead_lettered").is_empty());
     stop.cancel();
     running.await.unwrap().unwrap();
     app.cleanup().await;

@@ -26,11 +26,11 @@ use crate::cloud::{CloudApi, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
 use crate::event::{DeadReason, ErrorSource, Event, EventError};
 use crate::ids::{PhoneNumberId, WabaId};
-use crate::job::{self, Body, DeliveryMode, Lane, Message, SendJob};
+use crate::job::{self, Body, Category, DeliveryMode, Lane, Message, SendJob};
 use crate::policy::admission::{self, DeadWhy, OptInPolicy, PairRate, TemplateUse, Verdict};
 use crate::policy::{self, Action, DelayTiers, RetryPolicy, Scope, template};
 use crate::registry::Registry;
-use crate::store::{Heartbeat, JobKey, Store, StoreError, Subject, WamidRecord};
+use crate::store::{Heartbeat, JobKey, Resend, Store, StoreError, Subject, WamidRecord};
 use crate::telemetry;
 
 /// How long a throttled job waits before it is tried again.
@@ -523,11 +523,21 @@ impl Pipeline {
         match result {
             Ok(accepted) => {
                 tracing::Span::current().record("wamid", accepted.wamid.as_str());
+                let sent_template = match &message.body {
+                    Body::Template(t) => self.registry.get(&number.waba, &t.name, &t.language.code),
+                    _ => None,
+                };
+                let marketing =
+                    sent_template.is_some_and(|def| def.category() == Some(Category::Marketing));
                 let record = WamidRecord {
                     job_id: job.job_id.to_string(),
                     campaign_id: job.campaign_id.as_ref().map(ToString::to_string),
                     traceparent: envelope.headers.get_str(crate::broker::H_TRACEPARENT),
                     metadata: job.metadata.clone(),
+                    resend: marketing.then(|| Resend {
+                        job: String::from_utf8_lossy(&envelope.body).into_owned(),
+                        lane,
+                    }),
                 };
                 if let Err(e) = self.store.mark_sent(&key, &accepted.wamid, &record).await {
                     // The message exists; the event below still reports it. A redelivery would

@@ -159,6 +159,16 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn reopen(&self, key: &JobKey, wamid: &Wamid) -> Result<bool, StoreError> {
+        self.with(|s| {
+            let sent = matches!(s.jobs.get(key), Some(JobState::Sent(w)) if w == wamid);
+            if sent {
+                s.jobs.remove(key);
+            }
+            sent
+        })
+    }
+
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError> {
         self.with(|s| {
             if matches!(s.jobs.get(key), Some(JobState::Claimed { owner: o, .. }) if o == owner) {

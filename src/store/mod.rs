@@ -47,6 +47,19 @@ pub struct WamidRecord {
     /// The job's metadata, echoed in every event about it.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub metadata: serde_json::Value,
+    /// The job itself (its JSON body) and its lane, kept for marketing templates: Meta may fail
+    /// one later with 131049 (per-user marketing cap), and the job is then sent again in 24 h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resend: Option<Resend>,
+}
+
+/// What sending a job again needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resend {
+    /// The job's body, as it was consumed.
+    pub job: String,
+    /// Its lane.
+    pub lane: crate::job::Lane,
 }
 
 /// What the webhook processor knows about one message.
@@ -203,6 +216,9 @@ pub trait Store: Send + Sync {
         owner: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+    /// Lets a job Meta accepted and then failed (131049) be sent again: drops its record if it
+    /// still says sent with `wamid`; `false` if it says anything else.
+    async fn reopen(&self, key: &JobKey, wamid: &Wamid) -> Result<bool, StoreError>;
     /// Drops this worker's claim after a definitive failure, so a retry may claim it again.
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError>;
     /// Records that the job was dead-lettered, and counts it in its reports (once: a job already

@@ -90,6 +90,9 @@ end
 return 1
 "#;
 
+/// Delete a job record that says sent with wamid ARGV[1].
+const REOPEN: &str = "if redis.call('HGET', KEYS[1], 'state') == 'sent' and redis.call('HGET', KEYS[1], 'wamid') == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
 /// Delete a lock if ARGV[1] holds it.
 const UNLOCK: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
@@ -105,6 +108,7 @@ pub struct RedisStore {
     template_status: Script,
     unlock: Script,
     mark_dead: Script,
+    reopen: Script,
     apply_status: Script,
     round_trips: Arc<AtomicU64>,
 }
@@ -165,6 +169,7 @@ impl RedisStore {
             template_status: Script::new(TEMPLATE_STATUS),
             unlock: Script::new(UNLOCK),
             mark_dead: Script::new(MARK_DEAD),
+            reopen: Script::new(REOPEN),
             apply_status: Script::new(APPLY_STATUS),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
@@ -409,6 +414,17 @@ impl Store for RedisStore {
             .await
             .map_err(command_error("mark_ambiguous"))?;
         Ok(())
+    }
+
+    async fn reopen(&self, key: &JobKey, wamid: &Wamid) -> Result<bool, StoreError> {
+        let deleted: i64 = self
+            .reopen
+            .key(self.job_key(key))
+            .arg(wamid.as_str())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("reopen"))?;
+        Ok(deleted == 1)
     }
 
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError> {

@@ -18,14 +18,14 @@ use tracing::{debug, info, warn};
 use super::payload::{self, InboundMessage, MessageStatus, StatusUpdate, Update, WebhookError};
 use super::status::{self, Transition};
 use crate::broker::{
-    Broker, BrokerError, Delivery, Envelope, H_DETAIL, H_ERROR_CODE, H_REASON, H_TRACEPARENT,
-    Headers, Intake, Target,
+    Broker, BrokerError, Delivery, Envelope, H_DETAIL, H_DUE, H_ERROR_CODE, H_REASON,
+    H_TRACEPARENT, Headers, Intake, Target,
 };
 use crate::cloud::ErrorCode;
 use crate::event::{DeadReason, ErrorSource, Event, EventError};
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::Mark;
-use crate::policy::{self, Action};
+use crate::policy::{self, Action, DelayTiers};
 use crate::pricing::RateCard;
 use crate::store::{Cost, JobKey, Store, StoreError, Tally, WamidRecord};
 
@@ -38,6 +38,8 @@ pub struct ProcessorSettings {
     pub stop_keywords: Vec<String>,
     /// Prices billable messages.
     pub rate_card: RateCard,
+    /// Where a job waits before it is sent again (131049).
+    pub delay_tiers: DelayTiers,
 }
 
 /// Why a body could not be processed now (it stays in the intake).
@@ -432,6 +434,7 @@ impl Processor {
             campaign_id: None,
             traceparent: None,
             metadata: Value::Null,
+            resend: None,
         };
         let key = JobKey {
             waba: waba.clone(),
@@ -473,13 +476,65 @@ impl Processor {
             Action::DeadLetter(reason) => {
                 self.dead(reason, error, event, waba, record, handled).await
             }
+            Action::Cooldown(wait) => self.cool_down(waba, s, wait, event, record, handled).await,
             other => {
-                // The job body is not kept with the wamid, so a retry or a 131049 cool-down
-                // cannot be re-enqueued from here; the failure is reported as message.failed.
+                // Retries and throttles concern the send itself, which Meta accepted: reported
+                // as message.failed for the producer to act on.
                 info!(code = error.code, action = ?other, "failed status reported; not dead-lettered");
                 Ok(())
             }
         }
+    }
+
+    /// A job Meta accepted and then failed with a cool-down (131049, the per-user marketing
+    /// cap): sent again once `wait` is over, as a synchronous 131049 would be. The job goes to
+    /// a delay queue first, then its record is reopened, so a crash in between sends a second
+    /// copy that admission recognises, never none.
+    async fn cool_down(
+        &self,
+        waba: &WabaId,
+        s: &StatusUpdate,
+        wait: Duration,
+        failed: Event,
+        record: Option<&WamidRecord>,
+        handled: &mut Handled,
+    ) -> Result<(), ProcessError> {
+        let Some((record, resend)) = record.and_then(|r| Some((r, r.resend.as_ref()?))) else {
+            info!(wamid = %s.wamid, "cool-down for a message whose job was not kept; reported as message.failed");
+            return Ok(());
+        };
+        let Ok(job_id) = JobId::parse(record.job_id.clone()) else {
+            return Ok(());
+        };
+        let due = chrono::Utc::now() + wait;
+        let mut headers = Headers::default();
+        headers.set_str(H_DUE, due.to_rfc3339());
+        if let Some(trace) = &record.traceparent {
+            headers.set_str(H_TRACEPARENT, trace.clone());
+        }
+        let target = Target::Delay {
+            tier: self.settings.delay_tiers.tier_for(wait),
+            lane: resend.lane,
+        };
+        let envelope = Envelope {
+            body: resend.job.clone().into_bytes().into(),
+            headers,
+        };
+        self.broker.publish(target, envelope).await?;
+        let key = JobKey {
+            waba: waba.clone(),
+            job_id,
+        };
+        self.store.reopen(&key, &s.wamid).await?;
+        let mut event = Event {
+            event: "job.deferred".into(),
+            ..failed
+        };
+        if let Some(e) = event.error.as_mut() {
+            e.details = format!("{}; sent again after {due}", e.details);
+        }
+        self.publish(&event, record.traceparent.as_deref(), handled)
+            .await
     }
 
     async fn dead(
