@@ -54,6 +54,12 @@ pub struct Summary {
     pub throttled_by_meta: u64,
     /// Peak sends in any 1 s window.
     pub peak_per_second: u64,
+    /// Jobs whose message reached each status, from the status webhooks.
+    pub statuses: BTreeMap<String, usize>,
+    /// Duplicated or out-of-order statuses the processor recognised and published nothing for.
+    pub statuses_dropped: u64,
+    /// The report over every demo job (outcomes, rates, estimated cost).
+    pub report: Option<crate::admin::report::CampaignReport>,
 }
 
 /// Runs the demo; `embedded` uses the in-process broker and store instead of RabbitMQ/Redis.
@@ -67,6 +73,23 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         p99_ms: 60.0,
     };
     scenario.numbers[0].messaging_limit = "TIER_10K".into();
+    // Meta's status webhooks come back, signed, to the receiver, duplicated and reordered now
+    // and then as Meta does, a little faster than people read.
+    let receiver_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the webhook receiver")?;
+    let app_secret = format!("demo-secret-{}", uuid::Uuid::new_v4().simple());
+    scenario.webhooks.url = Some(format!(
+        "http://{}/webhook",
+        receiver_listener.local_addr()?
+    ));
+    scenario.webhooks.app_secret = app_secret.clone();
+    scenario.webhooks.duplicate_share = 0.05;
+    scenario.webhooks.reorder_share = 0.05;
+    scenario.webhooks.read_after = crate::simulator::DelayRange {
+        min_ms: 300,
+        max_ms: 1_500,
+    };
     // Meta's side of the demo's users: who wrote recently, who stopped marketing.
     for i in 0..jobs {
         let user = DemoUser::of(i);
@@ -129,6 +152,24 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     );
 
     seed_users(store.as_ref(), jobs).await?;
+    let receiver = crate::webhook::receiver::router(
+        broker.clone(),
+        crate::webhook::receiver::ReceiverSettings {
+            verify_token: SecretString::from("demo"),
+            app_secret: SecretString::from(app_secret),
+        },
+    );
+    let processor = Arc::new(crate::webhook::processor::Processor::new(
+        broker.clone(),
+        store.clone(),
+        crate::webhook::processor::ProcessorSettings {
+            numbers: numbers.iter().map(|(n, c)| (n.clone(), c.waba.clone())).collect(),
+            stop_keywords: settings.webhook.stop_keywords.clone(),
+            rate_card: settings.pricing.clone(),
+            delay_tiers: settings.delay_tiers()?,
+        },
+    ));
+    let report_store = store.clone();
     let cloud = Arc::new(crate::app::http_cloud(&settings)?);
     let pipeline = Arc::new(crate::app::pipeline(
         &settings,
@@ -140,6 +181,16 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     let mut events = broker.tap(Tap::Events).await?;
 
     let shutdown = CancellationToken::new();
+    let receiving = tokio::spawn(
+        axum::serve(receiver_listener, receiver)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+    let processing = {
+        let (processor, shutdown) = (processor.clone(), shutdown.clone());
+        let prefetch = settings.webhook.prefetch;
+        tokio::spawn(async move { processor.run(prefetch, shutdown).await })
+    };
     let worker = tokio::spawn(crate::worker::run(
         pipeline.clone(),
         broker.clone(),
@@ -179,11 +230,22 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     let mut anonymous_dead = 0usize;
     let (mut first_accept, mut last_accept) = (None::<Instant>, None::<Instant>);
     let deadline = Instant::now() + Duration::from_secs(180);
-    while finished.len() + anonymous_dead < jobs {
+    let mut reached: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    let settled = |reached: &BTreeMap<String, HashSet<String>>| {
+        ["read", "failed"]
+            .iter()
+            .filter_map(|s| reached.get(*s))
+            .map(HashSet::len)
+            .sum::<usize>()
+    };
+    // Every job finished (accepted or dead-lettered), and every accepted message read or failed.
+    while finished.len() + anonymous_dead < jobs || settled(&reached) < summary.accepted {
         let Ok(Some(tapped)) = tokio::time::timeout_at(deadline.into(), events.next()).await else {
             eprintln!(
-                "demo: gave up waiting after 180 s with {} of {jobs} jobs finished",
-                finished.len() + anonymous_dead
+                "demo: gave up waiting after 180 s with {} of {jobs} jobs finished, {} of {} messages read or failed",
+                finished.len() + anonymous_dead,
+                settled(&reached),
+                summary.accepted
             );
             break;
         };
@@ -202,6 +264,12 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
                 }
             }
             "job.deferred" => summary.deferred += 1,
+            status @ ("message.delivered" | "message.read" | "message.failed") => {
+                if let Some(id) = event.job_id {
+                    let status = status.trim_start_matches("message.").to_owned();
+                    reached.entry(status).or_default().insert(id);
+                }
+            }
             "job.dead_lettered" => {
                 let reason = event
                     .reason
@@ -227,6 +295,18 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     }
     shutdown.cancel();
     worker.await.context("worker task")??;
+    processing.await.context("processor task")??;
+    receiving.await.context("receiver task")??;
+    summary.statuses = reached.into_iter().map(|(s, jobs)| (s, jobs.len())).collect();
+    let stats = processor.stats();
+    summary.statuses_dropped = stats.duplicates.load(std::sync::atomic::Ordering::Relaxed)
+        + stats.stale.load(std::sync::atomic::Ordering::Relaxed);
+    let report = report_store.report(&WabaId::parse(DEMO_WABA)?, None).await?;
+    summary.report = Some(crate::admin::report::CampaignReport::new(
+        None,
+        &report,
+        &settings.pricing.currency,
+    ));
     if !latency.is_empty() {
         summary.latency_p50_p99 = Some((
             Duration::from_millis(latency.value_at_quantile(0.5)),
@@ -406,6 +486,18 @@ pub fn render(summary: &Summary) -> String {
         summary.throttled_by_meta.to_string(),
     ]);
     table.add_row(["duplicate sends".to_owned(), summary.duplicates.to_string()]);
+    for (status, n) in &summary.statuses {
+        table.add_row([format!("status webhook: {status}"), n.to_string()]);
+    }
+    table.add_row([
+        "duplicate / out-of-order statuses dropped".to_owned(),
+        summary.statuses_dropped.to_string(),
+    ]);
     table.add_row(["elapsed".to_owned(), format!("{:.1} s", secs)]);
-    table.to_string()
+    let mut out = table.to_string();
+    if let Some(report) = &summary.report {
+        out.push_str("\n\n`wa-sender campaign report --all` would now show:\n");
+        out.push_str(&report.render());
+    }
+    out
 }
