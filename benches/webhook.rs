@@ -15,7 +15,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Tally, flag, option};
@@ -24,7 +24,7 @@ use secrecy::SecretString;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use wa_sender::broker::rabbit::QueueType;
-use wa_sender::broker::{Broker, Envelope, Headers, Target};
+use wa_sender::broker::{Broker, Envelope, Headers, Tap, Target};
 use wa_sender::config::Settings;
 use wa_sender::ids::{JobId, WabaId, Wamid};
 use wa_sender::simulator::sign;
@@ -192,6 +192,17 @@ async fn processor(settings: Settings) {
             delay_tiers: settings.delay_tiers().unwrap(),
         },
     ));
+    // A subscriber, as producers have: events go to a queue and are consumed, not discarded.
+    let mut events = broker.tap(Tap::Events).await.expect("tap");
+    let received = Arc::new(AtomicU64::new(0));
+    let subscriber = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(_)) = events.next().await {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
     let stop = CancellationToken::new();
     let started = Instant::now();
     let running = {
@@ -206,6 +217,11 @@ async fn processor(settings: Settings) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    while received.load(Ordering::Relaxed) < stats.events.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = started.elapsed().as_secs_f64();
+    subscriber.abort();
     stop.cancel();
     let _ = running.await;
     let events = stats.events.load(Ordering::Relaxed);
@@ -221,6 +237,7 @@ async fn processor(settings: Settings) {
         stats.stale.load(Ordering::Relaxed),
         stats.requeued.load(Ordering::Relaxed),
     );
+    println!("  every event consumed by a subscriber after {delivered:.2} s");
     let report = store
         .report(
             &waba,
@@ -241,6 +258,7 @@ async fn processor(settings: Settings) {
 }
 
 fn main() {
+    wa_sender::telemetry::init("warn", "text");
     let settings = settings();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

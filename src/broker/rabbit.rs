@@ -390,9 +390,13 @@ impl RabbitBroker {
             )
             .await
             .map_err(|e| BrokerError::op("basic.consume", e))?;
-        self.consumers.lock().await.push((channel, tag));
+        self.consumers.lock().await.push((channel.clone(), tag));
+        // Dropping the stream (a consumer that gives up after an error) closes its channel, so
+        // the deliveries it held go back to the queue at once instead of staying unacked.
+        let guard = ChannelGuard(channel);
         Ok(consumer
             .map(move |d| {
+                let _ = &guard;
                 let d = d.map_err(|e| BrokerError::op("consume", e))?;
                 let envelope = Envelope {
                     body: d.data.into(),
@@ -463,6 +467,22 @@ fn from_properties(properties: &BasicProperties) -> Headers {
     headers
 }
 
+/// Closes a consumer's channel when its stream is dropped.
+struct ChannelGuard(Channel);
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        let channel = self.0.clone();
+        if channel.status().connected()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = channel.close(200, "consumer stopped".into()).await;
+            });
+        }
+    }
+}
+
 struct LapinAcker(lapin::Acker);
 
 #[async_trait]
@@ -492,7 +512,10 @@ impl Broker for RabbitBroker {
             .with_content_type("application/json".into())
             .with_headers(to_table(&envelope.headers));
         self.heal().await;
-        // mandatory: an unroutable message comes back instead of vanishing.
+        // mandatory: an unroutable job, delay or dead letter comes back instead of vanishing.
+        // Events are pub/sub: with no subscriber bound there is nobody to tell, and refusing
+        // them would hold every job and webhook hostage to a missing consumer.
+        let mandatory = !matches!(target, Target::Event(_));
         let confirm = self
             .publisher()
             .await
@@ -500,7 +523,7 @@ impl Broker for RabbitBroker {
                 exchange.clone().into(),
                 key.clone().into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory,
                     ..Default::default()
                 },
                 &envelope.body,
@@ -610,7 +633,10 @@ impl Broker for RabbitBroker {
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
-        for (channel, tag) in self.consumers.lock().await.iter() {
+        let mut consumers = self.consumers.lock().await;
+        // Channels closed since (a dropped consumer, a lost connection) have nothing to cancel.
+        consumers.retain(|(channel, _)| channel.status().connected());
+        for (channel, tag) in consumers.iter() {
             channel
                 .basic_cancel(tag.clone(), BasicCancelOptions::default())
                 .await
