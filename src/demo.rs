@@ -163,7 +163,10 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         broker.clone(),
         store.clone(),
         crate::webhook::processor::ProcessorSettings {
-            numbers: numbers.iter().map(|(n, c)| (n.clone(), c.waba.clone())).collect(),
+            numbers: numbers
+                .iter()
+                .map(|(n, c)| (n.clone(), c.waba.clone()))
+                .collect(),
             stop_keywords: settings.webhook.stop_keywords.clone(),
             rate_card: settings.pricing.clone(),
             delay_tiers: settings.delay_tiers()?,
@@ -297,11 +300,16 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     worker.await.context("worker task")??;
     processing.await.context("processor task")??;
     receiving.await.context("receiver task")??;
-    summary.statuses = reached.into_iter().map(|(s, jobs)| (s, jobs.len())).collect();
+    summary.statuses = reached
+        .into_iter()
+        .map(|(s, jobs)| (s, jobs.len()))
+        .collect();
     let stats = processor.stats();
     summary.statuses_dropped = stats.duplicates.load(std::sync::atomic::Ordering::Relaxed)
         + stats.stale.load(std::sync::atomic::Ordering::Relaxed);
-    let report = report_store.report(&WabaId::parse(DEMO_WABA)?, None).await?;
+    let report = report_store
+        .report(&WabaId::parse(DEMO_WABA)?, None)
+        .await?;
     summary.report = Some(crate::admin::report::CampaignReport::new(
         None,
         &report,

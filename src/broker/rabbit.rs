@@ -106,6 +106,8 @@ pub struct RabbitBroker {
     link: RwLock<Link>,
     /// When a reconnection was last tried (one at a time, one per pause).
     reconnected: Mutex<Option<Instant>>,
+    /// Closed on purpose ([`RabbitBroker::close`]): never reconnected.
+    closed: std::sync::atomic::AtomicBool,
     names: Names,
     settings: RabbitSettings,
     consumers: Mutex<Vec<(Channel, ShortString)>>,
@@ -148,6 +150,7 @@ impl RabbitBroker {
         let broker = RabbitBroker {
             link: RwLock::new(Self::open(&settings).await?),
             reconnected: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
             names: Names::new(&settings.prefix),
             settings,
             consumers: Mutex::new(Vec::new()),
@@ -180,7 +183,9 @@ impl RabbitBroker {
     /// Opens a new connection if the current one is gone (and none was tried in the last
     /// [`RECONNECT_PAUSE`]), and declares the topology on it, in case the broker lost it.
     async fn heal(&self) {
-        if self.link.read().await.connection.status().connected() {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed)
+            || self.link.read().await.connection.status().connected()
+        {
             return;
         }
         let mut last = self.reconnected.lock().await;
@@ -356,8 +361,10 @@ impl RabbitBroker {
         Ok(())
     }
 
-    /// Closes the connection (in-flight acks are flushed first by the broker protocol).
+    /// Closes the connection for good (in-flight acks are flushed first by the broker protocol).
     pub async fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let connection = self.link.read().await.connection.clone();
         let _ = connection.close(200, "bye".into()).await;
     }
