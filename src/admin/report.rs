@@ -60,20 +60,7 @@ impl Admin {
         let id = campaign.map(parse_campaign).transpose()?;
         let mut sum = Report::default();
         for waba in self.wabas() {
-            let report = self.store.report(&waba, id.as_ref()).await?;
-            sum.accepted += report.accepted;
-            for (name, counts) in [
-                ("status", &report.statuses),
-                ("dead", &report.dead),
-                ("billable", &report.billable),
-            ] {
-                for (key, n) in counts {
-                    sum.add(&format!("{name}:{key}"), *n as i64);
-                }
-            }
-            for (category, micros) in &report.cost_micros {
-                sum.add(&format!("cost:{category}"), *micros);
-            }
+            sum.merge(&self.store.report(&waba, id.as_ref()).await?);
         }
         Ok(CampaignReport::new(
             id.map(|c| c.to_string()),

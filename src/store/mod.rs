@@ -126,6 +126,23 @@ impl Report {
         }
     }
 
+    /// Adds another report's counters (a campaign's over several portfolios).
+    pub fn merge(&mut self, other: &Report) {
+        self.accepted += other.accepted;
+        for (mine, theirs) in [
+            (&mut self.statuses, &other.statuses),
+            (&mut self.dead, &other.dead),
+            (&mut self.billable, &other.billable),
+        ] {
+            for (key, n) in theirs {
+                *mine.entry(key.clone()).or_default() += n;
+            }
+        }
+        for (category, micros) in &other.cost_micros {
+            *self.cost_micros.entry(category.clone()).or_default() += micros;
+        }
+    }
+
     /// Messages that reached `status`.
     pub fn reached(&self, status: &str) -> u64 {
         self.statuses.get(status).copied().unwrap_or(0)

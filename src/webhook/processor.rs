@@ -26,7 +26,7 @@ use crate::event::{DeadReason, ErrorSource, Event, EventError};
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::Mark;
 use crate::policy::{self, Action, DelayTiers};
-use crate::pricing::RateCard;
+use crate::pricing::{Estimate, RateCard};
 use crate::store::{Cost, JobKey, Store, StoreError, Tally, WamidRecord};
 
 /// What the processor needs to know besides the store and the broker.
@@ -304,7 +304,7 @@ impl Processor {
         let Some(waba) = self.waba(s.waba_id.clone(), s.phone_number_id.as_ref()) else {
             // Nowhere to look the wamid up: published as it came, flagged.
             warn!(wamid = %s.wamid, "status for a number of no configured portfolio");
-            let event = self.status_event(&s, None, false);
+            let event = self.status_event(&s, None, None);
             return self.publish(&event, None, handled).await;
         };
         let _one_at_a_time = self.stripes[stripe(&s.wamid)].lock().await;
@@ -335,7 +335,8 @@ impl Processor {
                     .estimate(p, s.recipient_id.as_deref().unwrap_or_default())
             });
             if !published {
-                let event = self.status_event(&s, message.record.as_ref(), !message.priced);
+                let price = estimate.as_ref().filter(|_| !message.priced);
+                let event = self.status_event(&s, message.record.as_ref(), price);
                 let trace = message
                     .record
                     .as_ref()
@@ -371,9 +372,14 @@ impl Processor {
         }
     }
 
-    /// The event for a status; `price` adds the estimated cost (the first billable status of a
-    /// message only, as Meta may price it twice).
-    fn status_event(&self, s: &StatusUpdate, record: Option<&WamidRecord>, price: bool) -> Event {
+    /// The event for a status; `price` adds the estimated cost (given for the first billable
+    /// status of a message only, as Meta may price it twice).
+    fn status_event(
+        &self,
+        s: &StatusUpdate,
+        record: Option<&WamidRecord>,
+        price: Option<&Estimate>,
+    ) -> Event {
         let job_id = record
             .map(|r| r.job_id.clone())
             .or_else(|| s.biz_opaque_callback_data.clone());
@@ -393,13 +399,9 @@ impl Processor {
         event.pricing = s.pricing.as_ref().map(|p| {
             let mut pricing = json!({"billable": p.billable, "pricing_model": p.pricing_model,
                                      "type": p.kind, "category": p.category});
-            let card = &self.settings.rate_card;
-            if price
-                && let Some(estimate) =
-                    card.estimate(p, s.recipient_id.as_deref().unwrap_or_default())
-            {
+            if let Some(estimate) = price {
                 pricing["market"] = json!(estimate.market);
-                pricing["currency"] = json!(card.currency);
+                pricing["currency"] = json!(self.settings.rate_card.currency);
                 pricing["estimated_cost"] =
                     json!(estimate.micros.map(crate::pricing::format_micros));
             }
