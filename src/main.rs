@@ -410,6 +410,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             };
             let (served, processed) =
                 tokio::join!(server.run_until_stopped(shutdown.clone()), processing);
+            let stats = processor.stats();
+            let count =
+                |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            info!(
+                bodies = count(&stats.bodies),
+                statuses = count(&stats.statuses),
+                events = count(&stats.events),
+                duplicates = count(&stats.duplicates),
+                stale = count(&stats.stale),
+                parked = count(&stats.parked),
+                requeued = count(&stats.requeued),
+                "webhook processor stopped"
+            );
             broker.close().await;
             served?;
             processed?;

@@ -113,6 +113,12 @@ impl CampaignReport {
         let name = self.campaign_id.as_deref().unwrap_or("(all jobs)");
         let percent = |r: Option<f64>| r.map_or("-".to_owned(), |r| format!("{:.1}%", r * 100.0));
         let _ = writeln!(out, "campaign {name}");
+        if self.accepted == 0 && self.dead_lettered.is_empty() {
+            let _ = writeln!(
+                out,
+                "  nothing recorded yet: no job of it was accepted or dead-lettered (is the id right?)"
+            );
+        }
         let _ = writeln!(out, "  accepted            {:>10}", self.accepted);
         for status in ["sent", "delivered", "read", "failed"] {
             let n = self.statuses.get(status).copied().unwrap_or(0);

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::event::DeadReason;
+use crate::event::{DeadReason, Event};
 use crate::job::Lane;
 
 /// Header: attempts made so far (sends tried).
@@ -240,4 +240,20 @@ pub trait Broker: Send + Sync {
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError>;
     /// Stops consuming: no new deliveries; unacked ones can still be settled.
     async fn stop_consuming(&self) -> Result<(), BrokerError>;
+}
+
+/// Publishes an event to `wa.events`, routed by its kind, with `headers` (its trace context).
+pub async fn publish_event(
+    broker: &dyn Broker,
+    event: &Event,
+    headers: Headers,
+) -> Result<(), BrokerError> {
+    let body = serde_json::to_vec(event).expect("events always serialise");
+    let envelope = Envelope {
+        body: body.into(),
+        headers,
+    };
+    broker
+        .publish(Target::Event(event.event.clone()), envelope)
+        .await
 }

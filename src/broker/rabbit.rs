@@ -209,10 +209,14 @@ impl RabbitBroker {
         }
     }
 
-    /// The current connection, healed first if it was lost.
-    async fn connection(&self) -> Arc<Connection> {
+    /// A new channel on the current connection (healed first if it was lost).
+    async fn channel(&self) -> Result<Channel, BrokerError> {
         self.heal().await;
-        self.link.read().await.connection.clone()
+        let connection = self.link.read().await.connection.clone();
+        connection
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::op("open channel", e))
     }
 
     /// The current publishing channel.
@@ -327,12 +331,7 @@ impl RabbitBroker {
 
     /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
     pub async fn delete_topology(&self) -> Result<(), BrokerError> {
-        let ch = self
-            .connection()
-            .await
-            .create_channel()
-            .await
-            .map_err(|e| BrokerError::op("open channel", e))?;
+        let ch = self.channel().await?;
         let n = &self.names;
         let mut queues: Vec<String> = Lane::ALL.iter().map(|l| n.lane_queue(*l)).collect();
         queues.extend(
@@ -376,12 +375,7 @@ impl RabbitBroker {
         origin: Q,
         prefetch: u16,
     ) -> Result<Stream<Delivery<Q>>, BrokerError> {
-        let channel = self
-            .connection()
-            .await
-            .create_channel()
-            .await
-            .map_err(|e| BrokerError::op("open channel", e))?;
+        let channel = self.channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -564,12 +558,7 @@ impl Broker for RabbitBroker {
     }
 
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {
-        let channel = self
-            .connection()
-            .await
-            .create_channel()
-            .await
-            .map_err(|e| BrokerError::op("open channel", e))?;
+        let channel = self.channel().await?;
         let exchange = match tap {
             Tap::Events => self.names.events_exchange(),
             Tap::Dead => self.names.dead_exchange(),

@@ -403,6 +403,8 @@ impl Pipeline {
             Body::Template(t) => (Some(t), false),
             _ => (job.fallback_template.as_ref(), true),
         };
+        let definition =
+            template.and_then(|t| self.registry.get(&number.waba, &t.name, &t.language.code));
         let subject = Subject {
             job: key.clone(),
             number: job.phone_number_id.clone(),
@@ -420,10 +422,7 @@ impl Pipeline {
             free_form,
             template: template.map(|t| TemplateUse {
                 fallback: free_form,
-                params: self
-                    .registry
-                    .get(&number.waba, &t.name, &t.language.code)
-                    .and_then(|def| template::check(&def, t)),
+                params: definition.as_ref().and_then(|def| template::check(def, t)),
             }),
             opt_in: self.settings.admission.opt_in,
             tier_limit: self
@@ -523,12 +522,9 @@ impl Pipeline {
         match result {
             Ok(accepted) => {
                 tracing::Span::current().record("wamid", accepted.wamid.as_str());
-                let sent_template = match &message.body {
-                    Body::Template(t) => self.registry.get(&number.waba, &t.name, &t.language.code),
-                    _ => None,
-                };
-                let marketing =
-                    sent_template.is_some_and(|def| def.category() == Some(Category::Marketing));
+                // The template sent is the job's or its fallback: the definition checked above.
+                let marketing = matches!(message.body, Body::Template(_))
+                    && definition.is_some_and(|def| def.category() == Some(Category::Marketing));
                 let record = WamidRecord {
                     job_id: job.job_id.to_string(),
                     campaign_id: job.campaign_id.as_ref().map(ToString::to_string),
@@ -777,18 +773,9 @@ impl Pipeline {
     }
 
     async fn publish_event(&self, event: &Event) -> Result<(), BrokerError> {
-        let body = serde_json::to_vec(event).expect("events always serialise");
         let mut headers = Headers::default();
         telemetry::inject_current(&mut headers);
-        self.broker
-            .publish(
-                Target::Event(event.event.clone()),
-                Envelope {
-                    body: body.into(),
-                    headers,
-                },
-            )
-            .await
+        crate::broker::publish_event(self.broker.as_ref(), event, headers).await
     }
 
     async fn publish_later(

@@ -688,20 +688,11 @@ impl Processor {
         trace: Option<&str>,
         handled: &mut Handled,
     ) -> Result<(), ProcessError> {
-        let body = serde_json::to_vec(event).expect("events always serialise");
         let mut headers = Headers::default();
         if let Some(trace) = trace {
             headers.set_str(H_TRACEPARENT, trace);
         }
-        self.broker
-            .publish(
-                Target::Event(event.event.clone()),
-                Envelope {
-                    body: body.into(),
-                    headers,
-                },
-            )
-            .await?;
+        crate::broker::publish_event(self.broker.as_ref(), event, headers).await?;
         handled.events += 1;
         Ok(())
     }
