@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::admin::Admin;
 use crate::broker::rabbit::{RabbitBroker, RabbitSettings};
-use crate::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Target};
+use crate::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Route, Target};
 use crate::cloud::{HttpCloud, HttpSettings};
 use crate::config::{ConfigError, Number, Settings};
 use crate::ids::{PhoneNumberId, WabaId};
@@ -26,6 +26,7 @@ pub fn rabbit_settings(settings: &Settings) -> Result<RabbitSettings, ConfigErro
         queue_type: settings.amqp.queue_type,
         delay_tiers: settings.delay_tiers()?,
         delivery_limit: settings.amqp.delivery_limit,
+        numbers: settings.number_wabas()?.into_keys().collect(),
     })
 }
 
@@ -77,7 +78,6 @@ pub fn pipeline_settings(
             group: settings.worker.group.clone(),
             heartbeat: Duration::from_millis(settings.worker.heartbeat_ms),
             replica_ttl: Duration::from_millis(settings.worker.replica_ttl_ms),
-            max_wait: Duration::from_millis(settings.worker.pace_wait_ms),
             headroom: settings.worker.throughput_headroom,
             throttle_cooldown: Duration::from_secs(settings.worker.throttle_cooldown_secs),
         },
@@ -101,6 +101,7 @@ pub fn admission_settings(settings: &Settings) -> Result<AdmissionSettings, Conf
     Ok(AdmissionSettings {
         opt_in: policy.opt_in_required,
         pair: PairRate {
+            margin: Duration::from_millis(policy.pair_margin_ms),
             period: Duration::from_millis(policy.pair_period_ms),
             burst: policy.pair_burst,
         },
@@ -154,7 +155,8 @@ pub fn pipeline(
     ))
 }
 
-/// Publishes one job body to its lane, with the current trace context: what a producer does.
+/// Publishes one job body to its number's lane (routing key `<lane>.<phone_number_id>`, read
+/// from the body), with the current trace context: what a producer does.
 pub async fn enqueue(
     broker: &dyn Broker,
     lane: Lane,
@@ -168,9 +170,10 @@ pub async fn enqueue(
         let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
         headers.set_str(H_TRACEPARENT, format!("00-{trace_id}-{span_id}-01"));
     }
+    let route = Route::of(lane, &body);
     broker
         .publish(
-            Target::Lane(lane),
+            Target::Job(route),
             Envelope {
                 body: body.into(),
                 headers,

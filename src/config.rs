@@ -140,9 +140,12 @@ fn default_throughput() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
-    /// Jobs processed at once by one replica.
+    /// Jobs of one business number processed at once by one replica (each waits for its send
+    /// slot, then for Meta's answer): enough to keep the number's rate busy over the Cloud
+    /// API's latency, e.g. 1,000 msg/s × 50 ms = 50.
     pub concurrency: usize,
-    /// Unacked deliveries the broker hands one replica, per lane.
+    /// Unacked deliveries the broker hands one replica per number and lane. The broker sends a
+    /// number's jobs only as fast as they are settled, so a backlog stays in RabbitMQ.
     pub prefetch: u16,
     /// Share of picks per lane when all lanes have work, e.g. `{ otp = 6, transactional = 3, bulk = 1 }`.
     /// Every lane with a weight above 0 is served: bulk is slowed, never starved.
@@ -164,13 +167,11 @@ pub struct WorkerSettings {
     pub heartbeat_ms: u64,
     /// A replica not heard from for this long is gone and its share goes to the others, ms.
     pub replica_ttl_ms: u64,
-    /// Longest wait for a throughput token, ms; a longer wait defers the job to a delay queue
-    /// so one busy number never holds the others' jobs.
-    pub pace_wait_ms: u64,
     /// Share of a number's limit actually used, 0.5–1.0: the rest absorbs network jitter so
     /// that Meta never counts more than the limit in any second.
     pub throughput_headroom: f64,
-    /// After a 130429, this replica's share of that number is halved for this long, seconds.
+    /// After a 130429, this replica's share of that number is a tenth lower for this long
+    /// (each further 130429 another tenth, down to half), seconds.
     pub throttle_cooldown_secs: u64,
 }
 
@@ -181,9 +182,11 @@ pub struct PolicySettings {
     /// Template categories that need a recorded opt-in when sent outside the care window,
     /// e.g. `{ marketing = true, utility = true, authentication = false }`.
     pub opt_in_required: OptInPolicy,
-    /// Pair rate: one message per this many milliseconds to one user (Meta: 6 s; a little
-    /// more absorbs network jitter).
+    /// Pair rate: one message per this many milliseconds to one user (Meta: 6 s).
     pub pair_period_ms: u64,
+    /// Pair rate: margin for the delay between deciding a send and Meta counting it, ms. It
+    /// lengthens the spacing Meta charges and shortens the burst window, both by this much.
+    pub pair_margin_ms: u64,
     /// Pair rate: messages allowed in one burst (Meta: up to 45, borrowed from future quota).
     pub pair_burst: u32,
     /// Each portfolio's messaging tier, unique users outside the care window per rolling 24 h:

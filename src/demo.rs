@@ -133,7 +133,7 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         )>,
     ) = if embedded {
         (
-            Arc::new(MemoryBroker::new()),
+            Arc::new(MemoryBroker::new(numbers.keys())),
             Arc::new(MemoryStore::new()),
             None,
         )

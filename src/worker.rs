@@ -1,5 +1,6 @@
-//! The consumer loop: serves the lanes by weighted priority, bounds in-flight work, and drains
-//! on shutdown. It only adds concurrency and cancellation around [`Pipeline::process_one`].
+//! The consumer loops: one per business number over its lane queues (by weighted priority),
+//! one over the unrouted queue; they bound in-flight work and drain on shutdown. They only add
+//! concurrency and cancellation around [`Pipeline::process_one`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::broker::{Broker, BrokerError, Delivery, Stream};
+use crate::broker::{Broker, BrokerError, Delivery, Stream, Unrouted};
 use crate::job::Lane;
 use crate::pipeline::Pipeline;
 
@@ -55,7 +56,18 @@ fn pick_order(weights: &BTreeMap<Lane, u32>) -> Vec<Lane> {
     order
 }
 
-/// Runs until `shutdown` is cancelled or a lane's consumer fails; then drains.
+/// One lane stream of one business number.
+type Lanes = BTreeMap<Lane, Stream<Delivery>>;
+
+/// Runs until `shutdown` is cancelled or a consumer fails; then drains.
+///
+/// Each configured business number is served by its own loop over its own lane queues, so one
+/// number's backlog never stands in front of another number's jobs; within a number the lanes
+/// are picked by weight (otp first, bulk slowed but never starved). A number's loop keeps at
+/// most `concurrency` of its jobs in flight, each waiting for its send slot: the broker hands
+/// out the next one only when one is settled, so a backlog waits in RabbitMQ, not in delay
+/// queues. Jobs under keys no number's queue is bound to are re-routed or dead-lettered by one
+/// more loop over the unrouted queue.
 pub async fn run(
     pipeline: Arc<Pipeline>,
     broker: Arc<dyn Broker>,
@@ -65,98 +77,119 @@ pub async fn run(
     // Join the replica group and load the template registry before taking any job.
     let upkeep_stop = CancellationToken::new();
     let upkeep = pipeline.start(upkeep_stop.clone()).await;
-    let lanes: Vec<Lane> = Lane::ALL
-        .into_iter()
-        .filter(|l| settings.lane_weights.get(l).copied().unwrap_or(0) > 0)
+    let weights: BTreeMap<Lane, u32> = settings
+        .lane_weights
+        .iter()
+        .filter(|(_, w)| **w > 0)
+        .map(|(l, w)| (*l, *w))
         .collect();
-    let mut streams: BTreeMap<Lane, Stream<Delivery>> = BTreeMap::new();
-    for lane in &lanes {
-        match broker.consume(*lane, settings.prefetch).await {
-            Ok(stream) => {
-                streams.insert(*lane, stream);
-            }
-            Err(e) => {
-                upkeep_stop.cancel();
-                pipeline.leave().await;
-                return Err(e);
-            }
+    let lanes: Vec<Lane> = weights.keys().copied().collect();
+    let order = Arc::new(pick_order(&weights));
+    let consumed = consume_all(&pipeline, broker.as_ref(), &lanes, settings.prefetch).await;
+    let (numbers, unrouted) = match consumed {
+        Ok(c) => c,
+        Err(e) => {
+            upkeep_stop.cancel();
+            pipeline.leave().await;
+            return Err(e);
         }
-    }
-    let order = pick_order(
-        &settings
-            .lane_weights
-            .iter()
-            .filter(|(_, w)| **w > 0)
-            .map(|(l, w)| (*l, *w))
-            .collect(),
-    );
-    let permits = Arc::new(Semaphore::new(settings.concurrency));
-    let tracker = TaskTracker::new();
+    };
     info!(
-        concurrency = settings.concurrency,
+        numbers = numbers.len(),
+        concurrency_per_number = settings.concurrency,
         prefetch = settings.prefetch,
         ?lanes,
         "worker started"
     );
 
-    let mut turn = 0usize;
-    let failure = loop {
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break None,
-            p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
-        };
-        // Prefer this turn's lane, then the others by priority; take only what is ready now.
-        let preferred = order[turn % order.len()];
-        turn += 1;
-        let mut ready = None;
-        for lane in
-            std::iter::once(preferred).chain(lanes.iter().copied().filter(|l| *l != preferred))
-        {
-            if let Some(item) = streams.get_mut(&lane).and_then(|s| s.next().now_or_never()) {
-                ready = Some((lane, item));
-                break;
-            }
-        }
-        let (lane, item) = match ready {
-            Some(r) => r,
-            None => {
-                // Nothing ready: wait for the first lane that has something, highest priority first.
-                let next = futures::future::select_all(streams.iter_mut().map(|(lane, s)| {
-                    let lane = *lane;
-                    s.next().map(move |item| (lane, item)).boxed()
-                }));
-                tokio::select! {
+    // `stop` ends every loop: shutdown, or the first consumer that fails.
+    let stop = shutdown.child_token();
+    let tracker = TaskTracker::new();
+    let mut loops = tokio::task::JoinSet::new();
+    for streams in numbers {
+        let (pipeline, order, stop, tracker) = (
+            Arc::clone(&pipeline),
+            Arc::clone(&order),
+            stop.clone(),
+            tracker.clone(),
+        );
+        let permits = Arc::new(Semaphore::new(settings.concurrency));
+        loops.spawn(async move {
+            let mut streams = streams;
+            let mut turn = 0usize;
+            let failure = loop {
+                let permit = tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => break None,
-                    ((lane, item), _, _) = next => (lane, item),
-                }
-            }
-        };
-        let delivery = match item {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => break Some(e),
-            None => {
-                break Some(BrokerError::op(
-                    "consume",
-                    format!("the {} consumer was cancelled by the broker", lane.as_str()),
-                ));
-            }
-        };
-        let pipeline = Arc::clone(&pipeline);
-        tracker.spawn(async move {
-            if let Err(e) = pipeline.process_one(delivery).await {
-                error!(error = %e, "job could not be settled; it was returned to its queue");
-            }
-            drop(permit);
+                    _ = stop.cancelled() => break None,
+                    p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
+                };
+                let delivery = match next_delivery(&mut streams, &order, &mut turn, &stop).await {
+                    None => break None,
+                    Some(Err(e)) => break Some(e),
+                    Some(Ok(d)) => d,
+                };
+                let pipeline = Arc::clone(&pipeline);
+                tracker.spawn(async move {
+                    if let Err(e) = pipeline.process_one(delivery).await {
+                        error!(error = %e, "job could not be settled; it was returned to its queue");
+                    }
+                    drop(permit);
+                });
+            };
+            (Box::new(streams) as Held, failure)
         });
-    };
+    }
+    {
+        let (pipeline, stop, tracker) = (Arc::clone(&pipeline), stop.clone(), tracker.clone());
+        let permits = Arc::new(Semaphore::new(settings.concurrency));
+        loops.spawn(async move {
+            let mut unrouted = unrouted;
+            let failure = loop {
+                let permit = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break None,
+                    p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
+                };
+                let delivery = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break None,
+                    d = unrouted.next() => d,
+                };
+                let delivery = match delivery {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => break Some(e),
+                    None => break Some(cancelled("unrouted")),
+                };
+                let pipeline = Arc::clone(&pipeline);
+                tracker.spawn(async move {
+                    if let Err(e) = pipeline.process_unrouted(delivery).await {
+                        error!(error = %e, "unrouted job could not be settled; it was returned to its queue");
+                    }
+                    drop(permit);
+                });
+            };
+            (Box::new(unrouted) as Held, failure)
+        });
+    }
 
-    // Drain: no new deliveries; in-flight jobs finish and settle within the grace period.
+    // Wait for the loops: they end together when `stop` is cancelled.
+    let mut held = Vec::new();
+    let mut failure = None;
+    while let Some(joined) = loops.join_next().await {
+        let (streams, failed) = joined.expect("a serving loop never panics");
+        if let Some(e) = failed {
+            error!(error = %e, "a consumer failed; stopping");
+            failure.get_or_insert(e);
+            stop.cancel();
+        }
+        held.push(streams);
+    }
+
+    // Drain: no new deliveries; in-flight jobs finish and settle within the grace period. The
+    // streams (and so their channels) stay open until then, or their acks would fail.
     if let Err(e) = broker.stop_consuming().await {
         warn!(error = %e, "could not cancel the consumers");
     }
-    drop(streams);
     tracker.close();
     let in_flight = tracker.len();
     info!(
@@ -176,6 +209,7 @@ pub async fn run(
             "grace period over; unsettled jobs return to their queues when the connection closes"
         );
     }
+    drop(held);
     upkeep_stop.cancel();
     let _ = upkeep.await;
     pipeline.leave().await;
@@ -183,6 +217,71 @@ pub async fn run(
         Some(e) => Err(e),
         None => Ok(Drained { abandoned }),
     }
+}
+
+/// The streams a serving loop held, kept open until the drain ends.
+type Held = Box<dyn std::any::Any + Send>;
+
+/// Starts consuming every configured number's lanes and the unrouted queue.
+async fn consume_all(
+    pipeline: &Pipeline,
+    broker: &dyn Broker,
+    lanes: &[Lane],
+    prefetch: u16,
+) -> Result<(Vec<Lanes>, Stream<Delivery<Unrouted>>), BrokerError> {
+    let mut numbers = Vec::new();
+    for number in pipeline.numbers() {
+        let streams = broker.consume(number, lanes, prefetch).await?;
+        numbers.push(streams.into_iter().collect());
+    }
+    let unrouted = broker.consume_unrouted(prefetch).await?;
+    Ok((numbers, unrouted))
+}
+
+fn cancelled(what: &str) -> BrokerError {
+    BrokerError::op(
+        "consume",
+        format!("the {what} consumer was cancelled by the broker"),
+    )
+}
+
+/// The next delivery of one number: this turn's lane if it has one ready, else the others by
+/// priority, else whichever lane delivers first. `None` when `stop` is cancelled.
+async fn next_delivery(
+    streams: &mut Lanes,
+    order: &[Lane],
+    turn: &mut usize,
+    stop: &CancellationToken,
+) -> Option<Result<Delivery, BrokerError>> {
+    let preferred = order[*turn % order.len()];
+    *turn += 1;
+    let lanes: Vec<Lane> = streams.keys().copied().collect();
+    let mut ready = None;
+    for lane in std::iter::once(preferred).chain(lanes.into_iter().filter(|l| *l != preferred)) {
+        if let Some(item) = streams.get_mut(&lane).and_then(|s| s.next().now_or_never()) {
+            ready = Some((lane, item));
+            break;
+        }
+    }
+    let (lane, item) = match ready {
+        Some(r) => r,
+        None => {
+            // Nothing ready: wait for the first lane that has something, highest priority first.
+            let next = futures::future::select_all(streams.iter_mut().map(|(lane, s)| {
+                let lane = *lane;
+                s.next().map(move |item| (lane, item)).boxed()
+            }));
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                ((lane, item), _, _) = next => (lane, item),
+            }
+        }
+    };
+    Some(match item {
+        Some(item) => item,
+        None => Err(cancelled(lane.as_str())),
+    })
 }
 
 #[cfg(test)]

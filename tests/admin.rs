@@ -385,6 +385,7 @@ async fn admit_free_form(store: &dyn Store, job: &str) -> Verdict {
         },
         tier_limit: Some(250),
         pair: PairRate {
+            margin: Duration::ZERO,
             period: Duration::from_secs(6),
             burst: 45,
         },

@@ -323,7 +323,7 @@ async fn the_workers_requests_match_metas_shape() {
     let pipeline = wa_sender::app::pipeline(
         &settings,
         cloud,
-        Arc::new(MemoryBroker::new()),
+        Arc::new(MemoryBroker::new(common::numbers().keys())),
         store.clone(),
         common::numbers(),
     )

@@ -72,6 +72,7 @@ fn request(now: DateTime<Utc>, template: bool) -> Request {
         },
         tier_limit: None,
         pair: PairRate {
+            margin: Duration::ZERO,
             period: Duration::from_secs(6),
             burst: 3,
         },

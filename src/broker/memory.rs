@@ -1,6 +1,7 @@
-//! An in-process broker with RabbitMQ's semantics where the worker depends on them: prefetch,
-//! at-least-once (an unsettled delivery goes back to its queue), delay tiers, topic taps and a
-//! dead-letter queue. For the embedded demo and for tests that must not need a server.
+//! An in-process broker with RabbitMQ's semantics where the worker depends on them: a queue per
+//! number and lane with an unrouted queue for the rest, prefetch, at-least-once (an unsettled
+//! delivery goes back to its queue), delay tiers, topic taps and a dead-letter queue. For the
+//! embedded demo and for tests that must not need a server.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,28 +12,39 @@ use futures::StreamExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Acker, Broker, BrokerError, Delivery, Envelope, Intake, Stream, Tap, Tapped, Target};
+use super::{
+    Acker, Broker, BrokerError, Delivery, Envelope, Intake, Route, Stream, Tap, Tapped, Target,
+    Unrouted,
+};
+use crate::ids::PhoneNumberId;
 use crate::job::Lane;
+
+/// A message in a queue with the routing key it was published with.
+#[derive(Clone)]
+struct Item {
+    envelope: Envelope,
+    routing_key: String,
+    redelivered: bool,
+}
 
 #[derive(Default)]
 struct LaneQueue {
-    ready: Mutex<VecDeque<(Envelope, bool)>>,
+    ready: Mutex<VecDeque<Item>>,
     notify: Notify,
 }
 
 impl LaneQueue {
-    fn push_back(&self, envelope: Envelope, redelivered: bool) {
-        self.ready
-            .lock()
-            .expect("lane lock")
-            .push_back((envelope, redelivered));
+    fn push_back(&self, envelope: Envelope, routing_key: String) {
+        self.ready.lock().expect("lane lock").push_back(Item {
+            envelope,
+            routing_key,
+            redelivered: false,
+        });
         self.notify.notify_one();
     }
-    fn push_front(&self, envelope: Envelope) {
-        self.ready
-            .lock()
-            .expect("lane lock")
-            .push_front((envelope, true));
+    fn push_front(&self, mut item: Item) {
+        item.redelivered = true;
+        self.ready.lock().expect("lane lock").push_front(item);
         self.notify.notify_one();
     }
 }
@@ -45,7 +57,9 @@ pub struct MemoryBroker {
 
 #[derive(Default)]
 struct Inner {
-    lanes: HashMap<Lane, Arc<LaneQueue>>,
+    /// Each declared number's lanes, by routing key `<lane>.<phone_number_id>`.
+    lanes: HashMap<String, Arc<LaneQueue>>,
+    unrouted: Arc<LaneQueue>,
     taps: Mutex<Vec<(Tap, mpsc::UnboundedSender<Tapped>)>>,
     dead: Mutex<Vec<Tapped>>,
     intake: Arc<LaneQueue>,
@@ -54,11 +68,13 @@ struct Inner {
 }
 
 impl MemoryBroker {
-    /// An empty broker.
-    pub fn new() -> Self {
-        let lanes = Lane::ALL
+    /// An empty broker with a queue per lane of each of `numbers` (what the worker declares
+    /// on RabbitMQ for its configured numbers).
+    pub fn new<'a>(numbers: impl IntoIterator<Item = &'a PhoneNumberId>) -> Self {
+        let lanes = numbers
             .into_iter()
-            .map(|l| (l, Arc::new(LaneQueue::default())))
+            .flat_map(|n| Lane::ALL.map(|lane| Route::new(lane, n.as_str()).routing_key()))
+            .map(|key| (key, Arc::new(LaneQueue::default())))
             .collect();
         MemoryBroker {
             inner: Arc::new(Inner {
@@ -68,8 +84,9 @@ impl MemoryBroker {
         }
     }
 
-    fn lane(&self, lane: Lane) -> Arc<LaneQueue> {
-        Arc::clone(&self.inner.lanes[&lane])
+    /// The queue a routing key reaches: a number's lane, else the unrouted queue.
+    fn queue_for(&self, key: &str) -> Arc<LaneQueue> {
+        Arc::clone(self.inner.lanes.get(key).unwrap_or(&self.inner.unrouted))
     }
 
     /// Everything dead-lettered so far (the `wa.dead.all` queue).
@@ -77,49 +94,57 @@ impl MemoryBroker {
         self.inner.dead.lock().expect("dead lock").clone()
     }
 
-    /// Consumes `queue` with `prefetch`; deliveries carry `origin`.
-    fn consume_queue<Q: Copy + Send + 'static>(
+    /// Consumes `queue` with `prefetch`; a delivery's origin is made from its routing key.
+    fn consume_queue<Q: Send + 'static>(
         &self,
         queue: Arc<LaneQueue>,
-        origin: Q,
+        origin: impl Fn(&str) -> Q + Send + Sync + 'static,
         prefetch: u16,
     ) -> Stream<Delivery<Q>> {
+        let origin = Arc::new(origin);
         let permits = Arc::new(Semaphore::new(usize::from(prefetch.max(1))));
         let stop = self.inner.stop.clone();
         let stopped = Arc::new(AtomicBool::new(false));
         let stream = futures::stream::unfold(
             (queue, permits, stop, stopped),
-            move |(queue, permits, stop, stopped)| async move {
-                if stopped.load(Ordering::Relaxed) {
-                    return None;
-                }
-                let permit = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return None,
-                    p = Arc::clone(&permits).acquire_owned() => p.ok()?,
-                };
-                let next = loop {
-                    let notified = queue.notify.notified();
-                    if let Some(next) = queue.ready.lock().expect("lane lock").pop_front() {
-                        break next;
+            move |(queue, permits, stop, stopped)| {
+                let origin = Arc::clone(&origin);
+                async move {
+                    if stopped.load(Ordering::Relaxed) {
+                        return None;
                     }
-                    tokio::select! {
+                    let permit = tokio::select! {
                         biased;
-                        _ = stop.cancelled() => {
-                            stopped.store(true, Ordering::Relaxed);
-                            return None;
+                        _ = stop.cancelled() => return None,
+                        p = Arc::clone(&permits).acquire_owned() => p.ok()?,
+                    };
+                    let next = loop {
+                        let notified = queue.notify.notified();
+                        if let Some(next) = queue.ready.lock().expect("lane lock").pop_front() {
+                            break next;
                         }
-                        _ = notified => {}
-                    }
-                };
-                let (envelope, redelivered) = next;
-                let acker = MemoryAcker {
-                    queue: Arc::clone(&queue),
-                    envelope: Mutex::new(Some(envelope.clone())),
-                    _permit: permit,
-                };
-                let delivery = Delivery::new(origin, envelope, redelivered, Box::new(acker));
-                Some((Ok(delivery), (queue, permits, stop, stopped)))
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => {
+                                stopped.store(true, Ordering::Relaxed);
+                                return None;
+                            }
+                            _ = notified => {}
+                        }
+                    };
+                    let acker = MemoryAcker {
+                        queue: Arc::clone(&queue),
+                        item: Mutex::new(Some(next.clone())),
+                        _permit: permit,
+                    };
+                    let delivery = Delivery::new(
+                        origin(&next.routing_key),
+                        next.envelope,
+                        next.redelivered,
+                        Box::new(acker),
+                    );
+                    Some((Ok(delivery), (queue, permits, stop, stopped)))
+                }
             },
         );
         stream.boxed()
@@ -133,15 +158,15 @@ impl MemoryBroker {
 
 struct MemoryAcker {
     queue: Arc<LaneQueue>,
-    envelope: Mutex<Option<Envelope>>,
+    item: Mutex<Option<Item>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for MemoryAcker {
     fn drop(&mut self) {
         // Like a closed AMQP channel: an unsettled delivery returns to its queue.
-        if let Some(envelope) = self.envelope.lock().expect("acker lock").take() {
-            self.queue.push_front(envelope);
+        if let Some(item) = self.item.lock().expect("acker lock").take() {
+            self.queue.push_front(item);
         }
     }
 }
@@ -149,12 +174,12 @@ impl Drop for MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.envelope.lock().expect("acker lock").take();
+        self.item.lock().expect("acker lock").take();
         Ok(())
     }
     async fn requeue(&self) -> Result<(), BrokerError> {
-        if let Some(envelope) = self.envelope.lock().expect("acker lock").take() {
-            self.queue.push_front(envelope);
+        if let Some(item) = self.item.lock().expect("acker lock").take() {
+            self.queue.push_front(item);
         }
         Ok(())
     }
@@ -164,12 +189,16 @@ impl Acker for MemoryAcker {
 impl Broker for MemoryBroker {
     async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError> {
         match target {
-            Target::Lane(lane) => self.lane(lane).push_back(envelope, false),
-            Target::Delay { tier, lane } => {
-                let queue = self.lane(lane);
+            Target::Job(route) => {
+                let key = route.routing_key();
+                self.queue_for(&key).push_back(envelope, key);
+            }
+            Target::Delay { tier, route } => {
+                let key = route.routing_key();
+                let queue = self.queue_for(&key);
                 tokio::spawn(async move {
                     tokio::time::sleep(tier).await;
-                    queue.push_back(envelope, false);
+                    queue.push_back(envelope, key);
                 });
             }
             Target::Event(key) => self.fan_out(
@@ -191,7 +220,7 @@ impl Broker for MemoryBroker {
                     .push(tapped.clone());
                 self.fan_out(Tap::Dead, tapped);
             }
-            Target::Intake => self.inner.intake.push_back(envelope, false),
+            Target::Intake => self.inner.intake.push_back(envelope, String::new()),
             Target::Parked => self
                 .inner
                 .parked
@@ -202,12 +231,41 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError> {
-        Ok(self.consume_queue(self.lane(lane), lane, prefetch))
+    async fn consume(
+        &self,
+        number: &PhoneNumberId,
+        lanes: &[Lane],
+        prefetch: u16,
+    ) -> Result<Vec<(Lane, Stream<Delivery>)>, BrokerError> {
+        let mut streams = Vec::with_capacity(lanes.len());
+        for &lane in lanes {
+            let key = Route::new(lane, number.as_str()).routing_key();
+            let Some(queue) = self.inner.lanes.get(&key) else {
+                return Err(BrokerError::op(
+                    "basic.consume",
+                    format!("no queue for {key}: the number is not declared"),
+                ));
+            };
+            streams.push((
+                lane,
+                self.consume_queue(Arc::clone(queue), move |_| lane, prefetch),
+            ));
+        }
+        Ok(streams)
+    }
+
+    async fn consume_unrouted(
+        &self,
+        prefetch: u16,
+    ) -> Result<Stream<Delivery<Unrouted>>, BrokerError> {
+        let origin = |key: &str| Unrouted {
+            routing_key: key.to_owned(),
+        };
+        Ok(self.consume_queue(Arc::clone(&self.inner.unrouted), origin, prefetch))
     }
 
     async fn consume_intake(&self, prefetch: u16) -> Result<Stream<Delivery<Intake>>, BrokerError> {
-        Ok(self.consume_queue(Arc::clone(&self.inner.intake), Intake, prefetch))
+        Ok(self.consume_queue(Arc::clone(&self.inner.intake), |_| Intake, prefetch))
     }
 
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {
@@ -217,10 +275,14 @@ impl Broker for MemoryBroker {
     }
 
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError> {
-        Ok(
-            u32::try_from(self.lane(lane).ready.lock().expect("lane lock").len())
-                .unwrap_or(u32::MAX),
-        )
+        let waiting: usize = self
+            .inner
+            .lanes
+            .iter()
+            .filter(|(key, _)| Route::parse(key).is_some_and(|r| r.lane == lane))
+            .map(|(_, q)| q.ready.lock().expect("lane lock").len())
+            .sum();
+        Ok(u32::try_from(waiting).unwrap_or(u32::MAX))
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {

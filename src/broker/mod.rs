@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::event::{DeadReason, Event};
+use crate::ids::PhoneNumberId;
 use crate::job::Lane;
 
 /// Header: attempts made so far (sends tried).
@@ -25,6 +26,11 @@ pub const H_ERROR_CODE: &str = "x-wa-error-code";
 pub const H_DETAIL: &str = "x-wa-detail";
 /// Header: earliest time (RFC 3339) a deferred job is due; it is deferred again if it comes early.
 pub const H_DUE: &str = "x-wa-due";
+/// Header: which delay queue a deferred job waits in (the delay exchange routes on it, so the
+/// routing key stays the job's own and brings it back to its number's lane when it expires).
+pub const H_DELAY: &str = "x-wa-delay";
+/// Header: set when the worker re-routed a job that came in under a legacy lane-only key.
+pub const H_REROUTED: &str = "x-wa-rerouted";
 /// Header: W3C trace context.
 pub const H_TRACEPARENT: &str = "traceparent";
 /// Header: W3C trace state.
@@ -90,17 +96,71 @@ pub struct Envelope {
     pub headers: Headers,
 }
 
+/// Where a job goes: one business number's lane. Its routing key on `wa.send` is
+/// `<lane>.<phone_number_id>` (e.g. `bulk.106540352242922`): each configured number has a queue
+/// per lane bound with that key, and anything else (an unknown number, a legacy key naming only
+/// the lane) reaches the unrouted queue through `wa.send`'s alternate exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The lane.
+    pub lane: Lane,
+    /// The sending number as the job names it (empty when the body names none).
+    pub number: String,
+}
+
+impl Route {
+    /// A number's lane.
+    pub fn new(lane: Lane, number: impl Into<String>) -> Self {
+        Route {
+            lane,
+            number: number.into(),
+        }
+    }
+
+    /// The route of a job body: its `phone_number_id` as written, read without decoding the
+    /// rest. A body that names none still has a route (the unrouted queue), where the worker
+    /// dead-letters it with the decoder's specific reason: nothing is refused at publish time.
+    pub fn of(lane: Lane, body: &[u8]) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            phone_number_id: Option<serde_json::Value>,
+        }
+        let number = serde_json::from_slice::<Probe>(body)
+            .ok()
+            .and_then(|p| p.phone_number_id)
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .filter(|n| !n.is_empty() && !n.contains(['.', '#', '*']))
+            .unwrap_or_default();
+        Route { lane, number }
+    }
+
+    /// `<lane>.<phone_number_id>`, or `<lane>` when the job names no number.
+    pub fn routing_key(&self) -> String {
+        if self.number.is_empty() {
+            self.lane.as_str().to_owned()
+        } else {
+            format!("{}.{}", self.lane.as_str(), self.number)
+        }
+    }
+
+    /// Reads a routing key back (`otp`, `bulk.106540352242922`); `None` if it names no lane.
+    pub fn parse(key: &str) -> Option<Route> {
+        let (lane, number) = key.split_once('.').unwrap_or((key, ""));
+        Some(Route::new(Lane::parse(lane)?, number))
+    }
+}
+
 /// Where a publish goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// A lane queue, through `wa.send`.
-    Lane(Lane),
-    /// A delay queue of this tier, back to `lane` when it expires.
+    /// A number's lane queue, through `wa.send`.
+    Job(Route),
+    /// A delay queue of this tier, back to the route's queue when it expires.
     Delay {
         /// The delay queue's TTL.
         tier: Duration,
-        /// The lane it returns to.
-        lane: Lane,
+        /// Where it returns to.
+        route: Route,
     },
     /// `wa.events` with this routing key.
     Event(String),
@@ -149,6 +209,14 @@ pub struct Delivery<Q = Lane> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Intake;
 
+/// The unrouted queue, as a delivery's origin: a job published under a key no number's queue
+/// is bound to (an unknown number, or a legacy key naming only the lane).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrouted {
+    /// The key it was published with.
+    pub routing_key: String,
+}
+
 impl<Q: std::fmt::Debug> std::fmt::Debug for Delivery<Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
@@ -166,6 +234,16 @@ impl<Q> Delivery<Q> {
             envelope,
             redelivered,
             acker,
+        }
+    }
+
+    /// The same delivery, seen as coming from `origin`.
+    pub fn with_origin<R>(self, origin: R) -> Delivery<R> {
+        Delivery {
+            lane: origin,
+            envelope: self.envelope,
+            redelivered: self.redelivered,
+            acker: self.acker,
         }
     }
 
@@ -230,13 +308,26 @@ impl BrokerError {
 pub trait Broker: Send + Sync {
     /// Publishes and waits for the broker's confirm: when this returns `Ok` the message is stored.
     async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError>;
-    /// Starts consuming a lane with at most `prefetch` unacked deliveries.
-    async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError>;
+    /// Starts consuming `number`'s queue of each of `lanes`, each with at most `prefetch`
+    /// unacked deliveries: the number's jobs come only as fast as they are settled, and no other
+    /// number's backlog stands in front of them.
+    async fn consume(
+        &self,
+        number: &PhoneNumberId,
+        lanes: &[Lane],
+        prefetch: u16,
+    ) -> Result<Vec<(Lane, Stream<Delivery>)>, BrokerError>;
+    /// Starts consuming the unrouted queue (jobs for unknown numbers, legacy lane-only keys).
+    async fn consume_unrouted(
+        &self,
+        prefetch: u16,
+    ) -> Result<Stream<Delivery<Unrouted>>, BrokerError>;
     /// Starts consuming `wa.webhooks.intake` (competing consumers: each body goes to one).
     async fn consume_intake(&self, prefetch: u16) -> Result<Stream<Delivery<Intake>>, BrokerError>;
     /// Subscribes to a copy of events or dead letters from now on.
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError>;
-    /// Jobs waiting in a lane (ready, not unacked), for the demo and queue-depth scaling.
+    /// Jobs waiting in a lane, all configured numbers together (ready, not unacked), for the
+    /// demo and queue-depth scaling.
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError>;
     /// Stops consuming: no new deliveries; unacked ones can still be settled.
     async fn stop_consuming(&self) -> Result<(), BrokerError>;

@@ -16,9 +16,10 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::{Mutex, RwLock};
 
 use super::{
-    Acker, Broker, BrokerError, Delivery, Envelope, HeaderValue, Headers, Intake, Stream, Tap,
-    Tapped, Target,
+    Acker, Broker, BrokerError, Delivery, Envelope, H_DELAY, HeaderValue, Headers, Intake, Stream,
+    Tap, Tapped, Target, Unrouted,
 };
+use crate::ids::PhoneNumberId;
 use crate::job::Lane;
 use crate::policy::DelayTiers;
 
@@ -45,6 +46,8 @@ pub struct RabbitSettings {
     pub delay_tiers: DelayTiers,
     /// Quorum queues' `x-delivery-limit`: a poison message's second safety net.
     pub delivery_limit: u32,
+    /// The business numbers whose lane queues to declare (each gets one queue per lane).
+    pub numbers: Vec<PhoneNumberId>,
 }
 
 /// Every name in the topology, derived from one prefix.
@@ -60,15 +63,19 @@ impl Names {
             prefix: prefix.to_owned(),
         }
     }
-    /// `wa.send` (direct).
+    /// `wa.send` (direct, routing key `<lane>.<phone_number_id>`).
     pub fn send_exchange(&self) -> String {
         format!("{}.send", self.prefix)
     }
-    /// `wa.send.<lane>`.
-    pub fn lane_queue(&self, lane: Lane) -> String {
-        format!("{}.send.{}", self.prefix, lane.as_str())
+    /// `wa.send.<phone_number_id>.<lane>`: one business number's lane.
+    pub fn number_queue(&self, number: &str, lane: Lane) -> String {
+        format!("{}.send.{number}.{}", self.prefix, lane.as_str())
     }
-    /// `wa.delay` (topic), routing key `<tier>.<lane>`.
+    /// `wa.send.unrouted`: `wa.send`'s alternate exchange (fanout) and its queue.
+    pub fn unrouted(&self) -> String {
+        format!("{}.send.unrouted", self.prefix)
+    }
+    /// `wa.delay` (headers: `x-wa-delay` names the tier; the routing key is the job's own).
     pub fn delay_exchange(&self) -> String {
         format!("{}.delay", self.prefix)
     }
@@ -242,6 +249,34 @@ impl RabbitBroker {
         }
     }
 
+    /// A delay queue: a fixed TTL (messages expire in order, so none blocks another at the
+    /// head), then dead-lettered back to `wa.send` under the job's own routing key.
+    ///
+    /// CORRECTNESS: with quorum queues the delay queues are quorum too, dead-lettering
+    /// at-least-once (which needs `reject-publish` overflow): the broker keeps an expired job
+    /// until its lane queue has confirmed it, so a broker restart mid-move cannot lose it, as
+    /// classic-to-quorum dead-lettering (at-most-once) did. A job may then arrive twice; the
+    /// idempotency claim makes that harmless.
+    fn delay_args(&self, tier: Duration) -> FieldTable {
+        let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
+        let mut pairs = vec![
+            ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
+            (
+                "x-dead-letter-exchange",
+                long_string(self.names.send_exchange()),
+            ),
+        ];
+        match self.settings.queue_type {
+            QueueType::Quorum => pairs.extend([
+                ("x-queue-type", long_string("quorum")),
+                ("x-dead-letter-strategy", long_string("at-least-once")),
+                ("x-overflow", long_string("reject-publish")),
+            ]),
+            QueueType::Classic => pairs.push(("x-queue-type", long_string("classic"))),
+        }
+        args(&pairs)
+    }
+
     async fn declare(&self) -> Result<(), BrokerError> {
         let ch = &self.publisher().await;
         let n = &self.names;
@@ -253,73 +288,103 @@ impl RabbitBroker {
             durable: true,
             ..Default::default()
         };
-        let exchange = |name: String, kind: ExchangeKind| async move {
-            ch.exchange_declare(
-                name.clone().into(),
-                kind,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::op("exchange.declare", format!("{name}: {e}")))
+        let exchange = |name: String, kind: ExchangeKind, arguments: FieldTable| async move {
+            ch.exchange_declare(name.clone().into(), kind, durable_exchange, arguments)
+                .await
+                .map_err(|e| BrokerError::op("exchange.declare", format!("{name}: {e}")))
         };
         let queue = |name: String, arguments: FieldTable| async move {
             ch.queue_declare(name.clone().into(), durable_queue, arguments)
                 .await
                 .map_err(|e| BrokerError::op("queue.declare", format!("{name}: {e}")))
         };
-        let bind = |q: String, x: String, key: String| async move {
+        let bind = |q: String, x: String, key: String, arguments: FieldTable| async move {
             ch.queue_bind(
                 q.clone().into(),
                 x.into(),
                 key.into(),
                 QueueBindOptions::default(),
-                FieldTable::default(),
+                arguments,
             )
             .await
             .map_err(|e| BrokerError::op("queue.bind", format!("{q}: {e}")))
         };
 
-        exchange(n.send_exchange(), ExchangeKind::Direct).await?;
-        exchange(n.delay_exchange(), ExchangeKind::Topic).await?;
-        exchange(n.dead_exchange(), ExchangeKind::Topic).await?;
-        exchange(n.events_exchange(), ExchangeKind::Topic).await?;
-        for lane in Lane::ALL {
-            queue(n.lane_queue(lane), args(&self.queue_args())).await?;
-            bind(n.lane_queue(lane), n.send_exchange(), lane.as_str().into()).await?;
-        }
+        // A job whose key no number's queue is bound to is kept, not dropped: the alternate
+        // exchange hands it to the unrouted queue, where the worker re-routes or dead-letters it.
+        exchange(n.unrouted(), ExchangeKind::Fanout, FieldTable::default()).await?;
+        exchange(
+            n.send_exchange(),
+            ExchangeKind::Direct,
+            args(&[("alternate-exchange", long_string(n.unrouted()))]),
+        )
+        .await?;
+        exchange(
+            n.delay_exchange(),
+            ExchangeKind::Headers,
+            FieldTable::default(),
+        )
+        .await?;
+        exchange(
+            n.dead_exchange(),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        )
+        .await?;
+        exchange(
+            n.events_exchange(),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        )
+        .await?;
+        queue(n.unrouted(), args(&self.queue_args())).await?;
+        bind(
+            n.unrouted(),
+            n.unrouted(),
+            String::new(),
+            FieldTable::default(),
+        )
+        .await?;
+        // One queue per number and lane. Declared concurrently: lapin pipelines the frames, so
+        // hundreds of numbers cost a few round trips, not one each.
+        let lanes = self.settings.numbers.iter().flat_map(|number| {
+            Lane::ALL
+                .into_iter()
+                .map(move |lane| (number.as_str(), lane))
+        });
+        futures::future::try_join_all(lanes.map(|(number, lane)| async move {
+            let name = n.number_queue(number, lane);
+            queue(name.clone(), args(&self.queue_args())).await?;
+            let key = super::Route::new(lane, number).routing_key();
+            bind(name, n.send_exchange(), key, FieldTable::default()).await
+        }))
+        .await?;
         for &tier in self.settings.delay_tiers.all() {
-            // A fixed TTL per queue: messages expire in order, so none blocks another at the head.
-            let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
-            let delay_args = args(&[
-                ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
-                ("x-dead-letter-exchange", long_string(n.send_exchange())),
-                ("x-queue-type", long_string("classic")),
+            queue(n.delay_queue(tier), self.delay_args(tier)).await?;
+            let on_tier = args(&[
+                ("x-match", long_string("all")),
+                (H_DELAY, long_string(DelayTiers::name(tier))),
             ]);
-            queue(n.delay_queue(tier), delay_args).await?;
-            let tier_name = DelayTiers::name(tier);
             bind(
                 n.delay_queue(tier),
                 n.delay_exchange(),
-                format!("{tier_name}.*"),
+                String::new(),
+                on_tier,
             )
             .await?;
-            // Expired messages keep their routing key `<tier>.<lane>`: route it back to its lane.
-            for lane in Lane::ALL {
-                bind(
-                    n.lane_queue(lane),
-                    n.send_exchange(),
-                    format!("{tier_name}.{}", lane.as_str()),
-                )
-                .await?;
-            }
         }
         queue(
             n.dead_queue(),
             args(&[("x-queue-type", long_string("classic"))]),
         )
         .await?;
-        bind(n.dead_queue(), n.dead_exchange(), "#".into()).await?;
+        bind(
+            n.dead_queue(),
+            n.dead_exchange(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await?;
         queue(n.intake_queue(), args(&self.queue_args())).await?;
         queue(
             n.parked_queue(),
@@ -333,7 +398,13 @@ impl RabbitBroker {
     pub async fn delete_topology(&self) -> Result<(), BrokerError> {
         let ch = self.channel().await?;
         let n = &self.names;
-        let mut queues: Vec<String> = Lane::ALL.iter().map(|l| n.lane_queue(*l)).collect();
+        let mut queues: Vec<String> = self
+            .settings
+            .numbers
+            .iter()
+            .flat_map(|number| Lane::ALL.map(|lane| n.number_queue(number.as_str(), lane)))
+            .collect();
+        queues.push(n.unrouted());
         queues.extend(
             self.settings
                 .delay_tiers
@@ -349,6 +420,7 @@ impl RabbitBroker {
         }
         for x in [
             n.send_exchange(),
+            n.unrouted(),
             n.delay_exchange(),
             n.dead_exchange(),
             n.events_exchange(),
@@ -368,59 +440,63 @@ impl RabbitBroker {
         let _ = connection.close(200, "bye".into()).await;
     }
 
-    /// Consumes `queue` on its own channel with `prefetch`; deliveries carry `origin`.
-    async fn consume_queue<Q: Copy + Send + 'static>(
+    /// Consumes each of `queues` on one new channel, each consumer with at most `prefetch`
+    /// unacked deliveries (per-consumer QoS); a delivery's origin is made from its routing key.
+    async fn consume_queues<Q: Send + 'static>(
         &self,
-        queue: String,
-        origin: Q,
+        queues: Vec<(String, Box<dyn Fn(&str) -> Q + Send + Sync>)>,
         prefetch: u16,
-    ) -> Result<Stream<Delivery<Q>>, BrokerError> {
+    ) -> Result<Vec<Stream<Delivery<Q>>>, BrokerError> {
         let channel = self.channel().await?;
         channel
-            .basic_qos(prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| BrokerError::op("basic.qos", e))?;
-        let tag: ShortString =
-            format!("wa-sender-{queue}-{}", uuid::Uuid::new_v4().simple()).into();
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::op("basic.consume", e))?;
-        self.consumers.lock().await.push((channel.clone(), tag));
-        // Dropping the stream (a consumer that gives up after an error) closes its channel, so
-        // the deliveries it held go back to the queue at once instead of staying unacked.
-        let guard = ChannelGuard(channel);
-        Ok(consumer
-            .map(move |d| {
-                let _ = &guard;
-                let d = d.map_err(|e| BrokerError::op("consume", e))?;
-                let envelope = Envelope {
-                    body: d.data.into(),
-                    headers: from_properties(&d.properties),
-                };
-                Ok(Delivery::new(
-                    origin,
-                    envelope,
-                    d.redelivered,
-                    Box::new(LapinAcker(d.acker)),
-                ))
-            })
-            .boxed())
+        // Dropping every stream of the channel (a consumer that gives up after an error) closes
+        // it, so the deliveries it held go back to their queues at once instead of staying unacked.
+        let guard = Arc::new(ChannelGuard(channel.clone()));
+        let mut streams = Vec::with_capacity(queues.len());
+        for (queue, origin) in queues {
+            let tag: ShortString =
+                format!("wa-sender-{queue}-{}", uuid::Uuid::new_v4().simple()).into();
+            let consumer = channel
+                .basic_consume(
+                    queue.into(),
+                    tag.clone(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| BrokerError::op("basic.consume", e))?;
+            self.consumers.lock().await.push((channel.clone(), tag));
+            let guard = Arc::clone(&guard);
+            streams.push(
+                consumer
+                    .map(move |d| {
+                        let _ = &guard;
+                        let d = d.map_err(|e| BrokerError::op("consume", e))?;
+                        let envelope = Envelope {
+                            body: d.data.into(),
+                            headers: from_properties(&d.properties),
+                        };
+                        Ok(Delivery::new(
+                            origin(d.routing_key.as_str()),
+                            envelope,
+                            d.redelivered,
+                            Box::new(LapinAcker(d.acker)),
+                        ))
+                    })
+                    .boxed(),
+            );
+        }
+        Ok(streams)
     }
 
     fn route(&self, target: &Target) -> (String, String) {
         let n = &self.names;
         match target {
-            Target::Lane(lane) => (n.send_exchange(), lane.as_str().to_owned()),
-            Target::Delay { tier, lane } => (
-                n.delay_exchange(),
-                format!("{}.{}", DelayTiers::name(*tier), lane.as_str()),
-            ),
+            Target::Job(route) => (n.send_exchange(), route.routing_key()),
+            Target::Delay { route, .. } => (n.delay_exchange(), route.routing_key()),
             Target::Event(key) => (n.events_exchange(), key.clone()),
             Target::Dead(reason) => (n.dead_exchange(), reason.as_str().to_owned()),
             // The default exchange routes by queue name.
@@ -508,10 +584,14 @@ impl Acker for LapinAcker {
 impl Broker for RabbitBroker {
     async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError> {
         let (exchange, key) = self.route(&target);
+        let mut headers = to_table(&envelope.headers);
+        if let Target::Delay { tier, .. } = &target {
+            headers.insert(H_DELAY.into(), long_string(DelayTiers::name(*tier)));
+        }
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_headers(to_table(&envelope.headers));
+            .with_headers(headers);
         self.heal().await;
         // mandatory: an unroutable job, delay or dead letter comes back instead of vanishing.
         // Events are pub/sub: with no subscriber bound there is nobody to tell, and refusing
@@ -547,14 +627,42 @@ impl Broker for RabbitBroker {
         Ok(())
     }
 
-    async fn consume(&self, lane: Lane, prefetch: u16) -> Result<Stream<Delivery>, BrokerError> {
-        self.consume_queue(self.names.lane_queue(lane), lane, prefetch)
-            .await
+    async fn consume(
+        &self,
+        number: &PhoneNumberId,
+        lanes: &[Lane],
+        prefetch: u16,
+    ) -> Result<Vec<(Lane, Stream<Delivery>)>, BrokerError> {
+        let queues = lanes
+            .iter()
+            .map(|&lane| {
+                let origin: Box<dyn Fn(&str) -> Lane + Send + Sync> = Box::new(move |_| lane);
+                (self.names.number_queue(number.as_str(), lane), origin)
+            })
+            .collect();
+        let streams = self.consume_queues(queues, prefetch).await?;
+        Ok(lanes.iter().copied().zip(streams).collect())
+    }
+
+    async fn consume_unrouted(
+        &self,
+        prefetch: u16,
+    ) -> Result<Stream<Delivery<Unrouted>>, BrokerError> {
+        let origin: Box<dyn Fn(&str) -> Unrouted + Send + Sync> = Box::new(|key| Unrouted {
+            routing_key: key.to_owned(),
+        });
+        let mut streams = self
+            .consume_queues(vec![(self.names.unrouted(), origin)], prefetch)
+            .await?;
+        Ok(streams.pop().expect("one queue, one stream"))
     }
 
     async fn consume_intake(&self, prefetch: u16) -> Result<Stream<Delivery<Intake>>, BrokerError> {
-        self.consume_queue(self.names.intake_queue(), Intake, prefetch)
-            .await
+        let origin: Box<dyn Fn(&str) -> Intake + Send + Sync> = Box::new(|_| Intake);
+        let mut streams = self
+            .consume_queues(vec![(self.names.intake_queue(), origin)], prefetch)
+            .await?;
+        Ok(streams.pop().expect("one queue, one stream"))
     }
 
     async fn tap(&self, tap: Tap) -> Result<Stream<Tapped>, BrokerError> {
@@ -615,17 +723,20 @@ impl Broker for RabbitBroker {
             passive: true,
             ..Default::default()
         };
-        let q = self
-            .publisher()
-            .await
-            .queue_declare(
-                self.names.lane_queue(lane).into(),
-                options,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::op("queue.declare", e))?;
-        Ok(q.message_count())
+        let publisher = self.publisher().await;
+        let counts = self.settings.numbers.iter().map(|number| {
+            let publisher = publisher.clone();
+            let queue = self.names.number_queue(number.as_str(), lane);
+            async move {
+                publisher
+                    .queue_declare(queue.into(), options, FieldTable::default())
+                    .await
+                    .map(|q| q.message_count())
+                    .map_err(|e| BrokerError::op("queue.declare", e))
+            }
+        });
+        let counts = futures::future::try_join_all(counts).await?;
+        Ok(counts.into_iter().fold(0u32, u32::saturating_add))
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {

@@ -20,7 +20,7 @@ pub use stats::{Stats, StatsSnapshot};
 
 use crate::broker::{
     Broker, BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DETAIL, H_DUE, H_ERROR_CODE, H_REASON,
-    Headers, Target,
+    H_REROUTED, Headers, Route, Target, Unrouted,
 };
 use crate::cloud::{CloudApi, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
@@ -58,6 +58,8 @@ pub enum Outcome {
 /// A deferral or retry.
 #[derive(Debug)]
 pub struct Later {
+    /// Whether to publish `job.deferred` (not for the silent hops of a long wait).
+    pub announce: bool,
     /// When it is due.
     pub due: DateTime<Utc>,
     /// Attempts after this delivery.
@@ -68,6 +70,26 @@ pub struct Later {
     pub error: Option<EventError>,
     /// The job (absent only if it could not be decoded, which never defers).
     pub job: Option<Box<SendJob>>,
+}
+
+impl Later {
+    /// A deferral of `job` until `due`, announced with `job.deferred`.
+    pub fn new(
+        due: DateTime<Utc>,
+        attempts: u32,
+        why: impl Into<String>,
+        error: Option<EventError>,
+        job: SendJob,
+    ) -> Self {
+        Later {
+            announce: true,
+            due,
+            attempts,
+            why: why.into(),
+            error,
+            job: Some(Box::new(job)),
+        }
+    }
 }
 
 /// A dead letter.
@@ -138,11 +160,9 @@ pub struct PacingSettings {
     pub heartbeat: Duration,
     /// A replica silent this long is gone.
     pub replica_ttl: Duration,
-    /// Longest in-place wait for a token; longer waits become deferrals.
-    pub max_wait: Duration,
     /// Share of the limit used.
     pub headroom: f64,
-    /// How long a 130429 halves the share.
+    /// How long a 130429 slows the share.
     pub throttle_cooldown: Duration,
 }
 
@@ -313,22 +333,86 @@ impl Pipeline {
         .await
     }
 
+    /// Settles a job from the unrouted queue. One for a configured number that came under a
+    /// legacy key (the lane alone, e.g. `bulk`) is published again under its number's key, once;
+    /// anything else is dead-lettered with its reason: `invalid_job`/`unsupported_schema` when
+    /// the body does not decode or the key names no lane, `unknown_sender` when the number is
+    /// not configured here. Nothing is dropped.
+    pub async fn process_unrouted(&self, delivery: Delivery<Unrouted>) -> Result<(), SettleError> {
+        let key = delivery.lane.routing_key.clone();
+        let route = Route::parse(&key);
+        let delivery = delivery.with_origin(route.as_ref().map_or(Lane::Bulk, |r| r.lane));
+        let attempts = delivery.envelope.headers.attempts();
+        let job = match job::decode(&delivery.envelope.body) {
+            Ok(job) => job,
+            Err(e) => {
+                let outcome = undecodable(e, &delivery.envelope);
+                return self.settle(delivery, outcome).await;
+            }
+        };
+        let dead = |reason, detail: String| {
+            Outcome::Dead(Box::new(Dead {
+                reason,
+                code: None,
+                detail,
+                source: ErrorSource::Policy,
+                attempts,
+                job: Some(Box::new(job.clone())),
+                salvaged_job_id: None,
+            }))
+        };
+        let outcome = match route {
+            None => dead(
+                DeadReason::InvalidJob,
+                format!(
+                    "routing key {key:?} names no lane (use <lane>.<phone_number_id>, lane otp, transactional or bulk)"
+                ),
+            ),
+            Some(_) if !self.numbers.contains_key(&job.phone_number_id) => dead(
+                DeadReason::UnknownSender,
+                format!(
+                    "phone_number_id {} is not configured on this worker",
+                    job.phone_number_id
+                ),
+            ),
+            Some(_) if delivery.envelope.headers.get_str(H_REROUTED).is_some() => dead(
+                DeadReason::UnknownSender,
+                format!(
+                    "phone_number_id {} is configured but its queues are missing: declare them by starting a worker with this configuration",
+                    job.phone_number_id
+                ),
+            ),
+            Some(route) => {
+                // CORRECTNESS: published (confirmed) under the number's key before the ack; a
+                // crash in between leaves a copy in both queues, and the claim sends it once.
+                let route = Route::new(route.lane, job.phone_number_id.as_str());
+                let mut headers = delivery.envelope.headers.clone();
+                headers.set_str(H_REROUTED, key.as_str());
+                let envelope = Envelope {
+                    body: delivery.envelope.body.clone(),
+                    headers,
+                };
+                if let Err(e) = self.broker.publish(Target::Job(route), envelope).await {
+                    let _ = delivery.requeue().await;
+                    return Err(SettleError::Broker(e));
+                }
+                return delivery.ack().await.map_err(SettleError::Broker);
+            }
+        };
+        self.settle(delivery, outcome).await
+    }
+
+    /// The configured numbers: each has its own queues, served by its own loop.
+    pub fn numbers(&self) -> impl Iterator<Item = &PhoneNumberId> {
+        self.numbers.keys()
+    }
+
     /// Decides what to do with a job; no side effect but the claim and the send.
     pub async fn decide(&self, envelope: &Envelope, lane: Lane) -> Outcome {
         let attempts = envelope.headers.attempts();
         let job = match job::decode(&envelope.body) {
             Ok(job) => job,
-            Err(e) => {
-                return Outcome::Dead(Box::new(Dead {
-                    reason: e.reason(),
-                    code: None,
-                    detail: e.to_string(),
-                    source: ErrorSource::Policy,
-                    attempts,
-                    job: None,
-                    salvaged_job_id: job::salvage_job_id(&envelope.body),
-                }));
-            }
+            Err(e) => return undecodable(e, envelope),
         };
         tracing::Span::current().record("job_id", job.job_id.as_str());
         // The store keeps milliseconds; deciding on the same precision keeps both stores equal.
@@ -345,13 +429,7 @@ impl Pipeline {
             }))
         };
         let later = |due, why: &str, job: SendJob| {
-            Outcome::Later(Later {
-                due,
-                attempts,
-                why: why.into(),
-                error: None,
-                job: Some(Box::new(job)),
-            })
+            Outcome::Later(Later::new(due, attempts, why, None, job))
         };
 
         let Some(number) = self.numbers.get(&job.phone_number_id) else {
@@ -367,13 +445,21 @@ impl Pipeline {
             .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
             .map(|d| d.with_timezone(&Utc));
         let not_before = job.not_before.into_iter().chain(due).max();
-        // A scheduled job that came back early from a delay queue waits again without touching
-        // the store or a throughput token (admission would say the same).
+        // A scheduled job, or a deferred one that came back from a delay queue before its due
+        // time (tiers are chosen so it never comes back late), waits again without touching the
+        // store or a send slot (admission would say the same). Only the first deferral of a
+        // scheduled job is announced; the hops through shorter tiers are silent.
         if let Some(not_before) = not_before
             && not_before > now
             && job.expires_at.is_none_or(|e| e > now)
         {
-            return later(not_before, "not_before", job);
+            return match due.filter(|d| *d > now) {
+                Some(_) => Outcome::Later(Later {
+                    announce: false,
+                    ..Later::new(not_before, attempts, "not yet due", None, job)
+                }),
+                None => later(not_before, "not_before", job),
+            };
         }
         if let Some(until) = self.halted_until(&job, number) {
             return later(until, "sending halted", job);
@@ -382,16 +468,10 @@ impl Pipeline {
         // 10. pace first: the send must follow admission at once, or the pair rate admitted at
         // one time would be spent at another. A slot taken by a job admission then refuses is
         // lost; that only slows a number whose jobs are being refused.
-        let urgent = lane == Lane::Otp;
-        let max_wait = self.settings.pacing.max_wait;
-        if !self
-            .pacer
-            .wait(&job.phone_number_id, max_wait, urgent)
-            .await
-        {
-            let due = now + self.settings.pacing.max_wait;
-            return later(due, "throughput_busy", job);
-        }
+        self.pacer
+            .wait(&job.phone_number_id, lane == Lane::Otp)
+            .await;
+        let now = truncate_to_millis(Utc::now());
 
         // 2-9. admission: one round trip, atomic across replicas.
         let key = JobKey {
@@ -446,18 +526,18 @@ impl Pipeline {
             }
             Ok(Verdict::AlreadyDead) => return Outcome::AlreadyDone(None),
             Ok(Verdict::Defer { until, why }) => {
-                return Outcome::Later(Later {
-                    due: until,
+                return Outcome::Later(Later::new(
+                    until,
                     attempts,
-                    why: why.label().into(),
-                    error: Some(EventError {
+                    why.label(),
+                    Some(EventError {
                         code: None,
                         title: why.label().into(),
                         details: why.to_string(),
                         source: ErrorSource::Policy,
                     }),
-                    job: Some(Box::new(job)),
-                });
+                    job,
+                ));
             }
             Ok(Verdict::Dead(why)) => {
                 let detail = match (&why, template) {
@@ -582,13 +662,13 @@ impl Pipeline {
                             warn!(error = %e, "could not mark the send ambiguous; the stale claim will be treated as ambiguous");
                         }
                         let recheck = self.settings.ambiguous_wait.min(AMBIGUOUS_RECHECK);
-                        Outcome::Later(Later {
-                            due: now + recheck,
+                        Outcome::Later(Later::new(
+                            now + recheck,
                             attempts,
-                            why: "ambiguous send".into(),
-                            error: Some(error),
-                            job: Some(Box::new(job)),
-                        })
+                            "ambiguous send",
+                            Some(error),
+                            job,
+                        ))
                     }
                 }
             }
@@ -629,13 +709,13 @@ impl Pipeline {
         }
         self.release(&key).await;
         let wait = |d: Duration, why: &str, attempts| {
-            Outcome::Later(Later {
-                due: now + d,
+            Outcome::Later(Later::new(
+                now + d,
                 attempts,
-                why: why.into(),
-                error: Some(error.clone()),
-                job: Some(Box::new(job.clone())),
-            })
+                why,
+                Some(error.clone()),
+                job.clone(),
+            ))
         };
         match action {
             Action::Retry => self.retry(job, attempts, error),
@@ -673,13 +753,13 @@ impl Pipeline {
 
     fn retry(&self, job: SendJob, attempts: u32, error: EventError) -> Outcome {
         match self.settings.retry.delay_after(attempts) {
-            Some(delay) => Outcome::Later(Later {
-                due: Utc::now() + delay,
+            Some(delay) => Outcome::Later(Later::new(
+                Utc::now() + delay,
                 attempts,
-                why: "retry".into(),
-                error: Some(error),
-                job: Some(Box::new(job)),
-            }),
+                "retry",
+                Some(error),
+                job,
+            )),
             None => Outcome::Dead(Box::new(Dead {
                 reason: DeadReason::MaxAttempts,
                 code: error.code,
@@ -698,13 +778,13 @@ impl Pipeline {
     fn store_unavailable(&self, e: StoreError, job: SendJob, attempts: u32) -> Outcome {
         // Without the claim there is no duplicate protection: do not send, try again shortly.
         warn!(error = %e, "store unavailable, deferring the job");
-        Outcome::Later(Later {
-            due: Utc::now() + BUSY_WAIT,
+        Outcome::Later(Later::new(
+            Utc::now() + BUSY_WAIT,
             attempts,
-            why: "store unavailable".into(),
-            error: None,
-            job: Some(Box::new(job)),
-        })
+            "store unavailable",
+            None,
+            job,
+        ))
     }
 
     async fn release(&self, key: &JobKey) {
@@ -795,16 +875,17 @@ impl Pipeline {
             .set_int(H_ATTEMPTS, i64::from(later.attempts))
             .set_str(H_DUE, later.due.to_rfc3339());
         debug!(why = %later.why, delay_queue = %DelayTiers::name(tier), due = %later.due, "deferred");
+        let route = Route::of(lane, &original.body);
         self.broker
             .publish(
-                Target::Delay { tier, lane },
+                Target::Delay { tier, route },
                 Envelope {
                     body: original.body.clone(),
                     headers,
                 },
             )
             .await?;
-        if let Some(job) = &later.job {
+        if let Some(job) = later.job.as_ref().filter(|_| later.announce) {
             let mut event = Event::for_job("job.deferred", job);
             event.attempts = Some(later.attempts);
             event.error = later.error.clone().or_else(|| {
@@ -856,6 +937,19 @@ impl Pipeline {
         });
         self.publish_event(&event).await
     }
+}
+
+/// The dead letter of a body that is not a valid job, with the decoder's specific reason.
+fn undecodable(e: job::JobError, envelope: &Envelope) -> Outcome {
+    Outcome::Dead(Box::new(Dead {
+        reason: e.reason(),
+        code: None,
+        detail: e.to_string(),
+        source: ErrorSource::Policy,
+        attempts: envelope.headers.attempts(),
+        job: None,
+        salvaged_job_id: job::salvage_job_id(&envelope.body),
+    }))
 }
 
 /// `t` without its sub-millisecond part.

@@ -94,12 +94,32 @@ impl OptInPolicy {
 
 /// Meta's pair rate: one message per `period` to one user; a burst of up to `burst` within one
 /// period is allowed but borrows: after a burst of n, the next burst waits n periods from its start.
+///
+/// `margin` covers the difference between when the worker decides and when Meta counts (network
+/// and scheduling delay), and it must cut both ways: the spacing Meta demands is made *longer*
+/// (`period + margin` per message borrowed) and the burst window *shorter* (`period − margin`).
+/// A longer period alone (the old 6.1 s) also widened the burst window, so a message sent at
+/// 6.05 s after a burst's start counted as in the burst here and as borrowed at Meta: 131056.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PairRate {
-    /// One message per this long.
+    /// One message per this long (Meta: 6 s).
     pub period: Duration,
     /// Messages allowed in one burst.
     pub burst: u32,
+    /// Safety margin against the delay between deciding and Meta counting.
+    pub margin: Duration,
+}
+
+impl PairRate {
+    /// How far apart Meta's quota is charged, with the margin.
+    fn spacing(&self) -> Duration {
+        self.period + self.margin
+    }
+
+    /// How long after a burst's first message the burst may go on, with the margin.
+    fn burst_window(&self) -> Duration {
+        self.period.saturating_sub(self.margin)
+    }
 }
 
 /// The idempotency record of a job.
@@ -526,12 +546,11 @@ pub fn admit(req: &Request, snap: &Snapshot) -> (Verdict, Effects) {
         }
     }
     // 9. pair rate, Meta's burst-and-borrow rule.
-    let period = req.pair.period;
     let pair = match snap.pair {
         Some(p) if now < p.next => {
-            if now < after(p.start, period) && p.count < req.pair.burst {
+            if now < after(p.start, req.pair.burst_window()) && p.count < req.pair.burst {
                 PairState {
-                    next: after(p.next, period),
+                    next: after(p.next, req.pair.spacing()),
                     count: p.count + 1,
                     ..p
                 }
@@ -540,7 +559,7 @@ pub fn admit(req: &Request, snap: &Snapshot) -> (Verdict, Effects) {
             }
         }
         _ => PairState {
-            next: after(now, period),
+            next: after(now, req.pair.spacing()),
             start: now,
             count: 1,
         },
@@ -585,6 +604,7 @@ mod tests {
             },
             tier_limit: Some(250),
             pair: PairRate {
+                margin: Duration::ZERO,
                 period: Duration::from_secs(6),
                 burst: 3,
             },
@@ -922,6 +942,36 @@ mod tests {
                 until: at(54),
                 why: DeferReason::PairRate
             }
+        );
+    }
+
+    #[test]
+    fn the_pair_margin_shortens_the_burst_window_and_lengthens_the_spacing() {
+        let mut req = request();
+        req.pair.margin = Duration::from_millis(500);
+        let mut snap = approved(Category::Utility);
+        let ms = |m: i64| at(0) + TimeDelta::milliseconds(m);
+        req.now = ms(0);
+        let (_, e) = admit(&req, &snap);
+        snap.pair = e.pair;
+        assert_eq!(snap.pair.map(|p| p.next), Some(ms(6_500)));
+        // 5.6 s after the burst's start Meta (6 s window) would still count it in the burst, but
+        // a message decided then may arrive after 6 s: with the margin it waits.
+        req.now = ms(5_600);
+        assert_eq!(
+            verdict(&req, &snap),
+            Verdict::Defer {
+                until: ms(6_500),
+                why: DeferReason::PairRate
+            }
+        );
+        req.now = ms(5_400);
+        let (v, e) = admit(&req, &snap);
+        assert_eq!(v, Verdict::Send { fallback: false });
+        assert_eq!(
+            e.pair.map(|p| p.next),
+            Some(ms(13_000)),
+            "borrowed 6.5 s more"
         );
     }
 }

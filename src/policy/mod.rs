@@ -147,14 +147,18 @@ impl DelayTiers {
         &self.0
     }
 
-    /// The shortest tier that waits at least `wait` (the longest tier if none does: the job
-    /// comes back early and is deferred again, never lost).
+    /// The longest tier that waits no longer than `wait` (the shortest one for a shorter
+    /// wait). A job never comes back late by more than the shortest tier: it comes back at or
+    /// before its due time and waits again for the rest, in shorter tiers (262 s: 2m, 2m, 5s × 4,
+    /// 1s × 2), where rounding up to the next tier made it wait up to 10 minutes instead.
     pub fn tier_for(&self, wait: Duration) -> Duration {
+        let shortest = self.0[0];
         self.0
             .iter()
             .copied()
-            .find(|t| *t >= wait)
-            .unwrap_or(*self.0.last().expect("at least one tier"))
+            .rev()
+            .find(|t| *t <= wait)
+            .unwrap_or(shortest)
     }
 
     /// Queue-name suffix of a tier: `1s`, `30s`, `2m`, `1h`.
@@ -255,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn waits_round_up_to_the_next_delay_queue() {
+    fn waits_round_down_so_a_job_is_never_late_by_more_than_the_shortest_tier() {
         let tiers = DelayTiers::default();
         assert_eq!(
             tiers.tier_for(Duration::from_millis(300)),
@@ -263,8 +267,23 @@ mod tests {
         );
         assert_eq!(
             tiers.tier_for(Duration::from_secs(6)),
-            Duration::from_secs(30)
+            Duration::from_secs(5)
         );
+        // A wait is a chain of hops, each at most what is left: it ends within 1 s of its due.
+        for wait_ms in [300u64, 1_000, 6_000, 262_000, 743_000, 86_400_000] {
+            let mut left = Duration::from_millis(wait_ms);
+            let mut waited = Duration::ZERO;
+            let mut hops = 0;
+            while !left.is_zero() {
+                let hop = tiers.tier_for(left);
+                waited += hop;
+                left = left.saturating_sub(hop);
+                hops += 1;
+            }
+            let late = waited - Duration::from_millis(wait_ms);
+            assert!(late < Duration::from_secs(1), "{wait_ms} ms: {late:?} late");
+            assert!(hops <= 12, "{wait_ms} ms: {hops} hops");
+        }
         assert_eq!(
             tiers.tier_for(Duration::from_secs(999_999)),
             Duration::from_secs(21600)

@@ -10,7 +10,7 @@
 --       11 categories needing an opt-in as ',marketing,utility,', 12 tier limit or '' (unlimited),
 --       13 pair period ms, 14 pair burst, 15 care window ms, 16 tier window ms, 17 has campaign (0/1),
 --       18 recipient wa_id, 19 busy recheck ms, 20 campaign recheck ms, 21 template recheck ms,
---       22 registry recheck ms
+--       22 registry recheck ms, 23 pair margin ms
 -- Reply: {'send', fallback 0/1} | {'sent', wamid} | {'done'} | {'ambiguous', since}
 --        | {'defer', why, until[, used, limit]} | {'dead', why[, detail...]}
 local function ms(x) return string.format('%.0f', x) end
@@ -92,13 +92,15 @@ if not open then
   end
 end
 
--- 9. pair rate: a burst of up to `burst` within one period, each message borrowing a period
-local period = tonumber(ARGV[13])
+-- 9. pair rate: a burst of up to `burst` within one period, each message borrowing a period;
+-- the margin lengthens the spacing and shortens the burst window (PairRate in admission.rs)
+local spacing = tonumber(ARGV[13]) + tonumber(ARGV[23])
+local burst_window = math.max(tonumber(ARGV[13]) - tonumber(ARGV[23]), 0)
 local p = redis.call('HMGET', KEYS[9], 'next', 'start', 'count')
-local nxt, start, count = now + period, now, 1
+local nxt, start, count = now + spacing, now, 1
 if p[1] and now < tonumber(p[1]) then
-  if now < tonumber(p[2]) + period and tonumber(p[3]) < tonumber(ARGV[14]) then
-    nxt, start, count = tonumber(p[1]) + period, tonumber(p[2]), tonumber(p[3]) + 1
+  if now < tonumber(p[2]) + burst_window and tonumber(p[3]) < tonumber(ARGV[14]) then
+    nxt, start, count = tonumber(p[1]) + spacing, tonumber(p[2]), tonumber(p[3]) + 1
   else
     return {'defer', 'pair', p[1]}
   end

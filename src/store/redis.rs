@@ -366,6 +366,7 @@ impl Store for RedisStore {
             .arg(ms(req.campaign_recheck))
             .arg(ms(req.template_recheck))
             .arg(ms(admission::REGISTRY_RECHECK))
+            .arg(ms(req.pair.margin))
             .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("admit"))?;

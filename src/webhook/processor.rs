@@ -19,7 +19,7 @@ use super::payload::{self, InboundMessage, MessageStatus, StatusUpdate, Update, 
 use super::status::{self, Transition};
 use crate::broker::{
     Broker, BrokerError, Delivery, Envelope, H_DETAIL, H_DUE, H_ERROR_CODE, H_REASON,
-    H_TRACEPARENT, Headers, Intake, Target,
+    H_TRACEPARENT, Headers, Intake, Route, Target,
 };
 use crate::cloud::ErrorCode;
 use crate::event::{DeadReason, ErrorSource, Event, EventError};
@@ -516,7 +516,7 @@ impl Processor {
         }
         let target = Target::Delay {
             tier: self.settings.delay_tiers.tier_for(wait),
-            lane: resend.lane,
+            route: Route::of(resend.lane, resend.job.as_bytes()),
         };
         let envelope = Envelope {
             body: resend.job.clone().into_bytes().into(),
