@@ -348,3 +348,27 @@ pub async fn publish_event(
         .publish(Target::Event(event.event.clone()), envelope)
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_routes_by_its_lane_and_number_and_a_key_reads_back() {
+        let job = br#"{"job_id": "k", "phone_number_id": "106540352242922", "to": "+1"}"#;
+        assert_eq!(
+            Route::of(Lane::Otp, job).routing_key(),
+            "otp.106540352242922"
+        );
+        // Not a job, or no usable number: the lane alone, which reaches the unrouted queue.
+        assert_eq!(Route::of(Lane::Bulk, b"not json").routing_key(), "bulk");
+        let odd = br#"{"phone_number_id": "1.2"}"#;
+        assert_eq!(Route::of(Lane::Bulk, odd).routing_key(), "bulk");
+        assert_eq!(
+            Route::parse("transactional.106540352242922"),
+            Some(Route::new(Lane::Transactional, "106540352242922"))
+        );
+        assert_eq!(Route::parse("bulk"), Some(Route::new(Lane::Bulk, "")));
+        assert_eq!(Route::parse("nonsense"), None);
+    }
+}

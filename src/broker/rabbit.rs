@@ -444,7 +444,7 @@ impl RabbitBroker {
     /// unacked deliveries (per-consumer QoS); a delivery's origin is made from its routing key.
     async fn consume_queues<Q: Send + 'static>(
         &self,
-        queues: Vec<(String, Box<dyn Fn(&str) -> Q + Send + Sync>)>,
+        queues: Vec<(String, Origin<Q>)>,
         prefetch: u16,
     ) -> Result<Vec<Stream<Delivery<Q>>>, BrokerError> {
         let channel = self.channel().await?;
@@ -544,7 +544,10 @@ fn from_properties(properties: &BasicProperties) -> Headers {
     headers
 }
 
-/// Closes a consumer's channel when its stream is dropped.
+/// Makes a delivery's origin from its routing key.
+type Origin<Q> = Box<dyn Fn(&str) -> Q + Send + Sync>;
+
+/// Closes a consumer's channel when its streams are dropped.
 struct ChannelGuard(Channel);
 
 impl Drop for ChannelGuard {
@@ -636,7 +639,7 @@ impl Broker for RabbitBroker {
         let queues = lanes
             .iter()
             .map(|&lane| {
-                let origin: Box<dyn Fn(&str) -> Lane + Send + Sync> = Box::new(move |_| lane);
+                let origin: Origin<Lane> = Box::new(move |_| lane);
                 (self.names.number_queue(number.as_str(), lane), origin)
             })
             .collect();
@@ -648,7 +651,7 @@ impl Broker for RabbitBroker {
         &self,
         prefetch: u16,
     ) -> Result<Stream<Delivery<Unrouted>>, BrokerError> {
-        let origin: Box<dyn Fn(&str) -> Unrouted + Send + Sync> = Box::new(|key| Unrouted {
+        let origin: Origin<Unrouted> = Box::new(|key| Unrouted {
             routing_key: key.to_owned(),
         });
         let mut streams = self
@@ -658,7 +661,7 @@ impl Broker for RabbitBroker {
     }
 
     async fn consume_intake(&self, prefetch: u16) -> Result<Stream<Delivery<Intake>>, BrokerError> {
-        let origin: Box<dyn Fn(&str) -> Intake + Send + Sync> = Box::new(|_| Intake);
+        let origin: Origin<Intake> = Box::new(|_| Intake);
         let mut streams = self
             .consume_queues(vec![(self.names.intake_queue(), origin)], prefetch)
             .await?;

@@ -2,6 +2,8 @@
 //! prefix, its own simulator on port 0) against the real RabbitMQ and Redis.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod node;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,127 @@
+//! A RabbitMQ node of a test's own, on its own ports and data directory, for tests that restart
+//! the broker: the shared node on 5672 serves every other test in parallel and is never touched.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// A private RabbitMQ node; stopped and its data removed when dropped.
+pub struct RabbitNode {
+    name: String,
+    dir: PathBuf,
+    /// Its AMQP port on 127.0.0.1.
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl RabbitNode {
+    /// Starts a node and waits until it accepts AMQP sessions.
+    pub fn start(test: &str) -> RabbitNode {
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let dir = std::env::temp_dir().join(format!("wa-sender-rabbit-{test}-{suffix}"));
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        let port = free_port();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let node = RabbitNode {
+            name: format!("wa-{test}-{suffix}@localhost"),
+            dir,
+            port,
+        };
+        let status = node
+            .command("/usr/lib/rabbitmq/bin/rabbitmq-server")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .arg("-detached")
+            .status()
+            .expect("rabbitmq-server runs (is RabbitMQ installed?)");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        node.await_startup();
+        node
+    }
+
+    /// A RabbitMQ command pointed at this node, its data and its cookie.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir.join("enabled_plugins"),
+            )
+            .env("HOME", &self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> bool {
+        self.command("/usr/lib/rabbitmq/bin/rabbitmqctl")
+            .args(["-n", &self.name])
+            .args(args)
+            .status()
+            .expect("rabbitmqctl runs")
+            .success()
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        assert!(self.try_ctl(args), "rabbitmqctl {args:?} failed");
+    }
+
+    fn await_startup(&self) {
+        // Until the Erlang node registers, rabbitmqctl cannot reach it and fails at once.
+        let mut tries = 0;
+        while !self.try_ctl(&["await_startup", "--timeout", "120"]) {
+            tries += 1;
+            assert!(
+                tries < 60,
+                "the test's RabbitMQ node {} did not start",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // The port opens with the app; wait for it to take connections too.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the test's RabbitMQ node never opened port {}", self.port);
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Restarts the broker application as an operator would (`stop_app`, `start_app`): every
+    /// connection is closed and every queue recovers from disk.
+    pub fn restart(&self) {
+        self.ctl(&["stop_app"]);
+        self.ctl(&["start_app"]);
+        self.await_startup();
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        let _ = self
+            .command("/usr/lib/rabbitmq/bin/rabbitmqctl")
+            .args(["-n", &self.name, "stop"])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
