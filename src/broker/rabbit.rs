@@ -345,20 +345,17 @@ impl RabbitBroker {
             FieldTable::default(),
         )
         .await?;
-        // One queue per number and lane. Declared concurrently: lapin pipelines the frames, so
-        // hundreds of numbers cost a few round trips, not one each.
-        let lanes = self.settings.numbers.iter().flat_map(|number| {
-            Lane::ALL
-                .into_iter()
-                .map(move |lane| (number.as_str(), lane))
-        });
-        futures::future::try_join_all(lanes.map(|(number, lane)| async move {
-            let name = n.number_queue(number, lane);
-            queue(name.clone(), args(&self.queue_args())).await?;
-            let key = super::Route::new(lane, number).routing_key();
-            bind(name, n.send_exchange(), key, FieldTable::default()).await
-        }))
-        .await?;
+        // One queue per number and lane, one declaration at a time: RabbitMQ 3.10 wedged (the
+        // channel, then every new connection, hung) under hundreds of quorum queue
+        // declarations pipelined on one channel.
+        for number in &self.settings.numbers {
+            for lane in Lane::ALL {
+                let name = n.number_queue(number.as_str(), lane);
+                queue(name.clone(), args(&self.queue_args())).await?;
+                let key = super::Route::new(lane, number.as_str()).routing_key();
+                bind(name, n.send_exchange(), key, FieldTable::default()).await?;
+            }
+        }
         for &tier in self.settings.delay_tiers.all() {
             queue(n.delay_queue(tier), self.delay_args(tier)).await?;
             let on_tier = args(&[

@@ -1,0 +1,247 @@
+//! Scheduling per business number, measured against the local RabbitMQ and Redis.
+//!
+//! `cargo bench --bench scheduling -- fairness [--backlog 6000 --others 80 --mps 80]`: a backlog
+//! for number A is queued before a few jobs for number B; the worker starts; how long until
+//! every B job is accepted, and how much of A's backlog went first.
+//!
+//! `cargo bench --bench scheduling -- topology [--numbers 500 --replicas 5 --queue quorum]`:
+//! what per-number queues cost the broker: declare time per replica, queues, consumers and the
+//! broker's resident memory before and after.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{flag, option};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use wa_sender::broker::rabbit::{QueueType, RabbitBroker};
+use wa_sender::broker::{Broker, Tap};
+use wa_sender::config::{NumberSettings, Settings};
+use wa_sender::event::Event;
+use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
+use wa_sender::job::Lane;
+use wa_sender::simulator::{Scenario, SimNumber, Simulator};
+use wa_sender::store::Store;
+
+const A: &str = "106540352242922";
+const B: &str = "106540352242923";
+const WABA: &str = "102290129340398";
+const TOKEN: &str = "bench-token";
+
+fn settings(tag: &str) -> Settings {
+    let mut settings = Settings::load(std::path::Path::new("config"), "local").expect("config");
+    let prefix = format!(
+        "bench-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    settings.amqp.prefix = prefix.clone();
+    settings.redis.key_prefix = prefix;
+    settings.amqp.queue_type = match option::<String>("--queue").as_deref() {
+        Some("classic") => QueueType::Classic,
+        _ => QueueType::Quorum,
+    };
+    settings.cloud.access_token = Some(TOKEN.to_owned().into());
+    settings
+}
+
+fn number(mps: u32) -> NumberSettings {
+    NumberSettings {
+        waba_id: WABA.into(),
+        throughput_mps: mps,
+        access_token: None,
+        access_token_file: None,
+    }
+}
+
+fn text_job(id: &str, number: &str, i: usize) -> serde_json::Value {
+    json!({"schema": "wa.send.v1", "job_id": id, "phone_number_id": number, "to": format!("+4915{i:09}"),
+           "message": {"type": "text", "text": {"body": "Your parcel is on its way"}}})
+}
+
+async fn fairness() {
+    let backlog: usize = option("--backlog").unwrap_or(6000);
+    let others: usize = option("--others").unwrap_or(80);
+    let mps: u32 = option("--mps").unwrap_or(80);
+    let mut settings = settings("fair");
+    settings.numbers.clear();
+    settings.numbers.insert(A.into(), number(mps));
+    settings.numbers.insert(B.into(), number(mps));
+    let mut scenario = Scenario::single(A, WABA, TOKEN);
+    scenario.numbers[0].throughput_mps = Some(mps);
+    let mut b = SimNumber::new(B, WABA);
+    b.throughput_mps = Some(mps);
+    scenario.numbers.push(b);
+    let simulator = Simulator::start(scenario, "127.0.0.1:0")
+        .await
+        .expect("simulator");
+    settings.cloud.base_url = simulator.base_url();
+    let (broker, store) = wa_sender::app::connect(&settings)
+        .await
+        .expect("RabbitMQ and Redis");
+    let waba = WabaId::parse(WABA).unwrap();
+    let mut jobs = Vec::new();
+    for i in 0..backlog {
+        jobs.push((A, text_job(&format!("a-{i}"), A, i), i));
+    }
+    for i in 0..others {
+        jobs.push((B, text_job(&format!("b-{i}"), B, backlog + i), backlog + i));
+    }
+    let enqueue_started = Instant::now();
+    for (number, job, _) in &jobs {
+        let to = WaId::parse(job["to"].as_str().unwrap()).unwrap();
+        let pnid = PhoneNumberId::parse(*number).unwrap();
+        store
+            .record_inbound(&waba, &pnid, &to, chrono::Utc::now())
+            .await
+            .unwrap();
+        wa_sender::app::enqueue(
+            broker.as_ref(),
+            Lane::Bulk,
+            serde_json::to_vec(job).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    eprintln!(
+        "queued {backlog} jobs for A then {others} for B in {:.1} s",
+        enqueue_started.elapsed().as_secs_f64()
+    );
+
+    let mut events = broker.tap(Tap::Events).await.unwrap();
+    let cloud = Arc::new(wa_sender::app::http_cloud(&settings).unwrap());
+    let pipeline = Arc::new(
+        wa_sender::app::pipeline(
+            &settings,
+            cloud,
+            broker.clone(),
+            store.clone(),
+            settings.resolve_numbers().unwrap(),
+        )
+        .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let worker = tokio::spawn(wa_sender::worker::run(
+        pipeline,
+        broker.clone(),
+        wa_sender::app::worker_settings(&settings),
+        shutdown.clone(),
+    ));
+    let (mut b_done, mut a_done, mut deferred) = (0, 0, 0);
+    let mut b_last = Duration::ZERO;
+    while b_done < others {
+        let tapped = tokio::time::timeout(Duration::from_secs(600), events.next())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .unwrap();
+        let event: Event = serde_json::from_slice(&tapped.envelope.body).unwrap();
+        match (event.event.as_str(), event.phone_number_id.as_deref()) {
+            ("message.accepted", Some(B)) => {
+                b_done += 1;
+                b_last = started.elapsed();
+            }
+            ("message.accepted", Some(A)) => a_done += 1,
+            ("job.deferred", _) => deferred += 1,
+            _ => {}
+        }
+    }
+    println!(
+        "fairness: {backlog} jobs for A ({mps} msg/s) queued before {others} for B: all of B's accepted {:.2} s after the worker started, while {a_done} of A's went; {deferred} deferrals",
+        b_last.as_secs_f64()
+    );
+    shutdown.cancel();
+    let _ = worker.await;
+    simulator.stop();
+    broker.delete_topology().await.unwrap();
+    store.delete_all().await.unwrap();
+    broker.close().await;
+}
+
+/// The resident memory of the local broker's Erlang VM (the `beam.smp` run by user rabbitmq),
+/// bytes; `None` where it cannot be read (a remote broker).
+fn broker_memory() -> Option<u64> {
+    let out = std::process::Command::new("ps")
+        .args(["-u", "rabbitmq", "-o", "rss=,comm="])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("beam"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+        .map(|kib| kib * 1024)
+}
+
+async fn topology() {
+    let numbers: usize = option("--numbers").unwrap_or(500);
+    let replicas: usize = option("--replicas").unwrap_or(5);
+    let mut settings = settings("topo");
+    settings.numbers.clear();
+    for i in 0..numbers {
+        settings
+            .numbers
+            .insert(format!("1065403522{i:05}"), number(80));
+    }
+    let rabbit = wa_sender::app::rabbit_settings(&settings).unwrap();
+    let before = broker_memory();
+    let mut brokers = Vec::new();
+    let mut streams = Vec::new();
+    for r in 0..replicas {
+        let started = Instant::now();
+        let broker = RabbitBroker::connect(rabbit.clone())
+            .await
+            .expect("RabbitMQ");
+        let declared = started.elapsed();
+        let started = Instant::now();
+        for number in &rabbit.numbers {
+            streams.push(broker.consume(number, &Lane::ALL, 64).await.unwrap());
+        }
+        println!(
+            "replica {}: declared {} queues in {:.2} s, {} consumers in {:.2} s",
+            r + 1,
+            numbers * 3,
+            declared.as_secs_f64(),
+            numbers * 3,
+            started.elapsed().as_secs_f64()
+        );
+        brokers.push(broker);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = broker_memory();
+    let mib = |b: Option<u64>| b.map_or("?".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0));
+    println!(
+        "topology: {numbers} numbers x 3 lanes = {} queues ({:?}), {replicas} replicas x {} = {} consumers on {} channels; broker RSS {} before, {} after",
+        numbers * 3,
+        settings.amqp.queue_type,
+        numbers * 3,
+        replicas * numbers * 3,
+        replicas * numbers,
+        mib(before),
+        mib(after)
+    );
+    drop(streams);
+    brokers[0].delete_topology().await.unwrap();
+    for b in &brokers {
+        b.close().await;
+    }
+}
+
+fn main() {
+    wa_sender::telemetry::init("warn", "text");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if flag("fairness") {
+        runtime.block_on(fairness());
+    } else if flag("topology") {
+        runtime.block_on(topology());
+    } else {
+        eprintln!("usage: cargo bench --bench scheduling -- fairness|topology [options]");
+        std::process::exit(64);
+    }
+}
