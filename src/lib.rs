@@ -2,14 +2,16 @@
 //!
 //! Map of the crate, in the order a job meets it:
 //! - [`job`]: the send job schema `wa.send.v1`; decoding is validation.
-//! - [`pipeline`]: `decode → admit → pace → send → settle` for one delivery.
+//! - [`pipeline`]: `decode → pace → admit → send → settle` for one delivery.
 //! - [`policy`]: pure rules: admission, template parameters, error classification, retry delays.
 //! - [`registry`]: the template registry, synced from the management API into the store.
 //! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, error codes).
-//! - [`broker`]: the queue edge (RabbitMQ via lapin, or in-memory).
+//! - [`broker`]: the queue edge (RabbitMQ via lapin, or in-memory): a queue per business
+//!   number and lane, delay queues, events, dead letters.
 //! - [`store`]: shared state (Redis, or in-memory): admission in one round trip, consent,
 //!   windows, templates, campaigns, replica heartbeats.
-//! - [`worker`]: the consumer loop: lane priorities, concurrency, graceful drain.
+//! - [`worker`]: the consumer loops, one per business number: lane priorities, concurrency,
+//!   graceful drain.
 //! - [`event`]: events on `wa.events` and the closed set of dead-letter reasons.
 //! - [`webhook`]: Meta's webhooks: the signed-POST receiver, the payload parser, the status machine.
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.

@@ -1,4 +1,4 @@
-//! The worker's pipeline for one delivery: `decode → admit → pace → send → settle`.
+//! The worker's pipeline for one delivery: `decode → pace → admit → send → settle`.
 //!
 //! [`Pipeline::process_one`] takes a delivery and settles it exactly once; everything before
 //! [`Pipeline::settle`] only *decides* (an [`Outcome`]), so every path ends in one place.
@@ -53,6 +53,45 @@ pub enum Outcome {
     Later(Later),
     /// Never: publish to `wa.dead` and `job.dead_lettered`, ack.
     Dead(Box<Dead>),
+}
+
+impl Outcome {
+    /// Dead-lettered by policy (no Cloud API error behind it), with the specific detail.
+    pub fn dead(
+        reason: DeadReason,
+        detail: impl Into<String>,
+        attempts: u32,
+        job: SendJob,
+    ) -> Self {
+        Outcome::Dead(Box::new(Dead {
+            reason,
+            code: None,
+            detail: detail.into(),
+            source: ErrorSource::Policy,
+            attempts,
+            job: Some(Box::new(job)),
+            salvaged_job_id: None,
+        }))
+    }
+
+    /// Dead-lettered because of `error` (Meta's answer), with the specific detail.
+    pub fn dead_after(
+        reason: DeadReason,
+        error: &EventError,
+        detail: impl Into<String>,
+        attempts: u32,
+        job: SendJob,
+    ) -> Self {
+        Outcome::Dead(Box::new(Dead {
+            reason,
+            code: error.code,
+            detail: detail.into(),
+            source: error.source,
+            attempts,
+            job: Some(Box::new(job)),
+            salvaged_job_id: None,
+        }))
+    }
 }
 
 /// A deferral or retry.
@@ -350,17 +389,7 @@ impl Pipeline {
                 return self.settle(delivery, outcome).await;
             }
         };
-        let dead = |reason, detail: String| {
-            Outcome::Dead(Box::new(Dead {
-                reason,
-                code: None,
-                detail,
-                source: ErrorSource::Policy,
-                attempts,
-                job: Some(Box::new(job.clone())),
-                salvaged_job_id: None,
-            }))
-        };
+        let dead = |reason, detail: String| Outcome::dead(reason, detail, attempts, job.clone());
         let outcome = match route {
             None => dead(
                 DeadReason::InvalidJob,
@@ -417,17 +446,7 @@ impl Pipeline {
         tracing::Span::current().record("job_id", job.job_id.as_str());
         // The store keeps milliseconds; deciding on the same precision keeps both stores equal.
         let now = truncate_to_millis(Utc::now());
-        let dead = |reason, detail: String, job: SendJob| {
-            Outcome::Dead(Box::new(Dead {
-                reason,
-                code: None,
-                detail,
-                source: ErrorSource::Policy,
-                attempts,
-                job: Some(Box::new(job)),
-                salvaged_job_id: None,
-            }))
-        };
+        let dead = |reason, detail: String, job| Outcome::dead(reason, detail, attempts, job);
         let later = |due, why: &str, job: SendJob| {
             Outcome::Later(Later::new(due, attempts, why, None, job))
         };
@@ -697,15 +716,7 @@ impl Pipeline {
             "cloud api error"
         );
         if let Action::DeadLetter(reason) = action {
-            return Outcome::Dead(Box::new(Dead {
-                reason,
-                code: Some(api.code),
-                detail: error.details,
-                source: ErrorSource::Api,
-                attempts,
-                job: Some(Box::new(job)),
-                salvaged_job_id: None,
-            }));
+            return Outcome::dead_after(reason, &error, error.details.clone(), attempts, job);
         }
         self.release(&key).await;
         let wait = |d: Duration, why: &str, attempts| {
@@ -760,18 +771,13 @@ impl Pipeline {
                 Some(error),
                 job,
             )),
-            None => Outcome::Dead(Box::new(Dead {
-                reason: DeadReason::MaxAttempts,
-                code: error.code,
-                detail: format!(
+            None => {
+                let detail = format!(
                     "gave up after {attempts} attempts; last error: {}",
                     error.details
-                ),
-                source: error.source,
-                attempts,
-                job: Some(Box::new(job)),
-                salvaged_job_id: None,
-            })),
+                );
+                Outcome::dead_after(DeadReason::MaxAttempts, &error, detail, attempts, job)
+            }
         }
     }
 
