@@ -1,4 +1,5 @@
-//! The queue edge: the topology of DESIGN.md §3 behind the [`Broker`] trait, with RabbitMQ
+//! The queue edge: jobs per business number and lane, delay queues, events, dead letters and the
+//! webhook intake behind the [`Broker`] trait, with RabbitMQ
 //! ([`rabbit`]) for production and an in-process broker ([`memory`]) for the embedded demo.
 //! Nothing of lapin leaks out of this module.
 

@@ -1,5 +1,6 @@
-//! RabbitMQ through lapin: the topology of DESIGN.md §3, declared idempotently at connect,
-//! publisher confirms on every publish, one channel per consumed lane.
+//! RabbitMQ through lapin: the topology (a queue per business number and lane, the unrouted
+//! queue, delay queues, events, dead letters, webhook intake) declared idempotently at connect,
+//! publisher confirms on every publish, one consuming channel per number.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

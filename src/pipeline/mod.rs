@@ -63,15 +63,14 @@ impl Outcome {
         attempts: u32,
         job: SendJob,
     ) -> Self {
-        Outcome::Dead(Box::new(Dead {
+        Outcome::dead_letter(
             reason,
-            code: None,
-            detail: detail.into(),
-            source: ErrorSource::Policy,
+            None,
+            ErrorSource::Policy,
+            detail.into(),
             attempts,
-            job: Some(Box::new(job)),
-            salvaged_job_id: None,
-        }))
+            job,
+        )
     }
 
     /// Dead-lettered because of `error` (Meta's answer), with the specific detail.
@@ -82,11 +81,23 @@ impl Outcome {
         attempts: u32,
         job: SendJob,
     ) -> Self {
+        let (code, source) = (error.code, error.source);
+        Outcome::dead_letter(reason, code, source, detail.into(), attempts, job)
+    }
+
+    fn dead_letter(
+        reason: DeadReason,
+        code: Option<i64>,
+        source: ErrorSource,
+        detail: String,
+        attempts: u32,
+        job: SendJob,
+    ) -> Self {
         Outcome::Dead(Box::new(Dead {
             reason,
-            code: error.code,
-            detail: detail.into(),
-            source: error.source,
+            code,
+            detail,
+            source,
             attempts,
             job: Some(Box::new(job)),
             salvaged_job_id: None,
@@ -881,7 +892,11 @@ impl Pipeline {
             .set_int(H_ATTEMPTS, i64::from(later.attempts))
             .set_str(H_DUE, later.due.to_rfc3339());
         debug!(why = %later.why, delay_queue = %DelayTiers::name(tier), due = %later.due, "deferred");
-        let route = Route::of(lane, &original.body);
+        // The decoded job names its number; only an undecodable body (never deferred) is probed.
+        let route = match &later.job {
+            Some(job) => Route::new(lane, job.phone_number_id.as_str()),
+            None => Route::of(lane, &original.body),
+        };
         self.broker
             .publish(
                 Target::Delay { tier, route },
