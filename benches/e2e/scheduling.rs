@@ -1,72 +1,30 @@
-//! Scheduling per business number, measured against the local RabbitMQ and Redis.
-//!
-//! `cargo bench --bench scheduling -- fairness [--backlog 6000 --others 80 --mps 80]`: a backlog
-//! for number A is queued before a few jobs for number B; the worker starts; how long until
-//! every B job is accepted, and how much of A's backlog went first.
-//!
-//! `cargo bench --bench scheduling -- topology [--numbers 500 --replicas 5 --queue quorum]`:
-//! what per-number queues cost the broker: declare time per replica, queues, consumers and the
-//! broker's resident memory before and after.
-
-mod common;
+//! Scheduling per business number: fairness between numbers, and what per-number queues cost
+//! the broker.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{flag, option};
 use futures::StreamExt;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use wa_sender::broker::rabbit::{QueueType, RabbitBroker};
+use wa_sender::broker::rabbit::RabbitBroker;
 use wa_sender::broker::{Broker, Tap};
-use wa_sender::config::{NumberSettings, Settings};
 use wa_sender::event::Event;
 use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
 use wa_sender::job::Lane;
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
 use wa_sender::store::Store;
 
+use crate::common::option;
+use crate::{TOKEN, WABA, number, settings, text_job};
+
 const A: &str = "106540352242922";
 const B: &str = "106540352242923";
-const WABA: &str = "102290129340398";
-const TOKEN: &str = "bench-token";
 
-fn settings(tag: &str) -> Settings {
-    let mut settings = Settings::load(std::path::Path::new("config"), "local").expect("config");
-    let prefix = format!(
-        "bench-{tag}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    settings.amqp.prefix = prefix.clone();
-    settings.redis.key_prefix = prefix;
-    settings.amqp.queue_type = match option::<String>("--queue").as_deref() {
-        Some("classic") => QueueType::Classic,
-        _ => QueueType::Quorum,
-    };
-    settings.cloud.access_token = Some(TOKEN.to_owned().into());
-    settings
-}
-
-fn number(mps: u32) -> NumberSettings {
-    NumberSettings {
-        waba_id: WABA.into(),
-        throughput_mps: mps,
-        access_token: None,
-        access_token_file: None,
-    }
-}
-
-fn text_job(id: &str, number: &str, i: usize) -> serde_json::Value {
-    json!({"schema": "wa.send.v1", "job_id": id, "phone_number_id": number, "to": format!("+4915{i:09}"),
-           "message": {"type": "text", "text": {"body": "Your parcel is on its way"}}})
-}
-
-async fn fairness() {
+pub async fn fairness() {
     let backlog: usize = option("--backlog").unwrap_or(6000);
     let others: usize = option("--others").unwrap_or(80);
     let mps: u32 = option("--mps").unwrap_or(80);
     let mut settings = settings("fair");
-    settings.numbers.clear();
     settings.numbers.insert(A.into(), number(mps));
     settings.numbers.insert(B.into(), number(mps));
     let mut scenario = Scenario::single(A, WABA, TOKEN);
@@ -176,11 +134,10 @@ fn broker_memory() -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-async fn topology() {
+pub async fn topology() {
     let numbers: usize = option("--numbers").unwrap_or(500);
     let replicas: usize = option("--replicas").unwrap_or(5);
     let mut settings = settings("topo");
-    settings.numbers.clear();
     for i in 0..numbers {
         settings
             .numbers
@@ -227,21 +184,5 @@ async fn topology() {
     brokers[0].delete_topology().await.unwrap();
     for b in &brokers {
         b.close().await;
-    }
-}
-
-fn main() {
-    wa_sender::telemetry::init("warn", "text");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    if flag("fairness") {
-        runtime.block_on(fairness());
-    } else if flag("topology") {
-        runtime.block_on(topology());
-    } else {
-        eprintln!("usage: cargo bench --bench scheduling -- fairness|topology [options]");
-        std::process::exit(64);
     }
 }

@@ -1,0 +1,302 @@
+//! End-to-end benchmarks against the local RabbitMQ and Redis, each run under its own prefix.
+//!
+//! - `cargo bench --bench e2e` (or `-- throughput [--jobs 20000 --pairs 3 --queue quorum]`): the
+//!   worker with the full policy against a bare consume → POST → ack loop written with the same
+//!   crates, interleaved, both draining the same pre-loaded queue into a fast local Cloud API
+//!   stand-in; rates, their ratio, CPU µs per message and peak RSS of each.
+//! - `-- rss [--jobs 1000000]`: the worker's resident memory while a large backlog drains.
+//! - `-- accuracy [--numbers 10 --mps 80 --replicas 3 --jobs 20000]`: replicas sharing numbers
+//!   against the simulator (which answers 130429 past a number's limit); one replica is killed
+//!   and another started mid-run.
+//! - `-- fairness [--backlog 6000 --others 80 --mps 80]`: a backlog on one number, a few jobs on
+//!   another; how soon the few are sent.
+//! - `-- topology [--numbers 500 --replicas 5 --queue quorum]`: what per-number queues cost the
+//!   broker.
+//!
+//! Workers and bare loops run as child processes (this binary, `child …`), so their CPU time and
+//! memory are their own.
+
+mod accuracy;
+#[path = "../common/mod.rs"]
+mod common;
+mod scheduling;
+mod throughput;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::{flag, option};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use wa_sender::broker::rabbit::QueueType;
+use wa_sender::config::{NumberSettings, Settings};
+
+pub const WABA: &str = "102290129340398";
+pub const TOKEN: &str = "bench-token";
+
+/// The `n`-th bench number's `phone_number_id`.
+pub fn number_id(n: usize) -> String {
+    format!("1065403522{n:05}")
+}
+
+/// The local configuration under a fresh prefix (queues and keys of its own).
+pub fn settings(tag: &str) -> Settings {
+    let mut settings = Settings::load(std::path::Path::new("config"), "local").expect("config");
+    let prefix = format!(
+        "bench-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    settings.amqp.prefix = prefix.clone();
+    settings.redis.key_prefix = prefix;
+    settings.amqp.queue_type = match option::<String>("--queue").as_deref() {
+        Some("classic") => QueueType::Classic,
+        _ => QueueType::Quorum,
+    };
+    settings.cloud.access_token = Some(TOKEN.to_owned().into());
+    settings.numbers.clear();
+    settings
+}
+
+/// A configured number of the bench WABA.
+pub fn number(mps: u32) -> NumberSettings {
+    NumberSettings {
+        waba_id: WABA.into(),
+        throughput_mps: mps,
+        access_token: None,
+        access_token_file: None,
+    }
+}
+
+/// A text job (the recipient's care window must be open).
+pub fn text_job(id: &str, number: &str, i: usize) -> serde_json::Value {
+    json!({"schema": "wa.send.v1", "job_id": id, "phone_number_id": number, "to": recipient(i),
+           "message": {"type": "text", "text": {"body": "Your parcel is on its way"}}})
+}
+
+/// The `i`-th recipient.
+pub fn recipient(i: usize) -> String {
+    format!("+4915{i:09}")
+}
+
+/// Publishes `bodies` to the send exchange of `settings` with pipelined confirms (up to 4,096
+/// unconfirmed), as a fast producer would; each under `bulk.<phone_number_id>`.
+pub async fn preload(settings: &Settings, bodies: impl Iterator<Item = (String, Vec<u8>)>) {
+    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let exchange = format!("{}.send", settings.amqp.prefix);
+    let mut pending = FuturesUnordered::new();
+    for (number, body) in bodies {
+        if pending.len() >= 4096 {
+            let confirm: lapin::Confirmation = pending.next().await.unwrap();
+            assert!(confirm.is_ack(), "the broker refused a pre-loaded job");
+        }
+        let confirm = channel
+            .basic_publish(
+                exchange.as_str().into(),
+                format!("bulk.{number}").into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        pending.push(async move { confirm.await.expect("confirm") });
+    }
+    while let Some(confirm) = pending.next().await {
+        assert!(confirm.is_ack(), "the broker refused a pre-loaded job");
+    }
+    let _ = connection.close(200, "preloaded".into()).await;
+}
+
+/// Declares (`bind`) or deletes a queue that keeps every event, as a deployment's event
+/// consumers would, so publishing events costs what it costs in production.
+pub async fn events_queue(settings: &Settings, bind: bool) {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    let queue = format!("{}.bench.events", settings.amqp.prefix);
+    if bind {
+        let mut args = FieldTable::default();
+        let kind = format!("{:?}", settings.amqp.queue_type).to_lowercase();
+        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), durable, args)
+            .await
+            .expect("events queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                format!("{}.events", settings.amqp.prefix).into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind events");
+    } else {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// A Cloud API stand-in that answers every send at once with a new wamid and every template
+/// listing with none: what the worker costs, without a simulator's work in the way.
+pub struct StandIn {
+    pub url: String,
+    pub sends: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl StandIn {
+    pub async fn start() -> StandIn {
+        use axum::routing::{get, post};
+        let sends = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&sends);
+        let router = axum::Router::new()
+            .route(
+                "/{version}/{number}/messages",
+                post(move |body: axum::body::Bytes| {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let job: serde_json::Value =
+                            serde_json::from_slice(&body).unwrap_or_default();
+                        axum::Json(json!({
+                            "messaging_product": "whatsapp",
+                            "contacts": [{"input": job["to"], "wa_id": job["to"]}],
+                            "messages": [{"id": format!("wamid.bench{n:012}")}]
+                        }))
+                    }
+                }),
+            )
+            .route(
+                "/{version}/{waba}/message_templates",
+                get(|| async { axum::Json(json!({"data": []})) }),
+            );
+        let server = wa_sender::app::HttpServer::bind("127.0.0.1:0", router)
+            .await
+            .expect("bind");
+        let url = format!("http://{}", server.addr().expect("addr"));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(server.run_until_stopped(stop.clone()));
+        StandIn { url, sends, stop }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A child process of this binary (a worker or a bare loop) and its report lines.
+pub struct Child {
+    pub process: tokio::process::Child,
+    pub lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Child {
+    /// Starts `child <args>`.
+    pub fn spawn(args: &[String]) -> Child {
+        let mut process = tokio::process::Command::new(std::env::current_exe().expect("exe"))
+            .arg("child")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn child");
+        let lines = BufReader::new(process.stdout.take().expect("stdout")).lines();
+        Child { process, lines }
+    }
+
+    /// The next JSON report line.
+    pub async fn report(&mut self) -> serde_json::Value {
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .expect("child stdout")
+            .expect("the child reported before it ended");
+        serde_json::from_str(&line).expect("a JSON report")
+    }
+}
+
+/// CPU time this process used so far (user + system), µs, from `/proc/self/stat` (clock ticks
+/// of 10 ms).
+pub fn cpu_us() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) * 10_000
+}
+
+/// A `/proc/self/status` figure in KiB (`VmRSS`, `VmHWM`).
+pub fn memory_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The median of `values`.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    wa_sender::telemetry::init("warn", "text");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if flag("child") {
+        runtime.block_on(throughput::child());
+    } else if flag("rss") {
+        runtime.block_on(throughput::rss());
+    } else if flag("accuracy") {
+        runtime.block_on(accuracy::run());
+    } else if flag("fairness") {
+        runtime.block_on(scheduling::fairness());
+    } else if flag("topology") {
+        runtime.block_on(scheduling::topology());
+    } else {
+        runtime.block_on(throughput::pairs());
+    }
+}

@@ -1,0 +1,426 @@
+//! The full policy against a bare loop, and the worker's memory under a large backlog.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use wa_sender::broker::Broker;
+use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
+use wa_sender::store::Store;
+
+use crate::common::option;
+use crate::{Child, StandIn, WABA, cpu_us, median, memory_kib, number, number_id, settings};
+
+/// Per-number in-flight jobs of both contenders (the bare loop gets the same total).
+fn concurrency() -> usize {
+    option("--concurrency").unwrap_or(32)
+}
+
+/// Queues `jobs` text jobs round-robin over `numbers` numbers under a fresh prefix, with every
+/// recipient's care window open; returns the child arguments that point at them.
+async fn prepare(jobs: usize, numbers: usize, cloud: &str) -> (Vec<String>, Cleanup) {
+    let mut settings = settings("e2e");
+    for n in 0..numbers {
+        settings.numbers.insert(number_id(n), number(1000));
+    }
+    let (broker, store) = wa_sender::app::connect(&settings)
+        .await
+        .expect("RabbitMQ and Redis");
+    let waba = WabaId::parse(WABA).unwrap();
+    let stamp = chrono::Utc::now();
+    for i in 0..jobs {
+        let pnid = PhoneNumberId::parse(number_id(i % numbers)).unwrap();
+        let to = WaId::parse(crate::recipient(i)).unwrap();
+        store
+            .record_inbound(&waba, &pnid, &to, stamp)
+            .await
+            .unwrap();
+    }
+    crate::preload(
+        &settings,
+        (0..jobs).map(|i| {
+            let pnid = number_id(i % numbers);
+            let job = crate::text_job(&format!("job-{i}"), &pnid, i);
+            (pnid, serde_json::to_vec(&job).unwrap())
+        }),
+    )
+    .await;
+    let args = vec![
+        "--prefix".into(),
+        settings.amqp.prefix.clone(),
+        "--cloud".into(),
+        cloud.into(),
+        "--numbers".into(),
+        numbers.to_string(),
+        "--concurrency".into(),
+        concurrency().to_string(),
+        "--queue".into(),
+        format!("{:?}", settings.amqp.queue_type).to_lowercase(),
+    ];
+    crate::events_queue(&settings, true).await;
+    (
+        args,
+        Cleanup {
+            broker,
+            store,
+            settings,
+        },
+    )
+}
+
+/// Deletes a run's queues and keys.
+struct Cleanup {
+    broker: Arc<wa_sender::broker::rabbit::RabbitBroker>,
+    store: Arc<wa_sender::store::redis::RedisStore>,
+    settings: wa_sender::config::Settings,
+}
+
+impl Cleanup {
+    async fn run(self) {
+        crate::events_queue(&self.settings, false).await;
+        self.broker.delete_topology().await.unwrap();
+        self.store.delete_all().await.unwrap();
+        self.broker.close().await;
+    }
+}
+
+/// One measured drain: jobs per second, CPU µs per job, peak RSS MiB.
+struct Drain {
+    rate: f64,
+    cpu_us: f64,
+    peak_mib: f64,
+}
+
+async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
+    let mut argv = vec![mode.to_owned(), "--expect".into(), jobs.to_string()];
+    argv.extend_from_slice(args);
+    let mut child = Child::spawn(&argv);
+    let report = child.report().await;
+    let _ = child.process.wait().await;
+    Drain {
+        rate: report["rate"].as_f64().unwrap(),
+        cpu_us: report["cpu_us_per_job"].as_f64().unwrap(),
+        peak_mib: report["peak_kib"].as_f64().unwrap() / 1024.0,
+    }
+}
+
+/// Interleaved pairs: the worker with the full policy, then a bare loop (the order alternates),
+/// each draining its own freshly pre-loaded queues.
+pub async fn pairs() {
+    let jobs: usize = option("--jobs").unwrap_or(20_000);
+    let pairs: usize = option("--pairs").unwrap_or(3);
+    let numbers: usize = option("--numbers").unwrap_or(10);
+    let stand_in = StandIn::start().await;
+    println!(
+        "e2e: {jobs} text jobs over {numbers} numbers, {} in flight per number, {pairs} interleaved pairs",
+        concurrency()
+    );
+    let (mut ratios, mut policy_cpu, mut bare_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 {
+            ["worker", "bare"]
+        } else {
+            ["bare", "worker"]
+        };
+        let mut rates = [0.0; 2];
+        for mode in order {
+            let (args, cleanup) = prepare(jobs, numbers, &stand_in.url).await;
+            let d = drain(mode, jobs, &args).await;
+            cleanup.run().await;
+            println!(
+                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job, peak RSS {:.0} MiB",
+                pair + 1,
+                d.rate,
+                d.cpu_us,
+                d.peak_mib
+            );
+            if mode == "worker" {
+                rates[0] = d.rate;
+                policy_cpu.push(d.cpu_us);
+            } else {
+                rates[1] = d.rate;
+                bare_cpu.push(d.cpu_us);
+            }
+        }
+        ratios.push(rates[0] / rates[1]);
+    }
+    println!(
+        "e2e: full policy / bare loop = {:.2} (median of {pairs} pairs: {}); CPU per job {:.1} µs vs {:.1} µs (medians)",
+        median(&mut ratios.clone()),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        median(&mut policy_cpu),
+        median(&mut bare_cpu),
+    );
+}
+
+/// The worker's resident memory, sampled each second while a large backlog drains.
+pub async fn rss() {
+    let jobs: usize = option("--jobs").unwrap_or(1_000_000);
+    let numbers: usize = option("--numbers").unwrap_or(10);
+    let stand_in = StandIn::start().await;
+    let started = Instant::now();
+    let (args, cleanup) = prepare(jobs, numbers, &stand_in.url).await;
+    println!(
+        "rss: {jobs} jobs queued over {numbers} numbers in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut argv = vec![
+        "worker".to_owned(),
+        "--expect".into(),
+        jobs.to_string(),
+        "--samples".into(),
+    ];
+    argv.extend(args);
+    let mut child = Child::spawn(&argv);
+    let mut samples = Vec::new();
+    let report = loop {
+        let line = child.report().await;
+        if line.get("rss_kib").is_some() {
+            samples.push((
+                line["done"].as_u64().unwrap(),
+                line["rss_kib"].as_u64().unwrap(),
+            ));
+        } else {
+            break line;
+        }
+    };
+    let _ = child.process.wait().await;
+    cleanup.run().await;
+    let mib = |k: u64| k as f64 / 1024.0;
+    let shown: Vec<String> = samples
+        .iter()
+        .step_by((samples.len() / 8).max(1))
+        .map(|(done, rss)| format!("{}k done: {:.0}", done / 1000, mib(*rss)))
+        .collect();
+    let steady = &samples[samples.len().min(5)..];
+    let (low, high) = steady
+        .iter()
+        .fold((u64::MAX, 0), |(lo, hi), (_, r)| (lo.min(*r), hi.max(*r)));
+    println!("rss: worker RSS MiB over the drain: {}", shown.join(", "));
+    println!(
+        "rss: after the first 5 s RSS stayed within {:.0}–{:.0} MiB; peak {:.0} MiB; {:.0} jobs/s",
+        mib(low),
+        mib(high),
+        report["peak_kib"].as_f64().unwrap() / 1024.0,
+        report["rate"].as_f64().unwrap()
+    );
+}
+
+/// `child worker|bare --prefix P --cloud URL --numbers N --concurrency C [--expect J] [--samples]`.
+pub async fn child() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args
+        .iter()
+        .skip_while(|a| *a != "child")
+        .nth(1)
+        .cloned()
+        .unwrap_or_default();
+    let prefix: String = option("--prefix").expect("--prefix");
+    let cloud: String = option("--cloud").expect("--cloud");
+    let numbers: usize = option("--numbers").expect("--numbers");
+    let concurrency = concurrency();
+    let mut settings = settings("child");
+    settings.amqp.prefix = prefix.clone();
+    settings.redis.key_prefix = prefix;
+    settings.cloud.base_url = cloud;
+    settings.worker.concurrency = concurrency;
+    settings.worker.prefetch = concurrency as u16;
+    let mps: u32 = option("--mps").unwrap_or(1000);
+    for n in 0..numbers {
+        settings.numbers.insert(number_id(n), number(mps));
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let task = match mode.as_str() {
+        "worker" => tokio::spawn(worker(settings, Arc::clone(&done), stop.clone())),
+        "bare" => tokio::spawn({
+            let (done, stop) = (Arc::clone(&done), stop.clone());
+            async move {
+                bare(settings, done, stop).await;
+                serde_json::Value::Null
+            }
+        }),
+        other => panic!("unknown child mode {other:?}"),
+    };
+    let expect = option::<u64>("--expect");
+    match expect {
+        Some(expect) => measure(&done, expect).await,
+        None => {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+            term.recv().await;
+        }
+    }
+    stop.cancel();
+    let summary = task.await.unwrap_or_default();
+    if expect.is_none() {
+        println!("{summary}");
+    }
+}
+
+/// Waits until `done` reaches `expect`; prints the rate and the CPU per job over the span from
+/// the first settled job to the last, and the peak RSS.
+async fn measure(done: &AtomicU64, expect: u64) {
+    let samples = crate::common::flag("--samples");
+    let mut first: Option<(Instant, u64, u64)> = None;
+    let mut last_sample = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let n = done.load(Ordering::Relaxed);
+        if n > 0 && first.is_none() {
+            first = Some((Instant::now(), n, cpu_us()));
+        }
+        if samples && last_sample.elapsed() >= Duration::from_secs(1) {
+            last_sample = Instant::now();
+            println!("{}", json!({"done": n, "rss_kib": memory_kib("VmRSS")}));
+        }
+        if n >= expect {
+            break;
+        }
+    }
+    let (t0, n0, cpu0) = first.expect("jobs were settled");
+    let jobs = (expect - n0).max(1) as f64;
+    println!(
+        "{}",
+        json!({
+            "rate": jobs / t0.elapsed().as_secs_f64(),
+            "cpu_us_per_job": (cpu_us() - cpu0) as f64 / jobs,
+            "peak_kib": memory_kib("VmHWM"),
+        })
+    );
+}
+
+/// The worker, as `wa-sender worker` runs it; `done` counts settled jobs. Returns its
+/// deferrals by cause.
+async fn worker(
+    settings: wa_sender::config::Settings,
+    done: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> serde_json::Value {
+    let (broker, store) = wa_sender::app::connect(&settings).await.expect("connect");
+    let cloud = Arc::new(wa_sender::app::http_cloud(&settings).unwrap());
+    let pipeline = Arc::new(
+        wa_sender::app::pipeline(
+            &settings,
+            cloud,
+            broker.clone(),
+            store,
+            settings.resolve_numbers().unwrap(),
+        )
+        .unwrap(),
+    );
+    let stats = pipeline.stats();
+    let counter = tokio::spawn({
+        let (stop, stats) = (stop.clone(), Arc::clone(&stats));
+        async move {
+            while !stop.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let s = stats.snapshot();
+                done.store(s.accepted + s.already_done, Ordering::Relaxed);
+            }
+        }
+    });
+    let worker_broker: Arc<dyn Broker> = broker.clone();
+    let _ = wa_sender::worker::run(
+        pipeline,
+        worker_broker,
+        wa_sender::app::worker_settings(&settings),
+        stop,
+    )
+    .await;
+    counter.abort();
+    broker.close().await;
+    json!({"deferred": stats.snapshot().deferred})
+}
+
+/// The bare loop: consume → POST → ack with the same crates (lapin, reqwest, serde_json), the
+/// same in-flight bound, no policy, no events.
+async fn bare(
+    settings: wa_sender::config::Settings,
+    done: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(settings.worker.prefetch, BasicQosOptions { global: false })
+        .await
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let permits = Arc::new(Semaphore::new(
+        settings.worker.concurrency * settings.numbers.len(),
+    ));
+    let mut consumers = futures::stream::SelectAll::new();
+    for number in settings.numbers.keys() {
+        let queue = format!("{}.send.{number}.bulk", settings.amqp.prefix);
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("bare-{number}").into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        consumers.push(consumer);
+    }
+    let base = format!("{}/{}", settings.cloud.base_url, settings.cloud.api_version);
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => break,
+            d = consumers.next() => d,
+        };
+        let Some(Ok(delivery)) = delivery else { break };
+        let permit = Arc::clone(&permits).acquire_owned().await.unwrap();
+        let (client, done, base) = (client.clone(), Arc::clone(&done), base.clone());
+        tokio::spawn(async move {
+            let job: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+            let kind = job["message"]["type"].as_str().unwrap_or("text").to_owned();
+            let body = json!({
+                "messaging_product": "whatsapp",
+                "recipient_type": "individual",
+                "to": job["to"],
+                "type": kind,
+                kind.as_str(): job["message"][kind.as_str()],
+                "biz_opaque_callback_data": job["job_id"],
+            });
+            let url = format!(
+                "{base}/{}/messages",
+                job["phone_number_id"].as_str().unwrap()
+            );
+            let answer: serde_json::Value = client
+                .post(url)
+                .bearer_auth(crate::TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert!(answer["messages"][0]["id"].is_string());
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+            done.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
