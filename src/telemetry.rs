@@ -12,15 +12,20 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::broker::{H_TRACEPARENT, H_TRACESTATE, Headers};
 
-/// Installs logging (text or JSON) and the OpenTelemetry layer. Safe to call twice (tests).
+/// Installs logging (text or JSON, on stderr: stdout is for what a command prints) and the
+/// OpenTelemetry layer. Safe to call twice (tests).
 pub fn init(filter: &str, format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let fmt = match format {
         "json" => tracing_subscriber::fmt::layer()
             .json()
             .with_target(false)
+            .with_writer(std::io::stderr)
             .boxed(),
-        _ => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        _ => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     // Spans get real trace ids so context can be propagated; an exporter (OTLP) plugs in here.
     let provider = SdkTracerProvider::builder().build();
@@ -29,7 +34,15 @@ pub fn init(filter: &str, format: &str) {
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            // Busy/idle timing, thread and source location cost a clock read or attributes on
+            // every poll of every job span; traces here carry causality, not profiles.
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_location(false),
+        )
         .try_init();
 }
 

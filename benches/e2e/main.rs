@@ -36,6 +36,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use wa_sender::broker::rabbit::QueueType;
 use wa_sender::config::{NumberSettings, Settings};
 
+/// The allocator `wa-sender` runs with, for the worker and the bare loop alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub const WABA: &str = "102290129340398";
 pub const TOKEN: &str = "bench-token";
 
@@ -259,6 +263,40 @@ pub fn cpu_us() -> u64 {
     (ticks(11) + ticks(12)) * 10_000
 }
 
+/// CPU time used so far by the local RabbitMQ (`beam.smp`) and Redis (`redis-server`)
+/// processes, µs each; 0 where they cannot be seen (remote services).
+pub fn services_cpu_us() -> (u64, u64) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| stat.contains("(beam.smp)") || stat.contains("(redis-server)"))
+        .map(|stat| {
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let us = (ticks(11) + ticks(12)) * 10_000;
+            if stat.contains("(beam.smp)") {
+                (us, 0)
+            } else {
+                (0, us)
+            }
+        })
+        .fold((0, 0), |(r, d), (r2, d2)| (r + r2, d + d2))
+}
+
 /// A `/proc/self/status` figure in KiB (`VmRSS`, `VmHWM`).
 pub fn memory_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -281,7 +319,9 @@ pub fn median(values: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    wa_sender::telemetry::init("warn", "text");
+    // Children log as a deployed worker does (the configuration's `info`); the rest only warns.
+    let filter = if flag("child") { "info" } else { "warn" };
+    wa_sender::telemetry::init(filter, "text");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -95,16 +95,23 @@ impl Cleanup {
 struct Drain {
     rate: f64,
     cpu_us: f64,
+    rabbit_us: f64,
+    redis_us: f64,
     peak_mib: f64,
 }
 
 async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
     let mut argv = vec![mode.to_owned(), "--expect".into(), jobs.to_string()];
     argv.extend_from_slice(args);
+    let services = crate::services_cpu_us();
     let mut child = Child::spawn(&argv);
     let report = child.report().await;
+    let after = crate::services_cpu_us();
+    let (rabbit, redis) = (after.0 - services.0, after.1 - services.1);
     let _ = child.process.wait().await;
     Drain {
+        rabbit_us: rabbit as f64 / jobs as f64,
+        redis_us: redis as f64 / jobs as f64,
         rate: report["rate"].as_f64().unwrap(),
         cpu_us: report["cpu_us_per_job"].as_f64().unwrap(),
         peak_mib: report["peak_kib"].as_f64().unwrap() / 1024.0,
@@ -135,10 +142,12 @@ pub async fn pairs() {
             let d = drain(mode, jobs, &args).await;
             cleanup.run().await;
             println!(
-                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job, peak RSS {:.0} MiB",
+                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job (RabbitMQ {:>5.1}, Redis {:>4.1}), peak RSS {:.0} MiB",
                 pair + 1,
                 d.rate,
                 d.cpu_us,
+                d.rabbit_us,
+                d.redis_us,
                 d.peak_mib
             );
             if mode == "worker" {

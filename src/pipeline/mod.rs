@@ -247,11 +247,7 @@ impl Pipeline {
         numbers: BTreeMap<PhoneNumberId, Number>,
         settings: PipelineSettings,
     ) -> Self {
-        let pacer = Pacer::new(
-            &numbers,
-            settings.pacing.headroom,
-            settings.pacing.throttle_cooldown,
-        );
+        let pacer = Pacer::new(&numbers, settings.pacing.headroom);
         Pipeline {
             cloud,
             broker,
@@ -275,17 +271,11 @@ impl Pipeline {
         &self.pacer
     }
 
-    /// Joins the replica group and loads the template registry; then keeps both fresh until
-    /// `stop`. Call before consuming: a replica takes its share only once the others know of it.
+    /// Joins the replica group (which tells each number's recorded limit) and loads the
+    /// template registry; then keeps both fresh until `stop`. Call before consuming.
     pub async fn start(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-        let replicas = self.heartbeat().await;
+        self.heartbeat().await;
         self.refresh_templates().await;
-        if replicas > 1 {
-            // The others hear of this replica at their next heartbeat; until then they still
-            // use the larger share, so this one waits before taking its own.
-            tokio::time::sleep(self.settings.pacing.heartbeat + Duration::from_millis(300)).await;
-            self.heartbeat().await;
-        }
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut beat = tokio::time::interval(this.settings.pacing.heartbeat);
@@ -331,10 +321,7 @@ impl Pipeline {
                 let before = self.pacer.replicas();
                 self.pacer.update(&live);
                 if live.replicas != before {
-                    info!(
-                        replicas = live.replicas,
-                        "live replicas changed; throughput shares follow"
-                    );
+                    info!(replicas = live.replicas, "live replicas changed");
                 }
                 live.replicas
             }
@@ -495,15 +482,7 @@ impl Pipeline {
             return later(until, "sending halted", job);
         }
 
-        // 10. pace first: the send must follow admission at once, or the pair rate admitted at
-        // one time would be spent at another. A slot taken by a job admission then refuses is
-        // lost; that only slows a number whose jobs are being refused.
-        self.pacer
-            .wait(&job.phone_number_id, lane == Lane::Otp)
-            .await;
-        let now = truncate_to_millis(Utc::now());
-
-        // 2-9. admission: one round trip, atomic across replicas.
+        // 2-10. admission: one round trip, atomic across replicas; it books the send slot.
         let key = JobKey {
             waba: number.waba.clone(),
             job_id: job.job_id.clone(),
@@ -543,11 +522,12 @@ impl Pipeline {
                 .copied()
                 .unwrap_or(self.settings.admission.default_tier),
             pair: self.settings.admission.pair,
+            pace: self.pacer.interval(&job.phone_number_id),
             campaign_recheck: self.settings.admission.campaign_recheck,
             template_recheck: self.settings.admission.template_recheck,
         };
-        let send_fallback = match self.store.admit(&subject, &request).await {
-            Ok(Verdict::Send { fallback }) => fallback,
+        let (send_fallback, slot) = match self.store.admit(&subject, &request).await {
+            Ok(Verdict::Send { fallback, wait }) => (fallback, wait),
             Ok(Verdict::AlreadySent(wamid)) => {
                 self.stats.count_duplicate_avoided();
                 let mut event = Event::for_job("message.accepted", &job);
@@ -599,6 +579,10 @@ impl Pipeline {
             }
             Err(e) => return self.store_unavailable(e, job, attempts),
         };
+
+        // pace: wait for the booked slot (flow control: this number's next job waits in the
+        // broker meanwhile).
+        self.pacer.wait(&job.phone_number_id, slot).await;
 
         // send
         let fallback_message;
@@ -744,11 +728,18 @@ impl Pipeline {
             // A throttle is not the job's fault: it does not use up an attempt.
             Action::Throttle(scope) => {
                 if scope == Scope::Number {
+                    let cooldown = self.settings.pacing.throttle_cooldown;
                     warn!(
-                        cooldown_s = self.settings.pacing.throttle_cooldown.as_secs(),
-                        "130429 from Meta: halving this replica's share of the number for a while"
+                        cooldown_s = cooldown.as_secs(),
+                        "130429 from Meta: the number's send schedule slows by a tenth for a while"
                     );
-                    self.pacer.throttled(&job.phone_number_id);
+                    if let Err(e) = self
+                        .store
+                        .throttled(&key.waba, &job.phone_number_id, now, cooldown)
+                        .await
+                    {
+                        warn!(error = %e, "could not slow the number's send schedule");
+                    }
                 }
                 wait(THROTTLE_WAIT, "throttled", attempts - 1)
             }

@@ -324,6 +324,15 @@ pub trait Store: Send + Sync {
     async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError>;
     /// Records a number's throughput (messages per second), winning over configuration.
     async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError>;
+    /// Meta answered 130429 for `number`: its shared send schedule slows by a tenth (down to
+    /// half) for `cooldown`, for every replica.
+    async fn throttled(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        now: DateTime<Utc>,
+        cooldown: Duration,
+    ) -> Result<(), StoreError>;
     /// Says this replica is alive; learns how many are, and the numbers' recorded throughput.
     async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Live, StoreError>;
     /// Says this replica is leaving (graceful shutdown), so the others take over its share.

@@ -19,6 +19,7 @@
 //! | `<p>:{<waba>}:tier` | sorted set wa_id → last send outside the window, ms | 24 h after the last |
 //! | `<p>:{<waba>}:tier:limit` | the portfolio's tier (`unlimited` or a number), from a webhook | durable |
 //! | `<p>:{<waba>}:pair:<pnid>:<wa_id>` | hash `next`, `start`, `count` (pair-rate burst) | at `next` |
+//! | `<p>:{<waba>}:pace:<pnid>` | hash `next` (the number's next free send slot, µs), `speed` (permille) and `slow_until` (ms) after a 130429 | a day |
 //! | `<p>:throughput:<pnid>` | the number's throughput, msg/s, from a webhook | durable |
 //! | `<p>:replicas:<group>` | sorted set replica → last heartbeat, ms | 10 × heartbeat ttl |
 //! | `<p>:lock:<name>` | owner (e.g. the replica syncing templates) | its ttl |
@@ -43,6 +44,19 @@ use crate::policy::admission::{
     self, CampaignState, Consent, DeadWhy, DeferReason, Mark, Request, Verdict,
 };
 use crate::policy::template::TemplateDefinition;
+
+/// A 130429: the number's send schedule a tenth slower (down to half) for ARGV[2] ms; the same
+/// rule as `PaceState::throttled`. KEYS: 1 the schedule. ARGV: 1 now ms, 2 cool-down ms.
+const THROTTLED: &str = r#"
+local pc = redis.call('HMGET', KEYS[1], 'speed', 'slow_until')
+local now = tonumber(ARGV[1])
+local speed = 1000
+if pc[1] and pc[2] and now < tonumber(pc[2]) then speed = math.min(math.max(tonumber(pc[1]), 500), 1000) end
+speed = math.max(math.floor(speed * 900 / 1000), 500)
+redis.call('HSET', KEYS[1], 'speed', speed, 'slow_until', string.format('%.0f', now + tonumber(ARGV[2])))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return speed
+"#;
 
 /// Change a claim held by ARGV[1] to ARGV[2] ('ambiguous' with time ARGV[3], or delete when '').
 const SETTLE_CLAIM: &str = r#"
@@ -205,6 +219,10 @@ impl RedisStore {
         keys
     }
 
+    fn pace_key(&self, waba: &WabaId, number: &PhoneNumberId) -> String {
+        self.tagged(waba, format_args!("pace:{number}"))
+    }
+
     fn window_key(&self, waba: &WabaId, number: &PhoneNumberId, to: &WaId) -> String {
         self.tagged(waba, format_args!("window:{number}:{to}"))
     }
@@ -252,6 +270,7 @@ fn verdict(reply: &[String], req: &Request) -> Result<Verdict, StoreError> {
     Ok(match arg(0)? {
         "send" => Verdict::Send {
             fallback: arg(1)? == "1",
+            wait: Duration::from_micros(arg(2)?.parse().map_err(|_| bad("wait"))?),
         },
         "sent" => Verdict::AlreadySent(Wamid::parse(arg(1)?).map_err(|e| bad(&e.to_string()))?),
         "done" => Verdict::AlreadyDead,
@@ -338,6 +357,7 @@ impl Store for RedisStore {
             self.tagged(waba, format_args!("tier")),
             self.tagged(waba, format_args!("tier:limit")),
             self.tagged(waba, format_args!("pair:{}:{}", subject.number, subject.to)),
+            self.pace_key(waba, &subject.number),
         ];
         let reply: Vec<String> = self
             .admit
@@ -367,6 +387,11 @@ impl Store for RedisStore {
             .arg(ms(req.template_recheck))
             .arg(ms(admission::REGISTRY_RECHECK))
             .arg(ms(req.pair.margin))
+            .arg(
+                req.pace
+                    .map(|d| d.as_micros().to_string())
+                    .unwrap_or_default(),
+            )
             .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("admit"))?;
@@ -768,6 +793,23 @@ impl Store for RedisStore {
             .set::<_, _, ()>(format!("{}:throughput:{number}", self.prefix), mps)
             .await
             .map_err(command_error("set_throughput"))
+    }
+
+    async fn throttled(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        now: DateTime<Utc>,
+        cooldown: Duration,
+    ) -> Result<(), StoreError> {
+        let _: i64 = Script::new(THROTTLED)
+            .key(self.pace_key(waba, number))
+            .arg(millis(now))
+            .arg(cooldown.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("throttled"))?;
+        Ok(())
     }
 
     async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Live, StoreError> {
