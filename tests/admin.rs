@@ -389,7 +389,6 @@ async fn admit_free_form(store: &dyn Store, job: &str) -> Verdict {
             period: Duration::from_secs(6),
             burst: 45,
         },
-        pace: None,
         campaign_recheck: Duration::from_secs(60),
         template_recheck: Duration::from_secs(600),
     };
@@ -416,10 +415,7 @@ async fn opening_a_window_lets_a_free_form_message_through(store: Arc<dyn Store>
     assert_eq!(closes - opened, chrono::TimeDelta::hours(24));
     assert_eq!(
         admit_free_form(store.as_ref(), "after").await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
     // A window that would already be closed is refused.
     let (status, body) = api

@@ -76,7 +76,6 @@ fn request(now: DateTime<Utc>, template: bool) -> Request {
             period: Duration::from_secs(6),
             burst: 3,
         },
-        pace: None,
         campaign_recheck: Duration::from_secs(60),
         template_recheck: Duration::from_secs(600),
     }
@@ -129,10 +128,7 @@ async fn idempotency(store: &dyn Store) {
     // A fresh job is admitted once; a second claimant waits.
     assert_eq!(
         admit(store, &text("a"), &req).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
     assert!(matches!(
         admit(store, &text("a"), &other).await,
@@ -165,10 +161,7 @@ async fn idempotency(store: &dyn Store) {
     again.now = t + secs(7); // past the pair period
     assert_eq!(
         admit(store, &text("a"), &again).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
     store.mark_sent(&key("a"), &wamid, &record).await.unwrap();
     assert_eq!(
@@ -188,10 +181,7 @@ async fn idempotency(store: &dyn Store) {
     later.now = t + secs(7); // past the pair period
     assert_eq!(
         admit(store, &text("b"), &later).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
     store.release(&key("b"), "w2").await.unwrap();
     let mut later_other = other.clone();
@@ -204,10 +194,7 @@ async fn idempotency(store: &dyn Store) {
     later_other.now = later.now + secs(14);
     assert_eq!(
         admit(store, &text("b"), &later_other).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
 
     // A claim older than the lease: its owner died mid-send. At-most-once waits (ambiguous),
@@ -222,10 +209,7 @@ async fn idempotency(store: &dyn Store) {
     stale_retake.retake_ambiguous = true;
     assert_eq!(
         admit(store, &text("b"), &stale_retake).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
 
     // An explicitly ambiguous send stays ambiguous for at-most-once claimants.
@@ -304,10 +288,7 @@ async fn rules(store: &dyn Store) {
             "utility to an opted-in user",
             tpl("r1", &opted_in, "order_update"),
             req.clone(),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO,
-            },
+            Verdict::Send { fallback: false },
         ),
         (
             "expired",
@@ -367,10 +348,7 @@ async fn rules(store: &dyn Store) {
                 }),
                 ..request(t, false)
             },
-            Verdict::Send {
-                fallback: true,
-                wait: Duration::ZERO,
-            },
+            Verdict::Send { fallback: true },
         ),
         (
             "unknown template",
@@ -417,10 +395,7 @@ async fn rules(store: &dyn Store) {
             "utility to an opted-out user",
             tpl("r13", &opted_out, "order_update"),
             req.clone(),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO,
-            },
+            Verdict::Send { fallback: false },
         ),
         (
             "no opt-in",
@@ -432,10 +407,7 @@ async fn rules(store: &dyn Store) {
             "authentication needs none here",
             tpl("r15", &stranger, "otp_code"),
             req.clone(),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO,
-            },
+            Verdict::Send { fallback: false },
         ),
     ];
     for (name, subject, req, expected) in cases {
@@ -562,10 +534,7 @@ async fn limits(store: &dyn Store) {
     // "p0".."p20" already counted user 30 once: it is one of the 2.
     assert_eq!(
         tier_send("t1", 0, req.clone()).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
     assert_eq!(
         tier_send("t2", 1, req.clone()).await,
@@ -576,20 +545,14 @@ async fn limits(store: &dyn Store) {
     );
     assert_eq!(
         tier_send("t3", 3, req.clone()).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        },
+        Verdict::Send { fallback: false },
         "inside the window"
     );
     // A webhook raised the tier: the stored limit wins.
     store.set_tier_limit(&w, Some(3)).await.unwrap();
     assert_eq!(
         tier_send("t4", 1, req.clone()).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
     assert!(matches!(
         tier_send("t5", 2, req.clone()).await,
@@ -601,84 +564,45 @@ async fn limits(store: &dyn Store) {
     store.set_tier_limit(&w, None).await.unwrap();
     assert_eq!(
         tier_send("t6", 2, req.clone()).await,
-        Verdict::Send {
-            fallback: false,
-            wait: Duration::ZERO
-        }
+        Verdict::Send { fallback: false }
     );
 }
 
-/// Throughput: one send schedule per number, shared by every replica; a refused job takes no
-/// slot; the pair rate is charged at the slot; a 130429 slows the schedule for a while.
+/// Throughput: one send schedule per number, shared by every replica, slowed for a while by a
+/// 130429.
 async fn pacing(store: &dyn Store) {
-    let t = now();
+    let t = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
     let w = waba();
     let number = PhoneNumberId::parse(NUMBER).unwrap();
     let ms = Duration::from_millis;
-    let users: Vec<String> = (0..12).map(|i| format!("49151000001{i:02}")).collect();
-    for u in &users {
-        let u = WaId::parse(u.as_str()).unwrap();
-        store.record_inbound(&w, &number, &u, t).await.unwrap();
-    }
-    // A text job to `user` decided at `at` by replica `owner`, at 10 msg/s.
-    let send = |id: &'static str, user: usize, at: DateTime<Utc>, owner: &'static str| {
-        let s = subject(id, &users[user], None);
-        let mut req = request(at, false);
-        req.owner = owner.into();
-        req.pace = Some(ms(100));
-        req.pair.burst = 1;
-        async move { admit(store, &s, &req).await }
+    let us = TimeDelta::microseconds;
+    // At 10 msg/s: a slot every 100 ms.
+    let book = |at: DateTime<Utc>| {
+        let (w, number) = (w.clone(), number.clone());
+        async move { store.book_slot(&w, &number, at, ms(100)).await.unwrap() }
     };
-    let wait = |v: Verdict| match v {
-        Verdict::Send { wait, .. } => wait,
-        other => panic!("not sent: {other:?}"),
-    };
-    // Two replicas book one schedule: 0, 100, 200, 300 ms.
-    assert_eq!(wait(send("s1", 0, t, "w1").await), ms(0));
-    assert_eq!(wait(send("s2", 1, t, "w2").await), ms(100));
-    assert_eq!(wait(send("s3", 2, t, "w1").await), ms(200));
-    assert_eq!(wait(send("s4", 3, t, "w2").await), ms(300));
-    // Refused (the pair rate to user 0 is used up): no slot taken.
-    assert!(matches!(
-        send("s5", 0, t, "w1").await,
-        Verdict::Defer {
-            why: DeferReason::PairRate,
-            ..
-        }
-    ));
-    assert_eq!(wait(send("s6", 4, t, "w1").await), ms(400));
-    // The pair rate was charged at the slot: user 4's next message is due 6 s after t + 400 ms,
-    // so at t + 6.2 s it still waits.
-    assert_eq!(
-        send("s7", 4, t + TimeDelta::milliseconds(6_200), "w2").await,
-        Verdict::Defer {
-            until: t + TimeDelta::milliseconds(6_400),
-            why: DeferReason::PairRate
-        }
-    );
+    // Replicas booking at the same moment (or a little later) share one schedule.
+    assert_eq!(book(t).await, ms(0));
+    assert_eq!(book(t).await, ms(100));
+    assert_eq!(book(t + us(30_000)).await, ms(170));
+    assert_eq!(book(t).await, ms(300));
     // A schedule in the past costs nothing.
-    let later = t + secs(20);
-    assert_eq!(wait(send("s8", 5, later, "w1").await), ms(0));
-    assert_eq!(wait(send("s9", 6, later, "w1").await), ms(100));
-    // Two 130429s: a tenth slower, then another tenth, for every replica, for the cool-down.
-    let at = later + secs(1);
+    let later = t + TimeDelta::seconds(20);
+    assert_eq!(book(later).await, ms(0));
+    assert_eq!(book(later).await, ms(100));
+    // Two 130429s: a tenth slower, then another tenth, for the cool-down, for everyone.
+    let at = later + TimeDelta::seconds(1);
     store.throttled(&w, &number, at, ms(5_000)).await.unwrap();
-    assert_eq!(wait(send("s10", 7, at, "w2").await), ms(0));
-    assert_eq!(
-        wait(send("s11", 8, at, "w1").await),
-        Duration::from_micros(111_111)
-    );
+    assert_eq!(book(at).await, ms(0));
+    assert_eq!(book(at).await, Duration::from_micros(111_111));
     store.throttled(&w, &number, at, ms(5_000)).await.unwrap();
-    let at = at + secs(1);
-    assert_eq!(wait(send("s12", 9, at, "w1").await), ms(0));
-    assert_eq!(
-        wait(send("s13", 10, at, "w2").await),
-        Duration::from_micros(123_456)
-    );
+    let at = at + TimeDelta::seconds(1);
+    assert_eq!(book(at).await, ms(0));
+    assert_eq!(book(at).await, Duration::from_micros(123_456));
     // The cool-down over: full speed again.
-    let at = at + secs(10);
-    assert_eq!(wait(send("s14", 11, at, "w1").await), ms(0));
-    assert_eq!(wait(send("s15", 1, at, "w1").await), ms(100));
+    let at = at + TimeDelta::seconds(10);
+    assert_eq!(book(at).await, ms(0));
+    assert_eq!(book(at).await, ms(100));
 }
 
 /// Consent, campaigns, heartbeats and locks read back what was written.
@@ -911,13 +835,7 @@ async fn redis_admission_is_one_round_trip() {
             },
         )
         .await;
-        assert_eq!(
-            v,
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
-        );
+        assert_eq!(v, Verdict::Send { fallback: false });
     }
     assert_eq!(
         store.round_trips() - before,

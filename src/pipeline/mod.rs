@@ -482,7 +482,28 @@ impl Pipeline {
             return later(until, "sending halted", job);
         }
 
-        // 2-10. admission: one round trip, atomic across replicas; it books the send slot.
+        // 10. pace first: book this job's slot in the number's schedule, shared by every
+        // replica, and wait for it. The send must follow admission at once (the pair rate
+        // admitted at one time would be spent at another, and a worker that dies between
+        // claim and send leaves an ambiguous claim), so admission comes after the wait. A slot
+        // taken by a job admission then refuses is lost; that only slows a number whose jobs
+        // are being refused.
+        if let Some(interval) = self.pacer.interval(&job.phone_number_id) {
+            let (wall, instant) = (Utc::now(), Instant::now());
+            let booked = self
+                .store
+                .book_slot(&number.waba, &job.phone_number_id, wall, interval)
+                .await;
+            match booked {
+                // The wait counts from when the slot was asked for, not from the answer, so a
+                // slow round trip does not make one send later than its slot.
+                Ok(wait) => self.pacer.wait(&job.phone_number_id, instant + wait).await,
+                Err(e) => return self.store_unavailable(e, job, attempts),
+            }
+        }
+        let now = truncate_to_millis(Utc::now());
+
+        // 2-9. admission: one round trip, atomic across replicas.
         let key = JobKey {
             waba: number.waba.clone(),
             job_id: job.job_id.clone(),
@@ -522,12 +543,11 @@ impl Pipeline {
                 .copied()
                 .unwrap_or(self.settings.admission.default_tier),
             pair: self.settings.admission.pair,
-            pace: self.pacer.interval(&job.phone_number_id),
             campaign_recheck: self.settings.admission.campaign_recheck,
             template_recheck: self.settings.admission.template_recheck,
         };
-        let (send_fallback, slot) = match self.store.admit(&subject, &request).await {
-            Ok(Verdict::Send { fallback, wait }) => (fallback, wait),
+        let send_fallback = match self.store.admit(&subject, &request).await {
+            Ok(Verdict::Send { fallback }) => fallback,
             Ok(Verdict::AlreadySent(wamid)) => {
                 self.stats.count_duplicate_avoided();
                 let mut event = Event::for_job("message.accepted", &job);
@@ -579,10 +599,6 @@ impl Pipeline {
             }
             Err(e) => return self.store_unavailable(e, job, attempts),
         };
-
-        // pace: wait for the booked slot (flow control: this number's next job waits in the
-        // broker meanwhile).
-        self.pacer.wait(&job.phone_number_id, slot).await;
 
         // send
         let fallback_message;

@@ -1,9 +1,8 @@
 //! Per-number throughput, the `pace` stage.
 //!
-//! The schedule is shared, not split: admission books each job's send slot in its number's
-//! schedule in the store, one interval (`1 / (limit × headroom)`) after the last slot any
-//! replica booked, in the same atomic round trip that admits it (`policy::admission`, step 10).
-//! Replicas joining, leaving or dying change nothing, no replica's jobs wait while another
+//! The schedule is shared, not split: each job books its send slot in its number's schedule in
+//! the store, one interval (`1 / (limit × headroom)`) after the last slot any replica booked
+//! (`policy::pace`, one atomic round trip). Replicas joining, leaving or dying change nothing, no replica's jobs wait while another
 //! holds the rest of the backlog, and a 130429 slows the number for every replica at once.
 //! What is left here is per replica: each number's interval (its configured limit, or a higher
 //! one a webhook recorded), the wait for a booked slot, and governor's bucket at the number's
@@ -12,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::clock::Clock as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -99,15 +98,13 @@ impl Pacer {
         *self.replicas.lock().expect("pacer lock")
     }
 
-    /// Waits `wait` for the job's booked slot, then for the guard.
+    /// Waits until the job's booked slot (`deadline`), then for the guard.
     ///
     /// Only this number's jobs wait here (each number has its own queues), so a wait is flow
     /// control: the broker hands out the number's next job when one is settled. The slot is
     /// absolute, so a job woken a millisecond late does not push the next one back.
-    pub async fn wait(&self, number: &PhoneNumberId, wait: Duration) {
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+    pub async fn wait(&self, number: &PhoneNumberId, deadline: Instant) {
+        tokio::time::sleep_until(deadline.into()).await;
         let Some(pace) = self.numbers.get(number) else {
             return;
         };
@@ -153,9 +150,9 @@ mod tests {
         assert!(g.check().is_ok() && g.check().is_ok());
         assert!(g.check().is_err());
         // Twenty-two sends through the pacer take at least the limit's time: 20 msg/s.
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         for _ in 0..22 {
-            pacer.wait(&number, Duration::ZERO).await;
+            pacer.wait(&number, Instant::now()).await;
         }
         assert!(
             start.elapsed() >= Duration::from_millis(950),

@@ -3,9 +3,8 @@
 //! atomic across replicas); the in-memory store calls [`admit`] under a lock. The conformance
 //! suite (`tests/store_conformance.rs`) holds the two to the same answers.
 //!
-//! Steps 1 (decode), the unknown sender and halts are decided before admission. Admission also
-//! books the job's send slot in its number's schedule (step 10, throughput), shared by every
-//! replica, and charges the pair rate at that slot; the pipeline waits for the slot, then sends.
+//! Steps 1 (decode), the unknown sender and halts are decided before admission, and step 10
+//! (throughput) is the pacer's: see `pipeline`.
 
 use std::fmt;
 use std::time::Duration;
@@ -53,8 +52,6 @@ pub struct Request {
     pub tier_limit: Option<u32>,
     /// The pair rate.
     pub pair: PairRate,
-    /// The number's send interval at full speed (`1 / (limit × headroom)`); `None`: unpaced.
-    pub pace: Option<Duration>,
     /// How long a job of a paused campaign waits before it looks again.
     pub campaign_recheck: Duration,
     /// How long a job for a paused template waits before it looks again.
@@ -217,61 +214,6 @@ pub struct PairState {
     pub count: u32,
 }
 
-/// A number's send schedule, shared by every replica: its next free slot, and a slow-down for
-/// a while after Meta answered 130429.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PaceState {
-    /// The next free send slot (microsecond precision).
-    pub next: Option<DateTime<Utc>>,
-    /// Speed in permille of full speed (1000, or less after 130429s).
-    pub speed: u32,
-    /// When the slow-down ends.
-    pub slow_until: Option<DateTime<Utc>>,
-}
-
-impl Default for PaceState {
-    fn default() -> Self {
-        PaceState {
-            next: None,
-            speed: FULL_SPEED,
-            slow_until: None,
-        }
-    }
-}
-
-/// Full speed, permille.
-pub const FULL_SPEED: u32 = 1000;
-/// What one 130429 leaves of the speed (a tenth off), permille.
-pub const THROTTLE_STEP: u32 = 900;
-/// The least speed several 130429s leave, permille.
-pub const THROTTLE_FLOOR: u32 = 500;
-
-impl PaceState {
-    /// The speed in force at `now`, permille.
-    pub fn speed_at(&self, now: DateTime<Utc>) -> u32 {
-        match self.slow_until {
-            Some(until) if now < until => self.speed.clamp(THROTTLE_FLOOR, FULL_SPEED),
-            _ => FULL_SPEED,
-        }
-    }
-
-    /// After a 130429 at `now`: a tenth slower than the speed in force (each further one in
-    /// the cool-down another tenth, down to half), until `cooldown` from now.
-    pub fn throttled(&self, now: DateTime<Utc>, cooldown: Duration) -> PaceState {
-        PaceState {
-            speed: (self.speed_at(now) * THROTTLE_STEP / FULL_SPEED).max(THROTTLE_FLOOR),
-            slow_until: Some(after(now, cooldown)),
-            ..*self
-        }
-    }
-}
-
-/// `interval` at `speed` permille, whole microseconds (the Lua script's arithmetic).
-pub fn slowed(interval: Duration, speed: u32) -> Duration {
-    let us = interval.as_micros() as u64 * u64::from(FULL_SPEED) / u64::from(speed.max(1));
-    Duration::from_micros(us)
-}
-
 /// The portfolio's tier usage, with entries older than 24 h already left out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TierState {
@@ -304,8 +246,6 @@ pub struct Snapshot {
     pub tier: TierState,
     /// Pair-rate state.
     pub pair: Option<PairState>,
-    /// The number's send schedule.
-    pub pace: PaceState,
 }
 
 /// Why a job waits.
@@ -446,12 +386,10 @@ impl fmt::Display for DeadWhy {
 /// The answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Send it at its slot (the claim is taken, the slot booked).
+    /// Send it now (the claim is taken).
     Send {
         /// Send the job's `fallback_template` instead of its free-form message.
         fallback: bool,
-        /// How long after `now` its send slot comes.
-        wait: Duration,
     },
     /// Meta accepted it before: never send again.
     AlreadySent(Wamid),
@@ -480,8 +418,6 @@ pub struct Effects {
     pub pair: Option<PairState>,
     /// Count the recipient in the tier (its time becomes `now`).
     pub tier: bool,
-    /// The number's next free send slot after this one.
-    pub pace: Option<DateTime<Utc>>,
 }
 
 fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
@@ -609,22 +545,10 @@ pub fn admit(req: &Request, snap: &Snapshot) -> (Verdict, Effects) {
             );
         }
     }
-    // 10. throughput: the number's next free slot, one interval after the last one booked by
-    // any replica. Booked here, with everything else, so a refused job takes no slot and the
-    // pair rate below is charged when the message really goes.
-    let (send_at, pace) = match req.pace {
-        Some(interval) => {
-            let at = snap.pace.next.map_or(now, |next| next.max(now));
-            let interval = slowed(interval, snap.pace.speed_at(now));
-            (at, Some(after(at, interval)))
-        }
-        None => (now, None),
-    };
-    let t = DateTime::from_timestamp_millis(send_at.timestamp_millis()).unwrap_or(send_at);
-    // 9. pair rate, Meta's burst-and-borrow rule, at the send slot.
+    // 9. pair rate, Meta's burst-and-borrow rule.
     let pair = match snap.pair {
-        Some(p) if t < p.next => {
-            if t < after(p.start, req.pair.burst_window()) && p.count < req.pair.burst {
+        Some(p) if now < p.next => {
+            if now < after(p.start, req.pair.burst_window()) && p.count < req.pair.burst {
                 PairState {
                     next: after(p.next, req.pair.spacing()),
                     count: p.count + 1,
@@ -635,8 +559,8 @@ pub fn admit(req: &Request, snap: &Snapshot) -> (Verdict, Effects) {
             }
         }
         _ => PairState {
-            next: after(t, req.pair.spacing()),
-            start: t,
+            next: after(now, req.pair.spacing()),
+            start: now,
             count: 1,
         },
     };
@@ -647,10 +571,8 @@ pub fn admit(req: &Request, snap: &Snapshot) -> (Verdict, Effects) {
         }),
         pair: Some(pair),
         tier: !window_open,
-        pace,
     };
-    let wait = (send_at - now).to_std().unwrap_or_default();
-    (Verdict::Send { fallback, wait }, effects)
+    (Verdict::Send { fallback }, effects)
 }
 
 #[cfg(test)]
@@ -686,7 +608,6 @@ mod tests {
                 period: Duration::from_secs(6),
                 burst: 3,
             },
-            pace: None,
             campaign_recheck: Duration::from_secs(60),
             template_recheck: Duration::from_secs(600),
         }
@@ -724,13 +645,7 @@ mod tests {
     #[test]
     fn a_clean_template_is_sent_and_charges_claim_pair_and_tier() {
         let (v, e) = admit(&request(), &approved(Category::Utility));
-        assert_eq!(
-            v,
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
-        );
+        assert_eq!(v, Verdict::Send { fallback: false });
         assert_eq!(
             e.job,
             Some(JobState::Claimed {
@@ -783,13 +698,7 @@ mod tests {
         assert_eq!(e.job, Some(JobState::Ambiguous { at: at(-61) }));
         req.retake_ambiguous = true;
         req.expires_at = None;
-        assert_eq!(
-            verdict(&req, &snap),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
-        );
+        assert_eq!(verdict(&req, &snap), Verdict::Send { fallback: false });
     }
 
     #[test]
@@ -954,23 +863,11 @@ mod tests {
             params: None,
         });
         let mut snap = approved(Category::Utility);
-        assert_eq!(
-            verdict(&req, &snap),
-            Verdict::Send {
-                fallback: true,
-                wait: Duration::ZERO
-            }
-        );
+        assert_eq!(verdict(&req, &snap), Verdict::Send { fallback: true });
         // With the window open the free-form message itself goes, and the tier is not charged.
         snap.last_inbound = Some(at(-10));
         let (v, e) = admit(&req, &snap);
-        assert_eq!(
-            v,
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
-        );
+        assert_eq!(v, Verdict::Send { fallback: false });
         assert!(!e.tier);
         // A fallback that does not fit is the fallback's problem, reported as such.
         snap.last_inbound = None;
@@ -1000,38 +897,26 @@ mod tests {
         snap.tier.counted = true;
         assert_eq!(
             verdict(&request(), &snap),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
+            Verdict::Send { fallback: false }
         );
         // A limit recorded in the store (a webhook raised the tier) wins over configuration.
         snap.tier.counted = false;
         snap.tier.limit = Some(Some(2000));
         assert_eq!(
             verdict(&request(), &snap),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
+            Verdict::Send { fallback: false }
         );
         snap.tier.limit = Some(None);
         assert_eq!(
             verdict(&request(), &snap),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
+            Verdict::Send { fallback: false }
         );
         // Inside the care window the tier does not apply.
         snap.tier.limit = None;
         snap.last_inbound = Some(at(-1));
         assert_eq!(
             verdict(&request(), &snap),
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
+            Verdict::Send { fallback: false }
         );
     }
 
@@ -1082,13 +967,7 @@ mod tests {
         );
         req.now = ms(5_400);
         let (v, e) = admit(&req, &snap);
-        assert_eq!(
-            v,
-            Verdict::Send {
-                fallback: false,
-                wait: Duration::ZERO
-            }
-        );
+        assert_eq!(v, Verdict::Send { fallback: false });
         assert_eq!(
             e.pair.map(|p| p.next),
             Some(ms(13_000)),

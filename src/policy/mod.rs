@@ -2,6 +2,7 @@
 //! and which delay queue a wait goes to. No I/O, no clocks: table-tested plain functions.
 
 pub mod admission;
+pub mod pace;
 pub mod template;
 
 use std::time::Duration;

@@ -3,15 +3,15 @@
 -- Every key carries the portfolio's hash tag, so this runs unchanged on Redis Cluster.
 --
 -- KEYS: 1 job record, 2 care window, 3 consent, 4 campaign, 5 template, 6 registry synced,
---       7 tier (zset wa_id -> ms), 8 tier limit, 9 pair state, 10 the number's send schedule
+--       7 tier (zset wa_id -> ms), 8 tier limit, 9 pair state
 -- ARGV: 1 owner, 2 now ms, 3 lease ms, 4 job record ttl s, 5 retake stale claims (0/1),
 --       6 expires_at ms or '', 7 not_before ms or '', 8 free-form (0/1),
 --       9 template in use: '' | 'job' | 'fallback', 10 its parameters are wrong (0/1),
 --       11 categories needing an opt-in as ',marketing,utility,', 12 tier limit or '' (unlimited),
 --       13 pair period ms, 14 pair burst, 15 care window ms, 16 tier window ms, 17 has campaign (0/1),
 --       18 recipient wa_id, 19 busy recheck ms, 20 campaign recheck ms, 21 template recheck ms,
---       22 registry recheck ms, 23 pair margin ms, 24 send interval µs or '' (unpaced)
--- Reply: {'send', fallback 0/1, wait µs} | {'sent', wamid} | {'done'} | {'ambiguous', since}
+--       22 registry recheck ms, 23 pair margin ms
+-- Reply: {'send', fallback 0/1} | {'sent', wamid} | {'done'} | {'ambiguous', since}
 --        | {'defer', why, until[, used, limit]} | {'dead', why[, detail...]}
 local function ms(x) return string.format('%.0f', x) end
 local now = tonumber(ARGV[2])
@@ -92,41 +92,21 @@ if not open then
   end
 end
 
--- 10. throughput: the number's next free slot, one interval after the last one booked by any
--- replica (slower for a while after a 130429); the pair rate is charged at that slot
-local send_at = now * 1000
-local pace_next = nil
-if ARGV[24] ~= '' then
-  local pc = redis.call('HMGET', KEYS[10], 'next', 'speed', 'slow_until')
-  local interval = tonumber(ARGV[24])
-  if pc[2] and pc[3] and now < tonumber(pc[3]) then
-    local speed = math.min(math.max(tonumber(pc[2]), 500), 1000)
-    interval = math.floor(interval * 1000 / speed)
-  end
-  if pc[1] and tonumber(pc[1]) > send_at then send_at = tonumber(pc[1]) end
-  pace_next = send_at + interval
-end
-local t = math.floor(send_at / 1000)
-
 -- 9. pair rate: a burst of up to `burst` within one period, each message borrowing a period;
 -- the margin lengthens the spacing and shortens the burst window (PairRate in admission.rs)
 local spacing = tonumber(ARGV[13]) + tonumber(ARGV[23])
 local burst_window = math.max(tonumber(ARGV[13]) - tonumber(ARGV[23]), 0)
 local p = redis.call('HMGET', KEYS[9], 'next', 'start', 'count')
-local nxt, start, count = t + spacing, t, 1
-if p[1] and t < tonumber(p[1]) then
-  if t < tonumber(p[2]) + burst_window and tonumber(p[3]) < tonumber(ARGV[14]) then
+local nxt, start, count = now + spacing, now, 1
+if p[1] and now < tonumber(p[1]) then
+  if now < tonumber(p[2]) + burst_window and tonumber(p[3]) < tonumber(ARGV[14]) then
     nxt, start, count = tonumber(p[1]) + spacing, tonumber(p[2]), tonumber(p[3]) + 1
   else
     return {'defer', 'pair', p[1]}
   end
 end
 
--- Admitted: claim, book the slot, charge the pair and the tier.
-if pace_next then
-  redis.call('HSET', KEYS[10], 'next', ms(pace_next))
-  redis.call('PEXPIRE', KEYS[10], 86400000)
-end
+-- Admitted: claim, charge the pair and the tier.
 redis.call('HSET', KEYS[9], 'next', ms(nxt), 'start', ms(start), 'count', count)
 redis.call('PEXPIREAT', KEYS[9], ms(nxt))
 if not open then
@@ -135,6 +115,5 @@ if not open then
 end
 redis.call('HSET', KEYS[1], 'state', 'claimed', 'owner', ARGV[1], 'at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-local fallback = '0'
-if template == 'fallback' then fallback = '1' end
-return {'send', fallback, ms(send_at - now * 1000)}
+if template == 'fallback' then return {'send', '1'} end
+return {'send', '0'}

@@ -14,9 +14,10 @@ use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
 use crate::job::Category;
 use crate::policy::admission::{
-    self, CampaignState, Consent, JobState, Mark, PaceState, PairState, Request, Snapshot,
-    TemplateState, TierState, Verdict,
+    self, CampaignState, Consent, JobState, Mark, PairState, Request, Snapshot, TemplateState,
+    TierState, Verdict,
 };
+use crate::policy::pace::PaceState;
 use crate::policy::template::TemplateDefinition;
 
 #[derive(Default)]
@@ -112,14 +113,10 @@ impl Store for MemoryStore {
                     limit: p.tier_limit,
                 },
                 pair: p.pairs.get(&pair_key).copied(),
-                pace: p.paces.get(&subject.number).copied().unwrap_or_default(),
             };
             let (verdict, effects) = admission::admit(req, &snapshot);
             if let Some(pair) = effects.pair {
                 p.pairs.insert(pair_key, pair);
-            }
-            if let Some(next) = effects.pace {
-                p.paces.entry(subject.number.clone()).or_default().next = Some(next);
             }
             if effects.tier {
                 p.tier.insert(subject.to.clone(), now);
@@ -370,6 +367,22 @@ impl Store for MemoryStore {
     async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError> {
         self.with(|s| {
             s.throughput.insert(number.clone(), mps);
+        })
+    }
+
+    async fn book_slot(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        now: DateTime<Utc>,
+        interval: Duration,
+    ) -> Result<Duration, StoreError> {
+        self.with(|s| {
+            let p = s.portfolios.entry(waba.clone()).or_default();
+            let pace = p.paces.entry(number.clone()).or_default();
+            let (at, next) = pace.book(now, interval);
+            *pace = next;
+            (at - now).to_std().unwrap_or_default()
         })
     }
 

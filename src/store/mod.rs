@@ -324,6 +324,16 @@ pub trait Store: Send + Sync {
     async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError>;
     /// Records a number's throughput (messages per second), winning over configuration.
     async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError>;
+    /// Books `number`'s next send slot in its schedule, shared by every replica: one `interval`
+    /// (longer while slowed down by a 130429) after the last slot booked, or `now`; returns how
+    /// long after `now` it comes.
+    async fn book_slot(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        now: DateTime<Utc>,
+        interval: Duration,
+    ) -> Result<Duration, StoreError>;
     /// Meta answered 130429 for `number`: its shared send schedule slows by a tenth (down to
     /// half) for `cooldown`, for every replica.
     async fn throttled(

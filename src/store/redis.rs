@@ -45,6 +45,24 @@ use crate::policy::admission::{
 };
 use crate::policy::template::TemplateDefinition;
 
+/// Books the number's next send slot: one interval (ARGV[2] µs, longer while slowed down)
+/// after the last one booked, or now (ARGV[1] µs); replies the wait in µs. The same rule as
+/// `PaceState::book`. KEYS: 1 the number's schedule.
+const BOOK_SLOT: &str = r#"
+local pc = redis.call('HMGET', KEYS[1], 'next', 'speed', 'slow_until')
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+if pc[2] and pc[3] and math.floor(now / 1000) < tonumber(pc[3]) then
+  local speed = math.min(math.max(tonumber(pc[2]), 500), 1000)
+  interval = math.floor(interval * 1000 / speed)
+end
+local at = now
+if pc[1] and tonumber(pc[1]) > at then at = tonumber(pc[1]) end
+redis.call('HSET', KEYS[1], 'next', string.format('%.0f', at + interval))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return string.format('%.0f', at - now)
+"#;
+
 /// A 130429: the number's send schedule a tenth slower (down to half) for ARGV[2] ms; the same
 /// rule as `PaceState::throttled`. KEYS: 1 the schedule. ARGV: 1 now ms, 2 cool-down ms.
 const THROTTLED: &str = r#"
@@ -117,6 +135,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     admit: Script,
+    book_slot: Script,
+    throttle: Script,
     settle: Script,
     inbound: Script,
     template_status: Script,
@@ -178,6 +198,8 @@ impl RedisStore {
             conn,
             prefix: prefix.to_owned(),
             admit: Script::new(include_str!("admit.lua")),
+            book_slot: Script::new(BOOK_SLOT),
+            throttle: Script::new(THROTTLED),
             settle: Script::new(SETTLE_CLAIM),
             inbound: Script::new(INBOUND),
             template_status: Script::new(TEMPLATE_STATUS),
@@ -270,7 +292,6 @@ fn verdict(reply: &[String], req: &Request) -> Result<Verdict, StoreError> {
     Ok(match arg(0)? {
         "send" => Verdict::Send {
             fallback: arg(1)? == "1",
-            wait: Duration::from_micros(arg(2)?.parse().map_err(|_| bad("wait"))?),
         },
         "sent" => Verdict::AlreadySent(Wamid::parse(arg(1)?).map_err(|e| bad(&e.to_string()))?),
         "done" => Verdict::AlreadyDead,
@@ -357,7 +378,6 @@ impl Store for RedisStore {
             self.tagged(waba, format_args!("tier")),
             self.tagged(waba, format_args!("tier:limit")),
             self.tagged(waba, format_args!("pair:{}:{}", subject.number, subject.to)),
-            self.pace_key(waba, &subject.number),
         ];
         let reply: Vec<String> = self
             .admit
@@ -387,11 +407,6 @@ impl Store for RedisStore {
             .arg(ms(req.template_recheck))
             .arg(ms(admission::REGISTRY_RECHECK))
             .arg(ms(req.pair.margin))
-            .arg(
-                req.pace
-                    .map(|d| d.as_micros().to_string())
-                    .unwrap_or_default(),
-            )
             .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("admit"))?;
@@ -795,6 +810,27 @@ impl Store for RedisStore {
             .map_err(command_error("set_throughput"))
     }
 
+    async fn book_slot(
+        &self,
+        waba: &WabaId,
+        number: &PhoneNumberId,
+        now: DateTime<Utc>,
+        interval: Duration,
+    ) -> Result<Duration, StoreError> {
+        let wait: String = self
+            .book_slot
+            .key(self.pace_key(waba, number))
+            .arg(now.timestamp_micros())
+            .arg(interval.as_micros() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("book_slot"))?;
+        let us = wait
+            .parse()
+            .map_err(|_| bad_reply("book_slot", format!("wait {wait:?}")))?;
+        Ok(Duration::from_micros(us))
+    }
+
     async fn throttled(
         &self,
         waba: &WabaId,
@@ -802,7 +838,8 @@ impl Store for RedisStore {
         now: DateTime<Utc>,
         cooldown: Duration,
     ) -> Result<(), StoreError> {
-        let _: i64 = Script::new(THROTTLED)
+        let _: i64 = self
+            .throttle
             .key(self.pace_key(waba, number))
             .arg(millis(now))
             .arg(cooldown.as_millis() as u64)
