@@ -147,3 +147,50 @@ async fn a_scheduled_job_hops_through_shorter_delay_queues_silently_and_is_never
     assert_eq!(app.simulator.audit().times_sent("job-scheduled"), 1);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_deferred_job_waits_in_exactly_one_delay_queue() {
+    let mut app = spawn_app("one-delay", |_, _| {}).await;
+    let mut scheduled = job(
+        "job-later",
+        json!({"type": "text", "text": {"body": "Your table is ready"}}),
+    );
+    scheduled["not_before"] =
+        json!((chrono::Utc::now() + chrono::TimeDelta::seconds(20)).to_rfc3339());
+    app.enqueue_reply(Lane::Transactional, &scheduled).await;
+    app.start_worker();
+    app.wait_job_event("job-later", "job.deferred").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Count what every delay queue holds, passively.
+    let connection = lapin::Connection::connect(
+        &app.settings.amqp.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut held = Vec::new();
+    for &tier in app.settings.delay_tiers().unwrap().all() {
+        let name = app.broker.names().delay_queue(tier);
+        let queue = channel
+            .queue_declare(
+                name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        held.push((name, queue.message_count()));
+    }
+    let total: u32 = held.iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        total, 1,
+        "one copy of the deferred job, in one tier: {held:?}"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    app.stop_worker().await;
+    app.cleanup().await;
+}

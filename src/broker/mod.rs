@@ -29,7 +29,13 @@ pub const H_DETAIL: &str = "x-wa-detail";
 pub const H_DUE: &str = "x-wa-due";
 /// Header: which delay queue a deferred job waits in (the delay exchange routes on it, so the
 /// routing key stays the job's own and brings it back to its number's lane when it expires).
-pub const H_DELAY: &str = "x-wa-delay";
+///
+/// CORRECTNESS: no `x-` prefix. A headers exchange ignores binding arguments that start with
+/// `x-`, so a binding on `x-wa-delay` matched every message: each deferral was copied into
+/// every delay queue, and the copies came back and multiplied.
+pub const H_DELAY: &str = "wa-delay";
+/// The header the delay bindings used before (see [`H_DELAY`]); unbound at start-up.
+pub const H_DELAY_LEGACY: &str = "x-wa-delay";
 /// Header: set when the worker re-routed a job that came in under a legacy lane-only key.
 pub const H_REROUTED: &str = "x-wa-rerouted";
 /// Header: W3C trace context.

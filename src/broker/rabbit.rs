@@ -17,8 +17,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::{Mutex, RwLock};
 
 use super::{
-    Acker, Broker, BrokerError, Delivery, Envelope, H_DELAY, HeaderValue, Headers, Intake, Stream,
-    Tap, Tapped, Target, Unrouted,
+    Acker, Broker, BrokerError, Delivery, Envelope, H_DELAY, H_DELAY_LEGACY, HeaderValue, Headers,
+    Intake, Stream, Tap, Tapped, Target, Unrouted,
 };
 use crate::ids::PhoneNumberId;
 use crate::job::Lane;
@@ -76,7 +76,7 @@ impl Names {
     pub fn unrouted(&self) -> String {
         format!("{}.send.unrouted", self.prefix)
     }
-    /// `wa.delay` (headers: `x-wa-delay` names the tier; the routing key is the job's own).
+    /// `wa.delay` (headers: `wa-delay` names the tier; the routing key is the job's own).
     pub fn delay_exchange(&self) -> String {
         format!("{}.delay", self.prefix)
     }
@@ -370,6 +370,19 @@ impl RabbitBroker {
                 on_tier,
             )
             .await?;
+            // The binding of earlier versions matched every message (see H_DELAY_LEGACY).
+            let legacy = args(&[
+                ("x-match", long_string("all")),
+                (H_DELAY_LEGACY, long_string(DelayTiers::name(tier))),
+            ]);
+            ch.queue_unbind(
+                n.delay_queue(tier).into(),
+                n.delay_exchange().into(),
+                "".into(),
+                legacy,
+            )
+            .await
+            .map_err(|e| BrokerError::op("queue.unbind", e))?;
         }
         queue(
             n.dead_queue(),
