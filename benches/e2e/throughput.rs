@@ -20,7 +20,7 @@ use crate::{Child, StandIn, WABA, cpu_us, median, memory_kib, number, number_id,
 
 /// Per-number in-flight jobs of both contenders (the bare loop gets the same total).
 fn concurrency() -> usize {
-    option("--concurrency").unwrap_or(32)
+    option("--concurrency").unwrap_or(16)
 }
 
 /// Queues `jobs` text jobs round-robin over `numbers` numbers under a fresh prefix, with every
@@ -123,7 +123,8 @@ async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
 pub async fn pairs() {
     let jobs: usize = option("--jobs").unwrap_or(20_000);
     let pairs: usize = option("--pairs").unwrap_or(3);
-    let numbers: usize = option("--numbers").unwrap_or(10);
+    // Enough numbers that their limits (1,000 msg/s each) do not cap the worker.
+    let numbers: usize = option("--numbers").unwrap_or(40);
     let stand_in = StandIn::start().await;
     println!(
         "e2e: {jobs} text jobs over {numbers} numbers, {} in flight per number, {pairs} interleaved pairs",
