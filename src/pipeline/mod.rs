@@ -489,6 +489,10 @@ impl Pipeline {
         // taken by a job admission then refuses is lost; that only slows a number whose jobs
         // are being refused.
         if let Some(interval) = self.pacer.interval(&job.phone_number_id) {
+            let _ahead = self
+                .pacer
+                .book_ahead(&job.phone_number_id, lane == Lane::Otp)
+                .await;
             let (wall, instant) = (Utc::now(), Instant::now());
             let booked = self
                 .store

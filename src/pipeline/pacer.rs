@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use governor::clock::Clock as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Number;
 use crate::ids::PhoneNumberId;
@@ -40,10 +41,20 @@ fn guard(limit: u32) -> Arc<DefaultDirectRateLimiter> {
     ))
 }
 
+/// How far ahead of its sends a replica books a number's slots (except for otp jobs).
+const BOOK_AHEAD: Duration = Duration::from_millis(250);
+
+/// How many slots a replica may hold booked and not yet reached for a number with `limit`.
+fn ahead(limit: u32, headroom: f64) -> Arc<Semaphore> {
+    let slots = (f64::from(limit) * headroom * BOOK_AHEAD.as_secs_f64()).ceil();
+    Arc::new(Semaphore::new((slots as usize).max(1)))
+}
+
 struct Pace {
     configured: u32,
     limit: u32,
     guard: Arc<DefaultDirectRateLimiter>,
+    ahead: Arc<Semaphore>,
 }
 
 /// This replica's side of every configured number's pacing.
@@ -63,6 +74,7 @@ impl Pacer {
                     configured: n.throughput_mps,
                     limit: n.throughput_mps,
                     guard: guard(n.throughput_mps),
+                    ahead: ahead(n.throughput_mps, headroom),
                 };
                 (id.clone(), Mutex::new(pace))
             })
@@ -83,6 +95,7 @@ impl Pacer {
             if limit != pace.limit {
                 pace.limit = limit;
                 pace.guard = guard(limit);
+                pace.ahead = ahead(limit, self.headroom);
             }
         }
     }
@@ -91,6 +104,22 @@ impl Pacer {
     pub fn interval(&self, number: &PhoneNumberId) -> Option<Duration> {
         let pace = self.numbers.get(number)?.lock().expect("pacer lock");
         Some(interval(pace.limit, self.headroom))
+    }
+
+    /// Leave to book a slot of `number`: a replica holds at most a quarter of a second of a
+    /// number's slots booked and not yet reached, so an `urgent` (otp) job, which books at
+    /// once, finds at most that many bulk slots ahead of it, not every job in flight. Hold the
+    /// permit until the slot is reached.
+    pub async fn book_ahead(
+        &self,
+        number: &PhoneNumberId,
+        urgent: bool,
+    ) -> Option<OwnedSemaphorePermit> {
+        if urgent {
+            return None;
+        }
+        let ahead = Arc::clone(&self.numbers.get(number)?.lock().expect("pacer lock").ahead);
+        ahead.acquire_owned().await.ok()
     }
 
     /// Live replicas as last heard.
