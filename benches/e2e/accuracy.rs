@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
-use wa_sender::store::Store;
 
 use crate::common::{flag, option};
 use crate::{Child, TOKEN, WABA, number, number_id, settings};
@@ -39,28 +37,7 @@ async fn scenario(numbers: usize, mps: u32, replicas: usize, jobs: usize, kill: 
     for n in 0..numbers {
         settings.numbers.insert(number_id(n), number(mps));
     }
-    let (broker, store) = wa_sender::app::connect(&settings)
-        .await
-        .expect("RabbitMQ and Redis");
-    let waba = WabaId::parse(WABA).unwrap();
-    let stamp = chrono::Utc::now();
-    for i in 0..jobs {
-        let pnid = PhoneNumberId::parse(number_id(i % numbers)).unwrap();
-        let to = WaId::parse(crate::recipient(i)).unwrap();
-        store
-            .record_inbound(&waba, &pnid, &to, stamp)
-            .await
-            .unwrap();
-    }
-    crate::preload(
-        &settings,
-        (0..jobs).map(|i| {
-            let pnid = number_id(i % numbers);
-            let job = crate::text_job(&format!("job-{i}"), &pnid, i);
-            (pnid, serde_json::to_vec(&job).unwrap())
-        }),
-    )
-    .await;
+    let (broker, store) = crate::queue_text_jobs(&settings, jobs, numbers).await;
     let args = vec![
         "worker".to_owned(),
         "--prefix".into(),

@@ -87,6 +87,43 @@ pub fn recipient(i: usize) -> String {
     format!("+4915{i:09}")
 }
 
+/// Connects under `settings` (declaring its queues), opens the care window of `jobs`
+/// recipients and queues a text job to each, round-robin over the first `numbers` numbers.
+pub async fn queue_text_jobs(
+    settings: &Settings,
+    jobs: usize,
+    numbers: usize,
+) -> (
+    Arc<wa_sender::broker::rabbit::RabbitBroker>,
+    Arc<wa_sender::store::redis::RedisStore>,
+) {
+    use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
+    use wa_sender::store::Store;
+    let (broker, store) = wa_sender::app::connect(settings)
+        .await
+        .expect("RabbitMQ and Redis");
+    let waba = WabaId::parse(WABA).unwrap();
+    let stamp = chrono::Utc::now();
+    for i in 0..jobs {
+        let pnid = PhoneNumberId::parse(number_id(i % numbers)).unwrap();
+        let to = WaId::parse(recipient(i)).unwrap();
+        store
+            .record_inbound(&waba, &pnid, &to, stamp)
+            .await
+            .unwrap();
+    }
+    preload(
+        settings,
+        (0..jobs).map(|i| {
+            let pnid = number_id(i % numbers);
+            let job = text_job(&format!("job-{i}"), &pnid, i);
+            (pnid, serde_json::to_vec(&job).unwrap())
+        }),
+    )
+    .await;
+    (broker, store)
+}
+
 /// Publishes `bodies` to the send exchange of `settings` with pipelined confirms (up to 4,096
 /// unconfirmed), as a fast producer would; each under `bulk.<phone_number_id>`.
 pub async fn preload(settings: &Settings, bodies: impl Iterator<Item = (String, Vec<u8>)>) {
@@ -251,7 +288,11 @@ impl Child {
 /// CPU time this process used so far (user + system), µs, from `/proc/self/stat` (clock ticks
 /// of 10 ms).
 pub fn cpu_us() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu_us(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
+/// User + system time in a `/proc/<pid>/stat` line, µs (clock ticks of 10 ms).
+fn stat_cpu_us(stat: &str) -> u64 {
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| {
@@ -279,15 +320,7 @@ pub fn services_cpu_us() -> (u64, u64) {
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
         .filter(|stat| stat.contains("(beam.smp)") || stat.contains("(redis-server)"))
         .map(|stat| {
-            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let ticks = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|f| f.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            let us = (ticks(11) + ticks(12)) * 10_000;
+            let us = stat_cpu_us(&stat);
             if stat.contains("(beam.smp)") {
                 (us, 0)
             } else {

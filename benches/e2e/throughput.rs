@@ -12,11 +12,9 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use wa_sender::broker::Broker;
-use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
-use wa_sender::store::Store;
 
 use crate::common::option;
-use crate::{Child, StandIn, WABA, cpu_us, median, memory_kib, number, number_id, settings};
+use crate::{Child, StandIn, cpu_us, median, memory_kib, number, number_id, settings};
 
 /// Per-number in-flight jobs of both contenders (the bare loop gets the same total).
 fn concurrency() -> usize {
@@ -30,28 +28,7 @@ async fn prepare(jobs: usize, numbers: usize, cloud: &str) -> (Vec<String>, Clea
     for n in 0..numbers {
         settings.numbers.insert(number_id(n), number(1000));
     }
-    let (broker, store) = wa_sender::app::connect(&settings)
-        .await
-        .expect("RabbitMQ and Redis");
-    let waba = WabaId::parse(WABA).unwrap();
-    let stamp = chrono::Utc::now();
-    for i in 0..jobs {
-        let pnid = PhoneNumberId::parse(number_id(i % numbers)).unwrap();
-        let to = WaId::parse(crate::recipient(i)).unwrap();
-        store
-            .record_inbound(&waba, &pnid, &to, stamp)
-            .await
-            .unwrap();
-    }
-    crate::preload(
-        &settings,
-        (0..jobs).map(|i| {
-            let pnid = number_id(i % numbers);
-            let job = crate::text_job(&format!("job-{i}"), &pnid, i);
-            (pnid, serde_json::to_vec(&job).unwrap())
-        }),
-    )
-    .await;
+    let (broker, store) = crate::queue_text_jobs(&settings, jobs, numbers).await;
     let args = vec![
         "--prefix".into(),
         settings.amqp.prefix.clone(),
