@@ -201,7 +201,7 @@ pub struct AdmissionSettings {
     pub template_recheck: Duration,
 }
 
-/// How replicas share each number's throughput.
+/// How replicas pace each number's throughput.
 #[derive(Debug, Clone)]
 pub struct PacingSettings {
     /// The replicas' group.
@@ -212,7 +212,7 @@ pub struct PacingSettings {
     pub replica_ttl: Duration,
     /// Share of the limit used.
     pub headroom: f64,
-    /// How long a 130429 slows the share.
+    /// How long a 130429 slows the number's schedule.
     pub throttle_cooldown: Duration,
 }
 
@@ -266,7 +266,7 @@ impl Pipeline {
         Arc::clone(&self.stats)
     }
 
-    /// This replica's pacing (shares of each number's throughput).
+    /// This replica's side of each number's pacing.
     pub fn pacer(&self) -> &Pacer {
         &self.pacer
     }
@@ -298,7 +298,7 @@ impl Pipeline {
         })
     }
 
-    /// Leaves the replica group (after draining), so the others take over this share at once.
+    /// Leaves the replica group (after draining).
     pub async fn leave(&self) {
         let group = &self.settings.pacing.group;
         if let Err(e) = self.store.leave(group, &self.settings.owner).await {
@@ -326,7 +326,7 @@ impl Pipeline {
                 live.replicas
             }
             Err(e) => {
-                warn!(error = %e, "heartbeat failed; keeping the last known shares");
+                warn!(error = %e, "heartbeat failed; keeping the last known limits");
                 self.pacer.replicas()
             }
         }
