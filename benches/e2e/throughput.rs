@@ -63,7 +63,9 @@ impl Cleanup {
     async fn run(self) {
         crate::events_queue(&self.settings, false).await;
         self.broker.delete_topology().await.unwrap();
-        self.store.delete_all().await.unwrap();
+        if let Err(e) = self.store.delete_all().await {
+            eprintln!("could not delete the run's Redis keys ({e}); delete them by prefix");
+        }
         self.broker.close().await;
     }
 }
@@ -183,7 +185,6 @@ pub async fn rss() {
         }
     };
     let _ = child.process.wait().await;
-    cleanup.run().await;
     let mib = |k: u64| k as f64 / 1024.0;
     let shown: Vec<String> = samples
         .iter()
@@ -202,6 +203,7 @@ pub async fn rss() {
         report["peak_kib"].as_f64().unwrap() / 1024.0,
         report["rate"].as_f64().unwrap()
     );
+    cleanup.run().await;
 }
 
 /// `child worker|bare --prefix P --cloud URL --numbers N --concurrency C [--expect J] [--samples]`.
