@@ -175,7 +175,7 @@ pub struct WorkerSettings {
     pub throttle_cooldown_secs: u64,
 }
 
-/// Admission rules (DESIGN.md §7).
+/// Admission rules.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySettings {

@@ -1,4 +1,4 @@
-//! Events, schema `wa.event.v1` (DESIGN.md §5), published to `wa.events` with routing key =
+//! Events, schema `wa.event.v1`, published to `wa.events` with routing key =
 //! `event`, and the closed set of dead-letter reasons that dashboards and producers act on.
 
 use chrono::{DateTime, Utc};

@@ -1,5 +1,5 @@
 //! One conformance suite, two stores: the in-memory store must answer exactly like Redis, rule
-//! by rule (DESIGN.md §7), and keep the same records.
+//! by rule, and keep the same records.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,7 +237,7 @@ async fn idempotency(store: &dyn Store) {
     );
 }
 
-/// Each rule of DESIGN.md §7, with the exact verdict.
+/// Each admission rule, with the exact verdict.
 async fn rules(store: &dyn Store) {
     let t = now();
     let w = waba();

@@ -1,4 +1,4 @@
-//! The send job, schema `wa.send.v1` (DESIGN.md §4): what producers put on `wa.send`.
+//! The send job, schema `wa.send.v1`: what producers put on `wa.send`.
 //! [`decode`] is the first stage of the pipeline; decoding is validation, so everything after it
 //! works on a [`SendJob`] that Meta's request validation would accept.
 

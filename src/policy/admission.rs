@@ -1,4 +1,4 @@
-//! Admission, DESIGN.md §7 steps 2–9, as one pure function: may this job be sent now, and what
+//! Admission (steps 2–9 of the flow), as one pure function: may this job be sent now, and what
 //! does sending it change? The Redis store runs the same rules as one Lua script (one round trip,
 //! atomic across replicas); the in-memory store calls [`admit`] under a lock. The conformance
 //! suite (`tests/store_conformance.rs`) holds the two to the same answers.

@@ -1,8 +1,8 @@
 //! Shared state behind the [`Store`] trait: Redis ([`redis`]) for production, in-process
 //! ([`memory`]) for the embedded demo; both pass the same conformance tests
-//! (`tests/store_conformance.rs`). It holds what DESIGN.md §6 lists: idempotency records, care
-//! windows, consent, the template registry, campaigns, tier and pair-rate state, and the live
-//! replicas that share each number's throughput. The key schema is in [`redis`].
+//! (`tests/store_conformance.rs`). It holds idempotency records, care windows, consent, the
+//! template registry, campaigns, tier and pair-rate state, each number's send schedule, and the
+//! live replicas. The key schema is in [`redis`].
 
 pub mod memory;
 pub mod redis;
@@ -215,7 +215,7 @@ pub struct Live {
 /// Shared state as the pipeline, the admin commands and the webhook processor see it.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Decides whether a job may be sent now (DESIGN.md §7 steps 2–9) and, if so, claims it
+    /// Decides whether a job may be sent now and, if so, claims it
     /// and charges its pair rate and tier: one round trip, atomic across replicas.
     async fn admit(&self, subject: &Subject, request: &Request) -> Result<Verdict, StoreError>;
     /// Records that Meta accepted the job, indexes the wamid for webhook correlation and counts
