@@ -123,13 +123,13 @@ async fn scenario(numbers: usize, mps: u32, replicas: usize, jobs: usize, kill: 
         .max()
         .unwrap_or(0);
     let lowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
-    let throughput_deferrals: u64 = deferred
+    let retried_after_throttle: u64 = deferred
         .iter()
-        .filter(|(why, _)| why.contains("throughput"))
+        .filter(|(why, _)| why.as_str() == "throttled")
         .map(|(_, n)| n)
         .sum();
     println!(
-        "accuracy{}: {} sent in {:.1} s; 130429 answers: {}; highest sends of a number in any 1 s: {peak} (limit {mps}); every number after its first second at >= {:.1}% of its limit; {} deferrals for throughput, {:?} in all; {} sent twice",
+        "accuracy{}: {} sent in {:.1} s; 130429 answers: {}; highest sends of a number in any 1 s: {peak} (limit {mps}); every number after its first second at >= {:.1}% of its limit; {} retries after a 130429, deferrals by cause {:?}; {} sent twice",
         if kill {
             format!(
                 " (replica killed and another started at {:.1} s)",
@@ -142,7 +142,7 @@ async fn scenario(numbers: usize, mps: u32, replicas: usize, jobs: usize, kill: 
         started.elapsed().as_secs_f64(),
         audit.error_count(130429),
         lowest * 100.0,
-        throughput_deferrals,
+        retried_after_throttle,
         deferred,
         audit.duplicates.len(),
     );
