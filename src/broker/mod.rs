@@ -3,6 +3,7 @@
 //! ([`rabbit`]) for production and an in-process broker ([`memory`]) for the embedded demo.
 //! Nothing of lapin leaks out of this module.
 
+mod acks;
 pub mod memory;
 pub mod rabbit;
 

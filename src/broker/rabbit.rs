@@ -1,6 +1,7 @@
 //! RabbitMQ through lapin: the topology (a queue per business number and lane, the unrouted
 //! queue, delay queues, events, dead letters, webhook intake) declared idempotently at connect,
-//! publisher confirms on every publish, one consuming channel per number.
+//! publisher confirms on every publish, one consuming channel per number whose acks go out in
+//! batches ([`super::acks`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, RwLock};
 
+use super::acks::{Acks, SendAcks};
 use super::{
     Acker, Broker, BrokerError, Delivery, Envelope, H_DELAY, H_DELAY_LEGACY, HeaderValue, Headers,
     Intake, Stream, Tap, Tapped, Target, Unrouted,
@@ -466,6 +468,8 @@ impl RabbitBroker {
         // Dropping every stream of the channel (a consumer that gives up after an error) closes
         // it, so the deliveries it held go back to their queues at once instead of staying unacked.
         let guard = Arc::new(ChannelGuard(channel.clone()));
+        let acks = Arc::new(Acks::default());
+        let sender: Arc<dyn SendAcks> = Arc::new(ChannelAcks(channel.clone()));
         let mut streams = Vec::with_capacity(queues.len());
         for (queue, origin) in queues {
             let tag: ShortString =
@@ -480,12 +484,13 @@ impl RabbitBroker {
                 .await
                 .map_err(|e| BrokerError::op("basic.consume", e))?;
             self.consumers.lock().await.push((channel.clone(), tag));
-            let guard = Arc::clone(&guard);
+            let (guard, acks, sender) = (Arc::clone(&guard), Arc::clone(&acks), sender.clone());
             streams.push(
                 consumer
                     .map(move |d| {
                         let _ = &guard;
                         let d = d.map_err(|e| BrokerError::op("consume", e))?;
+                        acks.delivered(d.delivery_tag);
                         let envelope = Envelope {
                             body: d.data.into(),
                             headers: from_properties(&d.properties),
@@ -494,7 +499,12 @@ impl RabbitBroker {
                             origin(d.routing_key.as_str()),
                             envelope,
                             d.redelivered,
-                            Box::new(LapinAcker(d.acker)),
+                            Box::new(LapinAcker {
+                                acker: d.acker,
+                                tag: d.delivery_tag,
+                                acks: Arc::clone(&acks),
+                                sender: sender.clone(),
+                            }),
                         ))
                     })
                     .boxed(),
@@ -574,23 +584,42 @@ impl Drop for ChannelGuard {
     }
 }
 
-struct LapinAcker(lapin::Acker);
+/// Settles one delivery: acks go out in batches per channel (see [`Acks`]), a requeue at once.
+struct LapinAcker {
+    acker: lapin::Acker,
+    tag: u64,
+    acks: Arc<Acks>,
+    sender: Arc<dyn SendAcks>,
+}
 
 #[async_trait]
 impl Acker for LapinAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.0
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| BrokerError::op("basic.ack", e))
+        self.acks.ack(self.tag, &self.sender).await
     }
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.0
+        let rejected = self
+            .acker
             .reject(BasicRejectOptions { requeue: true })
             .await
             .map(|_| ())
-            .map_err(|e| BrokerError::op("basic.reject", e))
+            .map_err(|e| BrokerError::op("basic.reject", e));
+        // Only once the reject is on the channel may a later `multiple` ack pass this tag.
+        self.acks.forget(self.tag);
+        rejected
+    }
+}
+
+/// Sends a consuming channel's ack batches.
+struct ChannelAcks(Channel);
+
+#[async_trait]
+impl SendAcks for ChannelAcks {
+    async fn ack(&self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
+        self.0
+            .basic_ack(tag, BasicAckOptions { multiple })
+            .await
+            .map_err(|e| BrokerError::op("basic.ack", e))
     }
 }
 
