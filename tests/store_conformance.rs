@@ -16,7 +16,7 @@ use wa_sender::policy::template::TemplateDefinition;
 use wa_sender::store::memory::MemoryStore;
 use wa_sender::store::redis::RedisStore;
 use wa_sender::store::{
-    Cost, Heartbeat, JobKey, Message, Report, Store, Subject, Tally, WamidRecord,
+    Booked, Cost, Heartbeat, JobKey, Message, Report, SlotAsk, Store, Subject, Tally, WamidRecord,
 };
 
 const WABA: &str = "102290129340398";
@@ -605,6 +605,60 @@ async fn pacing(store: &dyn Store) {
     assert_eq!(book(at).await, ms(100));
 }
 
+/// A slot close enough is booked and admitted in one call; a later one is booked and waited
+/// for with nothing claimed.
+async fn booked_admission(store: &dyn Store) {
+    let t = now();
+    let ms = Duration::from_millis;
+    let (a, b) = ("4915100000061", "4915100000062");
+    for to in [a, b] {
+        let s = subject("x", to, None);
+        store
+            .record_inbound(&waba(), &s.number, &s.to, t - secs(60))
+            .await
+            .unwrap();
+    }
+    let req = request(t, false);
+    // At 10 msg/s: a slot every 100 ms; admit when the slot is at most 5 ms away.
+    let ask = SlotAsk {
+        now: t,
+        interval: ms(100),
+        within: ms(5),
+    };
+    let first = subject("slot-1", a, None);
+    assert_eq!(
+        store.book_and_admit(&first, &req, &ask).await.unwrap(),
+        Booked::Admitted {
+            wait: ms(0),
+            verdict: Verdict::Send { fallback: false }
+        }
+    );
+    // Claimed: the same job asked again is busy.
+    assert!(matches!(
+        admit(store, &first, &req).await,
+        Verdict::Defer {
+            why: DeferReason::ClaimedElsewhere,
+            ..
+        }
+    ));
+    // The next slot is 100 ms away: booked, nothing claimed, so admission alone then sends.
+    let second = subject("slot-2", b, None);
+    assert_eq!(
+        store.book_and_admit(&second, &req, &ask).await.unwrap(),
+        Booked::Later(ms(100))
+    );
+    assert_eq!(
+        admit(store, &second, &req).await,
+        Verdict::Send { fallback: false }
+    );
+    // Both calls booked a slot: the schedule's next one is 200 ms away.
+    let number = PhoneNumberId::parse(NUMBER).unwrap();
+    assert_eq!(
+        store.book_slot(&waba(), &number, t, ms(100)).await.unwrap(),
+        ms(200)
+    );
+}
+
 /// Consent, campaigns, heartbeats and locks read back what was written.
 async fn records(store: &dyn Store) {
     let t = now();
@@ -778,6 +832,7 @@ async fn conformance(fresh: impl AsyncFn() -> Arc<dyn Store>) {
     unsynced_registry(fresh().await.as_ref()).await;
     limits(fresh().await.as_ref()).await;
     pacing(fresh().await.as_ref()).await;
+    booked_admission(fresh().await.as_ref()).await;
     records(fresh().await.as_ref()).await;
 }
 
@@ -841,6 +896,34 @@ async fn redis_admission_is_one_round_trip() {
         store.round_trips() - before,
         50,
         "one request to Redis per admission"
+    );
+    // A send slot booked with the admission costs no second request.
+    let before = store.round_trips();
+    let ask = SlotAsk {
+        now: t,
+        interval: Duration::from_millis(1),
+        within: Duration::from_secs(1),
+    };
+    let booked = store
+        .book_and_admit(
+            &subject("j-slot", "4915100001099", Some("order_update")),
+            &Request {
+                opt_in: OptInPolicy {
+                    marketing: false,
+                    utility: false,
+                    authentication: false,
+                },
+                ..request(t, true)
+            },
+            &ask,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(booked, Booked::Admitted { .. }), "{booked:?}");
+    assert_eq!(
+        store.round_trips() - before,
+        1,
+        "slot and admission in one request"
     );
     store.delete_all().await.unwrap();
 }

@@ -187,6 +187,32 @@ pub struct Subject {
     pub template: Option<(String, String)>,
 }
 
+/// A job's request for its send slot, made together with its admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotAsk {
+    /// When the slot is asked for (microseconds count).
+    pub now: DateTime<Utc>,
+    /// The number's interval between sends at full speed.
+    pub interval: Duration,
+    /// Admit only when the slot booked comes within this long; a later slot is waited for
+    /// first, with nothing claimed.
+    pub within: Duration,
+}
+
+/// The answer to [`Store::book_and_admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Booked {
+    /// The slot comes in `wait`, close enough: admission decided in the same round trip.
+    Admitted {
+        /// How long after [`SlotAsk::now`] the slot comes.
+        wait: Duration,
+        /// Admission's verdict (a `Send` holds the claim).
+        verdict: Verdict,
+    },
+    /// The slot comes in this long: wait for it, then ask admission alone.
+    Later(Duration),
+}
+
 /// One replica's heartbeat, and what it learns back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat<'a> {
@@ -218,6 +244,24 @@ pub trait Store: Send + Sync {
     /// Decides whether a job may be sent now and, if so, claims it
     /// and charges its pair rate and tier: one round trip, atomic across replicas.
     async fn admit(&self, subject: &Subject, request: &Request) -> Result<Verdict, StoreError>;
+    /// Books the job's send slot ([`Store::book_slot`]) and, when it comes within
+    /// `ask.within`, decides admission ([`Store::admit`]) at once: for a number below its limit,
+    /// the slot and the claim cost one round trip. A slot admission refuses is lost, as it is
+    /// when the two are asked apart.
+    async fn book_and_admit(
+        &self,
+        subject: &Subject,
+        request: &Request,
+        ask: &SlotAsk,
+    ) -> Result<Booked, StoreError> {
+        let (waba, number) = (&subject.job.waba, &subject.number);
+        let wait = self.book_slot(waba, number, ask.now, ask.interval).await?;
+        if wait > ask.within {
+            return Ok(Booked::Later(wait));
+        }
+        let verdict = self.admit(subject, request).await?;
+        Ok(Booked::Admitted { wait, verdict })
+    }
     /// Records that Meta accepted the job, indexes the wamid for webhook correlation and counts
     /// it as accepted in its reports.
     async fn mark_sent(

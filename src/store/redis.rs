@@ -34,8 +34,8 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally,
-    WAMID_TTL, WamidRecord,
+    Booked, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, SlotAsk, Store, StoreError,
+    Subject, Tally, WAMID_TTL, WamidRecord,
 };
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
@@ -45,22 +45,37 @@ use crate::policy::admission::{
 };
 use crate::policy::template::TemplateDefinition;
 
-/// Books the number's next send slot: one interval (ARGV[2] µs, longer while slowed down)
-/// after the last one booked, or now (ARGV[1] µs); replies the wait in µs. The same rule as
-/// `PaceState::book`. KEYS: 1 the number's schedule.
-const BOOK_SLOT: &str = r#"
-local pc = redis.call('HMGET', KEYS[1], 'next', 'speed', 'slow_until')
-local now = tonumber(ARGV[1])
-local interval = tonumber(ARGV[2])
-if pc[2] and pc[3] and math.floor(now / 1000) < tonumber(pc[3]) then
-  local speed = math.min(math.max(tonumber(pc[2]), 500), 1000)
-  interval = math.floor(interval * 1000 / speed)
+/// Books the number's next send slot in the schedule at `key`: one `interval` µs (longer while
+/// slowed down) after the last one booked, or `now` µs; returns the wait in µs. The same rule
+/// as `PaceState::book`.
+const BOOK_SLOT_FN: &str = r#"
+local function book_slot(key, now, interval)
+  local pc = redis.call('HMGET', key, 'next', 'speed', 'slow_until')
+  if pc[2] and pc[3] and math.floor(now / 1000) < tonumber(pc[3]) then
+    local speed = math.min(math.max(tonumber(pc[2]), 500), 1000)
+    interval = math.floor(interval * 1000 / speed)
+  end
+  local at = now
+  if pc[1] and tonumber(pc[1]) > at then at = tonumber(pc[1]) end
+  redis.call('HSET', key, 'next', string.format('%.0f', at + interval))
+  redis.call('PEXPIRE', key, 86400000)
+  return at - now
 end
-local at = now
-if pc[1] and tonumber(pc[1]) > at then at = tonumber(pc[1]) end
-redis.call('HSET', KEYS[1], 'next', string.format('%.0f', at + interval))
-redis.call('PEXPIRE', KEYS[1], 86400000)
-return string.format('%.0f', at - now)
+"#;
+
+/// Books a slot alone. KEYS: 1 the schedule. ARGV: 1 now µs, 2 interval µs.
+const BOOK_SLOT: &str =
+    "return string.format('%.0f', book_slot(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])))";
+
+/// Books a slot, then admits when it comes within ARGV[26] µs. KEYS: 1-9 as admit.lua, 10 the
+/// schedule. ARGV: 1-23 as admit.lua, 24 now µs, 25 interval µs, 26 within µs.
+/// Reply: {'later', wait µs} | {wait µs, admit.lua's reply...}.
+const BOOK_AND_ADMIT: &str = r#"
+local wait = book_slot(KEYS[10], tonumber(ARGV[24]), tonumber(ARGV[25]))
+if wait > tonumber(ARGV[26]) then return {'later', string.format('%.0f', wait)} end
+local reply = admit()
+table.insert(reply, 1, string.format('%.0f', wait))
+return reply
 "#;
 
 /// A 130429: the number's send schedule a tenth slower (down to half) for ARGV[2] ms; the same
@@ -136,6 +151,7 @@ pub struct RedisStore {
     prefix: String,
     admit: Script,
     book_slot: Script,
+    book_and_admit: Script,
     throttle: Script,
     settle: Script,
     inbound: Script,
@@ -198,7 +214,11 @@ impl RedisStore {
             conn,
             prefix: prefix.to_owned(),
             admit: Script::new(include_str!("admit.lua")),
-            book_slot: Script::new(BOOK_SLOT),
+            book_slot: Script::new(&format!("{BOOK_SLOT_FN}\n{BOOK_SLOT}")),
+            book_and_admit: Script::new(&format!(
+                "{BOOK_SLOT_FN}\nlocal function admit()\n{}\nend\n{BOOK_AND_ADMIT}",
+                include_str!("admit.lua")
+            )),
             throttle: Script::new(THROTTLED),
             settle: Script::new(SETTLE_CLAIM),
             inbound: Script::new(INBOUND),
@@ -344,9 +364,14 @@ fn verdict(reply: &[String], req: &Request) -> Result<Verdict, StoreError> {
     })
 }
 
-#[async_trait]
-impl Store for RedisStore {
-    async fn admit(&self, subject: &Subject, req: &Request) -> Result<Verdict, StoreError> {
+impl RedisStore {
+    /// `script` invoked with admit.lua's keys and arguments for `subject` and `req`.
+    fn admission<'a>(
+        &self,
+        script: &'a Script,
+        subject: &Subject,
+        req: &Request,
+    ) -> redis::ScriptInvocation<'a> {
         let waba = &subject.job.waba;
         let (name, language) = subject
             .template
@@ -379,9 +404,8 @@ impl Store for RedisStore {
             self.tagged(waba, format_args!("tier:limit")),
             self.tagged(waba, format_args!("pair:{}:{}", subject.number, subject.to)),
         ];
-        let reply: Vec<String> = self
-            .admit
-            .key(&keys)
+        let mut invocation = script.key(&keys);
+        invocation
             .arg(&req.owner)
             .arg(millis(req.now))
             .arg(ms(req.lease))
@@ -406,11 +430,47 @@ impl Store for RedisStore {
             .arg(ms(req.campaign_recheck))
             .arg(ms(req.template_recheck))
             .arg(ms(admission::REGISTRY_RECHECK))
-            .arg(ms(req.pair.margin))
+            .arg(ms(req.pair.margin));
+        invocation
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn admit(&self, subject: &Subject, req: &Request) -> Result<Verdict, StoreError> {
+        let reply: Vec<String> = self
+            .admission(&self.admit, subject, req)
             .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("admit"))?;
         verdict(&reply, req)
+    }
+
+    async fn book_and_admit(
+        &self,
+        subject: &Subject,
+        req: &Request,
+        ask: &SlotAsk,
+    ) -> Result<Booked, StoreError> {
+        let reply: Vec<String> = self
+            .admission(&self.book_and_admit, subject, req)
+            .key(self.pace_key(&subject.job.waba, &subject.number))
+            .arg(ask.now.timestamp_micros())
+            .arg(ask.interval.as_micros() as u64)
+            .arg(ask.within.as_micros() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("book_and_admit"))?;
+        let bad = || bad_reply("book_and_admit", format!("{reply:?}"));
+        let micros = |s: &String| s.parse().map(Duration::from_micros).map_err(|_| bad());
+        match reply.split_first() {
+            Some((kind, [wait])) if kind == "later" => Ok(Booked::Later(micros(wait)?)),
+            Some((wait, admitted)) => Ok(Booked::Admitted {
+                wait: micros(wait)?,
+                verdict: verdict(admitted, req)?,
+            }),
+            None => Err(bad()),
+        }
     }
 
     async fn mark_sent(
