@@ -12,13 +12,15 @@
 //!   windows, templates, campaigns, replica heartbeats.
 //! - [`worker`]: the consumer loops, one per business number: lane priorities, concurrency,
 //!   graceful drain.
-//! - [`event`]: events on `wa.events` and the closed set of dead-letter reasons.
+//! - [`event`]: events on `wa.events`.
 //! - [`webhook`]: Meta's webhooks: the signed-POST receiver, the payload parser, the status machine.
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
 //! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
 //!   imports, care windows.
 //! - [`app`]: wiring shared by `main`, tests, benches and [`demo`].
 //! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
+//! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, lanes, categories, error
+//!   codes, template definitions); it imports nothing else from the crate.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
@@ -39,5 +41,6 @@ pub mod registry;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod vocab;
 pub mod webhook;
 pub mod worker;

@@ -12,9 +12,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::event::DeadReason;
 use crate::ids::Wamid;
-use crate::job::Category;
+use crate::vocab::{Category, DeadReason};
 
 /// The care window: 24 h from the user's last inbound message.
 pub const CARE_WINDOW: Duration = Duration::from_secs(24 * 3600);
