@@ -17,7 +17,8 @@
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
 //! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
 //!   imports, care windows.
-//! - [`app`]: wiring shared by `main`, tests, benches and [`demo`].
+//! - [`app`]: wiring shared by `main`, tests, benches and [`demo`]; [`server`] serves the HTTP
+//!   APIs (admin, webhook receiver).
 //! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
 //! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, lanes, categories, error
 //!   codes, template definitions); it imports nothing else from the crate.
@@ -38,6 +39,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod pricing;
 pub mod registry;
+pub mod server;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
