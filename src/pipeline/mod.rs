@@ -3,6 +3,7 @@
 //! [`Pipeline::process_one`] takes a delivery and settles it exactly once; everything before
 //! [`Pipeline::settle`] only *decides* (an [`Outcome`]), so every path ends in one place.
 
+mod outcome;
 mod pacer;
 mod stats;
 
@@ -15,6 +16,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+pub use outcome::{Dead, Later, Outcome};
 pub use pacer::Pacer;
 pub use stats::{Stats, StatsSnapshot};
 
@@ -45,125 +47,6 @@ const LATE_SLOT: Duration = Duration::from_millis(10);
 const LATE_REBOOKS: u32 = 3;
 /// How long a job for a paused template waits before it looks again.
 const PARKED_TEMPLATE_WAIT: Duration = Duration::from_secs(600);
-
-/// The decision for one delivery.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Meta accepted it: publish `message.accepted`, ack.
-    Accepted(Box<Event>),
-    /// Nothing to do: it was sent (re-announce its `message.accepted`) or dead-lettered before.
-    AlreadyDone(Option<Box<Event>>),
-    /// Not now: publish to a delay queue, ack.
-    Later(Later),
-    /// Never: publish to `wa.dead` and `job.dead_lettered`, ack.
-    Dead(Box<Dead>),
-}
-
-impl Outcome {
-    /// Dead-lettered by policy (no Cloud API error behind it), with the specific detail.
-    pub fn dead(
-        reason: DeadReason,
-        detail: impl Into<String>,
-        attempts: u32,
-        job: SendJob,
-    ) -> Self {
-        Outcome::dead_letter(
-            reason,
-            None,
-            ErrorSource::Policy,
-            detail.into(),
-            attempts,
-            job,
-        )
-    }
-
-    /// Dead-lettered because of `error` (Meta's answer), with the specific detail.
-    pub fn dead_after(
-        reason: DeadReason,
-        error: &EventError,
-        detail: impl Into<String>,
-        attempts: u32,
-        job: SendJob,
-    ) -> Self {
-        let (code, source) = (error.code, error.source);
-        Outcome::dead_letter(reason, code, source, detail.into(), attempts, job)
-    }
-
-    fn dead_letter(
-        reason: DeadReason,
-        code: Option<i64>,
-        source: ErrorSource,
-        detail: String,
-        attempts: u32,
-        job: SendJob,
-    ) -> Self {
-        Outcome::Dead(Box::new(Dead {
-            reason,
-            code,
-            detail,
-            source,
-            attempts,
-            job: Some(Box::new(job)),
-            salvaged_job_id: None,
-        }))
-    }
-}
-
-/// A deferral or retry.
-#[derive(Debug)]
-pub struct Later {
-    /// Whether to publish `job.deferred` (not for the silent hops of a long wait).
-    pub announce: bool,
-    /// When it is due.
-    pub due: DateTime<Utc>,
-    /// Attempts after this delivery.
-    pub attempts: u32,
-    /// Short cause, for logs and the `job.deferred` event.
-    pub why: String,
-    /// The error that caused it, if any.
-    pub error: Option<EventError>,
-    /// The job (absent only if it could not be decoded, which never defers).
-    pub job: Option<Box<SendJob>>,
-}
-
-impl Later {
-    /// A deferral of `job` until `due`, announced with `job.deferred`.
-    pub fn new(
-        due: DateTime<Utc>,
-        attempts: u32,
-        why: impl Into<String>,
-        error: Option<EventError>,
-        job: SendJob,
-    ) -> Self {
-        Later {
-            announce: true,
-            due,
-            attempts,
-            why: why.into(),
-            error,
-            job: Some(Box::new(job)),
-        }
-    }
-}
-
-/// A dead letter.
-#[derive(Debug)]
-pub struct Dead {
-    /// The reason (a closed set).
-    pub reason: DeadReason,
-    /// Meta's code, when Meta said so.
-    pub code: Option<i64>,
-    /// Specific detail.
-    pub detail: String,
-    /// Where it was found.
-    pub source: ErrorSource,
-    /// Attempts made.
-    pub attempts: u32,
-    /// The job, if it decoded.
-    pub job: Option<Box<SendJob>>,
-    /// Its `job_id` if it could be salvaged from an undecodable body.
-    pub salvaged_job_id: Option<String>,
-}
 
 /// Timing knobs of the pipeline.
 #[derive(Debug, Clone)]
@@ -449,9 +332,7 @@ impl Pipeline {
         // The store keeps milliseconds; deciding on the same precision keeps both stores equal.
         let now = truncate_to_millis(Utc::now());
         let dead = |reason, detail: String, job| Outcome::dead(reason, detail, attempts, job);
-        let later = |due, why: &str, job: SendJob| {
-            Outcome::Later(Later::new(due, attempts, why, None, job))
-        };
+        let later = |due, why: &str, job: SendJob| Outcome::later(due, attempts, why, None, job);
 
         let Some(number) = self.numbers.get(&job.phone_number_id) else {
             let detail = format!(
@@ -475,10 +356,7 @@ impl Pipeline {
             && job.expires_at.is_none_or(|e| e > now)
         {
             return match due.filter(|d| *d > now) {
-                Some(_) => Outcome::Later(Later {
-                    announce: false,
-                    ..Later::new(not_before, attempts, "not yet due", None, job)
-                }),
+                Some(_) => Outcome::later_silent(not_before, attempts, "not yet due", job),
                 None => later(not_before, "not_before", job),
             };
         }
@@ -569,13 +447,11 @@ impl Pipeline {
             Ok(Verdict::Send { fallback }) => fallback,
             Ok(Verdict::AlreadySent(wamid)) => {
                 self.stats.count_duplicate_avoided();
-                let mut event = Event::for_job("message.accepted", &job);
-                event.wamid = Some(wamid.to_string());
-                return Outcome::AlreadyDone(Some(Box::new(event)));
+                return Outcome::already_sent(&job, &wamid);
             }
-            Ok(Verdict::AlreadyDead) => return Outcome::AlreadyDone(None),
+            Ok(Verdict::AlreadyDead) => return Outcome::already_dead(),
             Ok(Verdict::Defer { until, why }) => {
-                return Outcome::Later(Later::new(
+                return Outcome::later(
                     until,
                     attempts,
                     why.label(),
@@ -586,7 +462,7 @@ impl Pipeline {
                         source: ErrorSource::Policy,
                     }),
                     job,
-                ));
+                );
             }
             Ok(Verdict::Dead(why)) => {
                 let detail = match (&why, template) {
@@ -669,10 +545,7 @@ impl Pipeline {
                     // find a stale claim and treat it as ambiguous, never resend blindly.
                     error!(error = %e, "could not record the accepted send");
                 }
-                let mut event = Event::for_job("message.accepted", &job);
-                event.wamid = Some(accepted.wamid.to_string());
-                event.attempts = Some(attempts);
-                Outcome::Accepted(Box::new(event))
+                Outcome::accepted(&job, &accepted.wamid, attempts)
             }
             Err(SendError::Api(api)) => self.on_api_error(api, job, key, attempts, now).await,
             Err(SendError::NotSent(detail)) => {
@@ -711,13 +584,7 @@ impl Pipeline {
                             warn!(error = %e, "could not mark the send ambiguous; the stale claim will be treated as ambiguous");
                         }
                         let recheck = self.settings.ambiguous_wait.min(AMBIGUOUS_RECHECK);
-                        Outcome::Later(Later::new(
-                            now + recheck,
-                            attempts,
-                            "ambiguous send",
-                            Some(error),
-                            job,
-                        ))
+                        Outcome::later(now + recheck, attempts, "ambiguous send", Some(error), job)
                     }
                 }
             }
@@ -750,13 +617,7 @@ impl Pipeline {
         }
         self.release(&key).await;
         let wait = |d: Duration, why: &str, attempts| {
-            Outcome::Later(Later::new(
-                now + d,
-                attempts,
-                why,
-                Some(error.clone()),
-                job.clone(),
-            ))
+            Outcome::later(now + d, attempts, why, Some(error.clone()), job.clone())
         };
         match action {
             Action::Retry => self.retry(job, attempts, error),
@@ -801,13 +662,7 @@ impl Pipeline {
 
     fn retry(&self, job: SendJob, attempts: u32, error: EventError) -> Outcome {
         match self.settings.retry.delay_after(attempts) {
-            Some(delay) => Outcome::Later(Later::new(
-                Utc::now() + delay,
-                attempts,
-                "retry",
-                Some(error),
-                job,
-            )),
+            Some(delay) => Outcome::later(Utc::now() + delay, attempts, "retry", Some(error), job),
             None => {
                 let detail = format!(
                     "gave up after {attempts} attempts; last error: {}",
@@ -821,13 +676,13 @@ impl Pipeline {
     fn store_unavailable(&self, e: StoreError, job: SendJob, attempts: u32) -> Outcome {
         // Without the claim there is no duplicate protection: do not send, try again shortly.
         warn!(error = %e, "store unavailable, deferring the job");
-        Outcome::Later(Later::new(
+        Outcome::later(
             Utc::now() + BUSY_WAIT,
             attempts,
             "store unavailable",
             None,
             job,
-        ))
+        )
     }
 
     async fn release(&self, key: &JobKey) {
@@ -988,15 +843,11 @@ impl Pipeline {
 
 /// The dead letter of a body that is not a valid job, with the decoder's specific reason.
 fn undecodable(e: job::JobError, envelope: &Envelope) -> Outcome {
-    Outcome::Dead(Box::new(Dead {
-        reason: e.reason(),
-        code: None,
-        detail: e.to_string(),
-        source: ErrorSource::Policy,
-        attempts: envelope.headers.attempts(),
-        job: None,
-        salvaged_job_id: job::salvage_job_id(&envelope.body),
-    }))
+    Outcome::undecodable(
+        &e,
+        envelope.headers.attempts(),
+        job::salvage_job_id(&envelope.body),
+    )
 }
 
 /// `t` without its sub-millisecond part.
