@@ -6,6 +6,8 @@
 //! - [`policy`]: pure rules: admission, template parameters, error classification, retry delays.
 //! - [`registry`]: the template registry, synced from the management API into the store.
 //! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, error codes).
+//! - `settlement`: how every delivery ends, shared by the pipeline and the webhook processor:
+//!   events with trace context, dead letters with their headers, ack after confirm.
 //! - [`broker`]: the queue edge (RabbitMQ via lapin, or in-memory): a queue per business
 //!   number and lane, delay queues, events, dead letters.
 //! - [`store`]: shared state (Redis, or in-memory): admission in one round trip, consent,
@@ -40,6 +42,7 @@ pub mod policy;
 pub mod pricing;
 pub mod registry;
 pub mod server;
+mod settlement;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;

@@ -5,6 +5,7 @@
 
 mod outcome;
 mod pacer;
+mod settle;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,17 +22,17 @@ pub use pacer::Pacer;
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::broker::{
-    Broker, BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DETAIL, H_DUE, H_ERROR_CODE, H_REASON,
-    H_REROUTED, Headers, Route, Target, Unrouted,
+    Broker, BrokerError, Delivery, Envelope, H_DUE, H_REROUTED, Route, Target, Unrouted,
 };
 use crate::cloud::{CloudApi, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
-use crate::event::{DeadReason, ErrorSource, Event, EventError};
+use crate::event::{DeadReason, ErrorSource, EventError};
 use crate::ids::{PhoneNumberId, WabaId};
 use crate::job::{self, Body, Category, DeliveryMode, Lane, Message, SendJob};
 use crate::policy::admission::{self, DeadWhy, OptInPolicy, PairRate, TemplateUse, Verdict};
 use crate::policy::{self, Action, DelayTiers, RetryPolicy, Scope, template};
 use crate::registry::Registry;
+use crate::settlement;
 use crate::store::{Heartbeat, JobKey, Resend, Store, StoreError, Subject, WamidRecord};
 use crate::telemetry;
 
@@ -306,11 +307,10 @@ impl Pipeline {
                     body: delivery.envelope.body.clone(),
                     headers,
                 };
-                if let Err(e) = self.broker.publish(Target::Job(route), envelope).await {
-                    let _ = delivery.requeue().await;
-                    return Err(SettleError::Broker(e));
-                }
-                return delivery.ack().await.map_err(SettleError::Broker);
+                let published = self.broker.publish(Target::Job(route), envelope).await;
+                return settlement::ack_or_requeue(delivery, published)
+                    .await
+                    .map_err(|unsettled| SettleError::Broker(unsettled.into_error()));
             }
         };
         self.settle(delivery, outcome).await
@@ -705,139 +705,6 @@ impl Pipeline {
         .filter_map(|k| halts.get(k))
         .max()
         .map(|until| Utc::now() + (*until - now))
-    }
-
-    /// Applies an outcome: the one place a delivery is acked.
-    pub async fn settle(&self, delivery: Delivery, outcome: Outcome) -> Result<(), SettleError> {
-        let lane = delivery.lane;
-        let published = match &outcome {
-            Outcome::Accepted(event) => {
-                debug!(wamid = event.wamid.as_deref().unwrap_or(""), "accepted");
-                self.publish_event(event).await
-            }
-            Outcome::AlreadyDone(event) => match event {
-                Some(event) => self.publish_event(event).await,
-                None => Ok(()),
-            },
-            Outcome::Later(later) => self.publish_later(&delivery.envelope, lane, later).await,
-            Outcome::Dead(dead) => self.publish_dead(&delivery.envelope, dead).await,
-        };
-        // CORRECTNESS: ack only after every publish is confirmed; if one failed, the delivery
-        // goes back to its queue and is decided again (the claim prevents a second send).
-        if let Err(e) = published {
-            error!(error = %e, "settlement publish failed; returning the job to its queue");
-            let _ = delivery.requeue().await;
-            return Err(SettleError::Broker(e));
-        }
-        if let Outcome::Dead(dead) = &outcome
-            && let Some(job) = &dead.job
-            && let Some(number) = self.numbers.get(&job.phone_number_id)
-        {
-            let key = JobKey {
-                waba: number.waba.clone(),
-                job_id: job.job_id.clone(),
-            };
-            if let Err(e) = self
-                .store
-                .mark_dead(&key, dead.reason, job.campaign_id.as_ref())
-                .await
-            {
-                warn!(error = %e, "could not record the dead letter");
-            }
-        }
-        delivery.ack().await.map_err(SettleError::Broker)?;
-        self.stats.count(&outcome, lane);
-        Ok(())
-    }
-
-    async fn publish_event(&self, event: &Event) -> Result<(), BrokerError> {
-        let mut headers = Headers::default();
-        telemetry::inject_current(&mut headers);
-        crate::broker::publish_event(self.broker.as_ref(), event, headers).await
-    }
-
-    async fn publish_later(
-        &self,
-        original: &Envelope,
-        lane: Lane,
-        later: &Later,
-    ) -> Result<(), BrokerError> {
-        let wait = later
-            .due
-            .signed_duration_since(Utc::now())
-            .to_std()
-            .unwrap_or_default();
-        let tier = self.settings.tiers.tier_for(wait);
-        let mut headers = original.headers.clone();
-        headers
-            .set_int(H_ATTEMPTS, i64::from(later.attempts))
-            .set_str(H_DUE, later.due.to_rfc3339());
-        debug!(why = %later.why, delay_queue = %DelayTiers::name(tier), due = %later.due, "deferred");
-        // The decoded job names its number; only an undecodable body (never deferred) is probed.
-        let route = match &later.job {
-            Some(job) => Route::new(lane, job.phone_number_id.as_str()),
-            None => Route::of(lane, &original.body),
-        };
-        self.broker
-            .publish(
-                Target::Delay { tier, route },
-                Envelope {
-                    body: original.body.clone(),
-                    headers,
-                },
-            )
-            .await?;
-        if let Some(job) = later.job.as_ref().filter(|_| later.announce) {
-            let mut event = Event::for_job("job.deferred", job);
-            event.attempts = Some(later.attempts);
-            event.error = later.error.clone().or_else(|| {
-                Some(EventError {
-                    code: None,
-                    title: later.why.clone(),
-                    details: format!("due {}", later.due),
-                    source: ErrorSource::Policy,
-                })
-            });
-            self.publish_event(&event).await?;
-        }
-        Ok(())
-    }
-
-    async fn publish_dead(&self, original: &Envelope, dead: &Dead) -> Result<(), BrokerError> {
-        warn!(reason = %dead.reason, code = dead.code, detail = %dead.detail, "dead-lettered");
-        let mut headers = original.headers.clone();
-        headers
-            .set_str(H_REASON, dead.reason.as_str())
-            .set_int(H_ATTEMPTS, i64::from(dead.attempts))
-            .set_str(H_DETAIL, dead.detail.chars().take(1000).collect::<String>());
-        if let Some(code) = dead.code {
-            headers.set_int(H_ERROR_CODE, code);
-        }
-        self.broker
-            .publish(
-                Target::Dead(dead.reason),
-                Envelope {
-                    body: original.body.clone(),
-                    headers,
-                },
-            )
-            .await?;
-        let mut event = match &dead.job {
-            Some(job) => Event::for_job("job.dead_lettered", job),
-            None => Event {
-                job_id: dead.salvaged_job_id.clone(),
-                ..Event::new("job.dead_lettered")
-            },
-        };
-        event.reason = Some(dead.reason);
-        event.attempts = Some(dead.attempts);
-        event.error = Some(EventError {
-            code: dead.code,
-            title: dead.reason.as_str().into(),
-            details: dead.detail.clone(),
-            source: dead.source,
-        });
-        self.publish_event(&event).await
     }
 }
 
