@@ -2,10 +2,11 @@
 //!
 //! Map of the crate, in the order a job meets it:
 //! - [`job`]: the send job schema `wa.send.v1`; decoding is validation.
-//! - [`pipeline`]: `decode → pace → admit → send → settle` for one delivery.
+//! - [`pipeline`]: `decode → pace → admit → send → settle` for one delivery, each stage a
+//!   function with a type between it and the next.
 //! - [`policy`]: pure rules: admission, template parameters, error classification, retry delays.
 //! - [`registry`]: the template registry, synced from the management API into the store.
-//! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, error codes).
+//! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, Meta's error body).
 //! - `settlement`: how every delivery ends, shared by the pipeline and the webhook processor:
 //!   events with trace context, dead letters with their headers, ack after confirm.
 //! - [`broker`]: the queue edge (RabbitMQ via lapin, or in-memory): a queue per business

@@ -1,10 +1,12 @@
-//! Admission (steps 2–9 of the flow), as one pure function: may this job be sent now, and what
-//! does sending it change? The Redis store runs the same rules as one Lua script (one round trip,
-//! atomic across replicas); the in-memory store calls [`admit`] under a lock. The conformance
-//! suite (`tests/store_conformance.rs`) holds the two to the same answers.
+//! Admission, the `admit` stage of `decode → pace → admit → send → settle`, as one pure
+//! function: may this job be sent now, and what does sending it change? The Redis store runs
+//! the same rules as one Lua script (one round trip, atomic across replicas); the in-memory
+//! store calls [`admit`] under a lock. The conformance suite (`tests/store_conformance.rs`)
+//! holds the two to the same answers.
 //!
-//! Steps 1 (decode), the unknown sender and halts are decided before admission, and step 10
-//! (throughput) is the pacer's: see `pipeline`.
+//! Decoding, the unknown sender and halts are decided before admission, and so is throughput:
+//! the `pace` stage (`policy::pace`) waits for the job's send slot first, so what admission
+//! charges (the pair rate, the tier) is spent at the moment it was admitted for. See `pipeline`.
 
 use std::fmt;
 use std::time::Duration;

@@ -203,7 +203,7 @@ impl fmt::Display for MessageStatus {
 /// An error in a webhook: on a failed status, in `value.errors[]` or in top-level `errors[]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebhookError {
-    /// The numeric code: the only thing behaviour may depend on (see `cloud::error::ErrorCode`).
+    /// The numeric code: the only thing behaviour may depend on (see `vocab::ErrorCode`).
     pub code: i64,
     /// Meta's title (the same as its `message`); empty if there was none.
     pub title: String,
