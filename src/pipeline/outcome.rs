@@ -15,7 +15,7 @@ pub enum Outcome {
     /// Nothing to do: it was sent (re-announce its `message.accepted`) or dead-lettered before.
     AlreadyDone(Option<Box<Event>>),
     /// Not now: publish to a delay queue, ack.
-    Later(Later),
+    Later(Box<Later>),
     /// Never: publish to `wa.dead` and `job.dead_lettered`, ack.
     Dead(Box<Dead>),
 }
@@ -49,7 +49,7 @@ impl Outcome {
         error: Option<EventError>,
         job: SendJob,
     ) -> Self {
-        Outcome::Later(Later::new(due, attempts, why, error, job))
+        Outcome::Later(Box::new(Later::new(due, attempts, why, error, job)))
     }
 
     /// Tried again at `due` without a `job.deferred`: one more hop of a wait already announced.
@@ -59,10 +59,10 @@ impl Outcome {
         why: impl Into<String>,
         job: SendJob,
     ) -> Self {
-        Outcome::Later(Later {
+        Outcome::Later(Box::new(Later {
             announce: false,
             ..Later::new(due, attempts, why, None, job)
-        })
+        }))
     }
 
     /// Dead-lettered by policy (no Cloud API error behind it), with the specific detail.

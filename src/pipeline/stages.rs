@@ -807,7 +807,7 @@ mod tests {
 
     fn later(outcome: Outcome) -> super::super::Later {
         match outcome {
-            Outcome::Later(later) => later,
+            Outcome::Later(later) => *later,
             other => panic!("expected a deferral, got {other:?}"),
         }
     }
