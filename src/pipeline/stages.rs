@@ -254,7 +254,7 @@ impl Pipeline {
         match result {
             Ok(accepted) => {
                 tracing::Span::current().record("wamid", accepted.wamid.as_str());
-                // The template sent is the job's or its fallback: the definition checked above.
+                // The template sent is the job's or its fallback: the definition admission checked.
                 let marketing = sends_template
                     && definition.is_some_and(|def| def.category() == Some(Category::Marketing));
                 let record = WamidRecord {
@@ -268,7 +268,7 @@ impl Pipeline {
                     }),
                 };
                 if let Err(e) = self.store.mark_sent(&key, &accepted.wamid, &record).await {
-                    // The message exists; the event below still reports it. A redelivery would
+                    // The message exists; its message.accepted still reports it. A redelivery would
                     // find a stale claim and treat it as ambiguous, never resend blindly.
                     error!(error = %e, "could not record the accepted send");
                 }
