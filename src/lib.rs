@@ -2,23 +2,29 @@
 //!
 //! Map of the crate, in the order a job meets it:
 //! - [`job`]: the send job schema `wa.send.v1`; decoding is validation.
-//! - [`pipeline`]: `decode → pace → admit → send → settle` for one delivery.
+//! - [`pipeline`]: `decode → pace → admit → send → settle` for one delivery, each stage a
+//!   function with a type between it and the next.
 //! - [`policy`]: pure rules: admission, template parameters, error classification, retry delays.
 //! - [`registry`]: the template registry, synced from the management API into the store.
-//! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, error codes).
+//! - [`cloud`]: the Cloud API edge (reqwest, Graph wire types, Meta's error body).
+//! - `settlement`: how every delivery ends, shared by the pipeline and the webhook processor:
+//!   events with trace context, dead letters with their headers, ack after confirm.
 //! - [`broker`]: the queue edge (RabbitMQ via lapin, or in-memory): a queue per business
 //!   number and lane, delay queues, events, dead letters.
 //! - [`store`]: shared state (Redis, or in-memory): admission in one round trip, consent,
 //!   windows, templates, campaigns, replica heartbeats.
 //! - [`worker`]: the consumer loops, one per business number: lane priorities, concurrency,
 //!   graceful drain.
-//! - [`event`]: events on `wa.events` and the closed set of dead-letter reasons.
+//! - [`event`]: events on `wa.events`.
 //! - [`webhook`]: Meta's webhooks: the signed-POST receiver, the payload parser, the status machine.
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
 //! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
 //!   imports, care windows.
-//! - [`app`]: wiring shared by `main`, tests, benches and [`demo`].
+//! - [`app`]: wiring shared by `main`, tests, benches and [`demo`]; [`server`] serves the HTTP
+//!   APIs (admin, webhook receiver).
 //! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
+//! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, lanes, categories, error
+//!   codes, template definitions); it imports nothing else from the crate.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
@@ -36,8 +42,11 @@ pub mod pipeline;
 pub mod policy;
 pub mod pricing;
 pub mod registry;
+pub mod server;
+mod settlement;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod vocab;
 pub mod webhook;
 pub mod worker;

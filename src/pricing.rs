@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::webhook::payload::Pricing;
+use crate::vocab::Pricing;
 
 /// The market of a number no calling code in the card matches.
 pub const OTHER_MARKET: &str = "other";

@@ -19,8 +19,8 @@ use subtle::ConstantTimeEq;
 use tracing::warn;
 
 use super::{Admin, AdminError, ConsentChange};
-use crate::app::HttpServer;
 use crate::policy::admission::CampaignState;
+use crate::server::HttpServer;
 
 /// The admin API, bound to its address and ready to serve.
 pub struct AdminServer;

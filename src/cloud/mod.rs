@@ -10,11 +10,12 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-pub use error::{ApiError, ErrorBody, ErrorCode, ErrorData};
+pub use crate::vocab::ErrorCode;
+pub use error::{ApiError, ErrorBody, ErrorData};
 
 use crate::ids::{PhoneNumberId, WabaId, Wamid};
 use crate::job::Message;
-use crate::policy::template::TemplateDefinition;
+use crate::vocab::TemplateDefinition;
 
 /// The body of a send request, exactly as Meta expects it.
 #[derive(Debug, Serialize)]

@@ -14,95 +14,14 @@ pub use message::{
 };
 
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId};
+use crate::vocab::DeadReason;
+pub use crate::vocab::{Category, DeliveryMode, Lane};
 
 /// The only job schema this worker understands.
 pub const SCHEMA_V1: &str = "wa.send.v1";
 
 /// Largest job body accepted (bytes); a bigger one is dead-lettered `invalid_job` unparsed.
 pub const MAX_JOB_BYTES: usize = 256 * 1024;
-
-/// A lane: its own queue, served by priority (otp before transactional before bulk).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Lane {
-    /// One-time passwords: small, urgent.
-    Otp,
-    /// Order updates, receipts, alerts.
-    Transactional,
-    /// Campaigns and newsletters.
-    Bulk,
-}
-
-impl Lane {
-    /// All lanes, highest priority first.
-    pub const ALL: [Lane; 3] = [Lane::Otp, Lane::Transactional, Lane::Bulk];
-
-    /// The routing key and queue suffix.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Lane::Otp => "otp",
-            Lane::Transactional => "transactional",
-            Lane::Bulk => "bulk",
-        }
-    }
-
-    /// Parses a routing key.
-    pub fn parse(s: &str) -> Option<Lane> {
-        Lane::ALL.into_iter().find(|l| l.as_str() == s)
-    }
-
-    /// What to do when a send's outcome is unknown, unless the job says otherwise.
-    pub fn default_delivery(self) -> DeliveryMode {
-        match self {
-            Lane::Otp => DeliveryMode::AtLeastOnce,
-            Lane::Transactional | Lane::Bulk => DeliveryMode::AtMostOnce,
-        }
-    }
-}
-
-/// Message category hint; for templates the template registry's category wins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[allow(missing_docs)]
-pub enum Category {
-    Authentication,
-    Utility,
-    Marketing,
-    Service,
-}
-
-impl Category {
-    /// The wire name (`marketing`, …).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Category::Authentication => "authentication",
-            Category::Utility => "utility",
-            Category::Marketing => "marketing",
-            Category::Service => "service",
-        }
-    }
-
-    /// Parses Meta's template category (`MARKETING`, `UTILITY`, `AUTHENTICATION`), any case.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "authentication" => Some(Category::Authentication),
-            "utility" => Some(Category::Utility),
-            "marketing" => Some(Category::Marketing),
-            "service" => Some(Category::Service),
-            _ => None,
-        }
-    }
-}
-
-/// What to do when a send's outcome is unknown (timeout after the request left).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeliveryMode {
-    /// Never risk a second copy: wait for a webhook, else dead-letter `ambiguous_send`.
-    AtMostOnce,
-    /// Never risk losing it: send again.
-    AtLeastOnce,
-}
 
 /// A decoded, validated send job.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -163,10 +82,10 @@ pub enum JobError {
 
 impl JobError {
     /// The dead-letter reason for this error.
-    pub fn reason(&self) -> crate::event::DeadReason {
+    pub fn reason(&self) -> DeadReason {
         match self {
-            JobError::Malformed(_) | JobError::Invalid(_) => crate::event::DeadReason::InvalidJob,
-            JobError::UnsupportedSchema(_) => crate::event::DeadReason::UnsupportedSchema,
+            JobError::Malformed(_) | JobError::Invalid(_) => DeadReason::InvalidJob,
+            JobError::UnsupportedSchema(_) => DeadReason::UnsupportedSchema,
         }
     }
 }

@@ -1,169 +1,43 @@
 //! The worker's pipeline for one delivery: `decode → pace → admit → send → settle`.
 //!
-//! [`Pipeline::process_one`] takes a delivery and settles it exactly once; everything before
-//! [`Pipeline::settle`] only *decides* (an [`Outcome`]), so every path ends in one place.
+//! Each stage is a function with a type between it and the next (`Decoded`, `Paced`,
+//! `Admitted`, `Sent`: `stages.rs`), returning `Result<Next, Outcome>`. Pace comes before admit,
+//! so the pair rate admission charges is spent at the moment it was admitted for, and the claim
+//! admission takes is followed by the send at once. [`Pipeline::process_one`] takes a delivery
+//! and settles it exactly once; everything before [`Pipeline::settle`] (`settle.rs`) only
+//! *decides* (an [`Outcome`], `outcome.rs`), so every path ends in one place.
 
+mod outcome;
 mod pacer;
+mod settle;
+mod stages;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{Instrument, info, warn};
 
+pub use outcome::{Dead, Later, Outcome};
 pub use pacer::Pacer;
 pub use stats::{Stats, StatsSnapshot};
 
-use crate::broker::{
-    Broker, BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DETAIL, H_DUE, H_ERROR_CODE, H_REASON,
-    H_REROUTED, Headers, Route, Target, Unrouted,
-};
-use crate::cloud::{CloudApi, OutboundMessage, SendError, SendRequest};
+use crate::broker::{Broker, BrokerError, Delivery, Envelope, H_REROUTED, Route, Target, Unrouted};
+use crate::cloud::CloudApi;
 use crate::config::Number;
-use crate::event::{DeadReason, ErrorSource, Event, EventError};
+use crate::event::DeadReason;
 use crate::ids::{PhoneNumberId, WabaId};
-use crate::job::{self, Body, Category, DeliveryMode, Lane, Message, SendJob};
-use crate::policy::admission::{self, DeadWhy, OptInPolicy, PairRate, TemplateUse, Verdict};
-use crate::policy::{self, Action, DelayTiers, RetryPolicy, Scope, template};
+use crate::job::{self, Lane};
+use crate::policy::admission::{OptInPolicy, PairRate};
+use crate::policy::{DelayTiers, RetryPolicy};
 use crate::registry::Registry;
-use crate::store::{Heartbeat, JobKey, Resend, Store, StoreError, Subject, WamidRecord};
+use crate::settlement;
+use crate::store::{Heartbeat, Store};
 use crate::telemetry;
-
-/// How long a throttled job waits before it is tried again.
-const THROTTLE_WAIT: Duration = Duration::from_secs(1);
-/// How long a job waits when the store cannot be reached.
-const BUSY_WAIT: Duration = Duration::from_secs(5);
-/// How often an at-most-once job with an unknown outcome looks for its webhook.
-const AMBIGUOUS_RECHECK: Duration = Duration::from_secs(30);
-/// A job woken later than this after its send slot books another one.
-const LATE_SLOT: Duration = Duration::from_millis(10);
-/// How many times a job late for its slot books again before it goes anyway.
-const LATE_REBOOKS: u32 = 3;
-/// How long a job for a paused template waits before it looks again.
-const PARKED_TEMPLATE_WAIT: Duration = Duration::from_secs(600);
-
-/// The decision for one delivery.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Meta accepted it: publish `message.accepted`, ack.
-    Accepted(Box<Event>),
-    /// Nothing to do: it was sent (re-announce its `message.accepted`) or dead-lettered before.
-    AlreadyDone(Option<Box<Event>>),
-    /// Not now: publish to a delay queue, ack.
-    Later(Later),
-    /// Never: publish to `wa.dead` and `job.dead_lettered`, ack.
-    Dead(Box<Dead>),
-}
-
-impl Outcome {
-    /// Dead-lettered by policy (no Cloud API error behind it), with the specific detail.
-    pub fn dead(
-        reason: DeadReason,
-        detail: impl Into<String>,
-        attempts: u32,
-        job: SendJob,
-    ) -> Self {
-        Outcome::dead_letter(
-            reason,
-            None,
-            ErrorSource::Policy,
-            detail.into(),
-            attempts,
-            job,
-        )
-    }
-
-    /// Dead-lettered because of `error` (Meta's answer), with the specific detail.
-    pub fn dead_after(
-        reason: DeadReason,
-        error: &EventError,
-        detail: impl Into<String>,
-        attempts: u32,
-        job: SendJob,
-    ) -> Self {
-        let (code, source) = (error.code, error.source);
-        Outcome::dead_letter(reason, code, source, detail.into(), attempts, job)
-    }
-
-    fn dead_letter(
-        reason: DeadReason,
-        code: Option<i64>,
-        source: ErrorSource,
-        detail: String,
-        attempts: u32,
-        job: SendJob,
-    ) -> Self {
-        Outcome::Dead(Box::new(Dead {
-            reason,
-            code,
-            detail,
-            source,
-            attempts,
-            job: Some(Box::new(job)),
-            salvaged_job_id: None,
-        }))
-    }
-}
-
-/// A deferral or retry.
-#[derive(Debug)]
-pub struct Later {
-    /// Whether to publish `job.deferred` (not for the silent hops of a long wait).
-    pub announce: bool,
-    /// When it is due.
-    pub due: DateTime<Utc>,
-    /// Attempts after this delivery.
-    pub attempts: u32,
-    /// Short cause, for logs and the `job.deferred` event.
-    pub why: String,
-    /// The error that caused it, if any.
-    pub error: Option<EventError>,
-    /// The job (absent only if it could not be decoded, which never defers).
-    pub job: Option<Box<SendJob>>,
-}
-
-impl Later {
-    /// A deferral of `job` until `due`, announced with `job.deferred`.
-    pub fn new(
-        due: DateTime<Utc>,
-        attempts: u32,
-        why: impl Into<String>,
-        error: Option<EventError>,
-        job: SendJob,
-    ) -> Self {
-        Later {
-            announce: true,
-            due,
-            attempts,
-            why: why.into(),
-            error,
-            job: Some(Box::new(job)),
-        }
-    }
-}
-
-/// A dead letter.
-#[derive(Debug)]
-pub struct Dead {
-    /// The reason (a closed set).
-    pub reason: DeadReason,
-    /// Meta's code, when Meta said so.
-    pub code: Option<i64>,
-    /// Specific detail.
-    pub detail: String,
-    /// Where it was found.
-    pub source: ErrorSource,
-    /// Attempts made.
-    pub attempts: u32,
-    /// The job, if it decoded.
-    pub job: Option<Box<SendJob>>,
-    /// Its `job_id` if it could be salvaged from an undecodable body.
-    pub salvaged_job_id: Option<String>,
-}
 
 /// Timing knobs of the pipeline.
 #[derive(Debug, Clone)]
@@ -387,7 +261,7 @@ impl Pipeline {
         let job = match job::decode(&delivery.envelope.body) {
             Ok(job) => job,
             Err(e) => {
-                let outcome = undecodable(e, &delivery.envelope);
+                let outcome = stages::undecodable(&e, &delivery.envelope);
                 return self.settle(delivery, outcome).await;
             }
         };
@@ -423,11 +297,10 @@ impl Pipeline {
                     body: delivery.envelope.body.clone(),
                     headers,
                 };
-                if let Err(e) = self.broker.publish(Target::Job(route), envelope).await {
-                    let _ = delivery.requeue().await;
-                    return Err(SettleError::Broker(e));
-                }
-                return delivery.ack().await.map_err(SettleError::Broker);
+                let published = self.broker.publish(Target::Job(route), envelope).await;
+                return settlement::ack_or_requeue(delivery, published)
+                    .await
+                    .map_err(|unsettled| SettleError::Broker(unsettled.into_error()));
             }
         };
         self.settle(delivery, outcome).await
@@ -438,570 +311,20 @@ impl Pipeline {
         self.numbers.keys()
     }
 
-    /// Decides what to do with a job; no side effect but the claim and the send.
+    /// Decides what to do with a job, `decode → pace → admit → send`; no side effect but the
+    /// slot, the claim, the send and what its answer means for the store.
     pub async fn decide(&self, envelope: &Envelope, lane: Lane) -> Outcome {
-        let attempts = envelope.headers.attempts();
-        let job = match job::decode(&envelope.body) {
-            Ok(job) => job,
-            Err(e) => return undecodable(e, envelope),
+        let stages = async {
+            let decoded = self.decode(envelope, lane)?;
+            let paced = self.pace(decoded).await?;
+            let admitted = self.admit(paced).await?;
+            self.send(admitted).await
         };
-        tracing::Span::current().record("job_id", job.job_id.as_str());
-        // The store keeps milliseconds; deciding on the same precision keeps both stores equal.
-        let now = truncate_to_millis(Utc::now());
-        let dead = |reason, detail: String, job| Outcome::dead(reason, detail, attempts, job);
-        let later = |due, why: &str, job: SendJob| {
-            Outcome::Later(Later::new(due, attempts, why, None, job))
-        };
-
-        let Some(number) = self.numbers.get(&job.phone_number_id) else {
-            let detail = format!(
-                "phone_number_id {} is not configured on this worker",
-                job.phone_number_id
-            );
-            return dead(DeadReason::UnknownSender, detail, job);
-        };
-        let due = envelope
-            .headers
-            .get_str(H_DUE)
-            .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
-            .map(|d| d.with_timezone(&Utc));
-        let not_before = job.not_before.into_iter().chain(due).max();
-        // A scheduled job, or a deferred one that came back from a delay queue before its due
-        // time (tiers are chosen so it never comes back late), waits again without touching the
-        // store or a send slot (admission would say the same). Only the first deferral of a
-        // scheduled job is announced; the hops through shorter tiers are silent.
-        if let Some(not_before) = not_before
-            && not_before > now
-            && job.expires_at.is_none_or(|e| e > now)
-        {
-            return match due.filter(|d| *d > now) {
-                Some(_) => Outcome::Later(Later {
-                    announce: false,
-                    ..Later::new(not_before, attempts, "not yet due", None, job)
-                }),
-                None => later(not_before, "not_before", job),
-            };
-        }
-        if let Some(until) = self.halted_until(&job, number) {
-            return later(until, "sending halted", job);
-        }
-
-        // 10. pace first: book this job's slot in the number's schedule, shared by every
-        // replica, and wait for it. The send must follow admission at once (the pair rate
-        // admitted at one time would be spent at another, and a worker that dies between
-        // claim and send leaves an ambiguous claim), so admission comes after the wait. A slot
-        // taken by a job admission then refuses is lost; that only slows a number whose jobs
-        // are being refused.
-        if let Some(interval) = self.pacer.interval(&job.phone_number_id) {
-            let _ahead = self
-                .pacer
-                .book_ahead(&job.phone_number_id, lane == Lane::Otp)
-                .await;
-            for rebook in 0..=LATE_REBOOKS {
-                let (wall, instant) = (Utc::now(), Instant::now());
-                let booked = self
-                    .store
-                    .book_slot(&number.waba, &job.phone_number_id, wall, interval)
-                    .await;
-                // The wait counts from when the slot was asked for, not from the answer, so a
-                // slow round trip does not make one send later than its slot.
-                let slot = match booked {
-                    Ok(wait) => instant + wait,
-                    Err(e) => return self.store_unavailable(e, job, attempts),
-                };
-                self.pacer.wait(&job.phone_number_id, slot).await;
-                // CORRECTNESS: the schedule keeps every 1 s window within the limit only for
-                // sends that leave their slots less than the headroom's worth late; one woken
-                // much later (a stalled machine) would crowd the next second at Meta, so it
-                // books a new slot instead (a few times at most, so an overloaded replica
-                // still sends).
-                if slot.elapsed() <= LATE_SLOT || rebook == LATE_REBOOKS {
-                    break;
-                }
-            }
-        }
-        let now = truncate_to_millis(Utc::now());
-
-        // 2-9. admission: one round trip, atomic across replicas.
-        let key = JobKey {
-            waba: number.waba.clone(),
-            job_id: job.job_id.clone(),
-        };
-        let mode = job.delivery_mode(lane);
-        let (template, free_form) = match &job.message.body {
-            Body::Template(t) => (Some(t), false),
-            _ => (job.fallback_template.as_ref(), true),
-        };
-        let definition =
-            template.and_then(|t| self.registry.get(&number.waba, &t.name, &t.language.code));
-        let subject = Subject {
-            job: key.clone(),
-            number: job.phone_number_id.clone(),
-            to: job.to.clone(),
-            campaign: job.campaign_id.clone(),
-            template: template.map(|t| (t.name.clone(), t.language.code.clone())),
-        };
-        let request = admission::Request {
-            owner: self.settings.owner.clone(),
-            now,
-            lease: self.settings.claim_lease,
-            retake_ambiguous: mode == DeliveryMode::AtLeastOnce,
-            expires_at: job.expires_at,
-            not_before,
-            free_form,
-            template: template.map(|t| TemplateUse {
-                fallback: free_form,
-                params: definition.as_ref().and_then(|def| template::check(def, t)),
-            }),
-            opt_in: self.settings.admission.opt_in,
-            tier_limit: self
-                .settings
-                .admission
-                .tiers
-                .get(&number.waba)
-                .copied()
-                .unwrap_or(self.settings.admission.default_tier),
-            pair: self.settings.admission.pair,
-            campaign_recheck: self.settings.admission.campaign_recheck,
-            template_recheck: self.settings.admission.template_recheck,
-        };
-        let send_fallback = match self.store.admit(&subject, &request).await {
-            Ok(Verdict::Send { fallback }) => fallback,
-            Ok(Verdict::AlreadySent(wamid)) => {
-                self.stats.count_duplicate_avoided();
-                let mut event = Event::for_job("message.accepted", &job);
-                event.wamid = Some(wamid.to_string());
-                return Outcome::AlreadyDone(Some(Box::new(event)));
-            }
-            Ok(Verdict::AlreadyDead) => return Outcome::AlreadyDone(None),
-            Ok(Verdict::Defer { until, why }) => {
-                return Outcome::Later(Later::new(
-                    until,
-                    attempts,
-                    why.label(),
-                    Some(EventError {
-                        code: None,
-                        title: why.label().into(),
-                        details: why.to_string(),
-                        source: ErrorSource::Policy,
-                    }),
-                    job,
-                ));
-            }
-            Ok(Verdict::Dead(why)) => {
-                let detail = match (&why, template) {
-                    (DeadWhy::TemplateUnknown | DeadWhy::TemplateNotApproved { .. }, Some(t)) => {
-                        format!("template {} ({}): {why}", t.name, t.language.code)
-                    }
-                    _ => why.to_string(),
-                };
-                return dead(why.reason(), detail, job);
-            }
-            Ok(Verdict::Ambiguous(since)) => {
-                let waited = now
-                    .signed_duration_since(since)
-                    .to_std()
-                    .unwrap_or_default();
-                if waited >= self.settings.ambiguous_wait {
-                    let detail = format!(
-                        "send outcome unknown since {since} and no status webhook arrived within {}s",
-                        self.settings.ambiguous_wait.as_secs()
-                    );
-                    return dead(DeadReason::AmbiguousSend, detail, job);
-                }
-                let recheck = (self.settings.ambiguous_wait - waited).min(AMBIGUOUS_RECHECK);
-                return later(
-                    now + recheck,
-                    "waiting for a webhook after an ambiguous send",
-                    job,
-                );
-            }
-            Err(e) => return self.store_unavailable(e, job, attempts),
-        };
-
-        // send
-        let fallback_message;
-        let message = match (&job.fallback_template, send_fallback) {
-            (Some(t), true) => {
-                fallback_message = Message {
-                    body: Body::Template(t.clone()),
-                    context: None,
-                };
-                &fallback_message
-            }
-            _ => &job.message,
-        };
-        let body = serde_json::to_vec(&OutboundMessage::new(
-            job.to.as_str(),
-            message,
-            job.job_id.as_str(),
-        ))
-        .expect("a validated message always serialises");
-        let started = Instant::now();
-        let result = self
-            .cloud
-            .send(SendRequest {
-                phone_number_id: job.phone_number_id.clone(),
-                token: number.token.clone(),
-                body,
-            })
-            .await;
-        self.stats.record_send_latency(started.elapsed());
-        let attempts = attempts + 1;
-        match result {
-            Ok(accepted) => {
-                tracing::Span::current().record("wamid", accepted.wamid.as_str());
-                // The template sent is the job's or its fallback: the definition checked above.
-                let marketing = matches!(message.body, Body::Template(_))
-                    && definition.is_some_and(|def| def.category() == Some(Category::Marketing));
-                let record = WamidRecord {
-                    job_id: job.job_id.to_string(),
-                    campaign_id: job.campaign_id.as_ref().map(ToString::to_string),
-                    traceparent: envelope.headers.get_str(crate::broker::H_TRACEPARENT),
-                    metadata: job.metadata.clone(),
-                    resend: marketing.then(|| Resend {
-                        job: String::from_utf8_lossy(&envelope.body).into_owned(),
-                        lane,
-                    }),
-                };
-                if let Err(e) = self.store.mark_sent(&key, &accepted.wamid, &record).await {
-                    // The message exists; the event below still reports it. A redelivery would
-                    // find a stale claim and treat it as ambiguous, never resend blindly.
-                    error!(error = %e, "could not record the accepted send");
-                }
-                let mut event = Event::for_job("message.accepted", &job);
-                event.wamid = Some(accepted.wamid.to_string());
-                event.attempts = Some(attempts);
-                Outcome::Accepted(Box::new(event))
-            }
-            Err(SendError::Api(api)) => self.on_api_error(api, job, key, attempts, now).await,
-            Err(SendError::NotSent(detail)) => {
-                self.release(&key).await;
-                self.retry(
-                    job,
-                    attempts,
-                    EventError {
-                        code: None,
-                        title: "request not sent".into(),
-                        details: detail,
-                        source: ErrorSource::Api,
-                    },
-                )
-            }
-            Err(SendError::Ambiguous(detail)) => {
-                let error = EventError {
-                    code: None,
-                    title: "send outcome unknown".into(),
-                    details: detail,
-                    source: ErrorSource::Api,
-                };
-                match mode {
-                    DeliveryMode::AtLeastOnce => {
-                        self.release(&key).await;
-                        self.retry(job, attempts, error)
-                    }
-                    DeliveryMode::AtMostOnce => {
-                        // CORRECTNESS: the message may exist; mark it so no worker resends it,
-                        // and wait for a status webhook carrying this job_id to settle it.
-                        if let Err(e) = self
-                            .store
-                            .mark_ambiguous(&key, &self.settings.owner, now)
-                            .await
-                        {
-                            warn!(error = %e, "could not mark the send ambiguous; the stale claim will be treated as ambiguous");
-                        }
-                        let recheck = self.settings.ambiguous_wait.min(AMBIGUOUS_RECHECK);
-                        Outcome::Later(Later::new(
-                            now + recheck,
-                            attempts,
-                            "ambiguous send",
-                            Some(error),
-                            job,
-                        ))
-                    }
-                }
-            }
+        match stages.await {
+            Ok(sent) => sent.into(),
+            Err(decided) => decided,
         }
     }
-
-    async fn on_api_error(
-        &self,
-        api: crate::cloud::ApiError,
-        job: SendJob,
-        key: JobKey,
-        attempts: u32,
-        now: DateTime<Utc>,
-    ) -> Outcome {
-        let error = EventError {
-            code: Some(api.code),
-            title: api.message.clone(),
-            details: api.details().to_owned(),
-            source: ErrorSource::Api,
-        };
-        let action = policy::classify(api.code());
-        debug!(
-            code = api.code,
-            fbtrace_id = api.fbtrace_id.as_deref().unwrap_or(""),
-            ?action,
-            "cloud api error"
-        );
-        if let Action::DeadLetter(reason) = action {
-            return Outcome::dead_after(reason, &error, error.details.clone(), attempts, job);
-        }
-        self.release(&key).await;
-        let wait = |d: Duration, why: &str, attempts| {
-            Outcome::Later(Later::new(
-                now + d,
-                attempts,
-                why,
-                Some(error.clone()),
-                job.clone(),
-            ))
-        };
-        match action {
-            Action::Retry => self.retry(job, attempts, error),
-            // A throttle is not the job's fault: it does not use up an attempt.
-            Action::Throttle(scope) => {
-                if scope == Scope::Number {
-                    let cooldown = self.settings.pacing.throttle_cooldown;
-                    warn!(
-                        cooldown_s = cooldown.as_secs(),
-                        "130429 from Meta: the number's send schedule slows by a tenth for a while"
-                    );
-                    if let Err(e) = self
-                        .store
-                        .throttled(&key.waba, &job.phone_number_id, now, cooldown)
-                        .await
-                    {
-                        warn!(error = %e, "could not slow the number's send schedule");
-                    }
-                }
-                wait(THROTTLE_WAIT, "throttled", attempts - 1)
-            }
-            Action::Halt(scope) => {
-                let halt_key = match scope {
-                    Scope::Number | Scope::Pair => HaltKey::Number(job.phone_number_id.clone()),
-                    Scope::Waba => HaltKey::Waba(key.waba.clone()),
-                    Scope::Token => HaltKey::Token,
-                    Scope::App => HaltKey::App,
-                };
-                error!(code = api.code, scope = ?scope, cooldown_s = self.settings.halt_cooldown.as_secs(), "sending halted by a Cloud API error; jobs are parked until the cool-down ends");
-                self.stats.count_halt();
-                self.halts
-                    .lock()
-                    .expect("halts lock")
-                    .insert(halt_key, Instant::now() + self.settings.halt_cooldown);
-                wait(self.settings.halt_cooldown, "sending halted", attempts - 1)
-            }
-            Action::ParkTemplate => wait(PARKED_TEMPLATE_WAIT, "template paused", attempts - 1),
-            Action::Cooldown(d) => wait(d, "recipient cool-down", attempts - 1),
-            Action::DeadLetter(_) => unreachable!("handled above"),
-        }
-    }
-
-    fn retry(&self, job: SendJob, attempts: u32, error: EventError) -> Outcome {
-        match self.settings.retry.delay_after(attempts) {
-            Some(delay) => Outcome::Later(Later::new(
-                Utc::now() + delay,
-                attempts,
-                "retry",
-                Some(error),
-                job,
-            )),
-            None => {
-                let detail = format!(
-                    "gave up after {attempts} attempts; last error: {}",
-                    error.details
-                );
-                Outcome::dead_after(DeadReason::MaxAttempts, &error, detail, attempts, job)
-            }
-        }
-    }
-
-    fn store_unavailable(&self, e: StoreError, job: SendJob, attempts: u32) -> Outcome {
-        // Without the claim there is no duplicate protection: do not send, try again shortly.
-        warn!(error = %e, "store unavailable, deferring the job");
-        Outcome::Later(Later::new(
-            Utc::now() + BUSY_WAIT,
-            attempts,
-            "store unavailable",
-            None,
-            job,
-        ))
-    }
-
-    async fn release(&self, key: &JobKey) {
-        if let Err(e) = self.store.release(key, &self.settings.owner).await {
-            warn!(error = %e, "could not release the claim; the job waits for the claim lease");
-        }
-    }
-
-    fn halted_until(&self, job: &SendJob, number: &Number) -> Option<DateTime<Utc>> {
-        let mut halts = self.halts.lock().expect("halts lock");
-        let now = Instant::now();
-        halts.retain(|_, until| *until > now);
-        [
-            HaltKey::Number(job.phone_number_id.clone()),
-            HaltKey::Waba(number.waba.clone()),
-            HaltKey::Token,
-            HaltKey::App,
-        ]
-        .iter()
-        .filter_map(|k| halts.get(k))
-        .max()
-        .map(|until| Utc::now() + (*until - now))
-    }
-
-    /// Applies an outcome: the one place a delivery is acked.
-    pub async fn settle(&self, delivery: Delivery, outcome: Outcome) -> Result<(), SettleError> {
-        let lane = delivery.lane;
-        let published = match &outcome {
-            Outcome::Accepted(event) => {
-                debug!(wamid = event.wamid.as_deref().unwrap_or(""), "accepted");
-                self.publish_event(event).await
-            }
-            Outcome::AlreadyDone(event) => match event {
-                Some(event) => self.publish_event(event).await,
-                None => Ok(()),
-            },
-            Outcome::Later(later) => self.publish_later(&delivery.envelope, lane, later).await,
-            Outcome::Dead(dead) => self.publish_dead(&delivery.envelope, dead).await,
-        };
-        // CORRECTNESS: ack only after every publish is confirmed; if one failed, the delivery
-        // goes back to its queue and is decided again (the claim prevents a second send).
-        if let Err(e) = published {
-            error!(error = %e, "settlement publish failed; returning the job to its queue");
-            let _ = delivery.requeue().await;
-            return Err(SettleError::Broker(e));
-        }
-        if let Outcome::Dead(dead) = &outcome
-            && let Some(job) = &dead.job
-            && let Some(number) = self.numbers.get(&job.phone_number_id)
-        {
-            let key = JobKey {
-                waba: number.waba.clone(),
-                job_id: job.job_id.clone(),
-            };
-            if let Err(e) = self
-                .store
-                .mark_dead(&key, dead.reason, job.campaign_id.as_ref())
-                .await
-            {
-                warn!(error = %e, "could not record the dead letter");
-            }
-        }
-        delivery.ack().await.map_err(SettleError::Broker)?;
-        self.stats.count(&outcome, lane);
-        Ok(())
-    }
-
-    async fn publish_event(&self, event: &Event) -> Result<(), BrokerError> {
-        let mut headers = Headers::default();
-        telemetry::inject_current(&mut headers);
-        crate::broker::publish_event(self.broker.as_ref(), event, headers).await
-    }
-
-    async fn publish_later(
-        &self,
-        original: &Envelope,
-        lane: Lane,
-        later: &Later,
-    ) -> Result<(), BrokerError> {
-        let wait = later
-            .due
-            .signed_duration_since(Utc::now())
-            .to_std()
-            .unwrap_or_default();
-        let tier = self.settings.tiers.tier_for(wait);
-        let mut headers = original.headers.clone();
-        headers
-            .set_int(H_ATTEMPTS, i64::from(later.attempts))
-            .set_str(H_DUE, later.due.to_rfc3339());
-        debug!(why = %later.why, delay_queue = %DelayTiers::name(tier), due = %later.due, "deferred");
-        // The decoded job names its number; only an undecodable body (never deferred) is probed.
-        let route = match &later.job {
-            Some(job) => Route::new(lane, job.phone_number_id.as_str()),
-            None => Route::of(lane, &original.body),
-        };
-        self.broker
-            .publish(
-                Target::Delay { tier, route },
-                Envelope {
-                    body: original.body.clone(),
-                    headers,
-                },
-            )
-            .await?;
-        if let Some(job) = later.job.as_ref().filter(|_| later.announce) {
-            let mut event = Event::for_job("job.deferred", job);
-            event.attempts = Some(later.attempts);
-            event.error = later.error.clone().or_else(|| {
-                Some(EventError {
-                    code: None,
-                    title: later.why.clone(),
-                    details: format!("due {}", later.due),
-                    source: ErrorSource::Policy,
-                })
-            });
-            self.publish_event(&event).await?;
-        }
-        Ok(())
-    }
-
-    async fn publish_dead(&self, original: &Envelope, dead: &Dead) -> Result<(), BrokerError> {
-        warn!(reason = %dead.reason, code = dead.code, detail = %dead.detail, "dead-lettered");
-        let mut headers = original.headers.clone();
-        headers
-            .set_str(H_REASON, dead.reason.as_str())
-            .set_int(H_ATTEMPTS, i64::from(dead.attempts))
-            .set_str(H_DETAIL, dead.detail.chars().take(1000).collect::<String>());
-        if let Some(code) = dead.code {
-            headers.set_int(H_ERROR_CODE, code);
-        }
-        self.broker
-            .publish(
-                Target::Dead(dead.reason),
-                Envelope {
-                    body: original.body.clone(),
-                    headers,
-                },
-            )
-            .await?;
-        let mut event = match &dead.job {
-            Some(job) => Event::for_job("job.dead_lettered", job),
-            None => Event {
-                job_id: dead.salvaged_job_id.clone(),
-                ..Event::new("job.dead_lettered")
-            },
-        };
-        event.reason = Some(dead.reason);
-        event.attempts = Some(dead.attempts);
-        event.error = Some(EventError {
-            code: dead.code,
-            title: dead.reason.as_str().into(),
-            details: dead.detail.clone(),
-            source: dead.source,
-        });
-        self.publish_event(&event).await
-    }
-}
-
-/// The dead letter of a body that is not a valid job, with the decoder's specific reason.
-fn undecodable(e: job::JobError, envelope: &Envelope) -> Outcome {
-    Outcome::Dead(Box::new(Dead {
-        reason: e.reason(),
-        code: None,
-        detail: e.to_string(),
-        source: ErrorSource::Policy,
-        attempts: envelope.headers.attempts(),
-        job: None,
-        salvaged_job_id: job::salvage_job_id(&envelope.body),
-    }))
-}
-
-/// `t` without its sub-millisecond part.
-fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 /// Settlement failed; the delivery was returned to its queue.

@@ -1,10 +1,12 @@
-//! Admission (steps 2–9 of the flow), as one pure function: may this job be sent now, and what
-//! does sending it change? The Redis store runs the same rules as one Lua script (one round trip,
-//! atomic across replicas); the in-memory store calls [`admit`] under a lock. The conformance
-//! suite (`tests/store_conformance.rs`) holds the two to the same answers.
+//! Admission, the `admit` stage of `decode → pace → admit → send → settle`, as one pure
+//! function: may this job be sent now, and what does sending it change? The Redis store runs
+//! the same rules as one Lua script (one round trip, atomic across replicas); the in-memory
+//! store calls [`admit`] under a lock. The conformance suite (`tests/store_conformance.rs`)
+//! holds the two to the same answers.
 //!
-//! Steps 1 (decode), the unknown sender and halts are decided before admission, and step 10
-//! (throughput) is the pacer's: see `pipeline`.
+//! Decoding, the unknown sender and halts are decided before admission, and so is throughput:
+//! the `pace` stage (`policy::pace`) waits for the job's send slot first, so what admission
+//! charges (the pair rate, the tier) is spent at the moment it was admitted for. See `pipeline`.
 
 use std::fmt;
 use std::time::Duration;
@@ -12,9 +14,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::event::DeadReason;
 use crate::ids::Wamid;
-use crate::job::Category;
+use crate::vocab::{Category, DeadReason};
 
 /// The care window: 24 h from the user's last inbound message.
 pub const CARE_WINDOW: Duration = Duration::from_secs(24 * 3600);

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use crate::cloud::ErrorCode;
-use crate::event::DeadReason;
+use crate::vocab::{DeadReason, ErrorCode};
 
 /// What to do after an error, decided once from the numeric code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

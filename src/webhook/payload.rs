@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use crate::ids::{PhoneNumberId, WaId, WabaId, Wamid};
+pub use crate::vocab::Pricing;
 
 /// Why a body is not a webhook at all.
 #[derive(Debug, thiserror::Error)]
@@ -199,27 +200,10 @@ impl fmt::Display for MessageStatus {
     }
 }
 
-/// A status's `pricing` object.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Pricing {
-    /// Deprecated by Meta in favour of `kind` + `category`.
-    #[serde(default)]
-    pub billable: Option<bool>,
-    /// `PMP` (per message), or `CBP` on webhooks sent before July 2025.
-    #[serde(default)]
-    pub pricing_model: Option<String>,
-    /// `type`: `regular`, `free_customer_service`, `free_entry_point`, …
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    /// `marketing`, `utility`, `authentication`, `service`, …
-    #[serde(default)]
-    pub category: Option<String>,
-}
-
 /// An error in a webhook: on a failed status, in `value.errors[]` or in top-level `errors[]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebhookError {
-    /// The numeric code: the only thing behaviour may depend on (see `cloud::error::ErrorCode`).
+    /// The numeric code: the only thing behaviour may depend on (see `vocab::ErrorCode`).
     pub code: i64,
     /// Meta's title (the same as its `message`); empty if there was none.
     pub title: String,

@@ -18,16 +18,16 @@ use tracing::{debug, info, warn};
 use super::payload::{self, InboundMessage, MessageStatus, StatusUpdate, Update, WebhookError};
 use super::status::{self, Transition};
 use crate::broker::{
-    Broker, BrokerError, Delivery, Envelope, H_DETAIL, H_DUE, H_ERROR_CODE, H_REASON,
-    H_TRACEPARENT, Headers, Intake, Route, Target,
+    Broker, BrokerError, Delivery, Envelope, H_DUE, H_REASON, Headers, Intake, Route, Target,
 };
-use crate::cloud::ErrorCode;
-use crate::event::{DeadReason, ErrorSource, Event, EventError};
+use crate::event::{Event, EventError};
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::Mark;
 use crate::policy::{self, Action, DelayTiers};
 use crate::pricing::{Estimate, RateCard};
+use crate::settlement::{self, DeadLetter, Trace, Unsettled};
 use crate::store::{Cost, JobKey, Store, StoreError, Tally, WamidRecord};
+use crate::vocab::{DeadReason, ErrorCode, ErrorSource};
 
 /// What the processor needs to know besides the store and the broker.
 #[derive(Debug, Clone)]
@@ -158,7 +158,8 @@ impl Processor {
     }
 
     async fn settle(&self, delivery: Delivery<Intake>) -> Result<(), BrokerError> {
-        match self.handle(&delivery.envelope.body).await {
+        let handled = self.handle(&delivery.envelope.body).await;
+        match &handled {
             Ok(handled) => {
                 debug!(?handled, "webhook processed");
                 let count = |counter: &AtomicU64, n: usize| {
@@ -170,15 +171,19 @@ impl Processor {
                 count(&self.stats.duplicates, handled.duplicates);
                 count(&self.stats.stale, handled.stale);
                 count(&self.stats.parked, usize::from(handled.parked));
-                delivery.ack().await
             }
             Err(e) => {
                 self.stats.requeued.fetch_add(1, Ordering::Relaxed);
-                // CORRECTNESS: not acked, so not lost: it returns to the intake.
                 warn!(error = %e, "webhook could not be processed now; it goes back to the intake");
                 tokio::time::sleep(RETRY_PAUSE).await;
-                delivery.requeue().await
             }
+        }
+        // CORRECTNESS: acked only once everything the body produced is published and recorded;
+        // otherwise not acked, so not lost: it returns to the intake.
+        match settlement::ack_or_requeue(delivery, handled).await {
+            Ok(_) => Ok(()),
+            Err(Unsettled::Requeued(_, requeued)) => requeued,
+            Err(Unsettled::NotAcked(e)) => Err(e),
         }
     }
 
@@ -509,11 +514,8 @@ impl Processor {
             return Ok(());
         };
         let due = chrono::Utc::now() + wait;
-        let mut headers = Headers::default();
+        let mut headers = Trace::Recorded(record.traceparent.as_deref()).headers();
         headers.set_str(H_DUE, due.to_rfc3339());
-        if let Some(trace) = &record.traceparent {
-            headers.set_str(H_TRACEPARENT, trace.clone());
-        }
         let target = Target::Delay {
             tier: self.settings.delay_tiers.tier_for(wait),
             route: Route::of(resend.lane, resend.job.as_bytes()),
@@ -549,27 +551,18 @@ impl Processor {
         handled: &mut Handled,
     ) -> Result<(), ProcessError> {
         let trace = record.and_then(|r| r.traceparent.as_deref());
-        let mut headers = Headers::default();
-        if let Some(trace) = trace {
-            headers.set_str(H_TRACEPARENT, trace);
-        }
-        headers
-            .set_str(H_REASON, reason.as_str())
-            .set_int(H_ERROR_CODE, error.code)
-            .set_str(
-                H_DETAIL,
-                error.details.chars().take(1000).collect::<String>(),
-            );
+        let letter = DeadLetter {
+            reason,
+            code: Some(error.code),
+            detail: &error.details,
+            source: ErrorSource::Webhook,
+            attempts: None,
+        };
         let body = json!({"job_id": failed.job_id, "wamid": failed.wamid, "status": "failed",
                           "error": {"code": error.code, "title": error.title, "details": error.details}});
-        self.broker
-            .publish(
-                Target::Dead(reason),
-                Envelope {
-                    body: serde_json::to_vec(&body).expect("json").into(),
-                    headers,
-                },
-            )
+        let body = serde_json::to_vec(&body).expect("json").into();
+        letter
+            .publish(self.broker.as_ref(), body, Trace::Recorded(trace).headers())
             .await?;
         if let Some(job_id) = failed.job_id.as_ref()
             && let Ok(job_id) = JobId::parse(job_id.clone())
@@ -585,15 +578,7 @@ impl Processor {
                 .mark_dead(&key, reason, campaign.as_ref())
                 .await?;
         }
-        let mut event = Event {
-            event: "job.dead_lettered".into(),
-            reason: Some(reason),
-            ..failed
-        };
-        if let Some(e) = event.error.as_mut() {
-            e.title = reason.as_str().into();
-        }
-        self.publish(&event, trace, handled).await
+        self.publish(&letter.event(failed), trace, handled).await
     }
 
     async fn inbound(&self, m: InboundMessage, handled: &mut Handled) -> Result<(), ProcessError> {
@@ -688,11 +673,7 @@ impl Processor {
         trace: Option<&str>,
         handled: &mut Handled,
     ) -> Result<(), ProcessError> {
-        let mut headers = Headers::default();
-        if let Some(trace) = trace {
-            headers.set_str(H_TRACEPARENT, trace);
-        }
-        crate::broker::publish_event(self.broker.as_ref(), event, headers).await?;
+        settlement::publish_event(self.broker.as_ref(), event, Trace::Recorded(trace)).await?;
         handled.events += 1;
         Ok(())
     }

@@ -1,0 +1,1127 @@
+//! The stages that decide, `decode → pace → admit → send`, before `settle` applies the decision.
+//! Each takes what the one before produced and returns `Result<Next, Outcome>`: an `Err` is a
+//! decision taken early (dead-letter it, try later, already done), so
+//! [`Pipeline::decide`](super::Pipeline::decide) is the four joined by `?`. Every input a
+//! decision needs is in the type between two stages; the rules that need no I/O are plain
+//! functions, tested below.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, error, warn};
+
+use super::{HaltKey, Outcome, Pipeline, PipelineSettings};
+use crate::broker::{Envelope, H_DUE, H_TRACEPARENT, Headers};
+use crate::cloud::{ApiError, OutboundMessage, SendError, SendRequest};
+use crate::config::Number;
+use crate::event::{DeadReason, ErrorSource, EventError};
+use crate::ids::Wamid;
+use crate::job::{self, Body, Category, DeliveryMode, Lane, Message, SendJob, Template};
+use crate::policy::admission::{self, DeadWhy, TemplateUse, Verdict};
+use crate::policy::template::{self, TemplateDefinition};
+use crate::policy::{self, Action, RetryPolicy, Scope};
+use crate::store::{JobKey, Resend, StoreError, Subject, WamidRecord};
+
+/// How long a throttled job waits before it is tried again.
+const THROTTLE_WAIT: Duration = Duration::from_secs(1);
+/// How long a job waits when the store cannot be reached.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+/// How often an at-most-once job with an unknown outcome looks for its webhook.
+const AMBIGUOUS_RECHECK: Duration = Duration::from_secs(30);
+/// A job woken later than this after its send slot books another one.
+const LATE_SLOT: Duration = Duration::from_millis(10);
+/// How many times a job late for its slot books again before it goes anyway.
+const LATE_REBOOKS: u32 = 3;
+/// How long a job for a paused template waits before it looks again.
+const PARKED_TEMPLATE_WAIT: Duration = Duration::from_secs(600);
+
+/// A valid job for a configured number, due now: what `decode` hands to `pace`.
+pub(super) struct Decoded<'a> {
+    /// The delivery's body and headers (its trace context, the body kept for a resend).
+    pub(super) envelope: &'a Envelope,
+    /// The lane it came from.
+    pub(super) lane: Lane,
+    /// The job.
+    pub(super) job: SendJob,
+    /// Its number's configuration.
+    pub(super) number: &'a Number,
+    /// Sends tried before this delivery.
+    pub(super) attempts: u32,
+    /// Its earliest send time (its `not_before`, or the due time of the deferral it comes from).
+    pub(super) not_before: Option<DateTime<Utc>>,
+}
+
+/// A job whose send slot has come: what `pace` hands to `admit`.
+pub(super) struct Paced<'a> {
+    /// What decoding found.
+    pub(super) decoded: Decoded<'a>,
+    /// The decision time, after the wait, in milliseconds (the store's precision).
+    pub(super) now: DateTime<Utc>,
+}
+
+/// A job admitted and claimed, to be sent at once: what `admit` hands to `send`.
+pub(super) struct Admitted<'a> {
+    /// What decoding found.
+    pub(super) decoded: Decoded<'a>,
+    /// The decision time.
+    pub(super) now: DateTime<Utc>,
+    /// Its claim's key.
+    pub(super) key: JobKey,
+    /// Send the fallback template instead of the free-form message (care window closed).
+    pub(super) fallback: bool,
+    /// The registry's definition of the template it sends, if it sends one and it is known.
+    pub(super) definition: Option<Arc<TemplateDefinition>>,
+}
+
+/// A send Meta accepted, recorded in the store: what `send` hands back for settlement.
+#[derive(Debug)]
+pub(super) struct Sent {
+    /// The job.
+    pub(super) job: SendJob,
+    /// Meta's id of the message.
+    pub(super) wamid: Wamid,
+    /// Sends tried, this one included.
+    pub(super) attempts: u32,
+}
+
+impl From<Sent> for Outcome {
+    fn from(sent: Sent) -> Self {
+        Outcome::accepted(&sent.job, &sent.wamid, sent.attempts)
+    }
+}
+
+impl Pipeline {
+    /// `decode`: the body as a job (decoding is validation), for a number configured here, due
+    /// now. Touches neither the store nor a send slot.
+    pub(super) fn decode<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        lane: Lane,
+    ) -> Result<Decoded<'a>, Outcome> {
+        let attempts = envelope.headers.attempts();
+        let job = job::decode(&envelope.body).map_err(|e| undecodable(&e, envelope))?;
+        tracing::Span::current().record("job_id", job.job_id.as_str());
+        // The store keeps milliseconds; deciding on the same precision keeps both stores equal.
+        let now = truncate_to_millis(Utc::now());
+        let Some(number) = self.numbers.get(&job.phone_number_id) else {
+            let detail = format!(
+                "phone_number_id {} is not configured on this worker",
+                job.phone_number_id
+            );
+            return Err(Outcome::dead(
+                DeadReason::UnknownSender,
+                detail,
+                attempts,
+                job,
+            ));
+        };
+        let due = due_header(&envelope.headers);
+        let not_before = not_before(&job, due);
+        let job = wait_until_due(job, due, attempts, now)?;
+        Ok(Decoded {
+            envelope,
+            lane,
+            job,
+            number,
+            attempts,
+            not_before,
+        })
+    }
+
+    /// `pace`: waits for the job's slot in its number's send schedule, shared by every replica.
+    /// A number halted by a Cloud API error takes no slot: its jobs wait for the cool-down.
+    pub(super) async fn pace<'a>(&self, decoded: Decoded<'a>) -> Result<Paced<'a>, Outcome> {
+        let (job, number) = (&decoded.job, decoded.number);
+        if let Some(until) = self.halted_until(job, number) {
+            let why = "sending halted";
+            return Err(Outcome::later(
+                until,
+                decoded.attempts,
+                why,
+                None,
+                decoded.job,
+            ));
+        }
+        // CORRECTNESS: pace before admission. The send must follow admission at once (the pair
+        // rate admitted at one time would be spent at another, and a worker that dies between
+        // claim and send leaves an ambiguous claim), so the wait for the slot comes first. A
+        // slot taken by a job admission then refuses is lost; that only slows a number whose
+        // jobs are being refused.
+        if let Some(interval) = self.pacer.interval(&job.phone_number_id) {
+            let _ahead = self
+                .pacer
+                .book_ahead(&job.phone_number_id, decoded.lane == Lane::Otp)
+                .await;
+            for rebook in 0..=LATE_REBOOKS {
+                let (wall, instant) = (Utc::now(), Instant::now());
+                let booked = self
+                    .store
+                    .book_slot(&number.waba, &job.phone_number_id, wall, interval)
+                    .await;
+                // The wait counts from when the slot was asked for, not from the answer, so a
+                // slow round trip does not make one send later than its slot.
+                let slot = match booked {
+                    Ok(wait) => instant + wait,
+                    Err(e) => return Err(self.store_unavailable(e, decoded.job, decoded.attempts)),
+                };
+                self.pacer.wait(&job.phone_number_id, slot).await;
+                // CORRECTNESS: the schedule keeps every 1 s window within the limit only for
+                // sends that leave their slots less than the headroom's worth late; one woken
+                // much later (a stalled machine) would crowd the next second at Meta, so it
+                // books a new slot instead (a few times at most, so an overloaded replica
+                // still sends).
+                if slot.elapsed() <= LATE_SLOT || rebook == LATE_REBOOKS {
+                    break;
+                }
+            }
+        }
+        let now = truncate_to_millis(Utc::now());
+        Ok(Paced { decoded, now })
+    }
+
+    /// `admit`: one round trip to the store, atomic across replicas, decides whether the job
+    /// may go now (not sent before, care window, consent, template, campaign, tier, pair rate)
+    /// and, if so, claims it.
+    pub(super) async fn admit<'a>(&self, paced: Paced<'a>) -> Result<Admitted<'a>, Outcome> {
+        let (job, waba) = (&paced.decoded.job, &paced.decoded.number.waba);
+        let definition =
+            template_sent(job).and_then(|t| self.registry.get(waba, &t.name, &t.language.code));
+        let (subject, request) = admission_request(&paced, definition.as_deref(), &self.settings);
+        let verdict = match self.store.admit(&subject, &request).await {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                let Decoded { job, attempts, .. } = paced.decoded;
+                return Err(self.store_unavailable(e, job, attempts));
+            }
+        };
+        if let Verdict::AlreadySent(_) = verdict {
+            self.stats.count_duplicate_avoided();
+        }
+        admitted(
+            verdict,
+            paced,
+            subject.job,
+            definition,
+            self.settings.ambiguous_wait,
+        )
+    }
+
+    /// `send`: the Cloud API call, then what its answer means: an accepted send is recorded;
+    /// a failure is classified once (policy), and the claim released unless the message may
+    /// exist.
+    pub(super) async fn send(&self, admitted: Admitted<'_>) -> Result<Sent, Outcome> {
+        let Admitted {
+            decoded,
+            now,
+            key,
+            fallback,
+            definition,
+        } = admitted;
+        let Decoded {
+            envelope,
+            lane,
+            job,
+            number,
+            attempts,
+            ..
+        } = decoded;
+        let (body, sends_template) = {
+            let message = message_to_send(&job, fallback);
+            let body = serde_json::to_vec(&OutboundMessage::new(
+                job.to.as_str(),
+                &message,
+                job.job_id.as_str(),
+            ))
+            .expect("a validated message always serialises");
+            (body, matches!(message.body, Body::Template(_)))
+        };
+        // CORRECTNESS: claimed by admission just before: no other worker sends this job while
+        // the claim holds, and a worker that dies now leaves a claim that is treated as
+        // ambiguous, never resent blindly.
+        let started = Instant::now();
+        let result = self
+            .cloud
+            .send(SendRequest {
+                phone_number_id: job.phone_number_id.clone(),
+                token: number.token.clone(),
+                body,
+            })
+            .await;
+        self.stats.record_send_latency(started.elapsed());
+        let attempts = attempts + 1;
+        match result {
+            Ok(accepted) => {
+                tracing::Span::current().record("wamid", accepted.wamid.as_str());
+                // The template sent is the job's or its fallback: the definition admission checked.
+                let marketing = sends_template
+                    && definition.is_some_and(|def| def.category() == Some(Category::Marketing));
+                let record = WamidRecord {
+                    job_id: job.job_id.to_string(),
+                    campaign_id: job.campaign_id.as_ref().map(ToString::to_string),
+                    traceparent: envelope.headers.get_str(H_TRACEPARENT),
+                    metadata: job.metadata.clone(),
+                    resend: marketing.then(|| Resend {
+                        job: String::from_utf8_lossy(&envelope.body).into_owned(),
+                        lane,
+                    }),
+                };
+                if let Err(e) = self.store.mark_sent(&key, &accepted.wamid, &record).await {
+                    // The message exists; its message.accepted still reports it. A redelivery would
+                    // find a stale claim and treat it as ambiguous, never resend blindly.
+                    error!(error = %e, "could not record the accepted send");
+                }
+                Ok(Sent {
+                    job,
+                    wamid: accepted.wamid,
+                    attempts,
+                })
+            }
+            Err(SendError::Api(api)) => Err(self.on_api_error(api, job, key, attempts, now).await),
+            Err(SendError::NotSent(detail)) => {
+                self.release(&key).await;
+                let error = send_error("request not sent", detail);
+                Err(retry(
+                    &self.settings.retry,
+                    job,
+                    attempts,
+                    error,
+                    Utc::now(),
+                ))
+            }
+            Err(SendError::Ambiguous(detail)) => {
+                let error = send_error("send outcome unknown", detail);
+                match job.delivery_mode(lane) {
+                    DeliveryMode::AtLeastOnce => {
+                        self.release(&key).await;
+                        Err(retry(
+                            &self.settings.retry,
+                            job,
+                            attempts,
+                            error,
+                            Utc::now(),
+                        ))
+                    }
+                    DeliveryMode::AtMostOnce => {
+                        // CORRECTNESS: the message may exist; mark it so no worker resends it,
+                        // and wait for a status webhook carrying this job_id to settle it.
+                        if let Err(e) = self
+                            .store
+                            .mark_ambiguous(&key, &self.settings.owner, now)
+                            .await
+                        {
+                            warn!(error = %e, "could not mark the send ambiguous; the stale claim will be treated as ambiguous");
+                        }
+                        let recheck = self.settings.ambiguous_wait.min(AMBIGUOUS_RECHECK);
+                        Err(Outcome::later(
+                            now + recheck,
+                            attempts,
+                            "ambiguous send",
+                            Some(error),
+                            job,
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Meta's error answer: what the policy decides, with its side effects (the claim released
+    /// unless the job is dead-lettered, a 130429 slowing the number's schedule for every
+    /// replica, a halt), then the outcome.
+    async fn on_api_error(
+        &self,
+        api: ApiError,
+        job: SendJob,
+        key: JobKey,
+        attempts: u32,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        let error = api_event_error(&api);
+        let action = policy::classify(api.code());
+        debug!(
+            code = api.code,
+            fbtrace_id = api.fbtrace_id.as_deref().unwrap_or(""),
+            ?action,
+            "cloud api error"
+        );
+        if !matches!(action, Action::DeadLetter(_)) {
+            self.release(&key).await;
+        }
+        let retry_from = Utc::now();
+        match action {
+            Action::Throttle(Scope::Number) => {
+                let cooldown = self.settings.pacing.throttle_cooldown;
+                warn!(
+                    cooldown_s = cooldown.as_secs(),
+                    "130429 from Meta: the number's send schedule slows by a tenth for a while"
+                );
+                if let Err(e) = self
+                    .store
+                    .throttled(&key.waba, &job.phone_number_id, now, cooldown)
+                    .await
+                {
+                    warn!(error = %e, "could not slow the number's send schedule");
+                }
+            }
+            Action::Halt(scope) => {
+                let halt_key = match scope {
+                    Scope::Number | Scope::Pair => HaltKey::Number(job.phone_number_id.clone()),
+                    Scope::Waba => HaltKey::Waba(key.waba.clone()),
+                    Scope::Token => HaltKey::Token,
+                    Scope::App => HaltKey::App,
+                };
+                error!(code = api.code, scope = ?scope, cooldown_s = self.settings.halt_cooldown.as_secs(), "sending halted by a Cloud API error; jobs are parked until the cool-down ends");
+                self.stats.count_halt();
+                self.halts
+                    .lock()
+                    .expect("halts lock")
+                    .insert(halt_key, Instant::now() + self.settings.halt_cooldown);
+            }
+            _ => {}
+        }
+        after_api_error(
+            action,
+            error,
+            job,
+            attempts,
+            now,
+            retry_from,
+            &self.settings,
+        )
+    }
+
+    fn store_unavailable(&self, e: StoreError, job: SendJob, attempts: u32) -> Outcome {
+        // CORRECTNESS: without the claim there is no duplicate protection: do not send, try
+        // again shortly.
+        warn!(error = %e, "store unavailable, deferring the job");
+        Outcome::later(
+            Utc::now() + BUSY_WAIT,
+            attempts,
+            "store unavailable",
+            None,
+            job,
+        )
+    }
+
+    async fn release(&self, key: &JobKey) {
+        if let Err(e) = self.store.release(key, &self.settings.owner).await {
+            warn!(error = %e, "could not release the claim; the job waits for the claim lease");
+        }
+    }
+
+    fn halted_until(&self, job: &SendJob, number: &Number) -> Option<DateTime<Utc>> {
+        let mut halts = self.halts.lock().expect("halts lock");
+        let now = Instant::now();
+        halts.retain(|_, until| *until > now);
+        [
+            HaltKey::Number(job.phone_number_id.clone()),
+            HaltKey::Waba(number.waba.clone()),
+            HaltKey::Token,
+            HaltKey::App,
+        ]
+        .iter()
+        .filter_map(|k| halts.get(k))
+        .max()
+        .map(|until| Utc::now() + (*until - now))
+    }
+}
+
+/// The dead letter of a body that is not a valid job, with the decoder's specific reason.
+pub(super) fn undecodable(e: &job::JobError, envelope: &Envelope) -> Outcome {
+    Outcome::undecodable(
+        e,
+        envelope.headers.attempts(),
+        job::salvage_job_id(&envelope.body),
+    )
+}
+
+/// `t` without its sub-millisecond part.
+fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
+
+/// The due time a deferred job carries back from its delay queue.
+fn due_header(headers: &Headers) -> Option<DateTime<Utc>> {
+    headers
+        .get_str(H_DUE)
+        .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
+        .map(|d| d.with_timezone(&Utc))
+}
+
+/// A job's earliest send time: its `not_before` or its deferral's due time, the later one.
+fn not_before(job: &SendJob, due: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    job.not_before.into_iter().chain(due).max()
+}
+
+/// The job back if it is due at `now`. A scheduled job, or a deferred one that came back from a
+/// delay queue before its due time (tiers are chosen so it never comes back late), waits again
+/// without touching the store or a send slot (admission would say the same); an expired one
+/// goes on, to be dead-lettered by admission. Only the first deferral of a scheduled job is
+/// announced; the hops through shorter tiers are silent.
+fn wait_until_due(
+    job: SendJob,
+    due: Option<DateTime<Utc>>,
+    attempts: u32,
+    now: DateTime<Utc>,
+) -> Result<SendJob, Outcome> {
+    match not_before(&job, due) {
+        Some(not_before) if not_before > now && job.expires_at.is_none_or(|e| e > now) => {
+            Err(match due.filter(|d| *d > now) {
+                Some(_) => Outcome::later_silent(not_before, attempts, "not yet due", job),
+                None => Outcome::later(not_before, attempts, "not_before", None, job),
+            })
+        }
+        _ => Ok(job),
+    }
+}
+
+/// The template a job would send: its own, or the fallback of a free-form message.
+fn template_sent(job: &SendJob) -> Option<&Template> {
+    match &job.message.body {
+        Body::Template(t) => Some(t),
+        _ => job.fallback_template.as_ref(),
+    }
+}
+
+/// What admission is asked about a paced job: the job's store keys and everything known about
+/// it and the rules in force before the store is read.
+fn admission_request(
+    paced: &Paced<'_>,
+    definition: Option<&TemplateDefinition>,
+    settings: &PipelineSettings,
+) -> (Subject, admission::Request) {
+    let Decoded {
+        job,
+        number,
+        lane,
+        not_before,
+        ..
+    } = &paced.decoded;
+    let free_form = !matches!(job.message.body, Body::Template(_));
+    let template = template_sent(job);
+    let subject = Subject {
+        job: JobKey {
+            waba: number.waba.clone(),
+            job_id: job.job_id.clone(),
+        },
+        number: job.phone_number_id.clone(),
+        to: job.to.clone(),
+        campaign: job.campaign_id.clone(),
+        template: template.map(|t| (t.name.clone(), t.language.code.clone())),
+    };
+    let rules = &settings.admission;
+    let request = admission::Request {
+        owner: settings.owner.clone(),
+        now: paced.now,
+        lease: settings.claim_lease,
+        retake_ambiguous: job.delivery_mode(*lane) == DeliveryMode::AtLeastOnce,
+        expires_at: job.expires_at,
+        not_before: *not_before,
+        free_form,
+        template: template.map(|t| TemplateUse {
+            fallback: free_form,
+            params: definition.and_then(|def| template::check(def, t)),
+        }),
+        opt_in: rules.opt_in,
+        tier_limit: rules
+            .tiers
+            .get(&number.waba)
+            .copied()
+            .unwrap_or(rules.default_tier),
+        pair: rules.pair,
+        campaign_recheck: rules.campaign_recheck,
+        template_recheck: rules.template_recheck,
+    };
+    (subject, request)
+}
+
+/// What admission's verdict means: admitted (the claim under `key` is taken; the fallback
+/// template goes instead of the free-form message if the verdict says so), or the outcome of a
+/// refusal. An at-most-once job whose earlier send has an unknown outcome waits for its webhook
+/// up to `ambiguous_wait`, then is dead-lettered.
+fn admitted<'a>(
+    verdict: Verdict,
+    paced: Paced<'a>,
+    key: JobKey,
+    definition: Option<Arc<TemplateDefinition>>,
+    ambiguous_wait: Duration,
+) -> Result<Admitted<'a>, Outcome> {
+    let now = paced.now;
+    let Decoded { job, attempts, .. } = &paced.decoded;
+    let attempts = *attempts;
+    let fallback = match verdict {
+        Verdict::Send { fallback } => fallback,
+        Verdict::AlreadySent(wamid) => return Err(Outcome::already_sent(job, &wamid)),
+        Verdict::AlreadyDead => return Err(Outcome::already_dead()),
+        Verdict::Defer { until, why } => {
+            let error = EventError {
+                code: None,
+                title: why.label().into(),
+                details: why.to_string(),
+                source: ErrorSource::Policy,
+            };
+            let job = paced.decoded.job;
+            return Err(Outcome::later(
+                until,
+                attempts,
+                why.label(),
+                Some(error),
+                job,
+            ));
+        }
+        Verdict::Dead(why) => {
+            let detail = match (&why, template_sent(job)) {
+                (DeadWhy::TemplateUnknown | DeadWhy::TemplateNotApproved { .. }, Some(t)) => {
+                    format!("template {} ({}): {why}", t.name, t.language.code)
+                }
+                _ => why.to_string(),
+            };
+            let job = paced.decoded.job;
+            return Err(Outcome::dead(why.reason(), detail, attempts, job));
+        }
+        Verdict::Ambiguous(since) => {
+            let job = paced.decoded.job;
+            let waited = now
+                .signed_duration_since(since)
+                .to_std()
+                .unwrap_or_default();
+            if waited >= ambiguous_wait {
+                let detail = format!(
+                    "send outcome unknown since {since} and no status webhook arrived within {}s",
+                    ambiguous_wait.as_secs()
+                );
+                return Err(Outcome::dead(
+                    DeadReason::AmbiguousSend,
+                    detail,
+                    attempts,
+                    job,
+                ));
+            }
+            let recheck = (ambiguous_wait - waited).min(AMBIGUOUS_RECHECK);
+            let why = "waiting for a webhook after an ambiguous send";
+            return Err(Outcome::later(now + recheck, attempts, why, None, job));
+        }
+    };
+    Ok(Admitted {
+        decoded: paced.decoded,
+        now,
+        key,
+        fallback,
+        definition,
+    })
+}
+
+/// The message that goes out: the job's, or its fallback template when admission says so.
+fn message_to_send(job: &SendJob, fallback: bool) -> Cow<'_, Message> {
+    match (&job.fallback_template, fallback) {
+        (Some(t), true) => Cow::Owned(Message {
+            body: Body::Template(t.clone()),
+            context: None,
+        }),
+        _ => Cow::Borrowed(&job.message),
+    }
+}
+
+/// A send that failed before Meta answered, as an event's error.
+fn send_error(title: &str, details: String) -> EventError {
+    EventError {
+        code: None,
+        title: title.into(),
+        details,
+        source: ErrorSource::Api,
+    }
+}
+
+/// Meta's error answer as an event's error.
+fn api_event_error(api: &ApiError) -> EventError {
+    EventError {
+        code: Some(api.code),
+        title: api.message.clone(),
+        details: api.details().to_owned(),
+        source: ErrorSource::Api,
+    }
+}
+
+/// The outcome of Meta's error answer, given the policy's `action` for its code: a dead letter,
+/// a retry (counted from `retry_from`, once the claim is released), or a wait counted from
+/// `now` that uses up no attempt (a throttle or a halt is not the job's fault).
+fn after_api_error(
+    action: Action,
+    error: EventError,
+    job: SendJob,
+    attempts: u32,
+    now: DateTime<Utc>,
+    retry_from: DateTime<Utc>,
+    settings: &PipelineSettings,
+) -> Outcome {
+    let wait = |d: Duration, why: &str| {
+        Outcome::later(now + d, attempts - 1, why, Some(error.clone()), job.clone())
+    };
+    match action {
+        Action::DeadLetter(reason) => {
+            let detail = error.details.clone();
+            Outcome::dead_after(reason, &error, detail, attempts, job)
+        }
+        Action::Retry => retry(&settings.retry, job, attempts, error, retry_from),
+        Action::Throttle(_) => wait(THROTTLE_WAIT, "throttled"),
+        Action::Halt(_) => wait(settings.halt_cooldown, "sending halted"),
+        Action::ParkTemplate => wait(PARKED_TEMPLATE_WAIT, "template paused"),
+        Action::Cooldown(d) => wait(d, "recipient cool-down"),
+    }
+}
+
+/// Tried again after the policy's backoff from `now`, or dead-lettered `max_attempts` when
+/// `attempts` used up the budget.
+fn retry(
+    policy: &RetryPolicy,
+    job: SendJob,
+    attempts: u32,
+    error: EventError,
+    now: DateTime<Utc>,
+) -> Outcome {
+    match policy.delay_after(attempts) {
+        Some(delay) => Outcome::later(now + delay, attempts, "retry", Some(error), job),
+        None => {
+            let detail = format!(
+                "gave up after {attempts} attempts; last error: {}",
+                error.details
+            );
+            Outcome::dead_after(DeadReason::MaxAttempts, &error, detail, attempts, job)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use chrono::TimeZone;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::ids::WabaId;
+    use crate::pipeline::{AdmissionSettings, PacingSettings};
+    use crate::policy::DelayTiers;
+    use crate::policy::admission::{DeferReason, OptInPolicy, PairRate};
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2030, 1, 1, 12, 0, 0).unwrap() + chrono::TimeDelta::seconds(secs)
+    }
+
+    fn job(overrides: Value) -> SendJob {
+        let mut body = json!({
+            "schema": "wa.send.v1", "job_id": "j-1", "phone_number_id": "106540352242922",
+            "to": "16505551234", "message": {"type": "text", "text": {"body": "hello"}},
+        });
+        for (k, v) in overrides.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        job::decode(&serde_json::to_vec(&body).unwrap()).expect("a valid job")
+    }
+
+    fn template_message(name: &str) -> Value {
+        json!({"type": "template", "template": {"name": name, "language": {"code": "en_US"},
+               "components": [{"type": "body", "parameters": [{"type": "text", "text": "Ann"}]}]}})
+    }
+
+    fn waba() -> WabaId {
+        WabaId::parse("102290129340398".to_owned()).unwrap()
+    }
+
+    fn number() -> Number {
+        Number {
+            waba: waba(),
+            throughput_mps: 80,
+            token: "token".to_owned().into(),
+        }
+    }
+
+    fn envelope() -> Envelope {
+        Envelope {
+            body: Bytes::new(),
+            headers: Headers::default(),
+        }
+    }
+
+    fn settings() -> PipelineSettings {
+        PipelineSettings {
+            owner: "replica-1".into(),
+            claim_lease: Duration::from_secs(60),
+            ambiguous_wait: Duration::from_secs(600),
+            halt_cooldown: Duration::from_secs(300),
+            retry: RetryPolicy {
+                min_delay: Duration::from_secs(2),
+                max_delay: Duration::from_secs(60),
+                factor: 2.0,
+                max_attempts: 3,
+            },
+            tiers: DelayTiers::default(),
+            admission: AdmissionSettings {
+                opt_in: OptInPolicy {
+                    marketing: true,
+                    utility: false,
+                    authentication: false,
+                },
+                pair: PairRate {
+                    period: Duration::from_secs(6),
+                    burst: 45,
+                    margin: Duration::from_millis(500),
+                },
+                tiers: BTreeMap::from([(waba(), Some(1000))]),
+                default_tier: Some(250),
+                template_refresh: Duration::from_secs(300),
+                campaign_recheck: Duration::from_secs(30),
+                template_recheck: Duration::from_secs(600),
+            },
+            pacing: PacingSettings {
+                group: "g".into(),
+                heartbeat: Duration::from_secs(1),
+                replica_ttl: Duration::from_secs(3),
+                headroom: 0.97,
+                throttle_cooldown: Duration::from_secs(60),
+            },
+        }
+    }
+
+    fn paced<'a>(
+        envelope: &'a Envelope,
+        number: &'a Number,
+        lane: Lane,
+        job: SendJob,
+    ) -> Paced<'a> {
+        Paced {
+            decoded: Decoded {
+                envelope,
+                lane,
+                job,
+                number,
+                attempts: 1,
+                not_before: Some(at(-10)),
+            },
+            now: at(0),
+        }
+    }
+
+    fn later(outcome: Outcome) -> super::super::Later {
+        match outcome {
+            Outcome::Later(later) => *later,
+            other => panic!("expected a deferral, got {other:?}"),
+        }
+    }
+
+    fn dead(outcome: Outcome) -> super::super::Dead {
+        match outcome {
+            Outcome::Dead(dead) => *dead,
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_due_time_of_a_deferral_is_read_back_and_a_bad_one_ignored() {
+        let mut headers = Headers::default();
+        headers.set_str(H_DUE, "2030-01-01T12:00:30+00:00");
+        assert_eq!(due_header(&headers), Some(at(30)));
+        headers.set_str(H_DUE, "soon");
+        assert_eq!(due_header(&headers), None);
+        assert_eq!(due_header(&Headers::default()), None);
+    }
+
+    #[test]
+    fn a_job_waits_until_it_is_due_and_only_a_first_deferral_is_announced() {
+        let scheduled = || job(json!({"not_before": "2030-01-01T12:01:00Z"}));
+        // Its not_before ahead: announced.
+        let wait = later(wait_until_due(scheduled(), None, 0, at(0)).unwrap_err());
+        assert_eq!(
+            (wait.due, wait.why.as_str(), wait.announce),
+            (at(60), "not_before", true)
+        );
+        // Back from a delay queue before its due time: a silent hop, to the later of the two.
+        let wait = later(wait_until_due(scheduled(), Some(at(90)), 2, at(0)).unwrap_err());
+        assert_eq!(
+            (wait.due, wait.why.as_str(), wait.announce),
+            (at(90), "not yet due", false)
+        );
+        assert_eq!(wait.attempts, 2);
+        // A due time passed but not_before ahead: announced again.
+        let wait = later(wait_until_due(scheduled(), Some(at(-5)), 0, at(0)).unwrap_err());
+        assert!(wait.announce);
+        // Due, or never scheduled: on to the next stage.
+        assert!(wait_until_due(scheduled(), None, 0, at(60)).is_ok());
+        assert!(wait_until_due(job(json!({})), None, 0, at(0)).is_ok());
+        // Expired while it waits: goes on, for admission to dead-letter it.
+        let expired = job(json!({"not_before": "2030-01-01T12:01:00Z",
+                                 "expires_at": "2030-01-01T12:02:00Z"}));
+        assert!(wait_until_due(expired, None, 0, at(180)).is_ok());
+    }
+
+    #[test]
+    fn admission_is_asked_about_the_template_that_would_be_sent() {
+        let (envelope, number) = (envelope(), number());
+        let free_form = job(json!({"fallback_template":
+            {"name": "care_reopen", "language": {"code": "en_US"}}}));
+        let paced = paced(&envelope, &number, Lane::Bulk, free_form);
+        let (subject, request) = admission_request(&paced, None, &settings());
+        assert_eq!(subject.job.waba, waba());
+        assert_eq!(subject.job.job_id.as_str(), "j-1");
+        assert_eq!(
+            subject.template,
+            Some(("care_reopen".into(), "en_US".into()))
+        );
+        assert!(request.free_form);
+        assert_eq!(
+            request.template,
+            Some(TemplateUse {
+                fallback: true,
+                params: None
+            })
+        );
+        assert_eq!((request.now, request.not_before), (at(0), Some(at(-10))));
+        assert_eq!(request.owner, "replica-1");
+        assert_eq!(request.lease, Duration::from_secs(60));
+        // The portfolio's own tier, else the default.
+        assert_eq!(request.tier_limit, Some(1000));
+        let mut elsewhere = settings();
+        elsewhere.admission.tiers.clear();
+        assert_eq!(
+            admission_request(&paced, None, &elsewhere).1.tier_limit,
+            Some(250)
+        );
+    }
+
+    #[test]
+    fn admission_is_told_what_is_wrong_with_a_templates_parameters_and_who_may_retake_a_claim() {
+        let (envelope, number) = (envelope(), number());
+        let definition: TemplateDefinition = serde_json::from_value(json!({
+            "name": "order_update", "language": "en_US", "status": "APPROVED", "category": "UTILITY",
+            "components": [{"type": "BODY", "text": "Hi {{1}}, order {{2}} shipped."}]
+        }))
+        .unwrap();
+        let sent = job(json!({"message": template_message("order_update")}));
+        let otp = paced(&envelope, &number, Lane::Otp, sent.clone());
+        let (subject, request) = admission_request(&otp, Some(&definition), &settings());
+        assert!(!request.free_form);
+        let template = request.template.expect("a template");
+        assert!(!template.fallback);
+        assert!(template.params.is_some(), "one parameter of two is sent");
+        assert_eq!(
+            subject.template,
+            Some(("order_update".into(), "en_US".into()))
+        );
+        // At-least-once (otp) takes over an ambiguous claim; at-most-once (bulk) waits.
+        assert!(request.retake_ambiguous);
+        let bulk = paced(&envelope, &number, Lane::Bulk, sent);
+        assert!(
+            !admission_request(&bulk, None, &settings())
+                .1
+                .retake_ambiguous
+        );
+    }
+
+    fn key() -> JobKey {
+        JobKey {
+            waba: waba(),
+            job_id: crate::ids::JobId::parse("j-1".to_owned()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_send_verdict_admits_the_job_with_its_claim_and_the_message_to_send() {
+        let (envelope, number) = (envelope(), number());
+        let paced = paced(&envelope, &number, Lane::Bulk, job(json!({})));
+        let verdict = Verdict::Send { fallback: true };
+        let wait = settings().ambiguous_wait;
+        let Ok(admitted) = admitted(verdict, paced, key(), None, wait) else {
+            panic!("admitted");
+        };
+        assert!(admitted.fallback);
+        assert_eq!(admitted.key, key());
+        assert_eq!(admitted.now, at(0));
+        assert_eq!(admitted.decoded.attempts, 1);
+    }
+
+    #[test]
+    fn each_refusal_has_its_outcome() {
+        let (envelope, number) = (envelope(), number());
+        let wait = Duration::from_secs(600);
+        let refuse = |verdict, job| {
+            let paced = paced(&envelope, &number, Lane::Bulk, job);
+            match admitted(verdict, paced, key(), None, wait) {
+                Ok(_) => panic!("admitted"),
+                Err(outcome) => outcome,
+            }
+        };
+        let plain = || job(json!({}));
+
+        let wamid = Wamid::parse("wamid.HBgLMTY1MDU1NTEyMzQVAgARGBI".to_owned()).unwrap();
+        let Outcome::AlreadyDone(Some(event)) = refuse(Verdict::AlreadySent(wamid), plain()) else {
+            panic!("already sent");
+        };
+        assert_eq!(
+            event.wamid.as_deref(),
+            Some("wamid.HBgLMTY1MDU1NTEyMzQVAgARGBI")
+        );
+        assert!(matches!(
+            refuse(Verdict::AlreadyDead, plain()),
+            Outcome::AlreadyDone(None)
+        ));
+
+        let defer = Verdict::Defer {
+            until: at(6),
+            why: DeferReason::PairRate,
+        };
+        let deferred = later(refuse(defer, plain()));
+        assert_eq!((deferred.due, deferred.why.as_str()), (at(6), "pair_rate"));
+        assert_eq!(deferred.attempts, 1);
+        let error = deferred.error.expect("the cause as an error");
+        assert_eq!(error.details, "pair rate to this recipient");
+        assert_eq!(error.source, ErrorSource::Policy);
+
+        let unknown = dead(refuse(
+            Verdict::Dead(DeadWhy::TemplateUnknown),
+            job(json!({"message": template_message("order_update")})),
+        ));
+        assert_eq!(unknown.reason, DeadReason::TemplateNotApproved);
+        assert!(
+            unknown
+                .detail
+                .starts_with("template order_update (en_US): "),
+            "{}",
+            unknown.detail
+        );
+        let cancelled = dead(refuse(Verdict::Dead(DeadWhy::CampaignCancelled), plain()));
+        assert_eq!(cancelled.detail, "its campaign was cancelled");
+    }
+
+    #[test]
+    fn an_ambiguous_send_waits_for_its_webhook_then_is_dead_lettered() {
+        let (envelope, number) = (envelope(), number());
+        let wait = Duration::from_secs(600);
+        let decide = |since| {
+            let paced = paced(&envelope, &number, Lane::Bulk, job(json!({})));
+            admitted(Verdict::Ambiguous(since), paced, key(), None, wait)
+                .err()
+                .expect("refused")
+        };
+        // 10 s of 600 waited: looks again in 30 s; 590 s waited: in the 10 s left.
+        assert_eq!(later(decide(at(-10))).due, at(30));
+        let almost = later(decide(at(-590)));
+        assert_eq!(almost.due, at(10));
+        assert!(almost.announce);
+        let given_up = dead(decide(at(-600)));
+        assert_eq!(given_up.reason, DeadReason::AmbiguousSend);
+        assert!(
+            given_up.detail.contains("within 600s"),
+            "{}",
+            given_up.detail
+        );
+    }
+
+    #[test]
+    fn the_fallback_template_goes_out_only_when_admission_says_so() {
+        let with_fallback = job(json!({"fallback_template":
+            {"name": "care_reopen", "language": {"code": "en_US"}}}));
+        let Body::Template(t) = &message_to_send(&with_fallback, true).body else {
+            panic!("the fallback template");
+        };
+        assert_eq!(t.name, "care_reopen");
+        assert_eq!(
+            *message_to_send(&with_fallback, false),
+            with_fallback.message
+        );
+        let without = job(json!({}));
+        assert_eq!(*message_to_send(&without, true), without.message);
+    }
+
+    fn meta_error(code: i64) -> EventError {
+        api_event_error(&ApiError {
+            message: "(#x) something".into(),
+            kind: "OAuthException".into(),
+            code,
+            error_subcode: None,
+            error_data: Some(crate::cloud::ErrorData {
+                messaging_product: Some("whatsapp".into()),
+                details: "the details".into(),
+            }),
+            fbtrace_id: None,
+        })
+    }
+
+    #[test]
+    fn metas_error_becomes_the_outcome_its_action_says() {
+        let settings = settings();
+        let decide = |action, attempts| {
+            after_api_error(
+                action,
+                meta_error(131026),
+                job(json!({})),
+                attempts,
+                at(0),
+                at(5),
+                &settings,
+            )
+        };
+        let undeliverable = dead(decide(
+            Action::DeadLetter(DeadReason::RecipientUndeliverable),
+            1,
+        ));
+        assert_eq!(undeliverable.reason, DeadReason::RecipientUndeliverable);
+        assert_eq!(
+            (undeliverable.code, undeliverable.source),
+            (Some(131026), ErrorSource::Api)
+        );
+        assert_eq!(
+            (undeliverable.detail.as_str(), undeliverable.attempts),
+            ("the details", 1)
+        );
+
+        // Waits count from the decision and use up no attempt.
+        let cases = [
+            (Action::Throttle(Scope::Number), at(1), "throttled"),
+            (Action::Throttle(Scope::Pair), at(1), "throttled"),
+            (Action::Halt(Scope::Token), at(300), "sending halted"),
+            (Action::ParkTemplate, at(600), "template paused"),
+            (
+                Action::Cooldown(Duration::from_secs(86_400)),
+                at(86_400),
+                "recipient cool-down",
+            ),
+        ];
+        for (action, due, why) in cases {
+            let wait = later(decide(action, 2));
+            assert_eq!((wait.due, wait.why.as_str()), (due, why), "{action:?}");
+            assert_eq!(wait.attempts, 1, "{action:?}");
+            assert_eq!(wait.error.expect("Meta's error").code, Some(131026));
+        }
+
+        // A retry counts from when the claim was released, and uses up an attempt.
+        let retried = later(decide(Action::Retry, 1));
+        assert_eq!((retried.why.as_str(), retried.attempts), ("retry", 1));
+        assert!(
+            retried.due >= at(5) + Duration::from_secs(2),
+            "{}",
+            retried.due
+        );
+        assert!(
+            retried.due <= at(5) + Duration::from_secs(60),
+            "{}",
+            retried.due
+        );
+    }
+
+    #[test]
+    fn a_retry_past_the_budget_is_dead_lettered_with_the_last_error() {
+        let policy = settings().retry;
+        let error = send_error("request not sent", "connection refused".into());
+        let outcome = retry(&policy, job(json!({})), 3, error, at(0));
+        let gave_up = dead(outcome);
+        assert_eq!(gave_up.reason, DeadReason::MaxAttempts);
+        assert_eq!(
+            gave_up.detail,
+            "gave up after 3 attempts; last error: connection refused"
+        );
+        assert_eq!((gave_up.code, gave_up.source), (None, ErrorSource::Api));
+    }
+}
