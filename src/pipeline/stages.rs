@@ -22,7 +22,7 @@ use crate::job::{self, Body, Category, DeliveryMode, Lane, Message, SendJob, Tem
 use crate::policy::admission::{self, DeadWhy, TemplateUse, Verdict};
 use crate::policy::template::{self, TemplateDefinition};
 use crate::policy::{self, Action, RetryPolicy, Scope};
-use crate::store::{JobKey, Resend, StoreError, Subject, WamidRecord};
+use crate::store::{Booked, JobKey, Resend, SlotAsk, StoreError, Subject, WamidRecord};
 
 /// How long a throttled job waits before it is tried again.
 const THROTTLE_WAIT: Duration = Duration::from_secs(1);
@@ -34,6 +34,10 @@ const AMBIGUOUS_RECHECK: Duration = Duration::from_secs(30);
 const LATE_SLOT: Duration = Duration::from_millis(10);
 /// How many times a job late for its slot books again before it goes anyway.
 const LATE_REBOOKS: u32 = 3;
+/// A slot at most this far away is booked and admitted in one request to the store: the claim is
+/// then held this long at most before the send, and admission's view is this old at most. A
+/// number below its limit (the usual case) finds its slot free and pays one request, not two.
+const ADMIT_WITH_SLOT: Duration = Duration::from_millis(2);
 /// How long a job for a paused template waits before it looks again.
 const PARKED_TEMPLATE_WAIT: Duration = Duration::from_secs(600);
 
@@ -59,6 +63,16 @@ pub(super) struct Paced<'a> {
     pub(super) decoded: Decoded<'a>,
     /// The decision time, after the wait, in milliseconds (the store's precision).
     pub(super) now: DateTime<Utc>,
+    /// Admission's answer, when it came with the slot (a slot close enough, see
+    /// [`ADMIT_WITH_SLOT`]); `admit` asks the store only when this is `None`.
+    pub(super) early: Option<Early>,
+}
+
+/// Admission decided in the same request as the slot booking.
+pub(super) struct Early {
+    verdict: Verdict,
+    key: JobKey,
+    definition: Option<Arc<TemplateDefinition>>,
 }
 
 /// A job admitted and claimed, to be sent at once: what `admit` hands to `send`.
@@ -146,64 +160,138 @@ impl Pipeline {
         }
         // CORRECTNESS: pace before admission. The send must follow admission at once (the pair
         // rate admitted at one time would be spent at another, and a worker that dies between
-        // claim and send leaves an ambiguous claim), so the wait for the slot comes first. A
-        // slot taken by a job admission then refuses is lost; that only slows a number whose
-        // jobs are being refused.
-        if let Some(interval) = self.pacer.interval(&job.phone_number_id) {
-            let _ahead = self
-                .pacer
-                .book_ahead(&job.phone_number_id, decoded.lane == Lane::Otp)
-                .await;
-            for rebook in 0..=LATE_REBOOKS {
-                let (wall, instant) = (Utc::now(), Instant::now());
-                let booked = self
-                    .store
-                    .book_slot(&number.waba, &job.phone_number_id, wall, interval)
-                    .await;
-                // The wait counts from when the slot was asked for, not from the answer, so a
-                // slow round trip does not make one send later than its slot.
-                let slot = match booked {
-                    Ok(wait) => instant + wait,
-                    Err(e) => return Err(self.store_unavailable(e, decoded.job, decoded.attempts)),
+        // claim and send leaves an ambiguous claim), so a job whose slot is not close waits for
+        // it with nothing claimed, and is admitted after the wait. Only a slot close enough
+        // (ADMIT_WITH_SLOT) is admitted in the same request. A slot taken by a job admission
+        // then refuses is lost; that only slows a number whose jobs are being refused.
+        let number_id = decoded.job.phone_number_id.clone();
+        let Some(interval) = self.pacer.interval(&number_id) else {
+            let now = truncate_to_millis(Utc::now());
+            return Ok(Paced {
+                decoded,
+                now,
+                early: None,
+            });
+        };
+        let _ahead = self
+            .pacer
+            .book_ahead(&number_id, decoded.lane == Lane::Otp)
+            .await;
+        let asked = Paced {
+            now: truncate_to_millis(Utc::now()),
+            decoded,
+            early: None,
+        };
+        let definition = self.definition(&asked.decoded);
+        let (subject, request) = admission_request(&asked, definition.as_deref(), &self.settings);
+        let Paced { decoded, .. } = asked;
+        let ask = SlotAsk {
+            now: Utc::now(),
+            interval,
+            within: ADMIT_WITH_SLOT,
+        };
+        // The wait counts from when the slot was asked for, not from the answer, so a slow
+        // round trip does not make one send later than its slot.
+        let instant = Instant::now();
+        let (wait, early) = match self.store.book_and_admit(&subject, &request, &ask).await {
+            Ok(Booked::Later(wait)) => (wait, None),
+            Ok(Booked::Admitted { wait, verdict }) => {
+                let early = Early {
+                    verdict,
+                    key: subject.job,
+                    definition,
                 };
-                self.pacer.wait(&job.phone_number_id, slot).await;
-                // CORRECTNESS: the schedule keeps every 1 s window within the limit only for
-                // sends that leave their slots less than the headroom's worth late; one woken
-                // much later (a stalled machine) would crowd the next second at Meta, so it
-                // books a new slot instead (a few times at most, so an overloaded replica
-                // still sends).
-                if slot.elapsed() <= LATE_SLOT || rebook == LATE_REBOOKS {
-                    break;
+                (wait, Some(early))
+            }
+            Err(e) => return Err(self.store_unavailable(e, decoded.job, decoded.attempts)),
+        };
+        let sends = early
+            .as_ref()
+            .is_none_or(|e| matches!(e.verdict, Verdict::Send { .. }));
+        if sends {
+            let kept = self
+                .keep_slot(&decoded.number.waba, &number_id, interval, instant + wait)
+                .await;
+            if let Err(e) = kept {
+                // A claimed job goes on: the slot it waited for is its own.
+                if early.is_none() {
+                    return Err(self.store_unavailable(e, decoded.job, decoded.attempts));
                 }
+                warn!(error = %e, "could not book a new slot after waking late; sending in the old one");
             }
         }
         let now = truncate_to_millis(Utc::now());
-        Ok(Paced { decoded, now })
+        Ok(Paced {
+            decoded,
+            now,
+            early,
+        })
+    }
+
+    /// Waits for `slot`, the send slot booked in `number`'s schedule. A job woken much later
+    /// books a new one (a few times at most).
+    async fn keep_slot(
+        &self,
+        waba: &crate::ids::WabaId,
+        number: &crate::ids::PhoneNumberId,
+        interval: Duration,
+        mut slot: Instant,
+    ) -> Result<(), StoreError> {
+        self.pacer.wait(number, slot).await;
+        for _ in 0..LATE_REBOOKS {
+            // CORRECTNESS: the schedule keeps every 1 s window within the limit only for sends
+            // that leave their slots less than the headroom's worth late; one woken much later
+            // (a stalled machine) would crowd the next second at Meta, so it books a new slot
+            // instead (a few times at most, so an overloaded replica still sends).
+            if slot.elapsed() <= LATE_SLOT {
+                break;
+            }
+            let (wall, instant) = (Utc::now(), Instant::now());
+            let wait = self.store.book_slot(waba, number, wall, interval).await?;
+            slot = instant + wait;
+            self.pacer.wait(number, slot).await;
+        }
+        Ok(())
+    }
+
+    /// The registry's definition of the template `decoded` sends, if it sends one.
+    fn definition(&self, decoded: &Decoded<'_>) -> Option<Arc<TemplateDefinition>> {
+        let t = template_sent(&decoded.job)?;
+        self.registry
+            .get(&decoded.number.waba, &t.name, &t.language.code)
     }
 
     /// `admit`: one round trip to the store, atomic across replicas, decides whether the job
     /// may go now (not sent before, care window, consent, template, campaign, tier, pair rate)
     /// and, if so, claims it.
-    pub(super) async fn admit<'a>(&self, paced: Paced<'a>) -> Result<Admitted<'a>, Outcome> {
-        let (job, waba) = (&paced.decoded.job, &paced.decoded.number.waba);
-        let definition =
-            template_sent(job).and_then(|t| self.registry.get(waba, &t.name, &t.language.code));
-        let (subject, request) = admission_request(&paced, definition.as_deref(), &self.settings);
-        let verdict = match self.store.admit(&subject, &request).await {
-            Ok(verdict) => verdict,
-            Err(e) => {
-                let Decoded { job, attempts, .. } = paced.decoded;
-                return Err(self.store_unavailable(e, job, attempts));
+    pub(super) async fn admit<'a>(&self, mut paced: Paced<'a>) -> Result<Admitted<'a>, Outcome> {
+        let early = match paced.early.take() {
+            Some(early) => early,
+            None => {
+                let definition = self.definition(&paced.decoded);
+                let (subject, request) =
+                    admission_request(&paced, definition.as_deref(), &self.settings);
+                match self.store.admit(&subject, &request).await {
+                    Ok(verdict) => Early {
+                        verdict,
+                        key: subject.job,
+                        definition,
+                    },
+                    Err(e) => {
+                        let Decoded { job, attempts, .. } = paced.decoded;
+                        return Err(self.store_unavailable(e, job, attempts));
+                    }
+                }
             }
         };
-        if let Verdict::AlreadySent(_) = verdict {
+        if let Verdict::AlreadySent(_) = early.verdict {
             self.stats.count_duplicate_avoided();
         }
         admitted(
-            verdict,
+            early.verdict,
             paced,
-            subject.job,
-            definition,
+            early.key,
+            early.definition,
             self.settings.ambiguous_wait,
         )
     }
@@ -802,6 +890,7 @@ mod tests {
                 not_before: Some(at(-10)),
             },
             now: at(0),
+            early: None,
         }
     }
 
