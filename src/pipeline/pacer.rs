@@ -25,8 +25,8 @@ use crate::store::Live;
 ///
 /// CORRECTNESS: Meta counts messages in any 1 s window. Slots spaced `1/r` apart put at most
 /// `⌈r·(1 + J)⌉` sends into a 1 s window when each send leaves up to `J` seconds after its slot
-/// (scheduling and network jitter); with `r = 0.99 · limit` that stays within the limit for
-/// `J` up to 10 ms at 80 msg/s (`⌈79.2 × 1.01⌉ = 80`).
+/// (scheduling and network jitter); with `r = headroom · limit` that stays within the limit
+/// for `J` up to `1/headroom − 1` seconds (31 ms at the default 0.97).
 fn interval(limit: u32, headroom: f64) -> Duration {
     Duration::from_secs_f64(1.0 / (f64::from(limit.max(1)) * headroom))
 }
@@ -84,6 +84,14 @@ impl Pacer {
             replicas: Mutex::new(1),
             numbers,
         }
+    }
+
+    /// How late after its slot a send may still leave: half the headroom's worth of a second
+    /// (15 ms at the default 0.97), at least 10 ms. By the bound on [`interval`], sends up to
+    /// `1/headroom − 1` seconds late keep every 1 s window within the limit; the other half
+    /// is left for the admission request and the network after the wake.
+    pub fn late_tolerance(&self) -> Duration {
+        Duration::from_secs_f64((1.0 / self.headroom - 1.0) / 2.0).max(Duration::from_millis(10))
     }
 
     /// Applies a heartbeat's answer: live replicas (for the logs) and recorded limits.

@@ -30,14 +30,14 @@ const THROTTLE_WAIT: Duration = Duration::from_secs(1);
 const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// How often an at-most-once job with an unknown outcome looks for its webhook.
 const AMBIGUOUS_RECHECK: Duration = Duration::from_secs(30);
-/// A job woken later than this after its send slot books another one.
-const LATE_SLOT: Duration = Duration::from_millis(10);
-/// How many times a job late for its slot books again before it goes anyway.
-const LATE_REBOOKS: u32 = 3;
+/// How many times a job late for its slot books again before it goes anyway: once. A replica
+/// late for one slot is short of CPU and likely late for the next too; booking again and
+/// again only adds to its load.
+const LATE_REBOOKS: u32 = 1;
 /// A slot at most this far away is booked and admitted in one request to the store: the claim is
 /// then held this long at most before the send, and admission's view is this old at most. A
 /// number below its limit (the usual case) finds its slot free and pays one request, not two.
-const ADMIT_WITH_SLOT: Duration = Duration::from_millis(2);
+const ADMIT_WITH_SLOT: Duration = Duration::from_millis(10);
 /// How long a job for a paused template waits before it looks again.
 const PARKED_TEMPLATE_WAIT: Duration = Duration::from_secs(600);
 
@@ -243,7 +243,7 @@ impl Pipeline {
             // that leave their slots less than the headroom's worth late; one woken much later
             // (a stalled machine) would crowd the next second at Meta, so it books a new slot
             // instead (a few times at most, so an overloaded replica still sends).
-            if slot.elapsed() <= LATE_SLOT {
+            if slot.elapsed() <= self.pacer.late_tolerance() {
                 break;
             }
             let (wall, instant) = (Utc::now(), Instant::now());
