@@ -1,4 +1,4 @@
--- Admission, steps 2-9 of the flow, in one round trip. The same rules as
+-- Admission (the `admit` stage, after `pace`), in one round trip. The same rules as
 -- policy::admission::admit (Rust); tests/store_conformance.rs holds the two to the same answers.
 -- Every key carries the portfolio's hash tag, so this runs unchanged on Redis Cluster.
 --
