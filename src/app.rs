@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
 use crate::admin::Admin;
 use crate::broker::rabbit::{RabbitBroker, RabbitSettings};
 use crate::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Route, Target};
@@ -37,6 +40,56 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<(Arc<RabbitBroker>, 
     let broker = RabbitBroker::connect(rabbit_settings(settings)?).await?;
     let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
     Ok((Arc::new(broker), Arc::new(store)))
+}
+
+/// Connects like [`connect`], but waits for RabbitMQ and Redis while they are not up yet (a
+/// worker started before its broker), saying so in the log before each pause; gives up only
+/// when `shutdown` is cancelled.
+pub async fn connect_waiting(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Arc<RabbitBroker>, Arc<RedisStore>)> {
+    let rabbit = rabbit_settings(settings)?;
+    let broker = wait_for("RabbitMQ", shutdown, || {
+        RabbitBroker::connect(rabbit.clone())
+    })
+    .await?;
+    let store = wait_for("Redis", shutdown, || {
+        RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix)
+    })
+    .await?;
+    Ok((Arc::new(broker), Arc::new(store)))
+}
+
+/// Tries `attempt` until it succeeds, pausing longer after each failure (the worker's
+/// reconnection pauses).
+async fn wait_for<T, E, F>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: impl FnMut() -> F,
+) -> anyhow::Result<T>
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pauses = crate::worker::reconnect_pauses();
+    loop {
+        let e = match attempt().await {
+            Ok(connected) => return Ok(connected),
+            Err(e) => e,
+        };
+        let pause = pauses.next().unwrap_or(Duration::from_secs(30));
+        warn!(
+            error = %e,
+            retry_in_ms = pause.as_millis() as u64,
+            "{what} is not reachable; waiting for it"
+        );
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => anyhow::bail!("stopped while waiting for {what}: {e}"),
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
 }
 
 /// Connects to Redis only: what the admin commands need (they never touch the queues).

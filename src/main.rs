@@ -285,7 +285,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Worker => {
             let numbers = settings.resolve_numbers()?;
-            let (broker, store) = wa_sender::app::connect(&settings).await?;
+            let shutdown = shutdown_on_signal();
+            let (broker, store) = wa_sender::app::connect_waiting(&settings, &shutdown).await?;
             let cloud = Arc::new(wa_sender::app::http_cloud(&settings)?);
             let pipeline = Arc::new(wa_sender::app::pipeline(
                 &settings,
@@ -298,15 +299,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 pipeline,
                 broker.clone(),
                 wa_sender::app::worker_settings(&settings),
-                shutdown_on_signal(),
+                shutdown,
             )
             .await;
             broker.close().await;
             match drained {
-                Ok(d) if d.abandoned == 0 => Ok(()),
+                Ok(d) if d.abandoned == 0 && d.unsettled == 0 => Ok(()),
                 Ok(d) => anyhow::bail!(
-                    "{} jobs were still in flight after the grace period; they return to their queues",
-                    d.abandoned
+                    "{} jobs were still in flight after the grace period and {} could not be settled; they return to their queues",
+                    d.abandoned,
+                    d.unsettled
                 ),
                 Err(e) => Err(e).context("worker stopped"),
             }

@@ -1,11 +1,14 @@
 //! The consumer loops: one per business number over its lane queues (by weighted priority),
-//! one over the unrouted queue; they bound in-flight work and drain on shutdown. They only add
-//! concurrency and cancellation around [`Pipeline::process_one`].
+//! one over the unrouted queue; they bound in-flight work, consume again after a lost broker and
+//! drain on shutdown. They only add concurrency and cancellation around
+//! [`Pipeline::process_one`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +37,20 @@ pub struct WorkerSettings {
 pub struct Drained {
     /// Jobs still in flight when the grace period ended (their deliveries return to the queue).
     pub abandoned: usize,
+    /// Jobs whose settlement failed while draining (a lost broker): their deliveries return to
+    /// their queues and are decided again, never lost and never sent twice.
+    pub unsettled: usize,
+}
+
+/// The pauses between attempts to consume again after the broker was lost: from half a second,
+/// doubling, up to 30 s, with jitter so replicas do not come back in step.
+pub(crate) fn reconnect_pauses() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// A smooth weighted round robin over lanes: with weights 6/3/1 the order interleaves otp,
@@ -59,7 +76,7 @@ fn pick_order(weights: &BTreeMap<Lane, u32>) -> Vec<Lane> {
 /// One lane stream of one business number.
 type Lanes = BTreeMap<Lane, Stream<Delivery>>;
 
-/// Runs until `shutdown` is cancelled or a consumer fails; then drains.
+/// Runs until `shutdown` is cancelled; then drains.
 ///
 /// Each configured business number is served by its own loop over its own lane queues, so one
 /// number's backlog never stands in front of another number's jobs; within a number the lanes
@@ -68,6 +85,11 @@ type Lanes = BTreeMap<Lane, Stream<Delivery>>;
 /// out the next one only when one is settled, so a backlog waits in RabbitMQ, not in delay
 /// queues. Jobs under keys no number's queue is bound to are re-routed or dead-lettered by one
 /// more loop over the unrouted queue.
+///
+/// A lost broker (a restart, a network cut) does not stop the worker: it consumes again once
+/// the broker is back (the broker reconnects and declares the topology again), pausing longer
+/// after each failed attempt. The jobs in flight when it was lost cannot be acked; RabbitMQ
+/// returns them to their queues, and their claims keep them from being sent twice.
 pub async fn run(
     pipeline: Arc<Pipeline>,
     broker: Arc<dyn Broker>,
@@ -83,115 +105,50 @@ pub async fn run(
         .filter(|(_, w)| **w > 0)
         .map(|(l, w)| (*l, *w))
         .collect();
-    let lanes: Vec<Lane> = weights.keys().copied().collect();
-    let order = Arc::new(pick_order(&weights));
-    let consumed = consume_all(&pipeline, broker.as_ref(), &lanes, settings.prefetch).await;
-    let (numbers, unrouted) = match consumed {
-        Ok(c) => c,
-        Err(e) => {
-            upkeep_stop.cancel();
-            pipeline.leave().await;
-            return Err(e);
+    let serving = Serving {
+        pipeline: Arc::clone(&pipeline),
+        lanes: weights.keys().copied().collect(),
+        order: Arc::new(pick_order(&weights)),
+        settings: settings.clone(),
+        tracker: TaskTracker::new(),
+        unsettled: Arc::new(AtomicUsize::new(0)),
+    };
+
+    let mut pauses = reconnect_pauses();
+    let held = loop {
+        let session = serving.serve(broker.as_ref(), &shutdown).await;
+        let Some(e) = session.failure else {
+            break session.held;
+        };
+        if shutdown.is_cancelled() {
+            break session.held;
+        }
+        if session.consumed {
+            pauses = reconnect_pauses();
+        }
+        let pause = pauses.next().unwrap_or(Duration::from_secs(30));
+        warn!(
+            error = %e,
+            retry_in_ms = pause.as_millis() as u64,
+            in_flight = serving.tracker.len(),
+            "lost RabbitMQ; consuming again once it is back (jobs in flight that cannot be acked return to their queues)"
+        );
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Vec::new(),
+            _ = tokio::time::sleep(pause) => {}
         }
     };
-    info!(
-        numbers = numbers.len(),
-        concurrency_per_number = settings.concurrency,
-        prefetch = settings.prefetch,
-        ?lanes,
-        "worker started"
-    );
-
-    // `stop` ends every loop: shutdown, or the first consumer that fails.
-    let stop = shutdown.child_token();
-    let tracker = TaskTracker::new();
-    let mut loops = tokio::task::JoinSet::new();
-    for streams in numbers {
-        let (pipeline, order, stop, tracker) = (
-            Arc::clone(&pipeline),
-            Arc::clone(&order),
-            stop.clone(),
-            tracker.clone(),
-        );
-        let permits = Arc::new(Semaphore::new(settings.concurrency));
-        loops.spawn(async move {
-            let mut streams = streams;
-            let mut turn = 0usize;
-            let failure = loop {
-                let permit = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break None,
-                    p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
-                };
-                let delivery = match next_delivery(&mut streams, &order, &mut turn, &stop).await {
-                    None => break None,
-                    Some(Err(e)) => break Some(e),
-                    Some(Ok(d)) => d,
-                };
-                let pipeline = Arc::clone(&pipeline);
-                tracker.spawn(async move {
-                    if let Err(e) = pipeline.process_one(delivery).await {
-                        error!(error = %e, "job could not be settled; it was returned to its queue");
-                    }
-                    drop(permit);
-                });
-            };
-            (Box::new(streams) as Held, failure)
-        });
-    }
-    {
-        let (pipeline, stop, tracker) = (Arc::clone(&pipeline), stop.clone(), tracker.clone());
-        let permits = Arc::new(Semaphore::new(settings.concurrency));
-        loops.spawn(async move {
-            let mut unrouted = unrouted;
-            let failure = loop {
-                let permit = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break None,
-                    p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
-                };
-                let delivery = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break None,
-                    d = unrouted.next() => d,
-                };
-                let delivery = match delivery {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => break Some(e),
-                    None => break Some(cancelled("unrouted")),
-                };
-                let pipeline = Arc::clone(&pipeline);
-                tracker.spawn(async move {
-                    if let Err(e) = pipeline.process_unrouted(delivery).await {
-                        error!(error = %e, "unrouted job could not be settled; it was returned to its queue");
-                    }
-                    drop(permit);
-                });
-            };
-            (Box::new(unrouted) as Held, failure)
-        });
-    }
-
-    // Wait for the loops: they end together when `stop` is cancelled.
-    let mut held = Vec::new();
-    let mut failure = None;
-    while let Some(joined) = loops.join_next().await {
-        let (streams, failed) = joined.expect("a serving loop never panics");
-        if let Some(e) = failed {
-            error!(error = %e, "a consumer failed; stopping");
-            failure.get_or_insert(e);
-            stop.cancel();
-        }
-        held.push(streams);
-    }
 
     // Drain: no new deliveries; in-flight jobs finish and settle within the grace period. The
     // streams (and so their channels) stay open until then, or their acks would fail.
     if let Err(e) = broker.stop_consuming().await {
         warn!(error = %e, "could not cancel the consumers");
     }
+    let tracker = &serving.tracker;
     tracker.close();
     let in_flight = tracker.len();
+    let failed_before = serving.unsettled.load(Ordering::Relaxed);
     info!(
         in_flight,
         grace_s = settings.shutdown_grace.as_secs(),
@@ -201,21 +158,169 @@ pub async fn run(
         .await
         .is_ok();
     let abandoned = if drained { 0 } else { tracker.len() };
-    if drained {
-        info!("drained: every in-flight job was settled");
-    } else {
-        warn!(
+    let unsettled = serving.unsettled.load(Ordering::Relaxed) - failed_before;
+    match (drained, unsettled) {
+        (true, 0) => info!("drained: every in-flight job was settled"),
+        (true, _) => warn!(
+            unsettled,
+            "drained, but some jobs could not be settled (broker lost); they return to their queues"
+        ),
+        (false, _) => warn!(
             abandoned,
+            unsettled,
             "grace period over; unsettled jobs return to their queues when the connection closes"
-        );
+        ),
     }
     drop(held);
     upkeep_stop.cancel();
     let _ = upkeep.await;
     pipeline.leave().await;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(Drained { abandoned }),
+    Ok(Drained {
+        abandoned,
+        unsettled,
+    })
+}
+
+/// What every serving session shares: the pipeline, the lane order, and the jobs in flight
+/// (which outlive the session that took them).
+struct Serving {
+    pipeline: Arc<Pipeline>,
+    lanes: Vec<Lane>,
+    order: Arc<Vec<Lane>>,
+    settings: WorkerSettings,
+    tracker: TaskTracker,
+    /// Jobs whose settlement failed, since the start.
+    unsettled: Arc<AtomicUsize>,
+}
+
+/// How one serving session ended.
+struct Session {
+    /// Whether its consumers were started (the broker was reachable).
+    consumed: bool,
+    /// Why it ended other than by shutdown.
+    failure: Option<BrokerError>,
+    /// Its streams, kept open until the drain ends.
+    held: Vec<Held>,
+}
+
+impl Serving {
+    /// Consumes every number's lanes and the unrouted queue until `shutdown` or the first
+    /// consumer that fails.
+    async fn serve(&self, broker: &dyn Broker, shutdown: &CancellationToken) -> Session {
+        let consumed =
+            consume_all(&self.pipeline, broker, &self.lanes, self.settings.prefetch).await;
+        let (numbers, unrouted) = match consumed {
+            Ok(c) => c,
+            Err(e) => {
+                return Session {
+                    consumed: false,
+                    failure: Some(e),
+                    held: Vec::new(),
+                };
+            }
+        };
+        info!(
+            numbers = numbers.len(),
+            concurrency_per_number = self.settings.concurrency,
+            prefetch = self.settings.prefetch,
+            lanes = ?self.lanes,
+            "worker consuming"
+        );
+
+        // `stop` ends every loop: shutdown, or the first consumer that fails.
+        let stop = shutdown.child_token();
+        let mut loops = tokio::task::JoinSet::new();
+        for streams in numbers {
+            let (pipeline, order, stop, tracker, unsettled) = (
+                Arc::clone(&self.pipeline),
+                Arc::clone(&self.order),
+                stop.clone(),
+                self.tracker.clone(),
+                Arc::clone(&self.unsettled),
+            );
+            let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+            loops.spawn(async move {
+                let mut streams = streams;
+                let mut turn = 0usize;
+                let failure = loop {
+                    let permit = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break None,
+                        p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
+                    };
+                    let delivery = match next_delivery(&mut streams, &order, &mut turn, &stop).await
+                    {
+                        None => break None,
+                        Some(Err(e)) => break Some(e),
+                        Some(Ok(d)) => d,
+                    };
+                    let (pipeline, unsettled) = (Arc::clone(&pipeline), Arc::clone(&unsettled));
+                    tracker.spawn(async move {
+                        if let Err(e) = pipeline.process_one(delivery).await {
+                            unsettled.fetch_add(1, Ordering::Relaxed);
+                            error!(error = %e, "job could not be settled; it was returned to its queue");
+                        }
+                        drop(permit);
+                    });
+                };
+                (Box::new(streams) as Held, failure)
+            });
+        }
+        {
+            let (pipeline, stop, tracker, unsettled) = (
+                Arc::clone(&self.pipeline),
+                stop.clone(),
+                self.tracker.clone(),
+                Arc::clone(&self.unsettled),
+            );
+            let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+            loops.spawn(async move {
+                let mut unrouted = unrouted;
+                let failure = loop {
+                    let permit = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break None,
+                        p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
+                    };
+                    let delivery = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break None,
+                        d = unrouted.next() => d,
+                    };
+                    let delivery = match delivery {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => break Some(e),
+                        None => break Some(cancelled("unrouted")),
+                    };
+                    let (pipeline, unsettled) = (Arc::clone(&pipeline), Arc::clone(&unsettled));
+                    tracker.spawn(async move {
+                        if let Err(e) = pipeline.process_unrouted(delivery).await {
+                            unsettled.fetch_add(1, Ordering::Relaxed);
+                            error!(error = %e, "unrouted job could not be settled; it was returned to its queue");
+                        }
+                        drop(permit);
+                    });
+                };
+                (Box::new(unrouted) as Held, failure)
+            });
+        }
+
+        // Wait for the loops: they end together when `stop` is cancelled.
+        let mut held = Vec::new();
+        let mut failure = None;
+        while let Some(joined) = loops.join_next().await {
+            let (streams, failed) = joined.expect("a serving loop never panics");
+            if let Some(e) = failed {
+                failure.get_or_insert(e);
+                stop.cancel();
+            }
+            held.push(streams);
+        }
+        Session {
+            consumed: true,
+            failure,
+            held,
+        }
     }
 }
 

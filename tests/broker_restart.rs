@@ -186,3 +186,115 @@ async fn a_broker_restart_mid_stream_loses_no_webhook() {
     broker.close().await;
     app.cleanup().await;
 }
+
+/// The worker lives through its broker going away: it keeps running without a supervisor,
+/// consumes again once the broker is back, and every job is sent exactly once.
+#[tokio::test]
+async fn a_worker_survives_a_broker_restart() {
+    use common::text_job;
+    use wa_sender::job::Lane;
+
+    const JOBS: usize = 40;
+    let mut app = spawn_app("wrestart", |_, _| {}).await;
+    let proxy = Proxy::start().await;
+    let mut through_proxy = app.settings.clone();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let (broker, store) = wa_sender::app::connect(&through_proxy).await.unwrap();
+    let cloud = Arc::new(wa_sender::app::http_cloud(&app.settings).unwrap());
+    let pipeline = Arc::new(
+        wa_sender::app::pipeline(
+            &app.settings,
+            cloud,
+            broker.clone(),
+            store,
+            app.settings.resolve_numbers().unwrap(),
+        )
+        .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(wa_sender::worker::run(
+        pipeline,
+        broker.clone(),
+        wa_sender::app::worker_settings(&app.settings),
+        shutdown.clone(),
+    ));
+
+    let ids: Vec<String> = (0..JOBS).map(|i| format!("survive-{i:02}")).collect();
+    let enqueue = async |app: &common::TestApp, ids: &[String]| {
+        for id in ids {
+            let job = text_job(id);
+            app.user_wrote(&job).await;
+            app.enqueue_json(Lane::Bulk, &job).await;
+        }
+    };
+    // Half before the broker goes away; the worker sends some of them.
+    enqueue(&app, &ids[..JOBS / 2]).await;
+    app.wait_job_event(&ids[0], "message.accepted").await;
+    proxy.cut();
+    // The rest while the worker cannot reach it (published by the producer's own connection).
+    enqueue(&app, &ids[JOBS / 2..]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !worker.is_finished(),
+        "the worker exited when the broker went away"
+    );
+    proxy.restore();
+
+    for id in &ids {
+        app.wait_event(Duration::from_secs(60), |e| {
+            e.job_id.as_deref() == Some(id.as_str()) && e.event == "message.accepted"
+        })
+        .await;
+    }
+    let audit = app.simulator.audit();
+    for id in &ids {
+        assert_eq!(audit.times_sent(id), 1, "job {id} sent once");
+    }
+    shutdown.cancel();
+    let drained = worker.await.unwrap().expect("the worker drains");
+    assert_eq!(drained.abandoned, 0);
+    broker.close().await;
+    app.cleanup().await;
+}
+
+/// A worker started before its broker waits for it instead of exiting.
+#[tokio::test]
+async fn a_worker_started_before_its_broker_waits_for_it() {
+    let app = spawn_app("wwait", |_, _| {}).await;
+    let proxy = Proxy::start().await;
+    proxy.cut();
+    let mut through_proxy = app.settings.clone();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let shutdown = CancellationToken::new();
+    let connecting = {
+        let (settings, shutdown) = (through_proxy.clone(), shutdown.clone());
+        tokio::spawn(async move { wa_sender::app::connect_waiting(&settings, &shutdown).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !connecting.is_finished(),
+        "gave up while the broker was down"
+    );
+    proxy.restore();
+    let (broker, _store) = tokio::time::timeout(Duration::from_secs(30), connecting)
+        .await
+        .expect("connected once the broker was up")
+        .unwrap()
+        .expect("connected");
+    broker.close().await;
+
+    // Asked to stop while still waiting, it stops.
+    proxy.cut();
+    let connecting = {
+        let (settings, shutdown) = (through_proxy.clone(), shutdown.clone());
+        tokio::spawn(async move { wa_sender::app::connect_waiting(&settings, &shutdown).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .expect("stopped at once")
+        .unwrap();
+    assert!(stopped.is_err());
+    app.cleanup().await;
+}
