@@ -231,3 +231,121 @@ async fn the_simulators_signed_webhooks_are_taken() {
     sim.stop();
     r.cleanup().await;
 }
+
+/// A receiver with `limits`, for the slow-client tests; returns its address and its run.
+async fn slow_receiver(
+    test: &str,
+    limits: wa_sender::server::ServerLimits,
+) -> (
+    Receiver,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let receiver = start(test).await;
+    let server = HttpServer::bind(
+        "127.0.0.1:0",
+        router(
+            receiver.broker.clone(),
+            ReceiverSettings {
+                verify_token: SecretString::from(VERIFY_TOKEN),
+                app_secret: SecretString::from(APP_SECRET),
+            },
+        ),
+    )
+    .await
+    .unwrap()
+    .with_limits(limits);
+    let addr = server.addr().unwrap();
+    let run = tokio::spawn(server.run_until_stopped(receiver.stop.clone()));
+    (receiver, addr, run)
+}
+
+/// Opens a connection and sends a request's headers and half of its body, then nothing.
+async fn half_a_request(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = "POST /webhook HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+                x-hub-signature-256: sha256=00\r\ncontent-length: 400\r\n\r\n{\"object\":";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Everything the server sends until it closes the connection (or `wait` passes).
+async fn answer(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(wait, stream.read_to_end(&mut answer))
+        .await
+        .ok()
+        .map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn a_client_that_sends_half_a_request_is_answered_408_and_let_go() {
+    let limits = wa_sender::server::ServerLimits {
+        header_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (receiver, addr, _run) = slow_receiver("slowbody", limits).await;
+    // Half a body: the request's deadline answers it.
+    let mut stream = half_a_request(addr).await;
+    let answered = answer(&mut stream, Duration::from_secs(20)).await;
+    let answered = answered.expect("the server let go of a client that sent half a body");
+    assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+    // Half the headers: the connection is closed.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /webhook HTTP/1.1\r\nhost:")
+            .await
+            .unwrap();
+        let closed = answer(&mut stream, Duration::from_secs(20)).await;
+        assert!(
+            closed.is_some(),
+            "the server let go of a client that sent half its headers"
+        );
+    }
+    // Well-behaved clients are still served.
+    let answered = receiver.post(b"{}", None, "application/json").await;
+    assert_eq!(answered.status(), StatusCode::UNAUTHORIZED);
+    assert!(receiver.intake().await.is_empty(), "nothing unsigned taken");
+    receiver.cleanup().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_within_the_grace_period_whatever_clients_do() {
+    let limits = wa_sender::server::ServerLimits {
+        header_timeout: Duration::from_secs(300),
+        request_timeout: Duration::from_secs(300),
+        shutdown_grace: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (receiver, addr, run) = slow_receiver("slowstop", limits).await;
+    let mut held = vec![half_a_request(addr).await];
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /webhook HTTP/1.1\r\nhost:")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    receiver.stop.cancel();
+    // Without the grace period's end the clients would hold it for 300 s.
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the server stopped although clients still held connections")
+        .unwrap()
+        .unwrap();
+    for stream in &mut held {
+        assert!(
+            answer(stream, Duration::from_secs(10)).await.is_some(),
+            "the held connection was closed"
+        );
+    }
+    receiver.cleanup().await;
+}
