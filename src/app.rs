@@ -39,7 +39,45 @@ pub fn rabbit_settings(settings: &Settings) -> Result<RabbitSettings, ConfigErro
 pub async fn connect(settings: &Settings) -> anyhow::Result<(Arc<RabbitBroker>, Arc<RedisStore>)> {
     let broker = RabbitBroker::connect(rabbit_settings(settings)?).await?;
     let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
+    check_persistence(&store, settings).await?;
     Ok((Arc::new(broker), Arc::new(store)))
+}
+
+/// Refuses a Redis that keeps nothing on disk unless `redis.allow_volatile` accepts the risk.
+pub async fn check_persistence(store: &RedisStore, settings: &Settings) -> anyhow::Result<()> {
+    let risk = "a Redis restart loses the idempotency records (a redelivered job that was sent \
+                can be sent again), care windows, consent and pair-rate state";
+    match store.persists().await {
+        Ok(Some(true)) => Ok(()),
+        Ok(Some(false)) if settings.redis.allow_volatile => {
+            warn!("Redis keeps nothing on disk (no AOF, no RDB save points), allowed by redis.allow_volatile: {risk}");
+            Ok(())
+        }
+        Ok(Some(false)) => anyhow::bail!(
+            "Redis at {} keeps nothing on disk (no AOF, no RDB save points): {risk}. Turn on \
+             persistence (appendonly yes), or accept the risk with redis.allow_volatile = true \
+             (WA_SENDER__REDIS__ALLOW_VOLATILE=true)",
+            redact_url(&settings.redis.url)
+        ),
+        Ok(None) => {
+            warn!("cannot tell whether Redis persists (CONFIG GET is not allowed here); make sure it does: {risk}");
+            Ok(())
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot tell whether Redis persists; make sure it does: {risk}");
+            Ok(())
+        }
+    }
+}
+
+/// `url` without its password.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Connects like [`connect`], but waits for RabbitMQ and Redis while they are not up yet (a
@@ -58,6 +96,7 @@ pub async fn connect_waiting(
         RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix)
     })
     .await?;
+    check_persistence(&store, settings).await?;
     Ok((Arc::new(broker), Arc::new(store)))
 }
 

@@ -76,6 +76,13 @@ pub struct RedisSettings {
     pub url: String,
     /// Prefix of every key (`wa` gives `wa:{<waba>}:job:<job_id>`).
     pub key_prefix: String,
+    /// Run against a Redis that keeps nothing on disk (no AOF, no RDB save points). Off by
+    /// default: a restart of such a Redis loses the idempotency records (a redelivered job
+    /// that was sent can be sent again), care windows, consent and pair-rate state, so the
+    /// worker and the webhook process refuse to start on it unless this accepts the risk
+    /// (tests, local development, the demo).
+    #[serde(default)]
+    pub allow_volatile: bool,
 }
 
 /// How to call the Cloud API.

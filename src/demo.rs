@@ -113,6 +113,8 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     settings.amqp.prefix = run_prefix.clone();
     settings.amqp.queue_type = crate::broker::rabbit::QueueType::Classic;
     settings.redis.key_prefix = run_prefix.clone();
+    // The demo's keys are its own and thrown away at the end.
+    settings.redis.allow_volatile = true;
     settings.policy.messaging_limits =
         BTreeMap::from([("default".to_owned(), MessagingLimit::Users(10_000))]);
     let numbers = BTreeMap::from([(

@@ -395,6 +395,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let store = wa_sender::app::connect_store(&settings).await?;
+            wa_sender::app::check_persistence(&store, &settings).await?;
             let processor = wa_sender::webhook::processor::Processor::new(
                 broker.clone(),
                 store,

@@ -296,6 +296,27 @@ impl RedisStore {
         self.tagged(waba, format_args!("tpl:{name}:{language}"))
     }
 
+    /// Whether Redis keeps its data on disk (AOF, or RDB save points); `None` when it will not
+    /// say (`CONFIG` disabled, as on some managed services).
+    pub async fn persists(&self) -> Result<Option<bool>, StoreError> {
+        let mut conn = self.conn();
+        let config = |name: &'static str| redis::cmd("CONFIG").arg("GET").arg(name).clone();
+        let aof: redis::RedisResult<Vec<String>> =
+            config("appendonly").query_async(&mut conn).await;
+        let save: redis::RedisResult<Vec<String>> = config("save").query_async(&mut conn).await;
+        match (aof, save) {
+            (Ok(aof), Ok(save)) => {
+                let aof = aof.get(1).is_some_and(|v| v == "yes");
+                let rdb = save.get(1).is_some_and(|v| !v.trim().is_empty());
+                Ok(Some(aof || rdb))
+            }
+            (Err(e), _) | (_, Err(e)) if e.is_io_error() || e.is_connection_dropped() => {
+                Err(command_error("config get")(e))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Deletes every key under this store's prefix (tests clean up after themselves).
     pub async fn delete_all(&self) -> Result<u64, StoreError> {
         let keys: Vec<String> = self
