@@ -50,7 +50,9 @@ pub async fn check_persistence(store: &RedisStore, settings: &Settings) -> anyho
     match store.persists().await {
         Ok(Some(true)) => Ok(()),
         Ok(Some(false)) if settings.redis.allow_volatile => {
-            warn!("Redis keeps nothing on disk (no AOF, no RDB save points), allowed by redis.allow_volatile: {risk}");
+            warn!(
+                "Redis keeps nothing on disk (no AOF, no RDB save points), allowed by redis.allow_volatile: {risk}"
+            );
             Ok(())
         }
         Ok(Some(false)) => anyhow::bail!(
@@ -60,7 +62,9 @@ pub async fn check_persistence(store: &RedisStore, settings: &Settings) -> anyho
             redact_url(&settings.redis.url)
         ),
         Ok(None) => {
-            warn!("cannot tell whether Redis persists (CONFIG GET is not allowed here); make sure it does: {risk}");
+            warn!(
+                "cannot tell whether Redis persists (CONFIG GET is not allowed here); make sure it does: {risk}"
+            );
             Ok(())
         }
         Err(e) => {

@@ -82,3 +82,83 @@ async fn jobs_waiting_in_quorum_delay_queues_survive_a_broker_restart_and_are_se
     app.cleanup().await;
     drop(node);
 }
+
+/// A RabbitMQ restart (`stop_app`/`start_app`) under a running worker: the worker is not
+/// restarted by anyone, it reconnects by itself, and every job is sent exactly once.
+#[tokio::test]
+async fn a_running_worker_lives_through_a_broker_restart_and_sends_every_job_once() {
+    const RESTART_JOBS: usize = 300;
+    let node = std::sync::Arc::new(RabbitNode::start("worker-restart"));
+    let url = node.url();
+    let mut app = spawn_app("worker-restart", move |settings, _| {
+        settings.amqp.url = url;
+        settings.amqp.queue_type = QueueType::Quorum;
+    })
+    .await;
+    let ids: Vec<String> = (0..RESTART_JOBS).map(|i| format!("live-{i}")).collect();
+    for id in &ids[..RESTART_JOBS / 2] {
+        app.enqueue_reply(Lane::Bulk, &text_job(id)).await;
+    }
+    app.start_worker();
+    // Some are sent; then the broker restarts under the worker.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app.simulator.audit().accepted.len() < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing was sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let restarting = std::sync::Arc::clone(&node);
+    tokio::task::spawn_blocking(move || restarting.restart())
+        .await
+        .unwrap();
+    // More jobs after the restart (the producer's connection heals on its next publish).
+    for id in &ids[RESTART_JOBS / 2..] {
+        app.user_wrote(&text_job(id)).await;
+        let mut published = false;
+        for _ in 0..50 {
+            if wa_sender::app::enqueue(
+                app.broker.as_ref(),
+                Lane::Bulk,
+                serde_json::to_vec(&text_job(id)).unwrap(),
+            )
+            .await
+            .is_ok()
+            {
+                published = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            published,
+            "the producer could not publish after the restart"
+        );
+    }
+
+    let ids: BTreeSet<String> = ids.into_iter().collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let audit = app.simulator.audit();
+        let sent: BTreeSet<String> = audit
+            .accepted
+            .iter()
+            .filter_map(|s| s.job_id.clone())
+            .collect();
+        assert!(
+            audit.duplicates.is_empty(),
+            "sent twice: {:?}",
+            audit.duplicates
+        );
+        if sent == ids {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {RESTART_JOBS} jobs not sent after the restart (the worker did not come back?)",
+            ids.difference(&sent).count()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    app.stop_worker().await;
+    app.cleanup().await;
+    drop(node);
+}
