@@ -125,3 +125,77 @@ impl Drop for RabbitNode {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A private Redis with an append-only file, on its own port and directory, for tests that
+/// restart it; stopped and its data removed when dropped.
+pub struct RedisNode {
+    dir: PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    process: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl RedisNode {
+    /// Starts a Redis that persists every write (`appendonly yes`) and waits for its port.
+    pub fn start(test: &str) -> RedisNode {
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let dir = std::env::temp_dir().join(format!("wa-sender-redis-{test}-{suffix}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = RedisNode {
+            dir,
+            port: free_port(),
+            process: std::sync::Mutex::new(None),
+        };
+        node.launch();
+        node
+    }
+
+    fn launch(&self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--appendonly", "yes", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (is Redis installed?)");
+        *self.process.lock().unwrap() = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the test's Redis never opened port {}", self.port);
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Restarts Redis as an operator would: SIGTERM (it writes its append-only file and exits),
+    /// `down` of nothing listening, and a new process on the same data.
+    pub fn restart(&self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.launch();
+    }
+
+    fn stop(&self) {
+        if let Some(mut child) = self.process.lock().unwrap().take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisNode {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
