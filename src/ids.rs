@@ -29,7 +29,7 @@ pub enum IdError {
     Malformed {
         /// Which identifier.
         kind: &'static str,
-        /// The offending value (never a secret).
+        /// The offending value (never a secret; masked for a phone number).
         value: String,
         /// The rule it broke.
         rule: &'static str,
@@ -165,9 +165,10 @@ impl WaId {
     pub fn parse(value: impl Into<String>) -> Result<Self, IdError> {
         let value: String = value.into();
         let digits = value.strip_prefix('+').unwrap_or(&value);
+        // The refusal is logged and dead-lettered: the number in it is masked.
         let malformed = |rule| IdError::Malformed {
             kind: "to",
-            value: value.clone(),
+            value: mask(&value),
             rule,
         };
         if digits.is_empty() {
