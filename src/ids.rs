@@ -29,7 +29,7 @@ pub enum IdError {
     Malformed {
         /// Which identifier.
         kind: &'static str,
-        /// The offending value (never a secret).
+        /// The offending value (never a secret; masked for a phone number).
         value: String,
         /// The rule it broke.
         rule: &'static str,
@@ -165,9 +165,10 @@ impl WaId {
     pub fn parse(value: impl Into<String>) -> Result<Self, IdError> {
         let value: String = value.into();
         let digits = value.strip_prefix('+').unwrap_or(&value);
+        // The refusal is logged and dead-lettered: the number in it is masked.
         let malformed = |rule| IdError::Malformed {
             kind: "to",
-            value: value.clone(),
+            value: mask(&value),
             rule,
         };
         if digits.is_empty() {
@@ -196,9 +197,26 @@ impl WaId {
 
     /// The number with all but the country prefix and last two digits hidden, for logs.
     pub fn masked(&self) -> String {
-        let n = self.0.len();
-        format!("{}{}{}", &self.0[..2], "*".repeat(n - 4), &self.0[n - 2..])
+        mask(&self.0)
     }
+}
+
+/// `value` as a phone number is shown in logs: an optional `+`, the first two and the last two
+/// characters, a `*` for each one between; a value of five characters or fewer is all `*`.
+/// Also for numbers that are not valid, so that a refusal does not print one whole.
+pub fn mask(value: &str) -> String {
+    let (plus, rest) = match value.strip_prefix('+') {
+        Some(rest) => ("+", rest),
+        None => ("", value),
+    };
+    let chars: Vec<char> = rest.chars().collect();
+    let n = chars.len();
+    if n <= 5 {
+        return format!("{plus}{}", "*".repeat(n));
+    }
+    let head: String = chars[..2].iter().collect();
+    let tail: String = chars[n - 2..].iter().collect();
+    format!("{plus}{head}{}{tail}", "*".repeat(n - 4))
 }
 
 impl TryFrom<String> for WaId {

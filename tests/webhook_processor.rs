@@ -508,3 +508,172 @@ async fn a_marketing_cap_failure_sends_the_job_again_a_day_later() {
     running.await.unwrap().unwrap();
     app.cleanup().await;
 }
+
+/// Everything in the parked queue, taken off it: each body with its `x-wa-reason`.
+async fn parked(app: &common::TestApp) -> Vec<(Value, String)> {
+    let conn = lapin::Connection::connect(
+        &app.settings.amqp.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let queue = format!("{}.webhooks.parked", app.prefix);
+    let mut parked = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let reason = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-wa-reason").cloned());
+        let reason = match reason {
+            Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("parked without a reason: {other:?}"),
+        };
+        parked.push((
+            serde_json::from_slice(&message.delivery.data).unwrap(),
+            reason,
+        ));
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    parked
+}
+
+/// The `*.json` bodies in `tests/<dir>`, by file name, sorted.
+fn fixture_bodies(dir: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every signed body is understood (events) or parked with its reason; none is acked in silence.
+#[tokio::test]
+async fn every_fixture_becomes_events_or_parts_parked_with_their_reason() {
+    let mut app = spawn_app("wh-fixtures", |_, _| {}).await;
+    let p = processor(&app);
+    let understood = fixture_bodies("tests/fixtures/cloud/webhook");
+    assert!(understood.len() >= 10, "{understood:?}");
+    for (name, body) in understood {
+        let handled = p.handle(&body).await.unwrap();
+        // Fixtures share wamids: a status older than one fed before is understood and, as the
+        // status machine documents, publishes nothing.
+        assert!(
+            handled.events + handled.duplicates + handled.stale >= 1,
+            "{name}: {handled:?}"
+        );
+        assert!(!handled.parked, "{name}: {:?}", parked(&app).await);
+    }
+
+    let expected = [
+        (
+            "group-lifecycle-update.json",
+            "entry[0].changes[0].value: unmodelled field group_lifecycle_update",
+        ),
+        (
+            "group-participants-update.json",
+            "entry[0].changes[0].value: unmodelled field group_participants_update",
+        ),
+        (
+            "group-settings-update.json",
+            "entry[0].changes[0].value: unmodelled field group_settings_update",
+        ),
+        (
+            "status-unknown-value.json",
+            "entry[0].changes[0].value.statuses[0]: status \"teleported\" is not one of Meta's \
+             (sent, delivered, read, played, failed, deleted, warning)",
+        ),
+        (
+            "statuses-not-a-list.json",
+            "entry[0].changes[0].value.statuses: is a string, not an array",
+        ),
+        (
+            "value-null.json",
+            "entry[0].changes[0]: value is null, not an object",
+        ),
+    ];
+    let bodies = fixture_bodies("tests/fixtures/webhook-parked");
+    let names: Vec<&str> = bodies.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        expected.map(|(name, _)| name),
+        "one expectation per fixture"
+    );
+    drain(&mut app).await;
+    let before = app.seen.len();
+    for ((name, body), (_, reason)) in bodies.iter().zip(expected) {
+        let handled = p.handle(body).await.unwrap();
+        assert!(handled.parked, "{name}");
+        assert_eq!(handled.events, 0, "{name}: nothing is published");
+        let parked = parked(&app).await;
+        let reasons: Vec<&str> = parked.iter().map(|(_, r)| r.as_str()).collect();
+        assert_eq!(reasons, [reason], "{name}");
+    }
+    drain(&mut app).await;
+    assert_eq!(
+        app.seen[before..].len(),
+        0,
+        "no event for a parked part: {:?}",
+        &app.seen[before..]
+    );
+    app.cleanup().await;
+}
+
+/// In a body with readable and unreadable parts, the readable ones are processed and each
+/// unreadable one is parked on its own, raw, with its place and reason.
+#[tokio::test]
+async fn unreadable_parts_are_parked_one_by_one_and_the_rest_is_processed() {
+    let mut app = spawn_app("wh-parts", |_, _| {}).await;
+    let p = processor(&app);
+    sent(&app, "wamid.P", "job-p").await;
+    let metadata = json!({"display_phone_number": "15550783881", "phone_number_id": NUMBER});
+    let teleported = json!({"id": "wamid.P", "status": "teleported", "timestamp": "1750030080",
+                            "recipient_id": "16505551234"});
+    let group = json!({"field": "group_status_update", "value": {"messaging_product": "whatsapp",
+                       "metadata": metadata, "groups": [{"group_id": "G", "type": "group_create"}]}});
+    let body = serde_json::to_vec(&json!({"object": "whatsapp_business_account", "entry": [{"id": WABA, "changes": [
+        {"field": "messages", "value": {"messaging_product": "whatsapp", "metadata": metadata, "statuses": [
+            teleported,
+            {"id": "wamid.P", "status": "delivered", "timestamp": "1750030081", "recipient_id": "16505551234"}]}},
+        group]}]}))
+    .unwrap();
+    let handled = p.handle(&body).await.unwrap();
+    assert!(handled.parked);
+    assert_eq!(handled.events, 1, "{handled:?}");
+    drain(&mut app).await;
+    let kinds: Vec<&str> = app.seen.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds, ["message.delivered"]);
+    assert_eq!(app.seen[0].job_id.as_deref(), Some("job-p"));
+    let parked = parked(&app).await;
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert_eq!(parked[0].0, teleported);
+    assert!(
+        parked[0]
+            .1
+            .starts_with("entry[0].changes[0].value.statuses[0]: status \"teleported\""),
+        "{}",
+        parked[0].1
+    );
+    assert_eq!(parked[1].0, group);
+    assert_eq!(
+        parked[1].1,
+        "entry[0].changes[1].value: unmodelled field group_status_update"
+    );
+    app.cleanup().await;
+}

@@ -184,7 +184,7 @@ async fn malformed_jobs_are_dead_lettered_with_a_specific_detail_and_the_worker_
         (
             serde_json::to_vec(&bad_phone).unwrap(),
             "invalid_job",
-            "to: to \"12345\" is not valid",
+            "to: to \"*****\" is not valid",
         ),
         (
             serde_json::to_vec(&long_text).unwrap(),

@@ -3,6 +3,7 @@
 //! works on a [`SendJob`] that Meta's request validation would accept.
 
 mod message;
+mod strict;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -75,7 +76,7 @@ pub enum JobError {
     /// `schema` names a version this worker does not know.
     #[error("unsupported schema {0:?}, expected \"wa.send.v1\"")]
     UnsupportedSchema(String),
-    /// A field is missing, unknown or breaks a rule.
+    /// A field is missing, unknown, named twice or breaks a rule.
     #[error("invalid job: {0}")]
     Invalid(Violation),
 }
@@ -140,8 +141,14 @@ pub fn decode(body: &[u8]) -> Result<SendJob, JobError> {
             body.len()
         )));
     }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| JobError::Malformed(format!("not JSON: {e}")))?;
+    // One pass that also refuses a key named twice: serde_json alone would keep the last one.
+    let value = strict::parse(body).map_err(|e| match e {
+        strict::StrictError::Json(e) => JobError::Malformed(format!("not JSON: {e}")),
+        strict::StrictError::Duplicate(d) => JobError::Invalid(Violation::not_allowed(
+            d.path,
+            format!("duplicate key {:?}", d.key),
+        )),
+    })?;
     if !value.is_object() {
         return Err(JobError::Malformed("the body must be a JSON object".into()));
     }
@@ -244,7 +251,7 @@ mod tests {
 
     #[test]
     fn each_bad_input_gets_its_own_error() {
-        let cases: [(Vec<u8>, &str); 9] = [
+        let cases: [(Vec<u8>, &str); 10] = [
             (b"{not json".to_vec(), "malformed job: not JSON"),
             (
                 b"[1,2]".to_vec(),
@@ -256,7 +263,11 @@ mod tests {
             ),
             (
                 job(json!({"to": "12"})),
-                "invalid job: to: to \"12\" is not valid",
+                "invalid job: to: to \"**\" is not valid",
+            ),
+            (
+                job(json!({"to": "+49 1512 3456789"})),
+                "invalid job: to: to \"+49***********89\" is not valid",
             ),
             (
                 job(json!({"job_id": null})),
@@ -293,6 +304,39 @@ mod tests {
             job(json!({"fallback_template": {"name": "Bad Name", "language": {"code": "en"}}}));
         let err = decode(&body).unwrap_err().to_string();
         assert!(err.contains("fallback_template.name"), "{err}");
+    }
+
+    #[test]
+    fn a_key_named_twice_is_an_invalid_job_naming_key_and_place() {
+        let cases = [
+            (
+                r#"{"schema":"wa.send.v1","job_id":"j-1","job_id":"j-2","phone_number_id":"106540352242922",
+                   "to":"+16505551234","message":{"type":"text","text":{"body":"hello"}}}"#,
+                r#"invalid job: job: duplicate key "job_id""#,
+            ),
+            (
+                r#"{"schema":"wa.send.v1","job_id":"j-1","phone_number_id":"106540352242922","to":"+16505551234",
+                   "message":{"type":"text","text":{"body":"hello"}},"message":{"type":"text","text":{"body":"bye"}}}"#,
+                r#"invalid job: job: duplicate key "message""#,
+            ),
+            (
+                r#"{"schema":"wa.send.v1","job_id":"j-1","phone_number_id":"106540352242922","to":"+16505551234",
+                   "message":{"type":"text","text":{"body":"hello","body":"bye"}}}"#,
+                r#"invalid job: message.text: duplicate key "body""#,
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = decode(body.as_bytes()).expect_err(expected);
+            assert_eq!(err.reason(), DeadReason::InvalidJob);
+            assert_eq!(err.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn an_invalid_recipient_is_never_printed_whole() {
+        let err = decode(&job(json!({"to": "+49 1512 3456789"}))).unwrap_err();
+        assert!(!err.to_string().contains("1512 3456789"), "{err}");
+        assert!(!err.to_string().contains("3456"), "{err}");
     }
 
     #[test]

@@ -3,11 +3,17 @@
 //!
 //! Two formats come in: Meta's Cloud API envelope (`object`/`entry[]`/`changes[]`) and the flat
 //! On-Premises format that BSPs such as Vonage still forward (top-level `statuses[]`,
-//! `messages[]`, `contacts[]`, `errors[]`). Parsing is tolerant, because Meta adds fields and
-//! values without notice: unknown fields are ignored, unknown `field`s and status strings become
-//! explicit values, and an item that cannot be used (a bad wamid, a missing timestamp) is
-//! skipped *with its reason*, so nothing disappears silently. Only a body that is not a webhook
-//! at all is an error.
+//! `messages[]`, `contacts[]`, `errors[]`). Every part of a body ends in one of three places:
+//! - **understood**: a typed [`Update`];
+//! - **ignored on purpose**: a change field listed in [`IGNORED_FIELDS`], with the documented
+//!   reason, in [`Parsed::ignored`];
+//! - **unreadable**: anything else (an unmodelled field such as `group_participants_update`, a
+//!   status value outside Meta's set, a list that is not a list, a `null` value, a bad wamid),
+//!   kept raw with its place and reason in [`Parsed::unreadable`] for the processor to park.
+//!
+//! Unknown *keys* inside an understood object are tolerated (Meta adds them without notice);
+//! an unknown *value* that decides what happens is not. Only a body that is not a webhook at all
+//! is an error.
 
 use std::fmt;
 
@@ -42,13 +48,52 @@ pub enum ParseError {
     UnknownFormat,
 }
 
-/// What one body held: the updates in the order they appeared, and every item left out.
+/// Change fields wa-sender receives but leaves alone on purpose, with why: acked, logged, never
+/// parked. Everything else this build does not model is unreadable (and parked).
+pub const IGNORED_FIELDS: &[(&str, &str)] = &[
+    (
+        "smb_message_echoes",
+        "messages the business sent from the WhatsApp Business app, not sends of this worker",
+    ),
+    (
+        "smb_app_state_sync",
+        "contact sync of the WhatsApp Business app; wa-sender keeps no contact book",
+    ),
+    (
+        "history",
+        "chat history of the WhatsApp Business app; wa-sender keeps no chats",
+    ),
+];
+
+/// Meta's message status values; any other is unreadable, so it never becomes an event.
+pub const KNOWN_STATUSES: &str = "sent, delivered, read, played, failed, deleted, warning";
+
+/// What one body held: the updates in the order they appeared, and every part left out.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Parsed {
     /// The typed updates.
     pub updates: Vec<Update>,
-    /// One line per item skipped or field ignored: where it was and why.
-    pub skipped: Vec<String>,
+    /// Parts left out on purpose ([`IGNORED_FIELDS`]): where each was and why.
+    pub ignored: Vec<String>,
+    /// Parts that could not be understood, each to be parked with its reason.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// One part of a body that could not be understood.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    /// Where it was, e.g. `entry[0].changes[1].value.statuses[2]`.
+    pub at: String,
+    /// Why it could not be used, e.g. `unmodelled field group_participants_update`.
+    pub reason: String,
+    /// The part as it came (a change, a status, a message, a list), to be parked.
+    pub part: Value,
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.reason)
+    }
 }
 
 /// One thing a webhook told us.
@@ -108,13 +153,6 @@ pub enum Update {
         waba_id: Option<WabaId>,
         /// `ACCOUNT_VIOLATION`, `ACCOUNT_RESTRICTION`, `DISABLED_UPDATE`, …
         event: String,
-    },
-    /// A change whose `field` this build does not handle, kept whole for the log.
-    Unrecognized {
-        /// `changes[].field`.
-        field: String,
-        /// `changes[].value`.
-        raw: Value,
     },
 }
 
@@ -284,13 +322,20 @@ struct Source {
 }
 
 impl Parsed {
-    fn skip(&mut self, at: impl fmt::Display, why: impl fmt::Display) {
-        self.skipped.push(format!("{at}: {why}"));
+    /// Notes `part`, found `at`, as unreadable for `why`.
+    fn skip(&mut self, at: impl fmt::Display, why: impl fmt::Display, part: &Value) {
+        self.unreadable.push(Unreadable {
+            at: at.to_string(),
+            reason: why.to_string(),
+            part: part.clone(),
+        });
     }
 
     /// Deserializes `value` as `T`, or notes why not.
     fn decode<T: DeserializeOwned>(&mut self, at: impl fmt::Display, value: &Value) -> Option<T> {
-        T::deserialize(value).inspect_err(|e| self.skip(at, e)).ok()
+        T::deserialize(value)
+            .inspect_err(|e| self.skip(at, e, value))
+            .ok()
     }
 
     fn entry(&mut self, at: &str, entry: &Value) {
@@ -298,21 +343,36 @@ impl Parsed {
             .get("id")
             .and_then(|id| self.id(format_args!("{at}.id"), id, WabaId::parse));
         let Some(changes) = entry.get("changes").and_then(Value::as_array) else {
-            self.skip(at, "no changes[]");
+            self.skip(at, "no changes[]", entry);
             return;
         };
         for (i, change) in changes.iter().enumerate() {
             let at = format!("{at}.changes[{i}]");
-            let field = change.get("field").and_then(Value::as_str);
-            let Some((field, value)) = field.zip(change.get("value")) else {
-                self.skip(at, "no field or no value");
+            let Some(field) = change.get("field").and_then(Value::as_str) else {
+                self.skip(at, "no field", change);
                 continue;
             };
-            self.change(&format!("{at}.value"), waba_id.clone(), field, value);
+            if let Some((_, why)) = IGNORED_FIELDS.iter().find(|(f, _)| *f == field) {
+                self.ignored
+                    .push(format!("{at}: field {field} ignored: {why}"));
+                continue;
+            }
+            match change.get("value") {
+                Some(value) if value.is_object() => {
+                    self.change(&format!("{at}.value"), waba_id.clone(), field, change);
+                }
+                Some(other) => {
+                    let why = format!("value is {}, not an object", json_kind(other));
+                    self.skip(at, why, change);
+                }
+                None => self.skip(at, "no value", change),
+            }
         }
     }
 
-    fn change(&mut self, at: &str, waba_id: Option<WabaId>, field: &str, value: &Value) {
+    /// One change (`field` and an object `value`); `at` names its value.
+    fn change(&mut self, at: &str, waba_id: Option<WabaId>, field: &str, change: &Value) {
+        let value = &change["value"];
         if field == "messages"
             && let Some(lists) = message_lists(value)
         {
@@ -368,11 +428,15 @@ impl Parsed {
                         event: a.event,
                     })
             }
-            // Includes `messages` and `user_preferences` values without their lists.
-            _ => Some(Update::Unrecognized {
-                field: field.to_owned(),
-                raw: value.clone(),
-            }),
+            "messages" | "user_preferences" => {
+                self.skip(at, format_args!("a {field} value without its list"), change);
+                None
+            }
+            // `group_lifecycle_update`, `group_participants_update`, … and Meta's next field.
+            _ => {
+                self.skip(at, format_args!("unmodelled field {field}"), change);
+                None
+            }
         };
         self.updates.extend(update);
     }
@@ -386,6 +450,20 @@ impl Parsed {
                 format!("{at}.{list}[{i}]")
             }
         };
+        for key in ["statuses", "messages", "errors", "contacts"] {
+            if let Some(other) = value.get(key).filter(|v| !v.is_array()) {
+                let at = if at.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{at}.{key}")
+                };
+                self.skip(
+                    at,
+                    format_args!("is {}, not an array", json_kind(other)),
+                    other,
+                );
+            }
+        }
         for (i, status) in list(value, "statuses").enumerate() {
             if let Some(status) = self.status(&path("statuses", i), source, status) {
                 self.updates.push(Update::Status(status));
@@ -413,9 +491,16 @@ impl Parsed {
 
     fn status(&mut self, at: &str, source: &Source, value: &Value) -> Option<StatusUpdate> {
         let raw: RawStatus = self.decode(at, value)?;
+        let status = MessageStatus::from(raw.status.as_str());
+        if let MessageStatus::Other(other) = &status {
+            let why = format!("status {other:?} is not one of Meta's ({KNOWN_STATUSES})");
+            self.skip(at, why, value);
+            return None;
+        }
         let wamid = Wamid::parse(raw.id)
-            .inspect_err(|e| self.skip(at, e))
+            .inspect_err(|e| self.skip(at, e, value))
             .ok()?;
+        // A pricing quirk must not cost us the status: the status goes on without it.
         let pricing = raw
             .pricing
             .and_then(|p| self.decode(format_args!("{at}.pricing (ignored)"), &p));
@@ -427,7 +512,7 @@ impl Parsed {
             .collect();
         Some(StatusUpdate {
             wamid,
-            status: MessageStatus::from(raw.status.as_str()),
+            status,
             at: raw.timestamp,
             recipient_id: raw.recipient_id,
             phone_number_id: source.phone_number_id.clone(),
@@ -447,10 +532,10 @@ impl Parsed {
     ) -> Option<InboundMessage> {
         let raw: RawMessage = self.decode(at, value)?;
         let wamid = Wamid::parse(raw.id)
-            .inspect_err(|e| self.skip(at, e))
+            .inspect_err(|e| self.skip(at, e, value))
             .ok()?;
         let from = WaId::parse(raw.from)
-            .inspect_err(|e| self.skip(at, format_args!("from: {e}")))
+            .inspect_err(|e| self.skip(at, format_args!("from: {e}"), value))
             .ok()?;
         let text = match raw.kind.as_str() {
             "text" => raw.text.and_then(|t| t.body),
@@ -505,6 +590,7 @@ impl Parsed {
             self.skip(
                 at,
                 format_args!("category {category:?} is not marketing_messages"),
+                value,
             );
             return None;
         }
@@ -515,12 +601,13 @@ impl Parsed {
                 self.skip(
                     at,
                     format_args!("value {other:?} is neither stop nor resume"),
+                    value,
                 );
                 return None;
             }
         };
         let wa_id = WaId::parse(raw.wa_id)
-            .inspect_err(|e| self.skip(at, format_args!("wa_id: {e}")))
+            .inspect_err(|e| self.skip(at, format_args!("wa_id: {e}"), value))
             .ok()?;
         Some(Update::UserPreference {
             waba_id,
@@ -542,7 +629,7 @@ impl Parsed {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        parse(text).inspect_err(|e| self.skip(at, e)).ok()
+        parse(text).inspect_err(|e| self.skip(at, e, value)).ok()
     }
 }
 
@@ -752,7 +839,7 @@ mod tests {
     /// The updates of a body that must parse without skipping anything.
     fn updates(body: &[u8]) -> Vec<Update> {
         let parsed = parse(body).expect("a webhook");
-        assert_eq!(parsed.skipped, Vec::<String>::new());
+        assert_eq!(parsed.unreadable, Vec::new());
         parsed.updates
     }
 
@@ -1130,23 +1217,84 @@ mod tests {
               {"field":"messages","value":{"metadata":{"phone_number_id":"106540352242922","new":1},
                 "statuses":[{"id":"wamid.U","status":"pending_review","timestamp":"1750030080",
                   "recipient_id":"16505551234","recipient_identity_key_hash":"x","shiny":{"a":[1]}}]}}]}]}"#;
-        let updates = updates(body);
+        let parsed = parse(body).unwrap();
+        assert_eq!(parsed.updates, [], "nothing here is understood");
         assert_eq!(
-            updates[0],
-            Update::Unrecognized {
-                field: "smb_message_echoes".into(),
-                raw: serde_json::json!({"message_echoes":[{"id":"wamid.E"}]}),
-            }
+            parsed.ignored,
+            [
+                "entry[0].changes[0]: field smb_message_echoes ignored: messages the business sent \
+              from the WhatsApp Business app, not sends of this worker"
+            ]
         );
+        let unreadable: Vec<String> = parsed.unreadable.iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            unreadable,
+            [
+                "entry[0].changes[1].value: a messages value without its list",
+                "entry[0].changes[2].value.statuses[0]: status \"pending_review\" is not one of \
+                 Meta's (sent, delivered, read, played, failed, deleted, warning)",
+            ]
+        );
+        assert_eq!(
+            parsed.unreadable[1].part["id"], "wamid.U",
+            "the status is kept whole for the parked queue"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_inside_an_understood_status_are_tolerated() {
+        let body = br#"{"object":"whatsapp_business_account","future":true,"entry":[{"id":"102290129340398",
+            "changes":[{"field":"messages","value":{"metadata":{"phone_number_id":"106540352242922","new":1},
+                "statuses":[{"id":"wamid.U","status":"delivered","timestamp":"1750030080",
+                  "recipient_id":"16505551234","recipient_identity_key_hash":"x","shiny":{"a":[1]}}]}}]}]}"#;
+        assert_eq!(status(&only(body)).status, MessageStatus::Delivered);
+    }
+
+    #[test]
+    fn lists_that_are_not_lists_null_values_and_group_fields_are_unreadable() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[
+            {"field":"messages","value":{"metadata":{"phone_number_id":"106540352242922"},"statuses":"x"}},
+            {"field":"messages","value":null},
+            {"field":"group_participants_update","value":{"groups":[{"group_id":"G","type":"group_create"}]}},
+            {"value":{}},
+            {"field":"messages","value":{"metadata":{"phone_number_id":"106540352242922"},"statuses":[
+              {"id":"wamid.K","status":"teleported","timestamp":"1750030080"},
+              {"id":"wamid.OK","status":"read","timestamp":"1750030080"}]}}]}]}"#;
+        let parsed = parse(body).unwrap();
+        assert_eq!(parsed.updates.len(), 1, "the readable status is kept");
+        assert_eq!(status(&parsed.updates[0]).wamid.as_str(), "wamid.OK");
+        let unreadable: Vec<(String, Value)> = parsed
+            .unreadable
+            .iter()
+            .map(|u| (u.to_string(), u.part.clone()))
+            .collect();
+        let expected = [
+            (
+                "entry[0].changes[0].value.statuses: is a string, not an array",
+                serde_json::json!("x"),
+            ),
+            (
+                "entry[0].changes[1]: value is null, not an object",
+                serde_json::json!({"field": "messages", "value": null}),
+            ),
+            (
+                "entry[0].changes[2].value: unmodelled field group_participants_update",
+                serde_json::json!({"field": "group_participants_update",
+                    "value": {"groups": [{"group_id": "G", "type": "group_create"}]}}),
+            ),
+            (
+                "entry[0].changes[3]: no field",
+                serde_json::json!({"value": {}}),
+            ),
+        ];
+        assert_eq!(unreadable[..4], expected.map(|(a, v)| (a.to_owned(), v)));
         assert!(
-            matches!(&updates[1], Update::Unrecognized { field, .. } if field == "messages"),
-            "a messages value without statuses/messages/errors: {:?}",
-            updates[1]
+            unreadable[4].0.starts_with(
+                "entry[0].changes[4].value.statuses[0]: status \"teleported\" is not one of Meta's"
+            ),
+            "{unreadable:#?}"
         );
-        assert_eq!(
-            status(&updates[2]).status,
-            MessageStatus::Other("pending_review".into())
-        );
+        assert_eq!(unreadable.len(), 5);
     }
 
     #[test]
@@ -1218,13 +1366,9 @@ mod tests {
             "entry[0].changes[2].value.user_preferences[0]: value \"maybe\" is neither stop nor resume",
             "entry[0].changes[3].value: missing field `message_template_language`",
         ];
-        assert_eq!(
-            parsed.skipped.len(),
-            expected.len(),
-            "{:#?}",
-            parsed.skipped
-        );
-        for (skipped, expected) in parsed.skipped.iter().zip(expected) {
+        let skipped: Vec<String> = parsed.unreadable.iter().map(|u| u.to_string()).collect();
+        assert_eq!(skipped.len(), expected.len(), "{skipped:#?}");
+        for (skipped, expected) in skipped.iter().zip(expected) {
             assert!(
                 skipped.starts_with(expected),
                 "{skipped:?} should start with {expected:?}"
@@ -1243,11 +1387,10 @@ mod tests {
             (status.waba_id.as_ref(), status.phone_number_id.as_ref()),
             (None, None)
         );
-        assert_eq!(parsed.skipped.len(), 2, "{:#?}", parsed.skipped);
-        assert!(parsed.skipped[0].starts_with("entry[0].id: waba_id"));
-        assert!(
-            parsed.skipped[1].starts_with("entry[0].changes[0].value.metadata.phone_number_id")
-        );
+        let skipped: Vec<String> = parsed.unreadable.iter().map(|u| u.to_string()).collect();
+        assert_eq!(skipped.len(), 2, "{skipped:#?}");
+        assert!(skipped[0].starts_with("entry[0].id: waba_id"));
+        assert!(skipped[1].starts_with("entry[0].changes[0].value.metadata.phone_number_id"));
     }
 
     /// The shapes `simulator::statuses` produces: merged statuses, v23 `conversation`, a numeric
@@ -1313,16 +1456,9 @@ mod tests {
     fn every_valid_fixture_parses_completely() {
         for (path, body) in fixtures("tests/fixtures/cloud/webhook") {
             let parsed = parse(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
-            assert_eq!(parsed.skipped, Vec::<String>::new(), "{path}");
+            assert_eq!(parsed.unreadable, Vec::new(), "{path}");
+            assert_eq!(parsed.ignored, Vec::<String>::new(), "{path}");
             assert!(!parsed.updates.is_empty(), "{path}: no updates");
-            assert!(
-                !parsed
-                    .updates
-                    .iter()
-                    .any(|u| matches!(u, Update::Unrecognized { .. })),
-                "{path}: {:?}",
-                parsed.updates
-            );
         }
     }
 

@@ -2,8 +2,9 @@
 //! into store changes and events. Statuses are correlated to their job (wamid, else
 //! `biz_opaque_callback_data`), applied as a monotonic state machine per wamid (duplicates and
 //! regressions are recognised and produce nothing), and failures go through the same error
-//! classification as synchronous errors. A body that cannot be parsed is parked, never dropped;
-//! a store or broker failure leaves the body in the intake for another try.
+//! classification as synchronous errors. A body that cannot be parsed is parked whole, and each
+//! unreadable part of one (see [`super::payload`]) is parked on its own with its reason, never
+//! acked in silence; a store or broker failure leaves the body in the intake for another try.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -198,9 +199,14 @@ impl Processor {
                 return Ok(handled);
             }
         };
-        if !parsed.skipped.is_empty() {
-            // The rest is processed; the body is kept with what could not be read.
-            self.park(body, &parsed.skipped.join("; ")).await?;
+        for ignored in &parsed.ignored {
+            debug!(ignored, "webhook part ignored on purpose");
+        }
+        // Each unreadable part is parked on its own, with its place and reason; the rest of the
+        // body is processed.
+        for part in &parsed.unreadable {
+            let raw = serde_json::to_vec(&part.part).expect("a JSON value serializes");
+            self.park(&raw, &part.to_string()).await?;
             handled.parked = true;
         }
         for update in parsed.updates {
@@ -280,9 +286,6 @@ impl Processor {
                     e.phone_number_id = phone_number_id.map(|p| p.to_string());
                     e.error = Some(event_error(&error));
                     self.publish(&e, None, &mut handled).await?;
-                }
-                Update::Unrecognized { field, .. } => {
-                    debug!(field, "webhook field not handled");
                 }
             }
         }
@@ -649,8 +652,12 @@ impl Processor {
         Ok(())
     }
 
+    /// Keeps `body` (a whole body, or one unreadable part of one) in `wa.webhooks.parked` with
+    /// `reason` in its `x-wa-reason` header, and says so in the log.
     async fn park(&self, body: &[u8], reason: &str) -> Result<(), ProcessError> {
-        warn!(reason, "webhook body parked");
+        // The header keeps the reason whole; the log may be read more widely, and a serde error
+        // can quote a value, so long digit runs (phone numbers, and alike ids) are masked there.
+        warn!(reason = %mask_digit_runs(reason), bytes = body.len(), "webhook parked");
         let mut headers = Headers::default();
         headers.set_str(H_REASON, reason.chars().take(1000).collect::<String>());
         self.broker
@@ -714,5 +721,47 @@ fn tier_limit(tier: &str) -> Option<Option<u32>> {
         "TIER_100K" => Some(Some(100_000)),
         "TIER_UNLIMITED" => Some(None),
         _ => None,
+    }
+}
+
+/// `text` with every run of 8 or more digits (a phone number, or an id that looks alike) masked
+/// as [`WaId::masked`] masks a number: a log line cannot tell them apart.
+fn mask_digit_runs(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        if digits.len() >= 8 {
+            out.push_str(&crate::ids::mask(digits));
+        } else {
+            out.push_str(digits);
+        }
+        digits.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut digits, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_digit_runs;
+
+    #[test]
+    fn long_digit_runs_are_masked_in_logged_reasons() {
+        assert_eq!(
+            mask_digit_runs("entry[0].changes[1]: from: invalid type: integer `16505551234`"),
+            "entry[0].changes[1]: from: invalid type: integer `16*******34`"
+        );
+        assert_eq!(
+            mask_digit_runs("statuses[12]: 1234567"),
+            "statuses[12]: 1234567"
+        );
     }
 }
