@@ -59,7 +59,7 @@ pub async fn check_persistence(store: &RedisStore, settings: &Settings) -> anyho
             "Redis at {} keeps nothing on disk (no AOF, no RDB save points): {risk}. Turn on \
              persistence (appendonly yes), or accept the risk with redis.allow_volatile = true \
              (WA_SENDER__REDIS__ALLOW_VOLATILE=true)",
-            redact_url(&settings.redis.url)
+            crate::broker::rabbit::redact(&settings.redis.url)
         ),
         Ok(None) => {
             warn!(
@@ -71,16 +71,6 @@ pub async fn check_persistence(store: &RedisStore, settings: &Settings) -> anyho
             warn!(error = %e, "cannot tell whether Redis persists; make sure it does: {risk}");
             Ok(())
         }
-    }
-}
-
-/// `url` without its password.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -53,31 +53,7 @@ async fn jobs_waiting_in_quorum_delay_queues_survive_a_broker_restart_and_are_se
 
     // A new worker (as a supervisor would start one) on the healed connection.
     app.start_worker();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let audit = app.simulator.audit();
-        let sent: BTreeSet<String> = audit
-            .accepted
-            .iter()
-            .filter_map(|s| s.job_id.clone())
-            .collect();
-        if sent == ids {
-            assert!(
-                audit.duplicates.is_empty(),
-                "sent twice: {:?}",
-                audit.duplicates
-            );
-            assert_eq!(audit.accepted.len(), JOBS, "each job sent once");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {JOBS} jobs lost in the restart (sent {})",
-            ids.difference(&sent).count(),
-            sent.len()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    app.wait_sent_once(&ids, Duration::from_secs(90)).await;
     app.stop_worker().await;
     app.cleanup().await;
     drop(node);
@@ -135,29 +111,7 @@ async fn a_running_worker_lives_through_a_broker_restart_and_sends_every_job_onc
     }
 
     let ids: BTreeSet<String> = ids.into_iter().collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let audit = app.simulator.audit();
-        let sent: BTreeSet<String> = audit
-            .accepted
-            .iter()
-            .filter_map(|s| s.job_id.clone())
-            .collect();
-        assert!(
-            audit.duplicates.is_empty(),
-            "sent twice: {:?}",
-            audit.duplicates
-        );
-        if sent == ids {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {RESTART_JOBS} jobs not sent after the restart (the worker did not come back?)",
-            ids.difference(&sent).count()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    app.wait_sent_once(&ids, Duration::from_secs(120)).await;
     app.stop_worker().await;
     app.cleanup().await;
     drop(node);

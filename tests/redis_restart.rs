@@ -38,29 +38,7 @@ async fn a_redis_restart_under_a_running_worker_loses_nothing_and_sends_nothing_
         .await
         .unwrap();
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let audit = app.simulator.audit();
-        let sent: BTreeSet<String> = audit
-            .accepted
-            .iter()
-            .filter_map(|s| s.job_id.clone())
-            .collect();
-        assert!(
-            audit.duplicates.is_empty(),
-            "sent twice: {:?}",
-            audit.duplicates
-        );
-        if sent == ids {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {JOBS} jobs not sent after the Redis restart",
-            ids.difference(&sent).count()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    app.wait_sent_once(&ids, Duration::from_secs(120)).await;
     let drained = app.stop_worker().await;
     assert_eq!(drained.abandoned, 0);
     app.cleanup().await;

@@ -133,7 +133,8 @@ struct Link {
 /// (each request in the meantime fails fast).
 pub const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
-fn redact(url: &str) -> String {
+/// `url` without its credentials (for logs and errors).
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])

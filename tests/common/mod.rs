@@ -254,6 +254,41 @@ impl TestApp {
         self.enqueue_json(lane, job).await;
     }
 
+    /// Waits until the simulator has accepted every job of `ids`, each exactly once (it fails
+    /// at the first duplicate, or when `timeout` passes with jobs missing: lost).
+    pub async fn wait_sent_once(
+        &self,
+        ids: &std::collections::BTreeSet<String>,
+        timeout: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let audit = self.simulator.audit();
+            assert!(
+                audit.duplicates.is_empty(),
+                "sent twice: {:?}",
+                audit.duplicates
+            );
+            let sent: std::collections::BTreeSet<String> = audit
+                .accepted
+                .iter()
+                .filter_map(|s| s.job_id.clone())
+                .collect();
+            if sent == *ids {
+                assert_eq!(audit.accepted.len(), ids.len(), "each job sent once");
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {} jobs never sent (lost): sent {}",
+                ids.difference(&sent).count(),
+                ids.len(),
+                sent.len()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Waits for the first event (seen before or arriving within `timeout`) matching `pred`.
     pub async fn wait_event(&mut self, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Event {
         if let Some(e) = self.seen.iter().find(|e| pred(e)) {
