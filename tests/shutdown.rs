@@ -5,27 +5,14 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{NUMBER, TOKEN, WABA, spawn_app, text_job};
+use common::{spawn_app, text_job};
 use wa_sender::job::Lane;
 
 fn worker_process(app: &common::TestApp) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wa-sender"))
-        .arg("worker")
-        .env(
-            "WA_SENDER_CONFIG_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config"),
-        )
-        .env("WA_SENDER_ENV", "test")
-        .env("WA_SENDER__AMQP__PREFIX", &app.prefix)
-        .env("WA_SENDER__REDIS__KEY_PREFIX", &app.prefix)
-        .env("WA_SENDER__CLOUD__BASE_URL", app.simulator.base_url())
-        .env("WA_SENDER__CLOUD__ACCESS_TOKEN", TOKEN)
-        .env(format!("WA_SENDER__NUMBERS__{NUMBER}__WABA_ID"), WABA)
+    app.command("worker")
         .env("WA_SENDER__WORKER__CONCURRENCY", "8")
         .env("WA_SENDER__WORKER__PREFETCH", "20")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("the wa-sender binary starts")
 }

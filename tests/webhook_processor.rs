@@ -511,40 +511,15 @@ async fn a_marketing_cap_failure_sends_the_job_again_a_day_later() {
 
 /// Everything in the parked queue, taken off it: each body with its `x-wa-reason`.
 async fn parked(app: &common::TestApp) -> Vec<(Value, String)> {
-    let conn = lapin::Connection::connect(
-        &app.settings.amqp.url,
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let queue = format!("{}.webhooks.parked", app.prefix);
-    let mut parked = Vec::new();
-    while let Some(message) = channel
-        .basic_get(
-            queue.as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
-        let reason = message
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-wa-reason").cloned());
-        let reason = match reason {
-            Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
-            other => panic!("parked without a reason: {other:?}"),
-        };
-        parked.push((
-            serde_json::from_slice(&message.delivery.data).unwrap(),
-            reason,
-        ));
-    }
-    let _ = conn.close(200, "bye".into()).await;
-    parked
+    let taken = app.take_all("webhooks.parked").await;
+    taken
+        .into_iter()
+        .map(|t| {
+            let reason = t.headers.get("x-wa-reason").cloned();
+            let reason = reason.unwrap_or_else(|| panic!("parked without a reason: {t:?}"));
+            (serde_json::from_slice(&t.body).unwrap(), reason)
+        })
+        .collect()
 }
 
 /// The `*.json` bodies in `tests/<dir>`, by file name, sorted.

@@ -74,6 +74,13 @@ pub fn unique_prefix(test: &str) -> String {
     )
 }
 
+/// A message taken off a queue: its headers (strings as they are, others debug-printed) and body.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
 pub struct TestApp {
     pub prefix: String,
     pub settings: Settings,
@@ -181,6 +188,81 @@ pub async fn opted_in(store: &dyn Store, job: &Value) {
 }
 
 impl TestApp {
+    /// The `wa-sender` binary running `subcommand` with this app's configuration in its
+    /// environment (prefix, broker, Redis, simulator, the test number), as an operator would
+    /// configure it; killed when dropped.
+    pub fn command(&self, subcommand: &str) -> tokio::process::Command {
+        let queue_type = serde_json::to_value(self.settings.amqp.queue_type).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wa-sender"));
+        command
+            .arg(subcommand)
+            .env(
+                "WA_SENDER_CONFIG_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/config"),
+            )
+            .env("WA_SENDER_ENV", "test")
+            .env("WA_SENDER__AMQP__URL", &self.settings.amqp.url)
+            .env("WA_SENDER__AMQP__QUEUE_TYPE", queue_type.as_str().unwrap())
+            .env("WA_SENDER__AMQP__PREFIX", &self.prefix)
+            .env("WA_SENDER__REDIS__URL", &self.settings.redis.url)
+            .env("WA_SENDER__REDIS__KEY_PREFIX", &self.prefix)
+            .env("WA_SENDER__CLOUD__BASE_URL", self.simulator.base_url())
+            .env("WA_SENDER__CLOUD__ACCESS_TOKEN", TOKEN)
+            .env(format!("WA_SENDER__NUMBERS__{NUMBER}__WABA_ID"), WABA)
+            .env(
+                format!("WA_SENDER__NUMBERS__{NUMBER}__THROUGHPUT_MPS"),
+                self.settings.numbers[NUMBER].throughput_mps.to_string(),
+            )
+            .env("WA_SENDER__POLICY__MESSAGING_LIMITS__DEFAULT", "unlimited")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Everything in the queue `name` (under this app's prefix), taken off it.
+    pub async fn take_all(&self, name: &str) -> Vec<Taken> {
+        let conn = lapin::Connection::connect(
+            &self.settings.amqp.url,
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let queue = format!("{}.{name}", self.prefix);
+        let mut taken = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let headers = message.delivery.properties.headers().clone();
+            let headers = headers
+                .map(|table| {
+                    table
+                        .inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (k.to_string(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            taken.push(Taken {
+                headers,
+                body: message.delivery.data.clone(),
+            });
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        taken
+    }
+
     pub fn start_worker(&mut self) {
         let (broker, store) = (self.broker.clone(), self.store.clone());
         self.run_worker(broker, store);

@@ -13,7 +13,8 @@ pub struct RabbitNode {
     pub port: u16,
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -105,6 +106,33 @@ impl RabbitNode {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Messages (ready and unacknowledged) in each queue whose name starts with `prefix`.
+    pub fn queue_messages(&self, prefix: &str) -> Vec<(String, u64)> {
+        let output = self
+            .command("/usr/lib/rabbitmq/bin/rabbitmqctl")
+            .args([
+                "-n",
+                &self.name,
+                "list_queues",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .args(["name", "messages"])
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(output.status.success(), "rabbitmqctl list_queues failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let (name, messages) = line.split_once('\t')?;
+                let messages = messages.trim().parse().ok()?;
+                name.starts_with(prefix)
+                    .then(|| (name.to_owned(), messages))
+            })
+            .collect()
     }
 
     /// Restarts the broker application as an operator would (`stop_app`, `start_app`): every
