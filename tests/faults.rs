@@ -81,8 +81,8 @@ fn table(tallies: &[Tally]) -> String {
     );
     for t in tallies {
         let reasons: Vec<String> = t.dead.iter().map(|(r, n)| format!("{r} {n}")).collect();
-        out += &format!(
-            "{:<34} {:>7} {:>7} {:>9} {:>7} {:>7} {:>5}  {}\n",
+        let row = format!(
+            "{:<34} {:>7} {:>7} {:>9} {:>7} {:>7} {:>5}  {}",
             t.scenario,
             t.jobs,
             t.once,
@@ -92,6 +92,8 @@ fn table(tallies: &[Tally]) -> String {
             t.lost,
             reasons.join(", ")
         );
+        out += row.trim_end();
+        out.push('\n');
     }
     out
 }
