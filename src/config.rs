@@ -180,6 +180,10 @@ pub struct WorkerSettings {
     /// After a 130429, this replica's share of that number is a tenth lower for this long
     /// (each further 130429 another tenth, down to half), seconds.
     pub throttle_cooldown_secs: u64,
+    /// Where the worker answers `/healthz` (alive) and `/readyz` (consuming, Redis answering,
+    /// not draining) for its orchestrator's probes, e.g. `0.0.0.0:9464`; `127.0.0.1:0` for a
+    /// free port.
+    pub health_listen: String,
 }
 
 /// Admission rules.

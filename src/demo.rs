@@ -200,6 +200,7 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         pipeline.clone(),
         broker.clone(),
         crate::app::worker_settings(&settings),
+        crate::health::Health::of_consumer(),
         shutdown.clone(),
     ));
 

@@ -21,7 +21,8 @@
 //! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
 //!   imports, care windows.
 //! - [`app`]: wiring shared by `main`, tests, benches and [`demo`]; [`server`] serves the HTTP
-//!   APIs (admin, webhook receiver).
+//!   APIs (admin, webhook receiver); [`health`] answers `/healthz` and `/readyz` for each
+//!   long-running process.
 //! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
 //! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, lanes, categories, error
 //!   codes, template definitions); it imports nothing else from the crate.
@@ -36,6 +37,7 @@ pub mod cloud;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod health;
 pub mod ids;
 pub mod job;
 pub mod pipeline;

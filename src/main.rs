@@ -18,7 +18,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use wa_sender::admin::http::AdminServer;
 use wa_sender::admin::import::{self, ImportError};
 use wa_sender::admin::{Admin, AdminError, ConsentChange};
+use wa_sender::app::HttpServer;
 use wa_sender::config::Settings;
+use wa_sender::health::Health;
 use wa_sender::job::Lane;
 use wa_sender::policy::admission::CampaignState;
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
@@ -286,7 +288,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Worker => {
             let numbers = settings.resolve_numbers()?;
             let shutdown = shutdown_on_signal();
+            // Health first: a worker waiting for its broker is alive, and says it is not ready.
+            // Its server outlives the drain, so the probes see `draining` until the exit.
+            let health = Health::of_consumer();
+            let listen = &settings.worker.health_listen;
+            let health_server = HttpServer::bind(listen, wa_sender::health::router(health.clone()))
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            info!(addr = %health_server.addr()?, "worker health at /healthz and /readyz");
+            let health_stop = CancellationToken::new();
+            let serving_health = tokio::spawn(health_server.run_until_stopped(health_stop.clone()));
             let (broker, store) = wa_sender::app::connect_waiting(&settings, &shutdown).await?;
+            health.redis_connected(store.clone());
             let cloud = Arc::new(wa_sender::app::http_cloud(&settings)?);
             let pipeline = Arc::new(wa_sender::app::pipeline(
                 &settings,
@@ -299,10 +312,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 pipeline,
                 broker.clone(),
                 wa_sender::app::worker_settings(&settings),
+                health,
                 shutdown,
             )
             .await;
             broker.close().await;
+            health_stop.cancel();
+            let _ = serving_health.await;
             match drained {
                 Ok(d) if d.abandoned == 0 && d.unsettled == 0 => Ok(()),
                 Ok(d) => anyhow::bail!(
@@ -383,17 +399,6 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             )
             .await?;
             let broker = std::sync::Arc::new(broker);
-            let router = wa_sender::webhook::receiver::router(
-                broker.clone(),
-                wa_sender::webhook::receiver::ReceiverSettings {
-                    verify_token,
-                    app_secret,
-                },
-            );
-            let listen = listen.unwrap_or(settings.webhook.listen.clone());
-            let server = wa_sender::app::HttpServer::bind(&listen, router)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
             let store = wa_sender::app::connect_store(&settings).await?;
             wa_sender::app::check_persistence(&store, &settings).await?;
             let processor = wa_sender::webhook::processor::Processor::new(
@@ -406,6 +411,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     delay_tiers: settings.delay_tiers()?,
                 },
             );
+            let router = wa_sender::webhook::receiver::router(
+                broker.clone(),
+                wa_sender::webhook::receiver::ReceiverSettings {
+                    verify_token,
+                    app_secret,
+                },
+            )
+            .merge(wa_sender::health::router(processor.health()));
+            let listen = listen.unwrap_or(settings.webhook.listen.clone());
+            let server = HttpServer::bind(&listen, router)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
             info!(addr = %server.addr()?, "webhook receiver listening; processing the intake");
             let shutdown = shutdown_on_signal();
             let processing = async {

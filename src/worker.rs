@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::broker::{Broker, BrokerError, Delivery, Stream, Unrouted};
+use crate::health::Health;
 use crate::job::Lane;
 use crate::pipeline::Pipeline;
 
@@ -90,10 +91,14 @@ type Lanes = BTreeMap<Lane, Stream<Delivery>>;
 /// the broker is back (the broker reconnects and declares the topology again), pausing longer
 /// after each failed attempt. The jobs in flight when it was lost cannot be acked; RabbitMQ
 /// returns them to their queues, and their claims keep them from being sent twice.
+///
+/// `health` is told when consuming starts and when the broker is lost, and when the drain
+/// begins: the worker is ready only while it consumes.
 pub async fn run(
     pipeline: Arc<Pipeline>,
     broker: Arc<dyn Broker>,
     settings: WorkerSettings,
+    health: Health,
     shutdown: CancellationToken,
 ) -> Result<Drained, BrokerError> {
     // Join the replica group and load the template registry before taking any job.
@@ -112,6 +117,7 @@ pub async fn run(
         settings: settings.clone(),
         tracker: TaskTracker::new(),
         unsettled: Arc::new(AtomicUsize::new(0)),
+        health: health.clone(),
     };
 
     let mut pauses = reconnect_pauses();
@@ -120,6 +126,7 @@ pub async fn run(
         let Some(e) = session.failure else {
             break session.held;
         };
+        health.set_consuming(false);
         if shutdown.is_cancelled() {
             break session.held;
         }
@@ -142,6 +149,7 @@ pub async fn run(
 
     // Drain: no new deliveries; in-flight jobs finish and settle within the grace period. The
     // streams (and so their channels) stay open until then, or their acks would fail.
+    health.start_draining();
     if let Err(e) = broker.stop_consuming().await {
         warn!(error = %e, "could not cancel the consumers");
     }
@@ -191,6 +199,8 @@ struct Serving {
     tracker: TaskTracker,
     /// Jobs whose settlement failed, since the start.
     unsettled: Arc<AtomicUsize>,
+    /// Told when consuming starts; `run` tells it when a session fails.
+    health: Health,
 }
 
 /// How one serving session ended.
@@ -219,6 +229,7 @@ impl Serving {
                 };
             }
         };
+        self.health.set_consuming(true);
         info!(
             numbers = numbers.len(),
             concurrency_per_number = self.settings.concurrency,

@@ -183,6 +183,35 @@ async fn a_missing_or_wrong_token_is_refused_and_changes_nothing(store: Arc<dyn 
     assert_eq!(status, 200);
 }
 
+on_both_stores!(probes_need_no_token);
+/// `/healthz` and `/readyz` answer without the bearer token (probes carry none); everything
+/// else still wants it.
+async fn probes_need_no_token(store: Arc<dyn Store>) {
+    let api = serve(store, &[(NUMBER, WABA)]).await;
+    let alive = api
+        .client
+        .get(format!("{}/healthz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alive.status(), 200);
+    assert_eq!(alive.text().await.unwrap(), "ok");
+    let (status, body) = api
+        .call(api.client.get(format!("{}/readyz", api.base)))
+        .await;
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"ready": true, "redis": "up", "draining": false})
+        )
+    );
+    let (status, _) = api
+        .call(api.client.get(format!("{}/v1/campaigns/spring", api.base)))
+        .await;
+    assert_eq!(status, 401);
+}
+
 on_both_stores!(pause_resume_and_cancel_apply_to_every_configured_waba);
 async fn pause_resume_and_cancel_apply_to_every_configured_waba(store: Arc<dyn Store>) {
     let api = serve(store.clone(), &[(NUMBER, WABA), (NUMBER_2, WABA_2)]).await;

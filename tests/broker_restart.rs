@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{NUMBER, WABA, spawn_app};
+use common::{NUMBER, WABA, all_up, readyz, serve_health, spawn_app, wait_readyz};
 use futures::StreamExt;
 use secrecy::SecretString;
 use serde_json::json;
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use wa_sender::app::HttpServer;
 use wa_sender::broker::Broker;
 use wa_sender::event::Event;
+use wa_sender::health::Health;
 use wa_sender::simulator::sign;
 use wa_sender::webhook::processor::{Processor, ProcessorSettings};
 use wa_sender::webhook::receiver::{ReceiverSettings, router};
@@ -187,8 +188,67 @@ async fn a_broker_restart_mid_stream_loses_no_webhook() {
     app.cleanup().await;
 }
 
+/// The webhook process's `/readyz` follows its broker: ready while its processor consumes the
+/// intake, 503 naming the broker while the broker is cut, ready again once it consumes again;
+/// `/healthz` says it is alive throughout.
+#[tokio::test]
+async fn the_webhook_process_is_not_ready_while_its_broker_is_cut() {
+    let app = spawn_app("hready", |_, _| {}).await;
+    let proxy = Proxy::start().await;
+    let mut through_proxy = app.settings.clone();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let (broker, store) = wa_sender::app::connect(&through_proxy).await.unwrap();
+    let processor = Arc::new(Processor::new(
+        broker.clone() as Arc<dyn Broker>,
+        store,
+        ProcessorSettings {
+            numbers: app.settings.number_wabas().unwrap(),
+            stop_keywords: vec![],
+            rate_card: app.settings.pricing.clone(),
+            delay_tiers: app.settings.delay_tiers().unwrap(),
+        },
+    ));
+    let stop = CancellationToken::new();
+    let base = serve_health(processor.health(), stop.clone()).await;
+    let processing = {
+        let (processor, stop) = (processor.clone(), stop.clone());
+        tokio::spawn(async move { processor.run(16, stop).await })
+    };
+    let alive = || async {
+        let answer = reqwest::get(format!("{base}/healthz")).await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    };
+
+    wait_readyz(&base, Duration::from_secs(10), |status, body| {
+        status == 200 && *body == all_up()
+    })
+    .await;
+    proxy.cut();
+    let cut = wait_readyz(&base, Duration::from_secs(10), |status, _| status == 503).await;
+    assert_eq!(
+        cut,
+        json!({"ready": false, "broker": "down", "redis": "up", "draining": false})
+    );
+    assert_eq!(
+        alive().await,
+        (200, "ok".to_owned()),
+        "alive while not ready"
+    );
+    proxy.restore();
+    wait_readyz(&base, Duration::from_secs(30), |status, body| {
+        status == 200 && *body == all_up()
+    })
+    .await;
+
+    stop.cancel();
+    assert!(processing.await.unwrap().is_ok());
+    broker.close().await;
+    app.cleanup().await;
+}
+
 /// The worker lives through its broker going away: it keeps running without a supervisor,
-/// consumes again once the broker is back, and every job is sent exactly once.
+/// consumes again once the broker is back, and every job is sent exactly once. Its `/readyz`
+/// says it is not ready, for want of the broker, for as long as it cannot consume.
 #[tokio::test]
 async fn a_worker_survives_a_broker_restart() {
     use common::text_job;
@@ -200,6 +260,8 @@ async fn a_worker_survives_a_broker_restart() {
     let mut through_proxy = app.settings.clone();
     through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
     let (broker, store) = wa_sender::app::connect(&through_proxy).await.unwrap();
+    let health = Health::of_consumer();
+    health.redis_connected(store.clone());
     let cloud = Arc::new(wa_sender::app::http_cloud(&app.settings).unwrap());
     let pipeline = Arc::new(
         wa_sender::app::pipeline(
@@ -212,10 +274,13 @@ async fn a_worker_survives_a_broker_restart() {
         .unwrap(),
     );
     let shutdown = CancellationToken::new();
+    let health_stop = CancellationToken::new();
+    let probe = serve_health(health.clone(), health_stop.clone()).await;
     let worker = tokio::spawn(wa_sender::worker::run(
         pipeline,
         broker.clone(),
         wa_sender::app::worker_settings(&app.settings),
+        health,
         shutdown.clone(),
     ));
 
@@ -230,7 +295,18 @@ async fn a_worker_survives_a_broker_restart() {
     // Half before the broker goes away; the worker sends some of them.
     enqueue(&app, &ids[..JOBS / 2]).await;
     app.wait_job_event(&ids[0], "message.accepted").await;
+    assert_eq!(
+        readyz(&probe).await,
+        Some((200, all_up())),
+        "ready while consuming"
+    );
     proxy.cut();
+    let cut = wait_readyz(&probe, Duration::from_secs(10), |status, _| status == 503).await;
+    assert_eq!(
+        cut,
+        json!({"ready": false, "broker": "down", "redis": "up", "draining": false}),
+        "not ready, and the broker named as the part that is down"
+    );
     // The rest while the worker cannot reach it (published by the producer's own connection).
     enqueue(&app, &ids[JOBS / 2..]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -238,7 +314,16 @@ async fn a_worker_survives_a_broker_restart() {
         !worker.is_finished(),
         "the worker exited when the broker went away"
     );
+    assert_eq!(
+        readyz(&probe).await.map(|(status, _)| status),
+        Some(503),
+        "still not ready after failed attempts to consume again"
+    );
     proxy.restore();
+    wait_readyz(&probe, Duration::from_secs(60), |status, body| {
+        status == 200 && *body == all_up()
+    })
+    .await;
 
     for id in &ids {
         app.wait_event(Duration::from_secs(60), |e| {
@@ -253,6 +338,13 @@ async fn a_worker_survives_a_broker_restart() {
     shutdown.cancel();
     let drained = worker.await.unwrap().expect("the worker drains");
     assert_eq!(drained.abandoned, 0);
+    let (status, body) = readyz(&probe).await.expect("the probe still answers");
+    assert_eq!(
+        (status, &body["ready"], &body["draining"]),
+        (503, &json!(false), &json!(true)),
+        "a worker that has drained is not ready: {body}"
+    );
+    health_stop.cancel();
     broker.close().await;
     app.cleanup().await;
 }

@@ -331,7 +331,8 @@ async fn cloud_faults(rig: &Rig) -> Tally {
     tally
 }
 
-/// RabbitMQ restarted (`stop_app`, `start_app`) under a running worker that nobody restarts.
+/// RabbitMQ restarted (`stop_app`, `start_app`) under a running worker that nobody restarts; its
+/// readiness says the broker is down until it consumes again.
 async fn broker_restart(rig: &Rig) -> Tally {
     let n = jobs_per_scenario();
     let app = rig
@@ -340,12 +341,14 @@ async fn broker_restart(rig: &Rig) -> Tally {
         })
         .await;
     let ids = enqueue_jobs(&app, "rabbit", n).await;
-    let mut worker = rig.process(&app, "worker", &[]);
+    let (mut worker, ready) = rig.worker_with_health(&app);
     wait_sent(&app, n / 10).await;
+    assert_eq!(ready.get().await, (200, None), "ready while it runs");
     let rabbit = Arc::clone(&rig.rabbit);
-    tokio::task::spawn_blocking(move || rabbit.restart())
-        .await
-        .unwrap();
+    let restart = tokio::task::spawn_blocking(move || rabbit.restart());
+    ready.wait_for(503, "broker", "down").await;
+    restart.await.unwrap();
+    ready.wait_for(200, "broker", "up").await;
     let tally = rig.settle(&app, "RabbitMQ restart", &ids).await;
     assert!(
         worker.try_wait().unwrap().is_none(),
@@ -356,7 +359,8 @@ async fn broker_restart(rig: &Rig) -> Tally {
     tally
 }
 
-/// Redis (with its append-only file) restarted, two seconds away, under a running worker.
+/// Redis (with its append-only file) restarted, two seconds away, under a running worker, whose
+/// readiness names Redis as down meanwhile.
 async fn redis_restart(rig: &Rig) -> Tally {
     let n = jobs_per_scenario();
     let app = rig
@@ -365,12 +369,14 @@ async fn redis_restart(rig: &Rig) -> Tally {
         })
         .await;
     let ids = enqueue_jobs(&app, "redis", n).await;
-    let mut worker = rig.process(&app, "worker", &[]);
+    let (mut worker, ready) = rig.worker_with_health(&app);
     wait_sent(&app, n / 10).await;
+    assert_eq!(ready.get().await, (200, None), "ready while it runs");
     let redis = Arc::clone(&rig.redis);
-    tokio::task::spawn_blocking(move || redis.restart(Duration::from_secs(2)))
-        .await
-        .unwrap();
+    let restart = tokio::task::spawn_blocking(move || redis.restart(Duration::from_secs(2)));
+    ready.wait_for(503, "redis", "down").await;
+    restart.await.unwrap();
+    ready.wait_for(200, "redis", "up").await;
     let tally = rig.settle(&app, "Redis restart", &ids).await;
     assert!(
         worker.try_wait().unwrap().is_none(),
@@ -611,6 +617,57 @@ async fn webhooks(rig: &Rig) -> Tally {
     drop(held);
     app.simulator.stop();
     t
+}
+
+impl Rig {
+    /// A worker process with its health port where the test can see it.
+    fn worker_with_health(&self, app: &TestApp) -> (tokio::process::Child, Readiness) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let worker = self.process_with(
+            app,
+            "worker",
+            &[],
+            &[("WA_SENDER__WORKER__HEALTH_LISTEN", &listen)],
+        );
+        (worker, Readiness(format!("http://{listen}/readyz")))
+    }
+}
+
+/// A process's `/readyz`.
+struct Readiness(String);
+
+impl Readiness {
+    /// The status and, if it answered, the JSON body.
+    async fn get(&self) -> (u16, Option<Value>) {
+        match reqwest::get(&self.0).await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.unwrap();
+                (status, (status != 200).then_some(body))
+            }
+            Err(_) => (0, None),
+        }
+    }
+
+    /// Waits (30 s at most) until `/readyz` answers `status` with `part` as `state`.
+    async fn wait_for(&self, status: u16, part: &str, state: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = match reqwest::get(&self.0).await {
+                Ok(r) => (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+                Err(e) => (0, json!(e.to_string())),
+            };
+            if code == status && body[part] == state {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never answered {status} with {part} {state}: {code} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 async fn wait_port(port: u16) {

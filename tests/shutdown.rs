@@ -9,7 +9,13 @@ use common::{spawn_app, text_job};
 use wa_sender::job::Lane;
 
 fn worker_process(app: &common::TestApp) -> tokio::process::Child {
+    worker_process_with(app, &[])
+}
+
+/// The worker binary, with more settings from the environment.
+fn worker_process_with(app: &common::TestApp, env: &[(&str, &str)]) -> tokio::process::Child {
     app.command("worker")
+        .envs(env.iter().copied())
         .env("WA_SENDER__WORKER__CONCURRENCY", "8")
         .env("WA_SENDER__WORKER__PREFETCH", "20")
         .stderr(Stdio::piped())
@@ -141,5 +147,73 @@ async fn sigkill_mid_run_then_restart_sends_nothing_twice_and_loses_nothing() {
         ambiguous.len()
     );
     second.kill().await.unwrap();
+    app.cleanup().await;
+}
+
+/// The worker binary answers its probes on `worker.health_listen`: alive and ready while it
+/// consumes, then, from SIGTERM until it exits, alive but not ready (`draining`), so an
+/// orchestrator stops counting on it while it finishes its jobs.
+#[tokio::test]
+async fn the_worker_reports_ready_then_draining_on_its_health_port() {
+    let mut app = spawn_app("health", |_, sim| {
+        // Sends slow enough that the drain lasts long enough to be seen.
+        sim.faults.latency = wa_sender::simulator::Latency {
+            median_ms: 1500.0,
+            p99_ms: 1800.0,
+        }
+    })
+    .await;
+    for i in 0..40 {
+        app.enqueue_reply(Lane::Bulk, &text_job(&format!("health-{i}")))
+            .await;
+    }
+    // A free port for the child (the tests' own default, port 0, would hide it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = format!("http://{listen}");
+    let mut worker = worker_process_with(
+        &app,
+        &[
+            ("WA_SENDER__WORKER__HEALTH_LISTEN", &listen),
+            // Above the simulator's latency, so no send is cut short.
+            ("WA_SENDER__CLOUD__REQUEST_TIMEOUT_MS", "4000"),
+        ],
+    );
+    common::wait_readyz(&base, Duration::from_secs(30), |status, body| {
+        status == 200 && *body == common::all_up()
+    })
+    .await;
+    let alive = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(alive.status(), 200);
+    assert_eq!(alive.text().await.unwrap(), "ok");
+    // Jobs in flight (each send takes 1.5 s) when the signal arrives.
+    app.wait_event(Duration::from_secs(20), |e| e.event == "message.accepted")
+        .await;
+
+    let pid = worker.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let draining = common::wait_readyz(&base, Duration::from_secs(5), |status, body| {
+        status == 503 && body["draining"] == true
+    })
+    .await;
+    assert_eq!(draining["ready"], false, "{draining}");
+    let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("the worker exits within its grace period")
+        .unwrap();
+    assert!(exit.success(), "the worker drained and exited: {exit:?}");
+    assert_eq!(
+        common::readyz(&base).await,
+        None,
+        "nothing answers once it has exited"
+    );
     app.cleanup().await;
 }

@@ -426,3 +426,27 @@ async fn shipped_scenarios_load() {
     }
     assert!(loaded >= 3, "only {loaded} scenarios in {}", dir.display());
 }
+
+#[tokio::test]
+async fn the_simulator_is_alive_and_always_ready() {
+    let sim = start(|_| {}).await;
+    let alive = sim
+        .http
+        .get(format!("{}/healthz", sim.sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alive.status(), StatusCode::OK);
+    assert_eq!(alive.text().await.unwrap(), "ok");
+    let ready = sim
+        .http
+        .get(format!("{}/readyz", sim.sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap(),
+        json!({"ready": true, "draining": false})
+    );
+}

@@ -349,3 +349,79 @@ async fn shutdown_ends_within_the_grace_period_whatever_clients_do() {
     }
     receiver.cleanup().await;
 }
+
+/// The webhook process serves `/healthz` and `/readyz` beside the receiver, as `wa-sender
+/// webhook` does: alive at once, ready only once its processor consumes the intake.
+#[tokio::test]
+async fn the_webhook_process_answers_health_and_readiness_beside_the_receiver() {
+    use wa_sender::webhook::processor::{Processor, ProcessorSettings};
+
+    let prefix = common::unique_prefix("wh-health");
+    let settings = common::settings(&prefix, "http://unused");
+    let broker = Arc::new(
+        RabbitBroker::connect(wa_sender::app::rabbit_settings(&settings).unwrap())
+            .await
+            .unwrap(),
+    );
+    let store = wa_sender::app::connect_store(&settings).await.unwrap();
+    let processor = Arc::new(Processor::new(
+        broker.clone(),
+        store.clone(),
+        ProcessorSettings {
+            numbers: settings.number_wabas().unwrap(),
+            stop_keywords: vec![],
+            rate_card: settings.pricing.clone(),
+            delay_tiers: settings.delay_tiers().unwrap(),
+        },
+    ));
+    let app = router(
+        broker.clone(),
+        ReceiverSettings {
+            verify_token: SecretString::from(VERIFY_TOKEN),
+            app_secret: SecretString::from(APP_SECRET),
+        },
+    )
+    .merge(wa_sender::health::router(processor.health()));
+    let server = HttpServer::bind("127.0.0.1:0", app).await.unwrap();
+    let base = format!("http://{}", server.addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server.run_until_stopped(stop.clone()));
+
+    let alive = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(alive.status(), StatusCode::OK);
+    assert_eq!(alive.text().await.unwrap(), "ok");
+    assert_eq!(
+        common::readyz(&base).await,
+        Some((
+            503,
+            serde_json::json!({"ready": false, "broker": "down", "redis": "up", "draining": false})
+        )),
+        "not ready before the processor consumes"
+    );
+
+    let processing = {
+        let (processor, stop) = (processor.clone(), stop.clone());
+        tokio::spawn(async move { processor.run(16, stop).await })
+    };
+    common::wait_readyz(&base, Duration::from_secs(10), |status, body| {
+        status == 200 && *body == common::all_up()
+    })
+    .await;
+    // The receiver still answers on the same port.
+    let body = DELIVERED.as_bytes();
+    let taken = reqwest::Client::new()
+        .post(format!("{base}/webhook"))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", sign(APP_SECRET, body))
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status(), StatusCode::OK);
+
+    stop.cancel();
+    assert!(processing.await.unwrap().is_ok());
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
+    store.delete_all().await.unwrap();
+}

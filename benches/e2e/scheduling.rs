@@ -86,6 +86,7 @@ pub async fn fairness() {
         pipeline,
         broker.clone(),
         wa_sender::app::worker_settings(&settings),
+        wa_sender::health::Health::of_consumer(),
         shutdown.clone(),
     ));
     let (mut b_done, mut a_done, mut deferred) = (0, 0, 0);

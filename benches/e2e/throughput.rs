@@ -325,6 +325,7 @@ async fn worker(
         pipeline,
         worker_broker,
         wa_sender::app::worker_settings(&settings),
+        wa_sender::health::Health::of_consumer(),
         stop,
     )
     .await;

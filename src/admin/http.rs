@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq;
 use tracing::warn;
 
 use super::{Admin, AdminError, ConsentChange};
+use crate::health::Health;
 use crate::policy::admission::CampaignState;
 use crate::server::HttpServer;
 
@@ -44,8 +45,10 @@ struct AppState {
     token_digest: Arc<[u8; 32]>,
 }
 
-/// The routes, every one (and the 404 fallback) behind the bearer token.
+/// The routes, every one (and the 404 fallback) behind the bearer token but `/healthz` and
+/// `/readyz` (ready while Redis answers).
 pub fn router(admin: Admin, token: &SecretString) -> Router {
+    let health = Health::of_store(Arc::clone(&admin.store));
     let state = AppState {
         admin,
         token_digest: Arc::new(Sha256::digest(token.expose_secret().as_bytes()).into()),
@@ -64,6 +67,8 @@ pub fn router(admin: Admin, token: &SecretString) -> Router {
         // nobody learns which routes exist.
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
+        // Merged after the layer, so outside it: probes carry no token.
+        .merge(crate::health::router(health))
 }
 
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {

@@ -1,5 +1,6 @@
 //! The simulator's HTTP surface: Meta's send, template-list and phone-number endpoints, plus
-//! `/_sim/*` routes for the audit and for actions (users writing, templates paused, upgrades).
+//! `/_sim/*` routes for the audit and for actions (users writing, templates paused, upgrades),
+//! and `/healthz` and `/readyz` (always ready) for whoever starts it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +36,8 @@ pub(super) fn router(state: Arc<SimState>) -> Router {
         .route("/{version}/{phone_number_id}", get(phone_number))
         .route("/_sim/audit", get(audit))
         .route("/_sim/actions", post(action))
-        .route("/_sim/health", get(|| async { "ok" }))
         .with_state(state)
+        .merge(crate::health::router(crate::health::Health::always()))
 }
 
 /// An error as Meta reports it: HTTP status, `error.code`, optional subcode, title, details.

@@ -446,4 +446,8 @@ impl Store for MemoryStore {
             }
         })
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -395,4 +395,6 @@ pub trait Store: Send + Sync {
     async fn try_lock(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError>;
     /// Releases a lock this owner holds.
     async fn unlock(&self, name: &str, owner: &str) -> Result<(), StoreError>;
+    /// Answers when the store is reachable now (readiness probes).
+    async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -1012,4 +1012,12 @@ impl Store for RedisStore {
             .map_err(command_error("unlock"))?;
         Ok(())
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("PING"))?;
+        Ok(())
+    }
 }

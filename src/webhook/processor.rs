@@ -22,6 +22,7 @@ use crate::broker::{
     Broker, BrokerError, Delivery, Envelope, H_DUE, H_REASON, Headers, Intake, Route, Target,
 };
 use crate::event::{Event, EventError};
+use crate::health::Health;
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::Mark;
 use crate::policy::{self, Action, DelayTiers};
@@ -78,6 +79,10 @@ pub struct Processor {
     /// concurrently), so two copies of a status never both publish an event here.
     stripes: Vec<tokio::sync::Mutex<()>>,
     stats: ProcessorStats,
+    /// The webhook process's readiness: consuming the intake and Redis answering. The intake
+    /// consumer stands for the receiver too: both use one connection, so while the consumer
+    /// runs the receiver's publishes reach RabbitMQ, and when it is lost they fail alike.
+    health: Health,
 }
 
 /// What a processor has done since it started (for logs, dashboards and the benchmark).
@@ -111,10 +116,13 @@ impl Processor {
         store: Arc<dyn Store>,
         settings: ProcessorSettings,
     ) -> Self {
+        let health = Health::of_consumer();
+        health.redis_connected(Arc::clone(&store));
         Processor {
             broker,
             store,
             settings,
+            health,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stats: ProcessorStats::default(),
         }
@@ -123,6 +131,12 @@ impl Processor {
     /// Counters since start.
     pub fn stats(&self) -> &ProcessorStats {
         &self.stats
+    }
+
+    /// Whether the webhook process is ready: it consumes the intake and Redis answers. Serve
+    /// it with [`crate::health::router`] beside the receiver.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Consumes the intake until `shutdown`, up to `prefetch` bodies at a time; each body is
@@ -136,6 +150,7 @@ impl Processor {
                 Ok(()) => "the intake consumer was closed".to_owned(),
                 Err(e) => e.to_string(),
             };
+            self.health.set_consuming(false);
             warn!(%lost, "consuming the intake again in a moment");
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -150,6 +165,7 @@ impl Processor {
         shutdown: &CancellationToken,
     ) -> Result<(), BrokerError> {
         let intake = self.broker.consume_intake(prefetch).await?;
+        self.health.set_consuming(true);
         intake
             .take_until(shutdown.clone().cancelled_owned())
             .map(|delivery| async move { self.settle(delivery?).await })

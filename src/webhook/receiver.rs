@@ -41,12 +41,12 @@ struct Receiver {
     settings: ReceiverSettings,
 }
 
-/// The receiver's routes: `GET|POST /webhook` and `GET /health`.
+/// The receiver's routes: `GET|POST /webhook`. The webhook process serves `/healthz` and
+/// `/readyz` beside them ([`crate::health::router`] of the processor's health).
 pub fn router(broker: Arc<dyn Broker>, settings: ReceiverSettings) -> Router {
     let state = Arc::new(Receiver { broker, settings });
     Router::new()
         .route("/webhook", get(handshake).post(receive))
-        .route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }

@@ -19,6 +19,7 @@ use wa_sender::broker::rabbit::RabbitBroker;
 use wa_sender::broker::{Broker, BrokerError, Stream, Tap, Tapped};
 use wa_sender::config::{Number, Settings};
 use wa_sender::event::Event;
+use wa_sender::health::Health;
 use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
 use wa_sender::job::Lane;
 use wa_sender::policy::admission::Mark;
@@ -91,6 +92,8 @@ pub struct TestApp {
     pub dead: Stream<Tapped>,
     pub seen: Vec<Event>,
     workers: Vec<(CancellationToken, JoinHandle<Result<Drained, BrokerError>>)>,
+    /// Each running worker's readiness, in start order.
+    pub health: Vec<Health>,
 }
 
 /// Connects to the real RabbitMQ and Redis with a unique prefix, starts a simulator, and taps
@@ -123,6 +126,7 @@ pub async fn spawn_app(test: &str, tweak: impl FnOnce(&mut Settings, &mut Scenar
         dead,
         seen: Vec::new(),
         workers: Vec::new(),
+        health: Vec::new(),
     }
 }
 
@@ -282,19 +286,23 @@ impl TestApp {
                 &self.settings,
                 cloud,
                 broker.clone(),
-                store,
+                store.clone(),
                 self.settings.resolve_numbers().unwrap(),
             )
             .unwrap(),
         );
         let shutdown = CancellationToken::new();
+        let health = Health::of_consumer();
+        health.redis_connected(store.clone());
         let worker = tokio::spawn(wa_sender::worker::run(
             pipeline,
             broker,
             wa_sender::app::worker_settings(&self.settings),
+            health.clone(),
             shutdown.clone(),
         ));
         self.workers.push((shutdown, worker));
+        self.health.push(health);
     }
 
     /// Stops every worker; returns how the first one drained.
@@ -303,6 +311,7 @@ impl TestApp {
             shutdown.cancel();
         }
         let mut first = None;
+        self.health.clear();
         for (_, worker) in self.workers.drain(..) {
             let drained = worker.await.unwrap().expect("worker drains");
             first.get_or_insert(drained);
@@ -421,4 +430,50 @@ impl TestApp {
         self.store.delete_all().await.unwrap();
         self.broker.close().await;
     }
+}
+
+/// Serves `health`'s `/healthz` and `/readyz` on a free port until `stop`; its base URL.
+pub async fn serve_health(health: Health, stop: CancellationToken) -> String {
+    let router = wa_sender::health::router(health);
+    let server = wa_sender::app::HttpServer::bind("127.0.0.1:0", router)
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr().unwrap());
+    tokio::spawn(server.run_until_stopped(stop));
+    base
+}
+
+/// `GET <base>/readyz`: its status and JSON body; `None` while nothing answers.
+pub async fn readyz(base: &str) -> Option<(u16, Value)> {
+    let answer = reqwest::get(format!("{base}/readyz")).await.ok()?;
+    let status = answer.status().as_u16();
+    Some((status, answer.json().await.expect("/readyz answers JSON")))
+}
+
+/// Asks `/readyz` until its answer satisfies `until`; panics with the last answer after
+/// `timeout`.
+pub async fn wait_readyz(
+    base: &str,
+    timeout: Duration,
+    until: impl Fn(u16, &Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let answer = readyz(base).await;
+        if let Some((status, body)) = &answer
+            && until(*status, body)
+        {
+            return body.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered as expected within {timeout:?}; last: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `/readyz` body of a process that consumes and uses Redis, everything up.
+pub fn all_up() -> Value {
+    json!({"ready": true, "broker": "up", "redis": "up", "draining": false})
 }
