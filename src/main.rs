@@ -242,10 +242,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    wa_sender::telemetry::init(
-        &settings.telemetry.log_filter,
-        &settings.telemetry.log_format,
-    );
+    // The demo's output is its summary table: its per-job lines show with `RUST_LOG=info`.
+    let log_filter = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => &settings.telemetry.log_filter,
+    };
+    wa_sender::telemetry::init(log_filter, &settings.telemetry.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -24,6 +24,7 @@ pub fn init(filter: &str, format: &str) {
             .boxed(),
         _ => tracing_subscriber::fmt::layer()
             .with_target(false)
+            .with_ansi(colour())
             .with_writer(std::io::stderr)
             .boxed(),
     };
@@ -44,6 +45,13 @@ pub fn init(filter: &str, format: &str) {
                 .with_location(false),
         )
         .try_init();
+}
+
+/// Colour only for a person at a terminal: never in a file, a pipe or a log collector, and not
+/// when `NO_COLOR` is set (<https://no-color.org>).
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 struct HeaderInjector<'a>(&'a mut Headers);

@@ -751,3 +751,35 @@ async fn campaign_and_consent_commands_change_the_store() {
     assert!(stderr.contains("wa_id \"12ab\""), "{stderr}");
     store.delete_all().await.unwrap();
 }
+
+/// Commands that print JSON print only JSON on stdout, so `… | jq` works: logs (at any level,
+/// here `RUST_LOG=debug`) go to stderr, without colour codes when stderr is not a terminal.
+#[tokio::test]
+async fn json_printing_commands_print_only_json_on_stdout() {
+    let (store, prefix) = redis_with_prefix("json-out").await;
+    let number_waba = format!("WA_SENDER__NUMBERS__{NUMBER}__WABA_ID");
+    let env = [
+        ("WA_SENDER__REDIS__KEY_PREFIX", prefix.as_str()),
+        (number_waba.as_str(), WABA),
+        ("RUST_LOG", "debug"),
+    ];
+    let commands: [&[&str]; 4] = [
+        &["window", "open", "--number", NUMBER, "+16505550199"],
+        &["consent", "opt-in", "+16505550199"],
+        &["campaign", "pause", "spring"],
+        &["campaign", "report", "spring", "--json"],
+    ];
+    let mut logged = 0;
+    for args in commands {
+        let output = wa_sender(args, &[]).envs(env).output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stdout}\n{stderr}");
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(&stdout);
+        assert!(parsed.is_ok(), "{args:?} printed more than JSON: {stdout}");
+        assert!(!stderr.contains('\u{1b}'), "{args:?}: colour codes in a pipe");
+        logged += stderr.lines().count();
+    }
+    assert!(logged > 0, "the debug logs went to stderr");
+    store.delete_all().await.unwrap();
+}

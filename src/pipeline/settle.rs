@@ -3,7 +3,7 @@
 //! confirm); deferrals, which only the worker makes, are built here.
 
 use chrono::{DateTime, Utc};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Dead, Later, Outcome, Pipeline, SettleError};
 use crate::broker::{BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DUE, Headers, Route, Target};
@@ -81,7 +81,10 @@ impl Pipeline {
     /// The dead letter and its event, then the job recorded dead (its campaign's count, and
     /// a redelivery finds it settled) before the ack.
     async fn publish_dead(&self, original: &Envelope, dead: &Dead) -> Result<(), BrokerError> {
-        warn!(reason = %dead.reason, code = dead.code, detail = %dead.detail, "dead-lettered");
+        // A job's outcome, not a fault of the worker: the dead letter and its event carry it,
+        // so the log has it at info, where a campaign's thousands of refusals do not bury the
+        // warnings that need a person.
+        info!(reason = %dead.reason, code = dead.code, detail = %dead.detail, "dead-lettered");
         let letter = dead_letter(dead);
         letter
             .publish(
