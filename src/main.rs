@@ -124,6 +124,23 @@ enum Command {
         #[command(subcommand)]
         action: WindowAction,
     },
+    /// Halts raised by Cloud API errors (190, 131031, 368, 131042, 131048), shared by every
+    /// replica.
+    Halt {
+        #[command(subcommand)]
+        action: HaltAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum HaltAction {
+    /// The halts in force, as JSON.
+    List,
+    /// Lift a halt before its end: the replicas send again within a heartbeat.
+    Resume {
+        /// `number:<phone_number_id>`, `waba:<waba_id>`, `token` or `app`.
+        scope: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -528,6 +545,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         } => {
             let admin = wa_sender::app::admin(&settings).await?;
             print_json(&admin.open_window(&number, &wa_id, at.as_deref()).await?)
+        }
+        Command::Halt { action } => {
+            let admin = wa_sender::app::admin(&settings).await?;
+            match action {
+                HaltAction::List => print_json(&admin.halts().await?),
+                HaltAction::Resume { scope } => print_json(&admin.lift_halt(&scope).await?),
+            }
         }
     }
 }

@@ -777,7 +777,10 @@ async fn json_printing_commands_print_only_json_on_stdout() {
         assert!(output.status.success(), "{args:?}: {stdout}\n{stderr}");
         let parsed: Result<serde_json::Value, _> = serde_json::from_str(&stdout);
         assert!(parsed.is_ok(), "{args:?} printed more than JSON: {stdout}");
-        assert!(!stderr.contains('\u{1b}'), "{args:?}: colour codes in a pipe");
+        assert!(
+            !stderr.contains('\u{1b}'),
+            "{args:?}: colour codes in a pipe"
+        );
         logged += stderr.lines().count();
     }
     assert!(logged > 0, "the debug logs went to stderr");

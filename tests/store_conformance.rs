@@ -825,7 +825,52 @@ async fn messages(store: &dyn Store) {
     );
 }
 
+/// Halts: raised for every replica, listed while in force, replaced by scope, lifted by hand.
+async fn halts(store: &dyn Store) {
+    use wa_sender::store::{Halt, HaltScope};
+    let now = Utc::now();
+    let halt = |scope: &HaltScope, code: i64, until: i64| Halt {
+        scope: scope.to_string(),
+        code,
+        cause: "test".into(),
+        at: now,
+        until: now + TimeDelta::seconds(until),
+    };
+    let number = HaltScope::Number(PhoneNumberId::parse("106540352242922").unwrap());
+    let waba = HaltScope::Waba(WabaId::parse("102290129340398").unwrap());
+    assert!(store.halts(now).await.unwrap().is_empty());
+    store.raise_halt(&halt(&number, 131048, 600)).await.unwrap();
+    store.raise_halt(&halt(&waba, 131031, 10)).await.unwrap();
+    store
+        .raise_halt(&halt(&HaltScope::Token, 190, 600))
+        .await
+        .unwrap();
+    let scopes = |halts: Vec<Halt>| halts.into_iter().map(|h| h.scope).collect::<Vec<_>>();
+    assert_eq!(
+        scopes(store.halts(now).await.unwrap()),
+        ["number:106540352242922", "token", "waba:102290129340398"]
+    );
+    // Ended: not in force any more.
+    let later = now + TimeDelta::seconds(11);
+    assert_eq!(
+        scopes(store.halts(later).await.unwrap()),
+        ["number:106540352242922", "token"]
+    );
+    // The same scope again replaces it.
+    store.raise_halt(&halt(&number, 131048, 5)).await.unwrap();
+    assert_eq!(scopes(store.halts(later).await.unwrap()), ["token"]);
+    assert!(store.lift_halt(&HaltScope::Token).await.unwrap());
+    assert!(!store.lift_halt(&HaltScope::Token).await.unwrap());
+    assert!(store.halts(later).await.unwrap().is_empty());
+    assert_eq!(HaltScope::parse("number:106540352242922"), Some(number));
+    assert_eq!(HaltScope::parse("waba:102290129340398"), Some(waba));
+    assert_eq!(HaltScope::parse("app"), Some(HaltScope::App));
+    assert_eq!(HaltScope::parse("number:abc"), None);
+    assert_eq!(HaltScope::parse("everything"), None);
+}
+
 async fn conformance(fresh: impl AsyncFn() -> Arc<dyn Store>) {
+    halts(fresh().await.as_ref()).await;
     messages(fresh().await.as_ref()).await;
     idempotency(fresh().await.as_ref()).await;
     rules(fresh().await.as_ref()).await;

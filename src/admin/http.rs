@@ -62,6 +62,8 @@ pub fn router(admin: Admin, token: &SecretString) -> Router {
         .route("/v1/consent/opt-out", post(opt_out))
         .route("/v1/consent/{waba_id}/{wa_id}", get(consent))
         .route("/v1/windows", post(open_window))
+        .route("/v1/halts", get(halts))
+        .route("/v1/halts/{scope}", axum::routing::delete(lift_halt))
         .fallback(not_found)
         // A layer (not a route layer) so that unknown paths answer 401 too: without the token
         // nobody learns which routes exist.
@@ -172,6 +174,17 @@ async fn campaign(
     Path(id): Path<String>,
 ) -> Answer<super::CampaignStatus> {
     Ok(Json(s.admin.campaign(&id).await?))
+}
+
+async fn halts(State(s): State<AppState>) -> Answer<Vec<crate::store::Halt>> {
+    Ok(Json(s.admin.halts().await?))
+}
+
+async fn lift_halt(
+    State(s): State<AppState>,
+    Path(scope): Path<String>,
+) -> Answer<Vec<crate::store::Halt>> {
+    Ok(Json(s.admin.lift_halt(&scope).await?))
 }
 
 async fn pause(s: State<AppState>, id: Path<String>) -> Answer<super::CampaignStatus> {

@@ -17,7 +17,7 @@ use tracing::info;
 use crate::config::ConfigError;
 use crate::ids::{CampaignId, IdError, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::{CARE_WINDOW, CampaignState, Mark};
-use crate::store::{Store, StoreError};
+use crate::store::{Halt, HaltScope, Store, StoreError};
 
 /// How far ahead of our clock a given time may lie: the caller's clock may run a little fast.
 const CLOCK_SKEW: TimeDelta = TimeDelta::minutes(5);
@@ -192,6 +192,25 @@ impl Admin {
             states.insert(waba, state.unwrap_or(CampaignState::Active));
         }
         Ok(status(id, states))
+    }
+
+    /// The halts in force, shared by every replica.
+    pub async fn halts(&self) -> Result<Vec<Halt>, AdminError> {
+        Ok(self.store.halts(Utc::now()).await?)
+    }
+
+    /// Lifts a halt before its end (`number:<id>`, `waba:<id>`, `token` or `app`); the replicas
+    /// send again within a heartbeat. The halts left in force.
+    pub async fn lift_halt(&self, scope: &str) -> Result<Vec<Halt>, AdminError> {
+        let parsed = HaltScope::parse(scope).ok_or_else(|| AdminError::Invalid {
+            field: "scope",
+            problem: format!(
+                "scope {scope:?} is not number:<phone_number_id>, waba:<waba_id>, token or app"
+            ),
+        })?;
+        let lifted = self.store.lift_halt(&parsed).await?;
+        info!(scope = %parsed, lifted, "halt lifted by an operator");
+        self.halts().await
     }
 
     /// Records an opt-in. It does not withdraw a marketing opt-out: only [`Admin::resume`] does.

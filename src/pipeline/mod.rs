@@ -13,11 +13,11 @@ mod settle;
 mod stages;
 mod stats;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
@@ -36,7 +36,7 @@ use crate::policy::admission::{OptInPolicy, PairRate};
 use crate::policy::{DelayTiers, RetryPolicy};
 use crate::registry::Registry;
 use crate::settlement;
-use crate::store::{Heartbeat, Store};
+use crate::store::{HaltScope, Heartbeat, Store};
 use crate::telemetry;
 
 /// Timing knobs of the pipeline.
@@ -94,15 +94,6 @@ pub struct PacingSettings {
     pub throttle_cooldown: Duration,
 }
 
-/// A send-time error that stops a whole number, account or token for a while.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum HaltKey {
-    Number(PhoneNumberId),
-    Waba(WabaId),
-    Token,
-    App,
-}
-
 /// The pipeline and everything it talks to.
 pub struct Pipeline {
     cloud: Arc<dyn CloudApi>,
@@ -111,7 +102,8 @@ pub struct Pipeline {
     numbers: BTreeMap<PhoneNumberId, Number>,
     pacer: Pacer,
     registry: Registry,
-    halts: Mutex<HashMap<HaltKey, Instant>>,
+    /// The halts in force, as this replica last read them from the store (or raised them).
+    halts: Mutex<BTreeMap<HaltScope, DateTime<Utc>>>,
     settings: PipelineSettings,
     stats: Arc<Stats>,
 }
@@ -133,7 +125,7 @@ impl Pipeline {
             numbers,
             pacer,
             registry: Registry::new(),
-            halts: Mutex::new(HashMap::new()),
+            halts: Mutex::new(BTreeMap::new()),
             settings,
             stats: Arc::new(Stats::default()),
         }
@@ -153,6 +145,7 @@ impl Pipeline {
     /// template registry; then keeps both fresh until `stop`. Call before consuming.
     pub async fn start(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         self.heartbeat().await;
+        self.refresh_halts().await;
         self.refresh_templates().await;
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -169,7 +162,10 @@ impl Pipeline {
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
-                    _ = beat.tick() => { this.heartbeat().await; }
+                    _ = beat.tick() => {
+                        this.heartbeat().await;
+                        this.refresh_halts().await;
+                    }
                     _ = templates.tick() => this.refresh_templates().await,
                 }
             }
@@ -207,6 +203,22 @@ impl Pipeline {
                 warn!(error = %e, "heartbeat failed; keeping the last known limits");
                 self.pacer.replicas()
             }
+        }
+    }
+
+    /// Takes the halts in force from the store, where every replica raises them and operators
+    /// lift them: a halt one replica met stops the others within a heartbeat. If the store
+    /// cannot be read, the halts known are kept.
+    async fn refresh_halts(&self) {
+        match self.store.halts(Utc::now()).await {
+            Ok(halts) => {
+                let known = halts
+                    .into_iter()
+                    .filter_map(|h| HaltScope::parse(&h.scope).map(|scope| (scope, h.until)))
+                    .collect();
+                *self.halts.lock().expect("halts lock") = known;
+            }
+            Err(e) => warn!(error = %e, "could not read the shared halts; keeping the known ones"),
         }
     }
 

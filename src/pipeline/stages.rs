@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tracing::{debug, error, warn};
 
-use super::{HaltKey, Outcome, Pipeline, PipelineSettings};
+use super::{Outcome, Pipeline, PipelineSettings};
 use crate::broker::{Envelope, H_DUE, H_TRACEPARENT, Headers};
 use crate::cloud::{ApiError, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
@@ -22,7 +22,9 @@ use crate::job::{self, Body, Category, DeliveryMode, Lane, Message, SendJob, Tem
 use crate::policy::admission::{self, DeadWhy, TemplateUse, Verdict};
 use crate::policy::template::{self, TemplateDefinition};
 use crate::policy::{self, Action, RetryPolicy, Scope};
-use crate::store::{Booked, JobKey, Resend, SlotAsk, StoreError, Subject, WamidRecord};
+use crate::store::{
+    Booked, Halt, HaltScope, JobKey, Resend, SlotAsk, StoreError, Subject, WamidRecord,
+};
 
 /// How long a throttled job waits before it is tried again.
 const THROTTLE_WAIT: Duration = Duration::from_secs(1);
@@ -454,18 +456,13 @@ impl Pipeline {
                 }
             }
             Action::Halt(scope) => {
-                let halt_key = match scope {
-                    Scope::Number | Scope::Pair => HaltKey::Number(job.phone_number_id.clone()),
-                    Scope::Waba => HaltKey::Waba(key.waba.clone()),
-                    Scope::Token => HaltKey::Token,
-                    Scope::App => HaltKey::App,
+                let scope = match scope {
+                    Scope::Number | Scope::Pair => HaltScope::Number(job.phone_number_id.clone()),
+                    Scope::Waba => HaltScope::Waba(key.waba.clone()),
+                    Scope::Token => HaltScope::Token,
+                    Scope::App => HaltScope::App,
                 };
-                error!(code = api.code, scope = ?scope, cooldown_s = self.settings.halt_cooldown.as_secs(), "sending halted by a Cloud API error; jobs are parked until the cool-down ends");
-                self.stats.count_halt();
-                self.halts
-                    .lock()
-                    .expect("halts lock")
-                    .insert(halt_key, Instant::now() + self.settings.halt_cooldown);
+                self.raise_halt(scope, &api).await;
             }
             _ => {}
         }
@@ -499,20 +496,40 @@ impl Pipeline {
         }
     }
 
+    /// Stops `scope` for the cool-down, here at once and for the other replicas through the
+    /// store (they read it within a heartbeat).
+    async fn raise_halt(&self, scope: HaltScope, api: &ApiError) {
+        let cooldown = self.settings.halt_cooldown;
+        error!(code = api.code, scope = %scope, cooldown_s = cooldown.as_secs(), "sending halted by a Cloud API error; jobs are parked until the cool-down ends or `wa-sender halt resume`");
+        self.stats.count_halt();
+        let now = Utc::now();
+        let until = now + cooldown;
+        let halt = Halt {
+            scope: scope.to_string(),
+            code: api.code,
+            cause: api.message.clone(),
+            at: now,
+            until,
+        };
+        self.halts.lock().expect("halts lock").insert(scope, until);
+        if let Err(e) = self.store.raise_halt(&halt).await {
+            warn!(error = %e, "could not share the halt; the other replicas find out by themselves");
+        }
+    }
+
     fn halted_until(&self, job: &SendJob, number: &Number) -> Option<DateTime<Utc>> {
         let mut halts = self.halts.lock().expect("halts lock");
-        let now = Instant::now();
+        let now = Utc::now();
         halts.retain(|_, until| *until > now);
         [
-            HaltKey::Number(job.phone_number_id.clone()),
-            HaltKey::Waba(number.waba.clone()),
-            HaltKey::Token,
-            HaltKey::App,
+            HaltScope::Number(job.phone_number_id.clone()),
+            HaltScope::Waba(number.waba.clone()),
+            HaltScope::Token,
+            HaltScope::App,
         ]
         .iter()
-        .filter_map(|k| halts.get(k))
+        .filter_map(|k| halts.get(k).copied())
         .max()
-        .map(|until| Utc::now() + (*until - now))
     }
 }
 

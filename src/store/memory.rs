@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::{
-    Heartbeat, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally, WamidRecord,
+    Halt, HaltScope, Heartbeat, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally,
+    WamidRecord,
 };
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
@@ -42,6 +43,7 @@ struct State {
     replicas: HashMap<String, HashMap<String, DateTime<Utc>>>,
     throughput: HashMap<PhoneNumberId, u32>,
     locks: HashMap<String, (String, DateTime<Utc>)>,
+    halts: BTreeMap<String, Halt>,
 }
 
 /// The in-process store (nothing expires but what the rules read as expired).
@@ -449,5 +451,22 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn raise_halt(&self, halt: &Halt) -> Result<(), StoreError> {
+        let mut state = self.state.lock().expect("store lock");
+        state.halts.insert(halt.scope.clone(), halt.clone());
+        Ok(())
+    }
+
+    async fn halts(&self, now: DateTime<Utc>) -> Result<Vec<Halt>, StoreError> {
+        let mut state = self.state.lock().expect("store lock");
+        state.halts.retain(|_, h| h.until > now);
+        Ok(state.halts.values().cloned().collect())
+    }
+
+    async fn lift_halt(&self, scope: &HaltScope) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().expect("store lock");
+        Ok(state.halts.remove(&scope.to_string()).is_some())
     }
 }

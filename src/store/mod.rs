@@ -238,6 +238,60 @@ pub struct Live {
     pub throughput: BTreeMap<PhoneNumberId, u32>,
 }
 
+/// What a halt stops: one business number, every number of a WABA, everything sent with the
+/// access token, or the whole app.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HaltScope {
+    /// One number (131048 spam rate limit, an unregistered or unapproved number).
+    Number(PhoneNumberId),
+    /// A WABA's numbers (131031 account locked, 368 policy block, 131042 payment).
+    Waba(WabaId),
+    /// Every request with the access token (190 expired or revoked).
+    Token,
+    /// The app (Meta's app-level limits).
+    App,
+}
+
+impl HaltScope {
+    /// Parses `number:<id>`, `waba:<id>`, `token` or `app`.
+    pub fn parse(s: &str) -> Option<HaltScope> {
+        match s.split_once(':') {
+            Some(("number", id)) => PhoneNumberId::parse(id).ok().map(HaltScope::Number),
+            Some(("waba", id)) => WabaId::parse(id).ok().map(HaltScope::Waba),
+            None if s == "token" => Some(HaltScope::Token),
+            None if s == "app" => Some(HaltScope::App),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for HaltScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HaltScope::Number(id) => write!(f, "number:{id}"),
+            HaltScope::Waba(id) => write!(f, "waba:{id}"),
+            HaltScope::Token => f.write_str("token"),
+            HaltScope::App => f.write_str("app"),
+        }
+    }
+}
+
+/// A halt raised by a Cloud API error that no retry can fix, shared by every replica: jobs of
+/// its scope wait (without spending attempts) until it ends or an operator lifts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Halt {
+    /// What it stops, as [`HaltScope`] writes it (`number:<id>`, `waba:<id>`, `token`, `app`).
+    pub scope: String,
+    /// The Cloud API error code that raised it.
+    pub code: i64,
+    /// Meta's message for it.
+    pub cause: String,
+    /// When it was raised.
+    pub at: DateTime<Utc>,
+    /// When it ends by itself.
+    pub until: DateTime<Utc>,
+}
+
 /// Shared state as the pipeline, the admin commands and the webhook processor see it.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -397,4 +451,10 @@ pub trait Store: Send + Sync {
     async fn unlock(&self, name: &str, owner: &str) -> Result<(), StoreError>;
     /// Answers when the store is reachable now (readiness probes).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Records a halt for every replica (replacing one of the same scope).
+    async fn raise_halt(&self, halt: &Halt) -> Result<(), StoreError>;
+    /// The halts in force at `now`, by scope.
+    async fn halts(&self, now: DateTime<Utc>) -> Result<Vec<Halt>, StoreError>;
+    /// Lifts the halt of `scope` before its end; whether there was one.
+    async fn lift_halt(&self, scope: &HaltScope) -> Result<bool, StoreError>;
 }

@@ -34,8 +34,8 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Booked, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, SlotAsk, Store, StoreError,
-    Subject, Tally, WAMID_TTL, WamidRecord,
+    Booked, Halt, HaltScope, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, SlotAsk,
+    Store, StoreError, Subject, Tally, WAMID_TTL, WamidRecord,
 };
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
@@ -1019,5 +1019,51 @@ impl Store for RedisStore {
             .await
             .map_err(command_error("PING"))?;
         Ok(())
+    }
+
+    async fn raise_halt(&self, halt: &Halt) -> Result<(), StoreError> {
+        let value = serde_json::to_string(halt).expect("a halt serialises");
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.halts_key())
+            .arg(&halt.scope)
+            .arg(value)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("raise_halt"))?;
+        Ok(())
+    }
+
+    async fn halts(&self, now: DateTime<Utc>) -> Result<Vec<Halt>, StoreError> {
+        let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.halts_key())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("halts"))?;
+        // Ended halts stay in the hash until the next one of their scope replaces them: a few
+        // entries at most, so reading past them costs nothing worth a cleanup.
+        let mut halts: Vec<Halt> = all
+            .values()
+            .filter_map(|v| serde_json::from_str::<Halt>(v).ok())
+            .filter(|h| h.until > now)
+            .collect();
+        halts.sort_by(|a, b| a.scope.cmp(&b.scope));
+        Ok(halts)
+    }
+
+    async fn lift_halt(&self, scope: &HaltScope) -> Result<bool, StoreError> {
+        let removed: i64 = redis::cmd("HDEL")
+            .arg(self.halts_key())
+            .arg(scope.to_string())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("lift_halt"))?;
+        Ok(removed > 0)
+    }
+}
+
+impl RedisStore {
+    /// `<prefix>:halts`: scope → halt (JSON).
+    fn halts_key(&self) -> String {
+        format!("{}:halts", self.prefix)
     }
 }
