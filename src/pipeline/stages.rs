@@ -165,6 +165,7 @@ impl Pipeline {
         // (ADMIT_WITH_SLOT) is admitted in the same request. A slot taken by a job admission
         // then refuses is lost; that only slows a number whose jobs are being refused.
         let number_id = decoded.job.phone_number_id.clone();
+        let pacing = Instant::now();
         let Some(interval) = self.pacer.interval(&number_id) else {
             let now = truncate_to_millis(Utc::now());
             return Ok(Paced {
@@ -220,6 +221,7 @@ impl Pipeline {
                 warn!(error = %e, "could not book a new slot after waking late; sending in the old one");
             }
         }
+        crate::metrics::paced(pacing.elapsed());
         let now = truncate_to_millis(Utc::now());
         Ok(Paced {
             decoded,
@@ -368,6 +370,7 @@ impl Pipeline {
             }
             Err(SendError::Api(api)) => Err(self.on_api_error(api, job, key, attempts, now).await),
             Err(SendError::NotSent(detail)) => {
+                crate::metrics::cloud_api_unanswered(false);
                 self.release(&key).await;
                 let error = send_error("request not sent", detail);
                 Err(retry(
@@ -379,6 +382,7 @@ impl Pipeline {
                 ))
             }
             Err(SendError::Ambiguous(detail)) => {
+                crate::metrics::cloud_api_unanswered(true);
                 let error = send_error("send outcome unknown", detail);
                 match job.delivery_mode(lane) {
                     DeliveryMode::AtLeastOnce => {
@@ -426,6 +430,7 @@ impl Pipeline {
         attempts: u32,
         now: DateTime<Utc>,
     ) -> Outcome {
+        crate::metrics::cloud_api_error(api.code);
         let error = api_event_error(&api);
         let action = policy::classify(api.code());
         debug!(
@@ -454,14 +459,16 @@ impl Pipeline {
                 }
             }
             Action::Halt(scope) => {
-                let halt_key = match scope {
-                    Scope::Number | Scope::Pair => HaltKey::Number(job.phone_number_id.clone()),
-                    Scope::Waba => HaltKey::Waba(key.waba.clone()),
-                    Scope::Token => HaltKey::Token,
-                    Scope::App => HaltKey::App,
+                let (halt_key, halted) = match scope {
+                    Scope::Number | Scope::Pair => {
+                        (HaltKey::Number(job.phone_number_id.clone()), "number")
+                    }
+                    Scope::Waba => (HaltKey::Waba(key.waba.clone()), "waba"),
+                    Scope::Token => (HaltKey::Token, "token"),
+                    Scope::App => (HaltKey::App, "app"),
                 };
                 error!(code = api.code, scope = ?scope, cooldown_s = self.settings.halt_cooldown.as_secs(), "sending halted by a Cloud API error; jobs are parked until the cool-down ends");
-                self.stats.count_halt();
+                self.stats.count_halt(halted);
                 self.halts
                     .lock()
                     .expect("halts lock")
@@ -497,6 +504,14 @@ impl Pipeline {
         if let Err(e) = self.store.release(key, &self.settings.owner).await {
             warn!(error = %e, "could not release the claim; the job waits for the claim lease");
         }
+    }
+
+    /// Halts whose cool-down has not ended (expired ones are forgotten).
+    pub(crate) fn halts_in_force(&self) -> usize {
+        let mut halts = self.halts.lock().expect("halts lock");
+        let now = Instant::now();
+        halts.retain(|_, until| *until > now);
+        halts.len()
     }
 
     fn halted_until(&self, job: &SendJob, number: &Number) -> Option<DateTime<Utc>> {
