@@ -22,7 +22,7 @@
 //!   imports, care windows.
 //! - [`app`]: wiring shared by `main`, tests, benches and [`demo`]; [`server`] serves the HTTP
 //!   APIs (admin, webhook receiver); [`health`] answers `/healthz` and `/readyz` for each
-//!   long-running process.
+//!   long-running process, [`metrics`] its `/metrics` (every metric's name and labels).
 //! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
 //! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, lanes, categories, error
 //!   codes, template definitions); it imports nothing else from the crate.
@@ -40,6 +40,7 @@ pub mod event;
 pub mod health;
 pub mod ids;
 pub mod job;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod pricing;

@@ -22,6 +22,7 @@ use wa_sender::app::HttpServer;
 use wa_sender::config::Settings;
 use wa_sender::health::Health;
 use wa_sender::job::Lane;
+use wa_sender::metrics;
 use wa_sender::policy::admission::CampaignState;
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
 
@@ -303,6 +304,16 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    if matches!(
+        command,
+        Command::Worker
+            | Command::Simulate { .. }
+            | Command::Webhook { .. }
+            | Command::Admin { .. }
+    ) {
+        // The long-running processes, each of which serves /metrics.
+        metrics::install();
+    }
     match command {
         Command::Worker => {
             let numbers = settings.resolve_numbers()?;
@@ -311,10 +322,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             // Its server outlives the drain, so the probes see `draining` until the exit.
             let health = Health::of_consumer();
             let listen = &settings.worker.health_listen;
-            let health_server = HttpServer::bind(listen, wa_sender::health::router(health.clone()))
+            let router = wa_sender::health::router(health.clone()).merge(metrics::router());
+            let health_server = HttpServer::bind(listen, router)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            info!(addr = %health_server.addr()?, "worker health at /healthz and /readyz");
+            info!(addr = %health_server.addr()?, "worker health at /healthz and /readyz, metrics at /metrics");
             let health_stop = CancellationToken::new();
             let serving_health = tokio::spawn(health_server.run_until_stopped(health_stop.clone()));
             let (broker, store) = wa_sender::app::connect_waiting(&settings, &shutdown).await?;
@@ -437,7 +449,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     app_secret,
                 },
             )
-            .merge(wa_sender::health::router(processor.health()));
+            .merge(wa_sender::health::router(processor.health()))
+            .merge(metrics::router());
+            let router = metrics::count_requests(router);
             let listen = listen.unwrap_or(settings.webhook.listen.clone());
             let server = HttpServer::bind(&listen, router)
                 .await

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::broker::{Broker, BrokerError, Delivery, Stream, Unrouted};
 use crate::health::Health;
 use crate::job::Lane;
+use crate::metrics;
 use crate::pipeline::Pipeline;
 
 /// How the loop runs.
@@ -104,6 +105,11 @@ pub async fn run(
     // Join the replica group and load the template registry before taking any job.
     let upkeep_stop = CancellationToken::new();
     let upkeep = pipeline.start(upkeep_stop.clone()).await;
+    let sampling = tokio::spawn(sample(
+        Arc::clone(&pipeline),
+        Arc::clone(&broker),
+        upkeep_stop.clone(),
+    ));
     let weights: BTreeMap<Lane, u32> = settings
         .lane_weights
         .iter()
@@ -182,11 +188,43 @@ pub async fn run(
     drop(held);
     upkeep_stop.cancel();
     let _ = upkeep.await;
+    let _ = sampling.await;
     pipeline.leave().await;
     Ok(Drained {
         abandoned,
         unsettled,
     })
+}
+
+/// How often the gauges nothing else updates (queue depth, halts in force) are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Samples each lane's queue depth and the halts in force until `stop`. Depth is asked of the
+/// broker (one passive declare per queue), cheap at this pace; a failed ask keeps the last
+/// value, since a lost broker is already in the logs and in `/readyz`.
+async fn sample(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        metrics::halts_in_force(pipeline.halts_in_force());
+        let depths = async {
+            for lane in Lane::ALL {
+                if let Ok(depth) = broker.depth(lane).await {
+                    metrics::queue_depth(lane, depth);
+                }
+            }
+        };
+        // A broker being reconnected may hold the ask up: the drain does not wait for it.
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            () = depths => {}
+        }
+    }
 }
 
 /// What every serving session shares: the pipeline, the lane order, and the jobs in flight
@@ -267,6 +305,7 @@ impl Serving {
                     };
                     let (pipeline, unsettled) = (Arc::clone(&pipeline), Arc::clone(&unsettled));
                     tracker.spawn(async move {
+                        let _in_flight = metrics::InFlight::start();
                         if let Err(e) = pipeline.process_one(delivery).await {
                             unsettled.fetch_add(1, Ordering::Relaxed);
                             error!(error = %e, "job could not be settled; it was returned to its queue");
@@ -305,6 +344,7 @@ impl Serving {
                     };
                     let (pipeline, unsettled) = (Arc::clone(&pipeline), Arc::clone(&unsettled));
                     tracker.spawn(async move {
+                        let _in_flight = metrics::InFlight::start();
                         if let Err(e) = pipeline.process_unrouted(delivery).await {
                             unsettled.fetch_add(1, Ordering::Relaxed);
                             error!(error = %e, "unrouted job could not be settled; it was returned to its queue");

@@ -45,15 +45,15 @@ struct AppState {
     token_digest: Arc<[u8; 32]>,
 }
 
-/// The routes, every one (and the 404 fallback) behind the bearer token but `/healthz` and
-/// `/readyz` (ready while Redis answers).
+/// The routes, every one (and the 404 fallback) behind the bearer token but `/healthz`,
+/// `/readyz` (ready while Redis answers) and `/metrics`.
 pub fn router(admin: Admin, token: &SecretString) -> Router {
     let health = Health::of_store(Arc::clone(&admin.store));
     let state = AppState {
         admin,
         token_digest: Arc::new(Sha256::digest(token.expose_secret().as_bytes()).into()),
     };
-    Router::new()
+    let api = Router::new()
         .route("/v1/campaigns/{id}", get(campaign))
         .route("/v1/campaigns/{id}/pause", post(pause))
         .route("/v1/campaigns/{id}/resume", post(resume))
@@ -69,8 +69,11 @@ pub fn router(admin: Admin, token: &SecretString) -> Router {
         // nobody learns which routes exist.
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
-        // Merged after the layer, so outside it: probes carry no token.
+        // Merged after the layer, so outside it: probes and scrapers carry no token.
         .merge(crate::health::router(health))
+        .merge(crate::metrics::router());
+    // Outermost, so refused requests are counted too.
+    crate::metrics::count_requests(api)
 }
 
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {

@@ -28,7 +28,12 @@ use crate::store::Live;
 /// (scheduling and network jitter); with `r = headroom · limit` that stays within the limit
 /// for `J` up to `1/headroom − 1` seconds (31 ms at the default 0.97).
 fn interval(limit: u32, headroom: f64) -> Duration {
-    Duration::from_secs_f64(1.0 / (f64::from(limit.max(1)) * headroom))
+    Duration::from_secs_f64(1.0 / rate(limit, headroom))
+}
+
+/// The schedule's rate in messages per second, the inverse of [`interval`].
+fn rate(limit: u32, headroom: f64) -> f64 {
+    f64::from(limit.max(1)) * headroom
 }
 
 /// governor's bucket at the full `limit`, with a tenth of a second's burst: late sends may
@@ -70,6 +75,11 @@ impl Pacer {
         let numbers = numbers
             .iter()
             .map(|(id, n)| {
+                crate::metrics::number_pace(
+                    id.as_str(),
+                    n.throughput_mps,
+                    rate(n.throughput_mps, headroom),
+                );
                 let pace = Pace {
                     configured: n.throughput_mps,
                     limit: n.throughput_mps,
@@ -97,10 +107,12 @@ impl Pacer {
     /// Applies a heartbeat's answer: live replicas (for the logs) and recorded limits.
     pub fn update(&self, live: &Live) {
         *self.replicas.lock().expect("pacer lock") = live.replicas.max(1);
+        crate::metrics::replicas(live.replicas.max(1));
         for (id, pace) in &self.numbers {
             let mut pace = pace.lock().expect("pacer lock");
             let limit = live.throughput.get(id).copied().unwrap_or(pace.configured);
             if limit != pace.limit {
+                crate::metrics::number_pace(id.as_str(), limit, rate(limit, self.headroom));
                 pace.limit = limit;
                 pace.guard = guard(limit);
                 pace.ahead = ahead(limit, self.headroom);

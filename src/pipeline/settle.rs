@@ -34,9 +34,10 @@ impl Pipeline {
         }
         // CORRECTNESS: acked only after every publish is confirmed; if one failed, the delivery
         // goes back to its queue and is decided again (the claim prevents a second send).
-        settlement::ack_or_requeue(delivery, published)
-            .await
-            .map_err(|unsettled| SettleError::Broker(unsettled.into_error()))?;
+        if let Err(unsettled) = settlement::ack_or_requeue(delivery, published).await {
+            self.stats.count_requeued(lane);
+            return Err(SettleError::Broker(unsettled.into_error()));
+        }
         self.stats.count(&outcome, lane);
         Ok(())
     }

@@ -167,6 +167,7 @@ impl Pipeline {
         // (ADMIT_WITH_SLOT) is admitted in the same request. A slot taken by a job admission
         // then refuses is lost; that only slows a number whose jobs are being refused.
         let number_id = decoded.job.phone_number_id.clone();
+        let pacing = Instant::now();
         let Some(interval) = self.pacer.interval(&number_id) else {
             let now = truncate_to_millis(Utc::now());
             return Ok(Paced {
@@ -222,6 +223,7 @@ impl Pipeline {
                 warn!(error = %e, "could not book a new slot after waking late; sending in the old one");
             }
         }
+        crate::metrics::paced(pacing.elapsed());
         let now = truncate_to_millis(Utc::now());
         Ok(Paced {
             decoded,
@@ -370,6 +372,7 @@ impl Pipeline {
             }
             Err(SendError::Api(api)) => Err(self.on_api_error(api, job, key, attempts, now).await),
             Err(SendError::NotSent(detail)) => {
+                crate::metrics::cloud_api_unanswered(false);
                 self.release(&key).await;
                 let error = send_error("request not sent", detail);
                 Err(retry(
@@ -381,6 +384,7 @@ impl Pipeline {
                 ))
             }
             Err(SendError::Ambiguous(detail)) => {
+                crate::metrics::cloud_api_unanswered(true);
                 let error = send_error("send outcome unknown", detail);
                 match job.delivery_mode(lane) {
                     DeliveryMode::AtLeastOnce => {
@@ -428,6 +432,7 @@ impl Pipeline {
         attempts: u32,
         now: DateTime<Utc>,
     ) -> Outcome {
+        crate::metrics::cloud_api_error(api.code);
         let error = api_event_error(&api);
         let action = policy::classify(api.code());
         debug!(
@@ -501,7 +506,7 @@ impl Pipeline {
     async fn raise_halt(&self, scope: HaltScope, api: &ApiError) {
         let cooldown = self.settings.halt_cooldown;
         error!(code = api.code, scope = %scope, cooldown_s = cooldown.as_secs(), "sending halted by a Cloud API error; jobs are parked until the cool-down ends or `wa-sender halt resume`");
-        self.stats.count_halt();
+        self.stats.count_halt(scope.kind());
         let now = Utc::now();
         let until = now + cooldown;
         let halt = Halt {
@@ -515,6 +520,14 @@ impl Pipeline {
         if let Err(e) = self.store.raise_halt(&halt).await {
             warn!(error = %e, "could not share the halt; the other replicas find out by themselves");
         }
+    }
+
+    /// Halts whose cool-down has not ended (expired ones are forgotten).
+    pub(crate) fn halts_in_force(&self) -> usize {
+        let mut halts = self.halts.lock().expect("halts lock");
+        let now = Utc::now();
+        halts.retain(|_, until| *until > now);
+        halts.len()
     }
 
     fn halted_until(&self, job: &SendJob, number: &Number) -> Option<DateTime<Utc>> {

@@ -1,4 +1,5 @@
-//! Per-replica counters and send latency, for the demo summary, logs and (later) metrics.
+//! Per-replica counters and send latency, for the demo summary and logs; each count is also
+//! forwarded to the process's metrics (`crate::metrics`) at the same moment, so the two agree.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -10,11 +11,13 @@ use hdrhistogram::Histogram;
 use super::Outcome;
 use crate::event::DeadReason;
 use crate::job::Lane;
+use crate::metrics::{self, JobOutcome};
 
 /// Counters of one replica.
 pub struct Stats {
     accepted: AtomicU64,
     already_done: AtomicU64,
+    requeued: AtomicU64,
     duplicates_avoided: AtomicU64,
     halts: AtomicU64,
     deferred: Mutex<BTreeMap<String, u64>>,
@@ -28,6 +31,7 @@ impl Default for Stats {
         Stats {
             accepted: AtomicU64::new(0),
             already_done: AtomicU64::new(0),
+            requeued: AtomicU64::new(0),
             duplicates_avoided: AtomicU64::new(0),
             halts: AtomicU64::new(0),
             deferred: Mutex::default(),
@@ -49,6 +53,8 @@ pub struct StatsSnapshot {
     pub accepted_by_lane: BTreeMap<Lane, u64>,
     /// Redeliveries of jobs already sent or dead-lettered (acked without a send).
     pub already_done: u64,
+    /// Deliveries whose settlement failed (a lost broker): back in their queues.
+    pub requeued: u64,
     /// Of those, jobs already sent: duplicates avoided.
     pub duplicates_avoided: u64,
     /// Halting errors seen.
@@ -64,7 +70,10 @@ pub struct StatsSnapshot {
 impl Stats {
     pub(super) fn count(&self, outcome: &Outcome, lane: Lane) {
         match outcome {
-            Outcome::Accepted(_) => {
+            Outcome::Accepted(event) => {
+                metrics::job_settled(JobOutcome::Sent, lane);
+                // Only jobs of configured numbers are sent: the label has one value per number.
+                metrics::sent(event.phone_number_id.as_deref().unwrap_or_default());
                 self.accepted.fetch_add(1, Ordering::Relaxed);
                 *self
                     .accepted_by_lane
@@ -74,9 +83,12 @@ impl Stats {
                     .or_default() += 1;
             }
             Outcome::AlreadyDone(_) => {
+                metrics::job_settled(JobOutcome::AlreadyDone, lane);
                 self.already_done.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Later(later) => {
+                metrics::job_settled(JobOutcome::Deferred, lane);
+                metrics::deferred(&later.why);
                 *self
                     .deferred
                     .lock()
@@ -85,6 +97,8 @@ impl Stats {
                     .or_default() += 1
             }
             Outcome::Dead(dead) => {
+                metrics::job_settled(JobOutcome::DeadLettered, lane);
+                metrics::dead_lettered(dead.reason);
                 *self
                     .dead
                     .lock()
@@ -95,15 +109,24 @@ impl Stats {
         }
     }
 
+    /// A delivery of `lane` could not be settled and went back to its queue.
+    pub(super) fn count_requeued(&self, lane: Lane) {
+        metrics::job_settled(JobOutcome::Requeued, lane);
+        self.requeued.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(super) fn count_duplicate_avoided(&self) {
         self.duplicates_avoided.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn count_halt(&self) {
+    /// Sending was halted for `scope` (`number`, `waba`, `token`, `app`).
+    pub(super) fn count_halt(&self, scope: &'static str) {
+        metrics::halted(scope);
         self.halts.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn record_send_latency(&self, d: Duration) {
+        metrics::cloud_api_call(d);
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
         let _ = self
             .send_latency_us
@@ -119,6 +142,7 @@ impl Stats {
             accepted: self.accepted.load(Ordering::Relaxed),
             accepted_by_lane: self.accepted_by_lane.lock().expect("stats lock").clone(),
             already_done: self.already_done.load(Ordering::Relaxed),
+            requeued: self.requeued.load(Ordering::Relaxed),
             duplicates_avoided: self.duplicates_avoided.load(Ordering::Relaxed),
             halts: self.halts.load(Ordering::Relaxed),
             deferred: self.deferred.lock().expect("stats lock").clone(),
@@ -129,6 +153,42 @@ impl Stats {
                     Duration::from_micros(h.value_at_quantile(0.99)),
                 )
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+
+    #[test]
+    fn every_count_reaches_the_metrics_as_it_reaches_the_snapshot() {
+        let stats = Stats::default();
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let bad = crate::job::decode(b"not a job").expect_err("not a job");
+        ::metrics::with_local_recorder(&recorder, || {
+            stats.count(&Outcome::undecodable(&bad, 0, None), Lane::Otp);
+            stats.count(&Outcome::already_dead(), Lane::Bulk);
+            stats.count_requeued(Lane::Bulk);
+            stats.count_halt("waba");
+        });
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.dead, BTreeMap::from([(bad.reason(), 1)]));
+        assert_eq!(
+            (snapshot.already_done, snapshot.requeued, snapshot.halts),
+            (1, 1, 1)
+        );
+        let text = recorder.handle().render();
+        for line in [
+            r#"wa_jobs_total{outcome="dead_lettered",lane="otp"} 1"#,
+            &format!(r#"wa_dead_letters_total{{reason="{}"}} 1"#, bad.reason()),
+            r#"wa_jobs_total{outcome="already_done",lane="bulk"} 1"#,
+            r#"wa_jobs_total{outcome="requeued",lane="bulk"} 1"#,
+            r#"wa_halts_total{scope="waba"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::cloud::{ApiError, ErrorBody, ErrorData};
 use crate::job::{Body, Message, Parameter, Template, ViolationKind};
 
 pub(super) fn router(state: Arc<SimState>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/{version}/{phone_number_id}/messages", post(send_message))
         .route(
             "/{version}/{waba_id}/message_templates",
@@ -38,6 +38,8 @@ pub(super) fn router(state: Arc<SimState>) -> Router {
         .route("/_sim/actions", post(action))
         .with_state(state)
         .merge(crate::health::router(crate::health::Health::always()))
+        .merge(crate::metrics::router());
+    crate::metrics::count_requests(routes)
 }
 
 /// An error as Meta reports it: HTTP status, `error.code`, optional subcode, title, details.

@@ -263,6 +263,16 @@ impl HaltScope {
             _ => None,
         }
     }
+
+    /// `number`, `waba`, `token` or `app`: the kind of scope, without its id (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HaltScope::Number(_) => "number",
+            HaltScope::Waba(_) => "waba",
+            HaltScope::Token => "token",
+            HaltScope::App => "app",
+        }
+    }
 }
 
 impl std::fmt::Display for HaltScope {

@@ -214,6 +214,21 @@ impl MessageStatus {
             MessageStatus::Other(other) => other,
         }
     }
+
+    /// The status as a metric label: as spelled, but `other` for every status this build does
+    /// not know, so a stream of new values cannot make a series each.
+    pub fn label(&self) -> &'static str {
+        match self {
+            MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Read => "read",
+            MessageStatus::Played => "played",
+            MessageStatus::Failed => "failed",
+            MessageStatus::Deleted => "deleted",
+            MessageStatus::Warning => "warning",
+            MessageStatus::Other(_) => "other",
+        }
+    }
 }
 
 impl From<&str> for MessageStatus {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,7 @@ use crate::broker::{
 use crate::event::{Event, EventError};
 use crate::health::Health;
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId};
+use crate::metrics;
 use crate::policy::admission::Mark;
 use crate::policy::{self, Action, DelayTiers};
 use crate::pricing::{Estimate, RateCard};
@@ -68,6 +70,11 @@ pub struct Handled {
     pub stale: usize,
     /// The body (or part of it) was parked.
     pub parked: bool,
+    /// Each status's value (as a metric label) and when Meta says it happened, in order.
+    pub seen: Vec<(&'static str, DateTime<Utc>)>,
+    /// Estimated cost of the messages first priced in this body: millionths of the rate card's
+    /// currency, by pricing category (categories the card has a rate for only).
+    pub cost_micros: BTreeMap<String, i64>,
 }
 
 /// The webhook processor.
@@ -188,9 +195,11 @@ impl Processor {
                 count(&self.stats.duplicates, handled.duplicates);
                 count(&self.stats.stale, handled.stale);
                 count(&self.stats.parked, usize::from(handled.parked));
+                self.record(handled);
             }
             Err(e) => {
                 self.stats.requeued.fetch_add(1, Ordering::Relaxed);
+                metrics::webhook_requeued();
                 warn!(error = %e, "webhook could not be processed now; it goes back to the intake");
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
@@ -201,6 +210,21 @@ impl Processor {
             Ok(_) => Ok(()),
             Err(Unsettled::Requeued(_, requeued)) => requeued,
             Err(Unsettled::NotAcked(e)) => Err(e),
+        }
+    }
+
+    /// Forwards what a body produced to the metrics, where `stats` counted it: counted once
+    /// per body acked, so a body that comes again after a failure is not counted twice.
+    fn record(&self, handled: &Handled) {
+        metrics::webhook_body(handled.duplicates, handled.stale, handled.parked);
+        let now = Utc::now();
+        for (status, at) in &handled.seen {
+            let lag = now.signed_duration_since(*at).to_std().unwrap_or_default();
+            metrics::webhook_status(status, lag);
+        }
+        let currency = &self.settings.rate_card.currency;
+        for (category, micros) in &handled.cost_micros {
+            metrics::estimated_cost(category, currency, *micros);
         }
     }
 
@@ -229,6 +253,7 @@ impl Processor {
             match update {
                 Update::Status(s) => {
                     handled.statuses += 1;
+                    handled.seen.push((s.status.label(), s.at));
                     self.status(s, &mut handled).await?;
                 }
                 Update::Inbound(m) => self.inbound(m, &mut handled).await?,
@@ -360,6 +385,14 @@ impl Processor {
             });
             if !published {
                 let price = estimate.as_ref().filter(|_| !message.priced);
+                if let Some(Estimate {
+                    category,
+                    micros: Some(micros),
+                    ..
+                }) = price
+                {
+                    *handled.cost_micros.entry(category.clone()).or_default() += micros;
+                }
                 let event = self.status_event(&s, message.record.as_ref(), price);
                 let trace = message
                     .record
