@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::node::{RabbitNode, RedisNode, free_port};
-use common::{NUMBER, Taken, TestApp, spawn_app, text_job};
+use common::webhook_envelope as envelope;
+use common::{Taken, TestApp, spawn_app, text_job};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use wa_sender::broker::rabbit::QueueType;
@@ -334,53 +335,46 @@ async fn cloud_faults(rig: &Rig) -> Tally {
 /// RabbitMQ restarted (`stop_app`, `start_app`) under a running worker that nobody restarts; its
 /// readiness says the broker is down until it consumes again.
 async fn broker_restart(rig: &Rig) -> Tally {
-    let n = jobs_per_scenario();
-    let app = rig
-        .app("broker-restart", |settings, sim| {
-            common::limit_number(settings, sim, ten_second_rate())
-        })
-        .await;
-    let ids = enqueue_jobs(&app, "rabbit", n).await;
-    let (mut worker, ready) = rig.worker_with_health(&app);
-    wait_sent(&app, n / 10).await;
-    assert_eq!(ready.get().await, (200, None), "ready while it runs");
     let rabbit = Arc::clone(&rig.rabbit);
-    let restart = tokio::task::spawn_blocking(move || rabbit.restart());
-    ready.wait_for(503, "broker", "down").await;
-    restart.await.unwrap();
-    ready.wait_for(200, "broker", "up").await;
-    let tally = rig.settle(&app, "RabbitMQ restart", &ids).await;
-    assert!(
-        worker.try_wait().unwrap().is_none(),
-        "the worker lived through the broker's restart by itself"
-    );
-    worker.kill().await.unwrap();
-    app.simulator.stop();
-    tally
+    restart_under_worker(rig, "RabbitMQ restart", "broker", move || rabbit.restart()).await
 }
 
 /// Redis (with its append-only file) restarted, two seconds away, under a running worker, whose
 /// readiness names Redis as down meanwhile.
 async fn redis_restart(rig: &Rig) -> Tally {
+    let redis = Arc::clone(&rig.redis);
+    restart_under_worker(rig, "Redis restart", "redis", move || {
+        redis.restart(Duration::from_secs(2))
+    })
+    .await
+}
+
+/// Runs `restart` a tenth of the way into a run of one worker process, which must live through
+/// it by itself, its `/readyz` naming `part` down meanwhile and up again after.
+async fn restart_under_worker(
+    rig: &Rig,
+    scenario: &'static str,
+    part: &str,
+    restart: impl FnOnce() + Send + 'static,
+) -> Tally {
     let n = jobs_per_scenario();
     let app = rig
-        .app("redis-restart", |settings, sim| {
+        .app(&format!("{part}-restart"), |settings, sim| {
             common::limit_number(settings, sim, ten_second_rate())
         })
         .await;
-    let ids = enqueue_jobs(&app, "redis", n).await;
+    let ids = enqueue_jobs(&app, part, n).await;
     let (mut worker, ready) = rig.worker_with_health(&app);
     wait_sent(&app, n / 10).await;
     assert_eq!(ready.get().await, (200, None), "ready while it runs");
-    let redis = Arc::clone(&rig.redis);
-    let restart = tokio::task::spawn_blocking(move || redis.restart(Duration::from_secs(2)));
-    ready.wait_for(503, "redis", "down").await;
-    restart.await.unwrap();
-    ready.wait_for(200, "redis", "up").await;
-    let tally = rig.settle(&app, "Redis restart", &ids).await;
+    let restarting = tokio::task::spawn_blocking(restart);
+    ready.wait_for(503, part, "down").await;
+    restarting.await.unwrap();
+    ready.wait_for(200, part, "up").await;
+    let tally = rig.settle(&app, scenario, &ids).await;
     assert!(
         worker.try_wait().unwrap().is_none(),
-        "the worker lived through Redis's restart"
+        "{scenario}: the worker lived through it by itself"
     );
     worker.kill().await.unwrap();
     app.simulator.stop();
@@ -718,17 +712,6 @@ fn inbound(i: usize) -> Vec<u8> {
     envelope(
         json!({"contacts": [{"profile": {"name": "Sam"}, "wa_id": from}], "messages": [message]}),
     )
-}
-
-fn envelope(value: Value) -> Vec<u8> {
-    let mut inner = json!({"messaging_product": "whatsapp",
-                           "metadata": {"display_phone_number": "15550783881", "phone_number_id": NUMBER}});
-    for (k, v) in value.as_object().unwrap() {
-        inner[k] = v.clone();
-    }
-    serde_json::to_vec(&json!({"object": "whatsapp_business_account",
-                               "entry": [{"id": common::WABA, "changes": [{"field": "messages", "value": inner}]}]}))
-    .unwrap()
 }
 
 /// 100 signed bodies the processor cannot use: 10 kinds, 10 of each, each with one unreadable

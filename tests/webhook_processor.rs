@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::webhook_envelope as envelope;
 use common::{NUMBER, WABA, spawn_app};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -31,17 +32,6 @@ fn processor(app: &common::TestApp) -> Processor {
 
 /// The trace context of the producer's publish, recorded with the send.
 const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-fn envelope(value: Value) -> Vec<u8> {
-    let mut inner = json!({"messaging_product": "whatsapp",
-                           "metadata": {"display_phone_number": "15550783881", "phone_number_id": NUMBER}});
-    for (k, v) in value.as_object().unwrap() {
-        inner[k] = v.clone();
-    }
-    serde_json::to_vec(&json!({"object": "whatsapp_business_account",
-                               "entry": [{"id": WABA, "changes": [{"field": "messages", "value": inner}]}]}))
-    .unwrap()
-}
 
 fn status(wamid: &str, status: &str, ts: u64, errors: Value) -> Vec<u8> {
     let mut s = json!({"id": wamid, "status": status, "timestamp": ts.to_string(), "recipient_id": "16505551234",

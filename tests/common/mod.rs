@@ -150,6 +150,19 @@ pub fn recipient(job_id: &str) -> String {
     format!("+1650{:07}", n % 10_000_000)
 }
 
+/// A signed-webhook body as Meta posts it for the test number: `value`'s fields inside the
+/// `messages` change's value, beside `messaging_product` and `metadata`.
+pub fn webhook_envelope(value: Value) -> Vec<u8> {
+    let mut inner = json!({"messaging_product": "whatsapp",
+                           "metadata": {"display_phone_number": "15550783881", "phone_number_id": NUMBER}});
+    for (k, v) in value.as_object().expect("an object") {
+        inner[k] = v.clone();
+    }
+    serde_json::to_vec(&json!({"object": "whatsapp_business_account",
+                               "entry": [{"id": WABA, "changes": [{"field": "messages", "value": inner}]}]}))
+    .unwrap()
+}
+
 pub fn job(job_id: &str, message: Value) -> Value {
     json!({"schema": "wa.send.v1", "job_id": job_id, "phone_number_id": NUMBER, "to": recipient(job_id), "message": message,
            "campaign_id": "c-1", "metadata": {"order": 42, "job": job_id}})
