@@ -62,6 +62,12 @@ pub struct Summary {
     pub report: Option<crate::admin::report::CampaignReport>,
 }
 
+/// The real broker and store of a demo against RabbitMQ and Redis, kept to clean up after it.
+type RealParts = (
+    Arc<crate::broker::rabbit::RabbitBroker>,
+    Arc<crate::store::redis::RedisStore>,
+);
+
 /// Runs the demo; `embedded` uses the in-process broker and store instead of RabbitMQ/Redis.
 pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Result<Summary> {
     let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
@@ -126,14 +132,8 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         },
     )]);
 
-    let (broker, store, cleanup): (
-        Arc<dyn Broker>,
-        Arc<dyn Store>,
-        Option<(
-            Arc<crate::broker::rabbit::RabbitBroker>,
-            Arc<crate::store::redis::RedisStore>,
-        )>,
-    ) = if embedded {
+    let (broker, store, cleanup): (Arc<dyn Broker>, Arc<dyn Store>, Option<RealParts>) = if embedded
+    {
         (
             Arc::new(MemoryBroker::new(numbers.keys())),
             Arc::new(MemoryStore::new()),

@@ -104,7 +104,7 @@ pub struct Accepted {
 pub enum SendError {
     /// Meta answered with its error body: definitive, the message was not sent.
     #[error("cloud api error {}: {}", .0.code, .0.details())]
-    Api(ApiError),
+    Api(Box<ApiError>),
     /// The request never left (connect refused, DNS): safe to retry.
     #[error("request not sent: {0}")]
     NotSent(String),
@@ -278,7 +278,7 @@ impl CloudApi for HttpCloud {
 /// Turns an HTTP answer into the send outcome. Meta's error body wins over the HTTP status.
 pub fn interpret(status: u16, body: &[u8]) -> Result<Accepted, SendError> {
     if let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(body) {
-        return Err(SendError::Api(error));
+        return Err(SendError::Api(Box::new(error)));
     }
     if (200..300).contains(&status) {
         let answer: SendResponse = serde_json::from_slice(body).map_err(|e| {

@@ -370,7 +370,7 @@ impl Pipeline {
                     attempts,
                 })
             }
-            Err(SendError::Api(api)) => Err(self.on_api_error(api, job, key, attempts, now).await),
+            Err(SendError::Api(api)) => Err(self.on_api_error(*api, job, key, attempts, now).await),
             Err(SendError::NotSent(detail)) => {
                 crate::metrics::cloud_api_unanswered(false);
                 self.release(&key).await;
