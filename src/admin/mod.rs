@@ -3,6 +3,7 @@
 //! JSON API behind a bearer token, and `wa-sender campaign|consent|window` calls them directly,
 //! so both paths refuse the same input. [`import`] loads opt-ins from a CSV file.
 
+pub mod dead;
 pub mod http;
 pub mod import;
 pub mod report;
@@ -14,6 +15,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use tracing::info;
 
+use crate::broker::BrokerError;
+use crate::broker::rabbit::RabbitBroker;
 use crate::config::ConfigError;
 use crate::ids::{CampaignId, IdError, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::{CARE_WINDOW, CampaignState, Mark};
@@ -41,6 +44,10 @@ pub enum AdminError {
     /// repeating it is safe.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The broker failed, or this admin has none, while reading or replaying dead letters.
+    /// Letters not yet replayed are back in the dead queue; repeating it is safe.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> AdminError {
@@ -108,6 +115,8 @@ pub struct ConsentChange<'a> {
 pub struct Admin {
     store: Arc<dyn Store>,
     numbers: Arc<BTreeMap<PhoneNumberId, WabaId>>,
+    /// The queues, for the dead-letter operations ([`dead`]); the others need only the store.
+    broker: Option<Arc<RabbitBroker>>,
 }
 
 impl Admin {
@@ -125,7 +134,16 @@ impl Admin {
         Ok(Self {
             store,
             numbers: Arc::new(numbers),
+            broker: None,
         })
+    }
+
+    /// The same operations, and the dead-letter ones over `broker`'s dead queue.
+    pub fn with_broker(self, broker: Arc<RabbitBroker>) -> Self {
+        Self {
+            broker: Some(broker),
+            ..self
+        }
     }
 
     /// The store the operations act on.
