@@ -65,7 +65,7 @@ impl Filter {
                     invalid(
                         "reason",
                         format!(
-                            "reason {r:?} is not a dead-letter reason (see README \"Dead letters\")"
+                            "reason {r:?} is not a dead-letter reason (see README \"The send job\")"
                         ),
                     )
                 })

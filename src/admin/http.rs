@@ -181,7 +181,8 @@ async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
-        message: "no such route; see README \"Admin: campaigns, consent, windows\"".into(),
+        message: "no such route; see README \"Admin: campaigns, consent, windows, dead letters\""
+            .into(),
     }
 }
 

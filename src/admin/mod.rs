@@ -1,7 +1,8 @@
 //! The operator's levers on the send policy: pause, resume or cancel a campaign, record consent,
-//! open a care window. [`Admin`] holds the operations and their checks; [`http`] serves them as a
-//! JSON API behind a bearer token, and `wa-sender campaign|consent|window` calls them directly,
-//! so both paths refuse the same input. [`import`] loads opt-ins from a CSV file.
+//! open a care window; list, show and replay dead letters ([`dead`]). [`Admin`] holds the
+//! operations and their checks; [`http`] serves them as a JSON API behind a bearer token, and
+//! `wa-sender campaign|consent|window|dead|job` calls them directly, so both paths refuse the
+//! same input. [`import`] loads opt-ins from a CSV file.
 
 pub mod dead;
 pub mod http;
