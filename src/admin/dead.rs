@@ -140,8 +140,9 @@ pub struct DeadLetterView {
 pub struct ReplayReport {
     /// Nothing was published or removed.
     pub dry_run: bool,
-    /// Jobs sent back to their lane (with `dry_run`: that would be).
-    pub replayed: Vec<String>,
+    /// Jobs sent back to their lane (with `dry_run`: that would be), by `job_id` (`null` for a
+    /// body that names none).
+    pub replayed: Vec<Option<String>>,
     /// Matching dead letters left in the dead queue, with why.
     pub skipped: Vec<Skipped>,
 }
@@ -335,9 +336,7 @@ impl Admin {
                 continue;
             }
             match self.replay_one(broker, letter, &about, dry_run).await {
-                Ok(None) => report
-                    .replayed
-                    .push(about.job_id.clone().unwrap_or_default()),
+                Ok(None) => report.replayed.push(about.job_id.clone()),
                 Ok(Some(why)) => report.skipped.push(Skipped {
                     job_id: about.job_id.clone(),
                     why,
