@@ -125,7 +125,7 @@ where
     }
 }
 
-/// Connects to Redis only: what the admin commands need (they never touch the queues).
+/// Connects to Redis only: what the admin commands need but those about dead letters.
 pub async fn connect_store(settings: &Settings) -> Result<Arc<RedisStore>, StoreError> {
     let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
     Ok(Arc::new(store))
@@ -136,6 +136,12 @@ pub async fn admin(settings: &Settings) -> anyhow::Result<Admin> {
     let numbers = settings.number_wabas()?;
     let store = connect_store(settings).await?;
     Ok(Admin::new(store, numbers)?)
+}
+
+/// The admin operations with the queues too: the dead-letter commands and the admin API.
+pub async fn admin_with_queues(settings: &Settings) -> anyhow::Result<Admin> {
+    let broker = RabbitBroker::connect(rabbit_settings(settings)?).await?;
+    Ok(admin(settings).await?.with_broker(Arc::new(broker)))
 }
 
 /// The HTTP Cloud API client.

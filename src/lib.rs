@@ -19,7 +19,7 @@
 //! - [`webhook`]: Meta's webhooks: the signed-POST receiver, the payload parser, the status machine.
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
 //! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
-//!   imports, care windows.
+//!   imports, care windows, dead letters (list, show, replay) and one job's state.
 //! - [`app`]: wiring shared by `main`, tests, benches and [`demo`]; [`server`] serves the HTTP
 //!   APIs (admin, webhook receiver); [`health`] answers `/healthz` and `/readyz` for each
 //!   long-running process, [`metrics`] its `/metrics` (every metric's name and labels).

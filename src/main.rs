@@ -15,6 +15,7 @@ use tracing::{error, info};
 /// where glibc's allocator spent about a sixth of the worker's CPU (measured with the e2e bench).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use wa_sender::admin::dead::DeadQuery;
 use wa_sender::admin::http::AdminServer;
 use wa_sender::admin::import::{self, ImportError};
 use wa_sender::admin::{Admin, AdminError, ConsentChange};
@@ -130,6 +131,62 @@ enum Command {
     Halt {
         #[command(subcommand)]
         action: HaltAction,
+    },
+    /// List, show or replay the dead letters (the dead queue is held briefly while it is read).
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+    /// One job's state: its record, wamid, last delivery status and dead letter, as JSON.
+    Job {
+        /// The job id.
+        job_id: String,
+        /// The WABA (required when more than one is configured).
+        #[arg(long)]
+        waba: Option<String>,
+    },
+}
+
+/// Which dead letters a command is about.
+#[derive(clap::Args)]
+struct DeadSelection {
+    /// Only this reason (outside_care_window, max_attempts, …).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this campaign's jobs.
+    #[arg(long)]
+    campaign: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// Summaries of the dead letters, oldest first, as JSON; they stay in the dead queue.
+    List {
+        #[command(flatten)]
+        selection: DeadSelection,
+        /// Only those dead-lettered at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (default 100).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// A job's dead letter in full (body and headers), as JSON.
+    Show {
+        /// The job id.
+        job_id: String,
+    },
+    /// Publish matching dead letters back to their lanes and remove them from the dead queue;
+    /// a job already sent is not sent again.
+    Replay {
+        /// The job id.
+        #[arg(required_unless_present_any = ["reason", "campaign"])]
+        job_id: Option<String>,
+        #[command(flatten)]
+        selection: DeadSelection,
+        /// Only say what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -489,7 +546,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Admin { listen } => {
             // The token first: without one, refuse before connecting to anything.
             let token = settings.admin_token()?;
-            let admin = wa_sender::app::admin(&settings).await?;
+            let admin = wa_sender::app::admin_with_queues(&settings).await?;
             let listen = listen.unwrap_or(settings.admin.listen.clone());
             let server = AdminServer::bind(&listen, admin, &token)
                 .await
@@ -567,6 +624,38 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 HaltAction::Resume { scope } => print_json(&admin.lift_halt(&scope).await?),
             }
         }
+        Command::Dead { action } => {
+            let admin = wa_sender::app::admin_with_queues(&settings).await?;
+            match action {
+                DeadAction::List {
+                    selection,
+                    since,
+                    limit,
+                } => {
+                    let query = DeadQuery {
+                        since: since.as_deref(),
+                        ..dead_query(None, &selection)
+                    };
+                    print_json(&admin.dead_letters(&query, limit).await?)
+                }
+                DeadAction::Show { job_id } => match admin.dead_letter(&job_id).await? {
+                    Some(letter) => print_json(&letter),
+                    None => anyhow::bail!("no dead letter of job {job_id:?} in the dead queue"),
+                },
+                DeadAction::Replay {
+                    job_id,
+                    selection,
+                    dry_run,
+                } => {
+                    let query = dead_query(job_id.as_deref(), &selection);
+                    print_json(&admin.replay(&query, dry_run).await?)
+                }
+            }
+        }
+        Command::Job { job_id, waba } => {
+            let admin = wa_sender::app::admin_with_queues(&settings).await?;
+            print_json(&admin.job(&job_id, waba.as_deref()).await?)
+        }
     }
 }
 
@@ -599,6 +688,15 @@ fn consent_change<'a>(wa_id: &'a str, target: &'a ConsentTarget) -> ConsentChang
         wa_id,
         source: target.source.as_deref(),
         at: None,
+    }
+}
+
+fn dead_query<'a>(job_id: Option<&'a str>, selection: &'a DeadSelection) -> DeadQuery<'a> {
+    DeadQuery {
+        job_id,
+        reason: selection.reason.as_deref(),
+        campaign: selection.campaign.as_deref(),
+        since: None,
     }
 }
 

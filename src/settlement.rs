@@ -6,8 +6,8 @@
 use bytes::Bytes;
 
 use crate::broker::{
-    self, Broker, BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DETAIL, H_ERROR_CODE, H_REASON,
-    H_TRACEPARENT, Headers, Target,
+    self, Broker, BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DEAD_AT, H_DETAIL, H_ERROR_CODE,
+    H_REASON, H_TRACEPARENT, Headers, Target,
 };
 use crate::event::{Event, EventError};
 use crate::telemetry;
@@ -68,12 +68,19 @@ pub(crate) struct DeadLetter<'a> {
 
 impl DeadLetter<'_> {
     /// `headers` plus the dead letter's own: `x-wa-reason`, `x-wa-attempts`, `x-wa-detail`
-    /// (cut to 1000 characters) and `x-wa-error-code`.
+    /// (cut to 1000 characters), `x-wa-error-code` and `x-wa-dead-at` (now: nothing else
+    /// records when a message reached the dead queue).
     pub(crate) fn headers(&self, mut headers: Headers) -> Headers {
-        headers.set_str(H_REASON, self.reason.as_str()).set_str(
-            H_DETAIL,
-            self.detail.chars().take(DETAIL_LIMIT).collect::<String>(),
-        );
+        headers
+            .set_str(H_REASON, self.reason.as_str())
+            .set_str(
+                H_DETAIL,
+                self.detail.chars().take(DETAIL_LIMIT).collect::<String>(),
+            )
+            .set_str(
+                H_DEAD_AT,
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            );
         if let Some(attempts) = self.attempts {
             headers.set_int(H_ATTEMPTS, i64::from(attempts));
         }
@@ -197,6 +204,15 @@ mod tests {
             headers.get_str(H_TRACEPARENT).as_deref(),
             Some("00-abc-def-01")
         );
+    }
+
+    #[test]
+    fn a_dead_letter_records_when_it_was_made() {
+        let before = chrono::Utc::now() - chrono::TimeDelta::milliseconds(1);
+        let headers = letter(None, None).headers(Headers::default());
+        let at = headers.get_str(H_DEAD_AT).expect("x-wa-dead-at is set");
+        let at = chrono::DateTime::parse_from_rfc3339(&at).expect("RFC 3339");
+        assert!(at >= before && at <= chrono::Utc::now(), "{at} is not now");
     }
 
     #[test]

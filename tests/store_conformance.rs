@@ -9,7 +9,7 @@ use wa_sender::event::DeadReason;
 use wa_sender::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId, Wamid};
 use wa_sender::job::Category;
 use wa_sender::policy::admission::{
-    CampaignState, Consent, DeadWhy, DeferReason, Mark, OptInPolicy, PairRate, Request,
+    CampaignState, Consent, DeadWhy, DeferReason, JobState, Mark, OptInPolicy, PairRate, Request,
     TemplateUse, Verdict,
 };
 use wa_sender::policy::template::TemplateDefinition;
@@ -235,6 +235,38 @@ async fn idempotency(store: &dyn Store) {
         admit(store, &text("e"), &expired).await,
         Verdict::AlreadyDead
     );
+
+    // Each record reads back as what it says.
+    assert_eq!(store.job(&key("e")).await.unwrap(), Some(JobState::Dead));
+    assert_eq!(
+        store.job(&key("a")).await.unwrap(),
+        Some(JobState::Sent(wamid.clone()))
+    );
+    assert_eq!(
+        store.job(&key("b")).await.unwrap(),
+        Some(JobState::Ambiguous { at: stale.now })
+    );
+    assert_eq!(store.job(&key("never")).await.unwrap(), None);
+
+    // An operator's replay reopens a dead job only: a sent one keeps its record.
+    assert!(!store.reopen_dead(&key("a")).await.unwrap());
+    assert_eq!(
+        store.job(&key("a")).await.unwrap(),
+        Some(JobState::Sent(wamid.clone()))
+    );
+    assert!(!store.reopen_dead(&key("never")).await.unwrap());
+    assert!(store.reopen_dead(&key("e")).await.unwrap());
+    assert_eq!(store.job(&key("e")).await.unwrap(), None);
+    let mut replayed = after.clone();
+    replayed.now = after.now + secs(10); // past the pair period
+    assert_eq!(
+        admit(store, &text("e"), &replayed).await,
+        Verdict::Send { fallback: false }
+    );
+    assert!(matches!(
+        store.job(&key("e")).await.unwrap(),
+        Some(JobState::Claimed { owner, .. }) if owner == replayed.owner
+    ));
 }
 
 /// Each admission rule, with the exact verdict.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::warn;
 
+use super::dead::{DeadLetterView, DeadQuery, DeadSummary, JobStatus, ReplayReport};
 use super::{Admin, AdminError, ConsentChange};
 use crate::health::Health;
 use crate::policy::admission::CampaignState;
@@ -64,6 +65,10 @@ pub fn router(admin: Admin, token: &SecretString) -> Router {
         .route("/v1/windows", post(open_window))
         .route("/v1/halts", get(halts))
         .route("/v1/halts/{scope}", axum::routing::delete(lift_halt))
+        .route("/v1/dead", get(dead_letters))
+        .route("/v1/dead/replay", post(replay))
+        .route("/v1/dead/{job_id}", get(dead_letter))
+        .route("/v1/jobs/{job_id}", get(job))
         .fallback(not_found)
         // A layer (not a route layer) so that unknown paths answer 401 too: without the token
         // nobody learns which routes exist.
@@ -142,6 +147,14 @@ impl From<AdminError> for ApiError {
                     message: e.to_string(),
                 }
             }
+            AdminError::Broker(e) => {
+                warn!(error = %e, "admin request failed in the broker");
+                ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    field: None,
+                    message: e.to_string(),
+                }
+            }
         }
     }
 }
@@ -168,7 +181,8 @@ async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
-        message: "no such route; see README \"Admin: campaigns, consent, windows\"".into(),
+        message: "no such route; see README \"Admin: campaigns, consent, windows, dead letters\""
+            .into(),
     }
 }
 
@@ -306,4 +320,93 @@ async fn open_window(
         )
         .await?;
     Ok(Json(window))
+}
+
+/// `GET /v1/dead?reason=&campaign=&since=&limit=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadParams {
+    reason: Option<String>,
+    campaign: Option<String>,
+    since: Option<String>,
+    // Text, so that a bad number is answered like any bad field.
+    limit: Option<String>,
+}
+
+async fn dead_letters(
+    State(s): State<AppState>,
+    Query(params): Query<DeadParams>,
+) -> Answer<Vec<DeadSummary>> {
+    let limit = params
+        .limit
+        .as_deref()
+        .map(|l| {
+            l.trim().parse::<usize>().map_err(|_| AdminError::Invalid {
+                field: "limit",
+                problem: format!("limit {l:?} is not a number"),
+            })
+        })
+        .transpose()?;
+    let query = DeadQuery {
+        reason: params.reason.as_deref(),
+        campaign: params.campaign.as_deref(),
+        since: params.since.as_deref(),
+        ..DeadQuery::default()
+    };
+    Ok(Json(s.admin.dead_letters(&query, limit).await?))
+}
+
+async fn dead_letter(
+    State(s): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<Json<DeadLetterView>, ApiError> {
+    s.admin
+        .dead_letter(&job_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError {
+            status: StatusCode::NOT_FOUND,
+            field: None,
+            message: format!("no dead letter of job {job_id:?} in the dead queue"),
+        })
+}
+
+/// `POST /v1/dead/replay`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    job_id: Option<String>,
+    reason: Option<String>,
+    campaign: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn replay(
+    State(s): State<AppState>,
+    body: Result<Json<ReplayBody>, JsonRejection>,
+) -> Answer<ReplayReport> {
+    let Json(body) = body?;
+    let query = DeadQuery {
+        job_id: body.job_id.as_deref(),
+        reason: body.reason.as_deref(),
+        campaign: body.campaign.as_deref(),
+        since: None,
+    };
+    Ok(Json(s.admin.replay(&query, body.dry_run).await?))
+}
+
+/// `GET /v1/jobs/{job_id}?waba_id=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobParams {
+    waba_id: Option<String>,
+}
+
+async fn job(
+    State(s): State<AppState>,
+    Path(job_id): Path<String>,
+    Query(params): Query<JobParams>,
+) -> Answer<JobStatus> {
+    Ok(Json(s.admin.job(&job_id, params.waba_id.as_deref()).await?))
 }

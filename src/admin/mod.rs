@@ -1,8 +1,10 @@
 //! The operator's levers on the send policy: pause, resume or cancel a campaign, record consent,
-//! open a care window. [`Admin`] holds the operations and their checks; [`http`] serves them as a
-//! JSON API behind a bearer token, and `wa-sender campaign|consent|window` calls them directly,
-//! so both paths refuse the same input. [`import`] loads opt-ins from a CSV file.
+//! open a care window; list, show and replay dead letters ([`dead`]). [`Admin`] holds the
+//! operations and their checks; [`http`] serves them as a JSON API behind a bearer token, and
+//! `wa-sender campaign|consent|window|dead|job` calls them directly, so both paths refuse the
+//! same input. [`import`] loads opt-ins from a CSV file.
 
+pub mod dead;
 pub mod http;
 pub mod import;
 pub mod report;
@@ -14,6 +16,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use tracing::info;
 
+use crate::broker::BrokerError;
+use crate::broker::rabbit::RabbitBroker;
 use crate::config::ConfigError;
 use crate::ids::{CampaignId, IdError, PhoneNumberId, WaId, WabaId};
 use crate::policy::admission::{CARE_WINDOW, CampaignState, Mark};
@@ -41,6 +45,10 @@ pub enum AdminError {
     /// repeating it is safe.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The broker failed, or this admin has none, while reading or replaying dead letters.
+    /// Letters not yet replayed are back in the dead queue; repeating it is safe.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> AdminError {
@@ -108,6 +116,8 @@ pub struct ConsentChange<'a> {
 pub struct Admin {
     store: Arc<dyn Store>,
     numbers: Arc<BTreeMap<PhoneNumberId, WabaId>>,
+    /// The queues, for the dead-letter operations ([`dead`]); the others need only the store.
+    broker: Option<Arc<RabbitBroker>>,
 }
 
 impl Admin {
@@ -125,7 +135,16 @@ impl Admin {
         Ok(Self {
             store,
             numbers: Arc::new(numbers),
+            broker: None,
         })
+    }
+
+    /// The same operations, and the dead-letter ones over `broker`'s dead queue.
+    pub fn with_broker(self, broker: Arc<RabbitBroker>) -> Self {
+        Self {
+            broker: Some(broker),
+            ..self
+        }
     }
 
     /// The store the operations act on.

@@ -39,6 +39,16 @@ pub const H_DELAY: &str = "wa-delay";
 pub const H_DELAY_LEGACY: &str = "x-wa-delay";
 /// Header: set when the worker re-routed a job that came in under a legacy lane-only key.
 pub const H_REROUTED: &str = "x-wa-rerouted";
+/// Header: when the job was dead-lettered (RFC 3339): publishes set no AMQP timestamp, and an
+/// operator listing dead letters needs to know how old each is.
+pub const H_DEAD_AT: &str = "x-wa-dead-at";
+/// Header: the lane a dead-lettered job came from, so a replay can send it back there (a dead
+/// letter's routing key is its reason, not its lane).
+pub const H_LANE: &str = "x-wa-lane";
+/// Header: how many times an operator replayed the job from the dead letters.
+pub const H_REPLAYED: &str = "x-wa-replayed";
+/// Header: when the job was last replayed (RFC 3339).
+pub const H_REPLAYED_AT: &str = "x-wa-replayed-at";
 /// Header: W3C trace context.
 pub const H_TRACEPARENT: &str = "traceparent";
 /// Header: W3C trace state.

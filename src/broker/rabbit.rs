@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -454,6 +454,37 @@ impl RabbitBroker {
         let _ = connection.close(200, "bye".into()).await;
     }
 
+    /// Takes up to `max` messages off the dead queue without acking them, in queue order, so an
+    /// operator can read them and remove some ([`HeldLetter::remove`]). Every message not
+    /// removed goes back to the dead queue, in its place, when the [`HeldDead`] is released or
+    /// dropped. While they are held, nobody else sees them: a second listing at the same
+    /// moment finds the dead queue shorter.
+    pub async fn hold_dead(&self, max: usize) -> Result<HeldDead, BrokerError> {
+        let channel = self.channel().await?;
+        let guard = ChannelGuard(channel.clone());
+        let mut letters = Vec::new();
+        while letters.len() < max {
+            let got = channel
+                .basic_get(
+                    self.names.dead_queue().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(|e| BrokerError::op("basic.get", e))?;
+            let Some(got) = got else { break };
+            let d = got.delivery;
+            letters.push(HeldLetter {
+                reason: d.routing_key.as_str().to_owned(),
+                envelope: Envelope {
+                    body: d.data.into(),
+                    headers: from_properties(&d.properties),
+                },
+                acker: d.acker,
+            });
+        }
+        Ok(HeldDead { guard, letters })
+    }
+
     /// Consumes each of `queues` on one new channel, each consumer with at most `prefetch`
     /// unacked deliveries (per-consumer QoS); a delivery's origin is made from its routing key.
     async fn consume_queues<Q: Send + 'static>(
@@ -564,6 +595,45 @@ fn from_properties(properties: &BasicProperties) -> Headers {
         headers.0.insert(k.as_str().to_owned(), value);
     }
     headers
+}
+
+/// Dead letters taken off the dead queue and not yet acked ([`RabbitBroker::hold_dead`]).
+pub struct HeldDead {
+    /// Closes the channel when dropped, which returns every letter not removed to the queue.
+    guard: ChannelGuard,
+    /// The letters, in queue order.
+    pub letters: Vec<HeldLetter>,
+}
+
+impl HeldDead {
+    /// Returns every letter not removed to the dead queue now (dropping does it too, in the
+    /// background).
+    pub async fn release(self) {
+        let channel = &self.guard.0;
+        if channel.status().connected() {
+            let _ = channel.close(200, "dead letters released".into()).await;
+        }
+    }
+}
+
+/// One held dead letter.
+pub struct HeldLetter {
+    /// Its routing key on `wa.dead`: the reason.
+    pub reason: String,
+    /// Body and headers.
+    pub envelope: Envelope,
+    acker: lapin::Acker,
+}
+
+impl HeldLetter {
+    /// Removes it from the dead queue for good.
+    pub async fn remove(&self) -> Result<(), BrokerError> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::op("basic.ack", e))
+    }
 }
 
 /// Makes a delivery's origin from its routing key.

@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, error, info, warn};
 
 use super::{Dead, Later, Outcome, Pipeline, SettleError};
-use crate::broker::{BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DUE, Headers, Route, Target};
+use crate::broker::{
+    BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DUE, H_LANE, Headers, Route, Target,
+};
 use crate::event::{ErrorSource, Event, EventError};
 use crate::job::Lane;
 use crate::policy::DelayTiers;
@@ -27,7 +29,7 @@ impl Pipeline {
                 None => Ok(()),
             },
             Outcome::Later(later) => self.publish_later(&delivery.envelope, lane, later).await,
-            Outcome::Dead(dead) => self.publish_dead(&delivery.envelope, dead).await,
+            Outcome::Dead(dead) => self.publish_dead(&delivery.envelope, lane, dead).await,
         };
         if let Err(e) = &published {
             error!(error = %e, "settlement publish failed; returning the job to its queue");
@@ -81,18 +83,22 @@ impl Pipeline {
 
     /// The dead letter and its event, then the job recorded dead (its campaign's count, and
     /// a redelivery finds it settled) before the ack.
-    async fn publish_dead(&self, original: &Envelope, dead: &Dead) -> Result<(), BrokerError> {
+    async fn publish_dead(
+        &self,
+        original: &Envelope,
+        lane: Lane,
+        dead: &Dead,
+    ) -> Result<(), BrokerError> {
         // A job's outcome, not a fault of the worker: the dead letter and its event carry it,
         // so the log has it at info, where a campaign's thousands of refusals do not bury the
         // warnings that need a person.
         info!(reason = %dead.reason, code = dead.code, detail = %dead.detail, "dead-lettered");
         let letter = dead_letter(dead);
+        // Its lane goes with it, so that a replay sends it back where it came from.
+        let mut headers = original.headers.clone();
+        headers.set_str(H_LANE, lane.as_str());
         letter
-            .publish(
-                self.broker.as_ref(),
-                original.body.clone(),
-                original.headers.clone(),
-            )
+            .publish(self.broker.as_ref(), original.body.clone(), headers)
             .await?;
         let about = match &dead.job {
             Some(job) => Event::for_job("job.dead_lettered", job),

@@ -173,6 +173,20 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn reopen_dead(&self, key: &JobKey) -> Result<bool, StoreError> {
+        self.with(|s| {
+            let dead = s.jobs.get(key) == Some(&JobState::Dead);
+            if dead {
+                s.jobs.remove(key);
+            }
+            dead
+        })
+    }
+
+    async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError> {
+        self.with(|s| s.jobs.get(key).cloned())
+    }
+
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError> {
         self.with(|s| {
             if matches!(s.jobs.get(key), Some(JobState::Claimed { owner: o, .. }) if o == owner) {

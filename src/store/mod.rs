@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId, Wamid};
-use crate::policy::admission::{CampaignState, Consent, Mark, Request, Verdict};
+use crate::policy::admission::{CampaignState, Consent, JobState, Mark, Request, Verdict};
 use crate::policy::template::TemplateDefinition;
 
 /// How long an idempotency record outlives its job (Meta retries webhooks for 7 days).
@@ -344,6 +344,12 @@ pub trait Store: Send + Sync {
     /// Lets a job Meta accepted and then failed (131049) be sent again: drops its record if it
     /// still says sent with `wamid`; `false` if it says anything else.
     async fn reopen(&self, key: &JobKey, wamid: &Wamid) -> Result<bool, StoreError>;
+    /// Lets a dead-lettered job that an operator replays be admitted again: drops its record if
+    /// it says dead (atomically: a record that says anything else, sent above all, stays);
+    /// `false` if it did not say dead.
+    async fn reopen_dead(&self, key: &JobKey) -> Result<bool, StoreError>;
+    /// The job's record, if any (`None`: never admitted, or expired).
+    async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError>;
     /// Drops this worker's claim after a definitive failure, so a retry may claim it again.
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError>;
     /// Records that the job was dead-lettered, and counts it in its reports (once: a job already

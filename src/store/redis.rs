@@ -41,7 +41,7 @@ use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
 use crate::job::Category;
 use crate::policy::admission::{
-    self, CampaignState, Consent, DeadWhy, DeferReason, Mark, Request, Verdict,
+    self, CampaignState, Consent, DeadWhy, DeferReason, JobState, Mark, Request, Verdict,
 };
 use crate::policy::template::TemplateDefinition;
 
@@ -153,6 +153,9 @@ return 1
 /// Delete a job record that says sent with wamid ARGV[1].
 const REOPEN: &str = "if redis.call('HGET', KEYS[1], 'state') == 'sent' and redis.call('HGET', KEYS[1], 'wamid') == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
+/// Delete a job record if it says dead.
+const REOPEN_DEAD: &str = "if redis.call('HGET', KEYS[1], 'state') == 'dead' then return redis.call('DEL', KEYS[1]) end return 0";
+
 /// Delete a lock if ARGV[1] holds it.
 const UNLOCK: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
@@ -173,6 +176,7 @@ pub struct RedisStore {
     unlock: Script,
     mark_dead: Script,
     reopen: Script,
+    reopen_dead: Script,
     apply_status: Script,
     round_trips: Arc<AtomicU64>,
 }
@@ -241,6 +245,7 @@ impl RedisStore {
             unlock: Script::new(UNLOCK),
             mark_dead: Script::new(MARK_DEAD),
             reopen: Script::new(REOPEN),
+            reopen_dead: Script::new(REOPEN_DEAD),
             apply_status: Script::new(APPLY_STATUS),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
@@ -557,6 +562,47 @@ impl Store for RedisStore {
             .await
             .map_err(command_error("reopen"))?;
         Ok(deleted == 1)
+    }
+
+    async fn reopen_dead(&self, key: &JobKey) -> Result<bool, StoreError> {
+        let deleted: i64 = self
+            .reopen_dead
+            .key(self.job_key(key))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(command_error("reopen_dead"))?;
+        Ok(deleted == 1)
+    }
+
+    async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError> {
+        const OP: &str = "job";
+        let fields: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(self.job_key(key))
+            .await
+            .map_err(command_error(OP))?;
+        let field = |name: &str| {
+            fields
+                .get(name)
+                .ok_or_else(|| bad_reply(OP, format!("job record without {name}")))
+        };
+        let Some(state) = fields.get("state") else {
+            return Ok(None);
+        };
+        Ok(Some(match state.as_str() {
+            "claimed" => JobState::Claimed {
+                owner: field("owner")?.clone(),
+                at: from_millis(OP, field("at")?)?,
+            },
+            "ambiguous" => JobState::Ambiguous {
+                at: from_millis(OP, field("at")?)?,
+            },
+            "sent" => JobState::Sent(
+                Wamid::parse(field("wamid")?.as_str()).map_err(|e| bad_reply(OP, e.to_string()))?,
+            ),
+            "dead" => JobState::Dead,
+            other => return Err(bad_reply(OP, format!("job state {other:?}"))),
+        }))
     }
 
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError> {

@@ -1,0 +1,241 @@
+//! Operators and the dead letters: `wa-sender dead list|show|replay` and `wa-sender job`, and
+//! the same over the admin HTTP API, against a real worker, RabbitMQ and Redis. Start them with
+//! `rabbitmq-server -detached` and `redis-server --daemonize yes`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use wa_sender::admin::Admin;
+use wa_sender::admin::http::AdminServer;
+use wa_sender::broker::{Broker, Envelope, H_LANE, Headers, Target};
+use wa_sender::ids::{JobId, PhoneNumberId, WabaId};
+use wa_sender::job::Lane;
+use wa_sender::policy::admission::JobState;
+use wa_sender::store::{JobKey, Store};
+use wa_sender::vocab::DeadReason;
+
+use common::{TestApp, spawn_app, text_job};
+
+const NUMBER: &str = "106540352242922";
+const WABA: &str = "102290129340398";
+
+/// Runs `wa-sender <args>` with the app's configuration; its stdout as JSON.
+async fn run(app: &TestApp, args: &[&str]) -> Value {
+    let output = app
+        .command(args[0])
+        .args(&args[1..])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "wa-sender {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+}
+
+fn key(job_id: &str) -> JobKey {
+    JobKey {
+        waba: WabaId::parse(WABA).unwrap(),
+        job_id: JobId::parse(job_id).unwrap(),
+    }
+}
+
+/// Waits until the worker has recorded the job dead (it does so just after the dead letter
+/// and its event): a replay before that would find no record to reopen.
+async fn wait_recorded_dead(app: &TestApp, job_id: &str) {
+    for _ in 0..100 {
+        if app.store.job(&key(job_id)).await.unwrap() == Some(JobState::Dead) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{job_id} was never recorded dead");
+}
+
+/// A text job sent outside its care window: the worker dead-letters it.
+async fn dead_lettered(app: &mut TestApp, job_id: &str) -> Value {
+    let job = text_job(job_id);
+    app.enqueue_json(Lane::Transactional, &job).await;
+    let event = app.wait_job_event(job_id, "job.dead_lettered").await;
+    assert_eq!(
+        event.reason,
+        Some(DeadReason::OutsideCareWindow),
+        "{event:?}"
+    );
+    wait_recorded_dead(app, job_id).await;
+    job
+}
+
+fn accepted(app: &TestApp, job_id: &str) -> usize {
+    app.simulator
+        .audit()
+        .accepted
+        .iter()
+        .filter(|s| s.job_id.as_deref() == Some(job_id))
+        .count()
+}
+
+async fn wait_accepted(app: &mut TestApp, job_id: &str) {
+    app.wait_job_event(job_id, "message.accepted").await;
+    assert_eq!(accepted(app, job_id), 1, "sent exactly once");
+}
+
+#[tokio::test]
+async fn operators_list_replay_and_follow_a_dead_letter_from_the_command_line() {
+    let mut app = spawn_app("dead-cli", |_, _| {}).await;
+    app.start_worker();
+    let job = dead_lettered(&mut app, "dead-cli-1").await;
+
+    // Listing shows it, and leaves it where it is.
+    for _ in 0..2 {
+        let listed = run(&app, &["dead", "list", "--reason", "outside_care_window"]).await;
+        let listed = listed.as_array().unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let letter = &listed[0];
+        assert_eq!(letter["job_id"], "dead-cli-1");
+        assert_eq!(letter["campaign_id"], "c-1");
+        assert_eq!(letter["reason"], "outside_care_window");
+        assert_eq!(letter["lane"], "transactional");
+        assert_eq!(letter["route"], format!("transactional.{NUMBER}"));
+        assert!(
+            letter["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{letter}"
+        );
+        assert!(letter["dead_at"].is_string(), "{letter}");
+    }
+    let other = run(&app, &["dead", "list", "--campaign", "c-2"]).await;
+    assert_eq!(other, json!([]), "another campaign's letters only");
+    let shown = run(&app, &["dead", "show", "dead-cli-1"]).await;
+    assert_eq!(shown["body"]["job_id"], "dead-cli-1");
+    assert_eq!(shown["headers"]["x-wa-reason"], "outside_care_window");
+    let job_state = run(&app, &["job", "dead-cli-1"]).await;
+    assert_eq!(job_state["state"], "dead");
+    assert_eq!(job_state["dead_letter"]["reason"], "outside_care_window");
+
+    // A dry run changes nothing; a replay after the window opened sends it, once.
+    let dry = run(&app, &["dead", "replay", "dead-cli-1", "--dry-run"]).await;
+    assert_eq!(dry["replayed"], json!(["dead-cli-1"]));
+    assert_eq!(accepted(&app, "dead-cli-1"), 0);
+    app.user_wrote(&job).await;
+    let replayed = run(&app, &["dead", "replay", "dead-cli-1"]).await;
+    assert_eq!(replayed["replayed"], json!(["dead-cli-1"]), "{replayed}");
+    wait_accepted(&mut app, "dead-cli-1").await;
+    assert_eq!(run(&app, &["dead", "list"]).await, json!([]));
+
+    // A dead letter of a job that was sent is not sent again, and stays.
+    let mut headers = Headers::default();
+    headers.set_str(H_LANE, "transactional");
+    let letter = Envelope {
+        body: Bytes::from(serde_json::to_vec(&job).unwrap()),
+        headers,
+    };
+    app.broker
+        .publish(Target::Dead(DeadReason::MaxAttempts), letter)
+        .await
+        .unwrap();
+    let again = run(&app, &["dead", "replay", "--reason", "max_attempts"]).await;
+    assert_eq!(again["replayed"], json!([]), "{again}");
+    assert_eq!(again["skipped"][0]["job_id"], "dead-cli-1");
+    assert!(
+        again["skipped"][0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("already sent"),
+        "{again}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(accepted(&app, "dead-cli-1"), 1, "not sent again");
+
+    let job_state = run(&app, &["job", "dead-cli-1"]).await;
+    assert_eq!(job_state["state"], "sent", "{job_state}");
+    let wamid = &app.simulator.audit().accepted[0].wamid;
+    assert_eq!(job_state["wamid"], json!(wamid));
+    assert_eq!(job_state["dead_letter"]["reason"], "max_attempts");
+
+    app.stop_worker().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_lists_replays_and_tells_a_jobs_state() {
+    let mut app = spawn_app("dead-http", |_, _| {}).await;
+    app.start_worker();
+    let job = dead_lettered(&mut app, "dead-http-1").await;
+
+    let numbers = BTreeMap::from([(
+        PhoneNumberId::parse(NUMBER).unwrap(),
+        WabaId::parse(WABA).unwrap(),
+    )]);
+    let store: Arc<dyn Store> = app.store.clone();
+    let admin = Admin::new(store, numbers)
+        .unwrap()
+        .with_broker(app.broker.clone());
+    let token = "dead-letters-token";
+    let server = AdminServer::bind("127.0.0.1:0", admin, &SecretString::from(token))
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run_until_stopped(stop.clone()));
+    let client = reqwest::Client::new();
+    let call = |request: reqwest::RequestBuilder| async move {
+        let response = request.bearer_auth(token).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+
+    let (status, listed) = call(client.get(format!(
+        "{base}/v1/dead?reason=outside_care_window&limit=10"
+    )))
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed[0]["job_id"], "dead-http-1");
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let (status, bad) = call(client.get(format!("{base}/v1/dead?limit=many"))).await;
+    assert_eq!((status, &bad["field"]), (400, &json!("limit")), "{bad}");
+    let (status, shown) = call(client.get(format!("{base}/v1/dead/dead-http-1"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(shown["body"]["to"], job["to"]);
+    let (status, _) = call(client.get(format!("{base}/v1/dead/nobody"))).await;
+    assert_eq!(status, 404);
+
+    let (status, bad) = call(
+        client
+            .post(format!("{base}/v1/dead/replay"))
+            .json(&json!({})),
+    )
+    .await;
+    assert_eq!((status, &bad["field"]), (400, &json!("job_id")), "{bad}");
+    app.user_wrote(&job).await;
+    let (status, replayed) = call(
+        client
+            .post(format!("{base}/v1/dead/replay"))
+            .json(&json!({"job_id": "dead-http-1"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed["replayed"], json!(["dead-http-1"]));
+    wait_accepted(&mut app, "dead-http-1").await;
+
+    let (status, state) = call(client.get(format!("{base}/v1/jobs/dead-http-1"))).await;
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["state"], "sent");
+    assert!(state["wamid"].is_string(), "{state}");
+    assert_eq!(state["dead_letter"], Value::Null, "the dead queue is empty");
+    let (_, listed) = call(client.get(format!("{base}/v1/dead"))).await;
+    assert_eq!(listed, json!([]));
+
+    stop.cancel();
+    app.stop_worker().await;
+    app.cleanup().await;
+}
