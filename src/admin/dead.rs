@@ -377,8 +377,11 @@ impl Admin {
         };
         match &state {
             Some(JobState::Sent(wamid)) => return Ok(Some(format!("already sent as {wamid}"))),
-            Some(JobState::Claimed { .. } | JobState::Ambiguous { .. }) => {
-                return Ok(Some("a worker holds it now".into()));
+            Some(JobState::Claimed { .. }) => return Ok(Some("a worker holds it now".into())),
+            Some(JobState::Ambiguous { .. }) => {
+                return Ok(Some(
+                    "its last send's outcome is unknown: its status webhook settles it".into(),
+                ));
             }
             Some(JobState::Dead) | None => {}
         }
