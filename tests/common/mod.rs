@@ -393,6 +393,43 @@ impl TestApp {
         }
     }
 
+    /// Waits until none of this app's jobs is in a send or delay queue of the shared broker,
+    /// ready or held by a worker: every delivery is settled, nothing is in flight.
+    pub async fn wait_jobs_settled(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (send, delay) = (
+            format!("{}.send.", self.prefix),
+            format!("{}.delay.", self.prefix),
+        );
+        loop {
+            let output = tokio::process::Command::new("rabbitmqctl")
+                .args([
+                    "list_queues",
+                    "--quiet",
+                    "--no-table-headers",
+                    "name",
+                    "messages",
+                ])
+                .output()
+                .await
+                .expect("rabbitmqctl runs");
+            let left: u64 = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .filter_map(|line| line.split_once('\t'))
+                .filter(|(name, _)| name.starts_with(&send) || name.starts_with(&delay))
+                .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+                .sum();
+            if output.status.success() && left == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{left} jobs still queued or in flight after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Waits for the first event (seen before or arriving within `timeout`) matching `pred`.
     pub async fn wait_event(&mut self, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Event {
         if let Some(e) = self.seen.iter().find(|e| pred(e)) {
