@@ -26,23 +26,6 @@ use common::{TestApp, spawn_app, text_job};
 const NUMBER: &str = "106540352242922";
 const WABA: &str = "102290129340398";
 
-/// Runs `wa-sender <args>` with the app's configuration; its stdout as JSON.
-async fn run(app: &TestApp, args: &[&str]) -> Value {
-    let output = app
-        .command(args[0])
-        .args(&args[1..])
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "wa-sender {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
-}
-
 fn key(job_id: &str) -> JobKey {
     JobKey {
         waba: WabaId::parse(WABA).unwrap(),
@@ -98,7 +81,9 @@ async fn operators_list_replay_and_follow_a_dead_letter_from_the_command_line() 
 
     // Listing shows it, and leaves it where it is.
     for _ in 0..2 {
-        let listed = run(&app, &["dead", "list", "--reason", "outside_care_window"]).await;
+        let listed = app
+            .run_json(&["dead", "list", "--reason", "outside_care_window"])
+            .await;
         let listed = listed.as_array().unwrap();
         assert_eq!(listed.len(), 1, "{listed:?}");
         let letter = &listed[0];
@@ -113,24 +98,26 @@ async fn operators_list_replay_and_follow_a_dead_letter_from_the_command_line() 
         );
         assert!(letter["dead_at"].is_string(), "{letter}");
     }
-    let other = run(&app, &["dead", "list", "--campaign", "c-2"]).await;
+    let other = app.run_json(&["dead", "list", "--campaign", "c-2"]).await;
     assert_eq!(other, json!([]), "another campaign's letters only");
-    let shown = run(&app, &["dead", "show", "dead-cli-1"]).await;
+    let shown = app.run_json(&["dead", "show", "dead-cli-1"]).await;
     assert_eq!(shown["body"]["job_id"], "dead-cli-1");
     assert_eq!(shown["headers"]["x-wa-reason"], "outside_care_window");
-    let job_state = run(&app, &["job", "dead-cli-1"]).await;
+    let job_state = app.run_json(&["job", "dead-cli-1"]).await;
     assert_eq!(job_state["state"], "dead");
     assert_eq!(job_state["dead_letter"]["reason"], "outside_care_window");
 
     // A dry run changes nothing; a replay after the window opened sends it, once.
-    let dry = run(&app, &["dead", "replay", "dead-cli-1", "--dry-run"]).await;
+    let dry = app
+        .run_json(&["dead", "replay", "dead-cli-1", "--dry-run"])
+        .await;
     assert_eq!(dry["replayed"], json!(["dead-cli-1"]));
     assert_eq!(accepted(&app, "dead-cli-1"), 0);
     app.user_wrote(&job).await;
-    let replayed = run(&app, &["dead", "replay", "dead-cli-1"]).await;
+    let replayed = app.run_json(&["dead", "replay", "dead-cli-1"]).await;
     assert_eq!(replayed["replayed"], json!(["dead-cli-1"]), "{replayed}");
     wait_accepted(&mut app, "dead-cli-1").await;
-    assert_eq!(run(&app, &["dead", "list"]).await, json!([]));
+    assert_eq!(app.run_json(&["dead", "list"]).await, json!([]));
 
     // A dead letter of a job that was sent is not sent again, and stays.
     let mut headers = Headers::default();
@@ -143,7 +130,9 @@ async fn operators_list_replay_and_follow_a_dead_letter_from_the_command_line() 
         .publish(Target::Dead(DeadReason::MaxAttempts), letter)
         .await
         .unwrap();
-    let again = run(&app, &["dead", "replay", "--reason", "max_attempts"]).await;
+    let again = app
+        .run_json(&["dead", "replay", "--reason", "max_attempts"])
+        .await;
     assert_eq!(again["replayed"], json!([]), "{again}");
     assert_eq!(again["skipped"][0]["job_id"], "dead-cli-1");
     assert!(
@@ -156,7 +145,7 @@ async fn operators_list_replay_and_follow_a_dead_letter_from_the_command_line() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(accepted(&app, "dead-cli-1"), 1, "not sent again");
 
-    let job_state = run(&app, &["job", "dead-cli-1"]).await;
+    let job_state = app.run_json(&["job", "dead-cli-1"]).await;
     assert_eq!(job_state["state"], "sent", "{job_state}");
     let wamid = &app.simulator.audit().accepted[0].wamid;
     assert_eq!(job_state["wamid"], json!(wamid));

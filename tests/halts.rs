@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::{NUMBER, spawn_app, text_job};
-use serde_json::Value;
 use wa_sender::job::Lane;
 use wa_sender::simulator::{Fault, FaultRule};
 
@@ -51,15 +50,17 @@ async fn a_halt_raised_on_one_replica_stops_sending_on_another() {
     );
 
     // The operator sees the halt, with its cause, and lifts it.
-    let listed = halt_command(&app, &["list"]).await;
+    let listed = app.run_json(&["halt", "list"]).await;
     let halts = listed.as_array().expect("a JSON array");
     assert_eq!(halts.len(), 1, "{listed}");
     assert_eq!(halts[0]["scope"], format!("number:{NUMBER}"));
     assert_eq!(halts[0]["code"], 131048);
-    let left = halt_command(&app, &["resume", &format!("number:{NUMBER}")]).await;
+    let left = app
+        .run_json(&["halt", "resume", &format!("number:{NUMBER}")])
+        .await;
     assert_eq!(left, serde_json::json!([]));
     assert!(
-        halt_command(&app, &["list"])
+        app.run_json(&["halt", "list"])
             .await
             .as_array()
             .unwrap()
@@ -67,21 +68,4 @@ async fn a_halt_raised_on_one_replica_stops_sending_on_another() {
     );
     app.stop_worker().await;
     app.cleanup().await;
-}
-
-/// `wa-sender halt <args>` against the app's Redis; its stdout, parsed.
-async fn halt_command(app: &common::TestApp, args: &[&str]) -> Value {
-    let output = app
-        .command("halt")
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
 }

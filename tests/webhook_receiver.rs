@@ -7,7 +7,6 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::BasicGetOptions;
 use reqwest::StatusCode;
 use secrecy::SecretString;
 use wa_sender::app::HttpServer;
@@ -60,24 +59,9 @@ async fn start(test: &str) -> Receiver {
 impl Receiver {
     /// Everything in the intake queue, taken off it.
     async fn intake(&self) -> Vec<Vec<u8>> {
-        let conn = lapin::Connection::connect(
-            &self.settings.amqp.url,
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .unwrap();
-        let channel = conn.create_channel().await.unwrap();
         let queue = format!("{}.webhooks.intake", self.prefix);
-        let mut bodies = Vec::new();
-        while let Some(message) = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            bodies.push(message.delivery.data.clone());
-        }
-        let _ = conn.close(200, "bye".into()).await;
-        bodies
+        let taken = common::take_all(&self.settings.amqp.url, &queue).await;
+        taken.into_iter().map(|t| t.body).collect()
     }
 
     async fn post(

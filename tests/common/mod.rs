@@ -236,48 +236,26 @@ impl TestApp {
         command
     }
 
+    /// Runs `wa-sender <args>` with this app's configuration; its stdout, parsed as JSON.
+    pub async fn run_json(&self, args: &[&str]) -> Value {
+        let output = self
+            .command(args[0])
+            .args(&args[1..])
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "wa-sender {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+    }
+
     /// Everything in the queue `name` (under this app's prefix), taken off it.
     pub async fn take_all(&self, name: &str) -> Vec<Taken> {
-        let conn = lapin::Connection::connect(
-            &self.settings.amqp.url,
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        let queue = format!("{}.{name}", self.prefix);
-        let mut taken = Vec::new();
-        while let Some(message) = channel
-            .basic_get(
-                queue.as_str().into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-        {
-            let headers = message.delivery.properties.headers().clone();
-            let headers = headers
-                .map(|table| {
-                    table
-                        .inner()
-                        .iter()
-                        .map(|(k, v)| {
-                            let v = match v {
-                                lapin::types::AMQPValue::LongString(s) => s.to_string(),
-                                other => format!("{other:?}"),
-                            };
-                            (k.to_string(), v)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            taken.push(Taken {
-                headers,
-                body: message.delivery.data.clone(),
-            });
-        }
-        let _ = conn.close(200, "bye".into()).await;
-        taken
+        take_all(&self.settings.amqp.url, &format!("{}.{name}", self.prefix)).await
     }
 
     pub fn start_worker(&mut self) {
@@ -526,4 +504,44 @@ pub async fn wait_readyz(
 /// The `/readyz` body of a process that consumes and uses Redis, everything up.
 pub fn all_up() -> Value {
     json!({"ready": true, "broker": "up", "redis": "up", "draining": false})
+}
+
+/// Everything in `queue` of the broker at `amqp_url`, taken off it.
+pub async fn take_all(amqp_url: &str, queue: &str) -> Vec<Taken> {
+    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut taken = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let headers = message.delivery.properties.headers().clone();
+        let headers = headers
+            .map(|table| {
+                table
+                    .inner()
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                            other => format!("{other:?}"),
+                        };
+                        (k.to_string(), v)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        taken.push(Taken {
+            headers,
+            body: message.delivery.data.clone(),
+        });
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    taken
 }
