@@ -258,7 +258,7 @@ async fn processor(settings: Settings) {
 }
 
 fn main() {
-    wa_sender::telemetry::init("warn", "text");
+    wa_sender::telemetry::init_logs("warn", "text");
     let settings = settings();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

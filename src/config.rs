@@ -323,8 +323,17 @@ pub struct WebhookSettings {
 pub struct TelemetrySettings {
     /// `tracing` filter, e.g. `info,wa_sender=debug` (overridden by `RUST_LOG`).
     pub log_filter: String,
-    /// `text` or `json`.
+    /// `text` or `json`. JSON lines inside a job carry its trace as
+    /// `openTelemetry.traceId`/`spanId`.
     pub log_format: String,
+    /// Where spans go: an OTLP/HTTP collector's base URL (`http://localhost:4318`; spans are
+    /// posted as protobuf to `<url>/v1/traces`). Empty: no export, unless the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set.
+    /// `OTEL_SDK_DISABLED=true` turns export off whatever is set.
+    pub otlp_endpoint: String,
+    /// Share of traces exported, 0.0 to 1.0, decided where the trace starts (a job follows its
+    /// producer's decision). `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` override it.
+    pub sample_ratio: f64,
 }
 
 /// A configuration problem, naming the key.
@@ -431,6 +440,22 @@ impl Settings {
             return Err(invalid(
                 "demo.transient_failure_share",
                 "must be between 0.0 and 1.0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                format!("{} is not between 0.0 and 1.0", self.telemetry.sample_ratio),
+            ));
+        }
+        let endpoint = &self.telemetry.otlp_endpoint;
+        if !endpoint.is_empty()
+            && !endpoint.starts_with("http://")
+            && !endpoint.starts_with("https://")
+        {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?} is not an http:// or https:// URL"),
             ));
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
@@ -760,5 +785,28 @@ mod tests {
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("2"), None);
         assert_eq!(parse_duration("h"), None);
+    }
+
+    #[test]
+    fn trace_export_settings_are_checked() {
+        let s = Settings::from_figment(figment()).unwrap();
+        assert_eq!(s.telemetry.otlp_endpoint, "", "no export by default");
+        for (key, value, problem) in [
+            (
+                "telemetry.sample_ratio",
+                "1.5",
+                "telemetry.sample_ratio: 1.5 is not between",
+            ),
+            (
+                "telemetry.otlp_endpoint",
+                "localhost:4318",
+                "telemetry.otlp_endpoint: \"localhost:4318\" is not an http",
+            ),
+        ] {
+            let value: toml::Value = value.parse::<f64>().map_or(value.into(), Into::into);
+            let err = Settings::from_figment(figment().merge(Serialized::default(key, value)))
+                .unwrap_err();
+            assert!(err.to_string().contains(problem), "{err}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -309,7 +309,10 @@ fn parse_lane(s: &str) -> Result<Lane, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // Each process is its own service in the traces: wa-sender-worker, wa-sender-webhook, …
+    let service = format!("wa-sender-{}", matches.subcommand_name().unwrap_or("cli"));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let settings = match Settings::load(&cli.config_dir, &cli.environment) {
         Ok(s) => s,
         Err(e) => {
@@ -319,15 +322,24 @@ fn main() -> ExitCode {
     };
     // The demo's output is its summary table: its per-job lines show with `RUST_LOG=info`.
     let log_filter = match cli.command {
-        Command::Demo { .. } => "warn",
-        _ => &settings.telemetry.log_filter,
+        Command::Demo { .. } => Some("warn"),
+        _ => None,
     };
-    wa_sender::telemetry::init(log_filter, &settings.telemetry.log_format);
+    // Held to the end: dropping it flushes the spans not yet exported.
+    let _telemetry = match wa_sender::telemetry::init(&settings.telemetry, &service, log_filter) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wa-sender: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(cli.command, settings)) {
+    let result = runtime.block_on(run(cli.command, settings));
+    drop(runtime);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_configuration_error(&e) => {
             eprintln!("wa-sender: {e}");

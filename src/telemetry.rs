@@ -3,37 +3,147 @@
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::broker::{H_TRACEPARENT, H_TRACESTATE, Headers};
+use crate::config::{ConfigError, TelemetrySettings};
+
+/// What a process exports its spans to, when it does. Dropping it flushes the spans not yet
+/// sent (held for at most the batch delay, 5 s by default) and stops the exporter.
+#[must_use = "dropping it stops the span export"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: Option<String>,
+}
+
+impl Telemetry {
+    /// The collector spans go to, if any.
+    pub fn exporting_to(&self) -> Option<&str> {
+        self.exporting.as_deref()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if self.exporting.is_some()
+            && let Err(e) = self.provider.shutdown()
+        {
+            eprintln!("wa-sender: spans not exported at shutdown: {e}");
+        }
+    }
+}
 
 /// Installs logging (text or JSON, on stderr: stdout is for what a command prints) and the
-/// OpenTelemetry layer. Safe to call twice (tests).
-pub fn init(filter: &str, format: &str) {
+/// OpenTelemetry layer, exporting spans over OTLP/HTTP when a collector is configured
+/// (`telemetry.otlp_endpoint` or the standard `OTEL_EXPORTER_OTLP_*` variables). `service`
+/// names the process in the traces (`OTEL_SERVICE_NAME` overrides it); `filter` overrides
+/// `telemetry.log_filter`. Safe to call twice (tests): the second subscriber is not installed.
+pub fn init(
+    settings: &TelemetrySettings,
+    service: &str,
+    filter: Option<&str>,
+) -> Result<Telemetry, ConfigError> {
+    let collector = collector(settings);
+    let mut builder = SdkTracerProvider::builder().with_resource(
+        Resource::builder()
+            .with_service_name(
+                std::env::var("OTEL_SERVICE_NAME")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| service.to_owned()),
+            )
+            .build(),
+    );
+    if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            settings.sample_ratio,
+        ))));
+    }
+    if let Some(collector) = &collector {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+        if let Collector::Configured(url) = collector {
+            exporter = exporter.with_endpoint(format!("{}/v1/traces", url.trim_end_matches('/')));
+        }
+        let exporter = exporter
+            .build()
+            .map_err(|e| ConfigError(format!("telemetry.otlp_endpoint: {e}")))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    install(
+        filter.unwrap_or(&settings.log_filter),
+        &settings.log_format,
+        provider.tracer("wa-sender"),
+    );
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    Ok(Telemetry {
+        provider,
+        exporting: collector.map(|c| match c {
+            Collector::Configured(url) | Collector::Environment(url) => url,
+        }),
+    })
+}
+
+/// The OTLP collector spans are exported to.
+enum Collector {
+    /// `telemetry.otlp_endpoint`, a base URL.
+    Configured(String),
+    /// One of the standard variables, which the exporter resolves itself.
+    Environment(String),
+}
+
+/// The collector, if spans are to be exported: the configured one, else the standard
+/// variables', unless `OTEL_SDK_DISABLED=true`.
+fn collector(settings: &TelemetrySettings) -> Option<Collector> {
+    let env = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    if !settings.otlp_endpoint.is_empty() {
+        return Some(Collector::Configured(settings.otlp_endpoint.clone()));
+    }
+    env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .map(Collector::Environment)
+}
+
+/// Installs logging and trace context without exporting (benches, tools).
+pub fn init_logs(filter: &str, format: &str) {
+    install(
+        filter,
+        format,
+        SdkTracerProvider::builder().build().tracer("wa-sender"),
+    );
+}
+
+fn install(filter: &str, format: &str, tracer: opentelemetry_sdk::trace::SdkTracer) {
+    // The log filter is the fmt layer's alone: spans are recorded for the traces (and for the
+    // trace context events carry) whatever the log level.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let fmt = match format {
-        "json" => tracing_subscriber::fmt::layer()
-            .json()
+        "json" => json_subscriber::fmt::layer()
             .with_target(false)
+            .with_opentelemetry_ids(true)
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
         _ => tracing_subscriber::fmt::layer()
             .with_target(false)
             .with_ansi(colour())
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
     };
-    // Spans get real trace ids so context can be propagated; an exporter (OTLP) plugs in here.
-    let provider = SdkTracerProvider::builder().build();
-    let tracer = provider.tracer("wa-sender");
-    opentelemetry::global::set_tracer_provider(provider);
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(
             // Busy/idle timing, thread and source location cost a clock read or attributes on
@@ -42,7 +152,12 @@ pub fn init(filter: &str, format: &str) {
                 .with_tracer(tracer)
                 .with_tracked_inactivity(false)
                 .with_threads(false)
-                .with_location(false),
+                .with_location(false)
+                .with_filter(
+                    // wa-sender's own spans: not its libraries', nor the exporter's requests.
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target("wa_sender", tracing::Level::INFO),
+                ),
         )
         .try_init();
 }
@@ -83,6 +198,20 @@ impl Extractor for HeaderExtractor<'_> {
 pub fn inject_current(headers: &mut Headers) {
     let context = tracing::Span::current().context();
     TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(headers));
+}
+
+/// The current span's trace context as a W3C `traceparent`, if it has one.
+pub fn current_traceparent() -> Option<String> {
+    let mut headers = Headers::default();
+    inject_current(&mut headers);
+    headers.get_str(H_TRACEPARENT)
+}
+
+/// Makes `span` a child of the span a W3C `traceparent` names (before `span` is first entered).
+pub fn adopt_traceparent(span: &tracing::Span, traceparent: &str) {
+    let mut headers = Headers::default();
+    headers.set_str(H_TRACEPARENT, traceparent);
+    adopt_parent(span, &headers);
 }
 
 /// Makes `span` a child of the trace context carried in `headers`, if any.

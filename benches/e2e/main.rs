@@ -354,7 +354,7 @@ pub fn median(values: &mut [f64]) -> f64 {
 fn main() {
     // Children log as a deployed worker does (the configuration's `info`); the rest only warns.
     let filter = if flag("child") { "info" } else { "warn" };
-    wa_sender::telemetry::init(filter, "text");
+    wa_sender::telemetry::init_logs(filter, "text");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

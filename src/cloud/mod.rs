@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 pub use crate::vocab::ErrorCode;
 pub use error::{ApiError, ErrorBody, ErrorData};
@@ -114,6 +115,17 @@ pub enum SendError {
     Ambiguous(String),
 }
 
+impl SendError {
+    /// Its kind, as spans name it: `api`, `not_sent` or `ambiguous`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SendError::Api(_) => "api",
+            SendError::NotSent(_) => "not_sent",
+            SendError::Ambiguous(_) => "ambiguous",
+        }
+    }
+}
+
 /// One page of `GET /{waba_id}/message_templates`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TemplatePage {
@@ -190,11 +202,14 @@ impl HttpCloud {
             messages_url_prefix: format!("{base}/{}", settings.api_version),
         })
     }
-}
 
-#[async_trait]
-impl CloudApi for HttpCloud {
-    async fn send(&self, request: SendRequest) -> Result<Accepted, SendError> {
+    /// `POST /{phone_number_id}/messages`, noting the HTTP status and Meta's trace id (the
+    /// `x-fb-trace-id` header) on `span`.
+    async fn post_message(
+        &self,
+        request: SendRequest,
+        span: &tracing::Span,
+    ) -> Result<Accepted, SendError> {
         let url = format!(
             "{}/{}/messages",
             self.messages_url_prefix, request.phone_number_id
@@ -209,11 +224,56 @@ impl CloudApi for HttpCloud {
             .await
             .map_err(transport_error)?;
         let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
+        if let Some(id) = response
+            .headers()
+            .get("x-fb-trace-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            span.record("fbtrace_id", id);
+        }
         let body = response
             .bytes()
             .await
             .map_err(|e| SendError::Ambiguous(format!("reading the answer failed: {e}")))?;
         interpret(status.as_u16(), &body)
+    }
+}
+
+#[async_trait]
+impl CloudApi for HttpCloud {
+    async fn send(&self, request: SendRequest) -> Result<Accepted, SendError> {
+        // The client span of the job's trace: what Meta answered and the id its support asks
+        // for. No trace context is sent to Meta.
+        let span = tracing::info_span!(
+            "cloud.send",
+            otel.kind = "client",
+            url.template = "/{phone_number_id}/messages",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty,
+            error.code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            fbtrace_id = tracing::field::Empty,
+        );
+        let result = self
+            .post_message(request, &span)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(_) => {}
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", e.kind());
+                if let SendError::Api(api) = e {
+                    span.record("error.code", api.code);
+                    if let Some(id) = &api.fbtrace_id {
+                        span.record("fbtrace_id", id.as_str());
+                    }
+                }
+            }
+        }
+        result
     }
 
     async fn templates(

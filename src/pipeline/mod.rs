@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 pub use outcome::{Dead, Later, Outcome};
 pub use pacer::Pacer;
@@ -254,7 +254,9 @@ impl Pipeline {
         telemetry::adopt_parent(&span, &delivery.envelope.headers);
         async move {
             let outcome = self.decide(&delivery.envelope, delivery.lane).await;
-            self.settle(delivery, outcome).await
+            let (decided, cause) = outcome.describe();
+            let settling = info_span!("settle", outcome = decided, cause);
+            self.settle(delivery, outcome).instrument(settling).await
         }
         .instrument(span)
         .await
@@ -328,8 +330,8 @@ impl Pipeline {
     pub async fn decide(&self, envelope: &Envelope, lane: Lane) -> Outcome {
         let stages = async {
             let decoded = self.decode(envelope, lane)?;
-            let paced = self.pace(decoded).await?;
-            let admitted = self.admit(paced).await?;
+            let paced = self.pace(decoded).instrument(info_span!("pace")).await?;
+            let admitted = self.admit(paced).instrument(info_span!("admit")).await?;
             self.send(admitted).await
         };
         match stages.await {

@@ -21,6 +21,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The decision and its cause, as the `settle` span names them: (`sent`, none),
+    /// (`deferred`, why) or (`dead_lettered`, reason).
+    pub fn describe(&self) -> (&'static str, Option<&str>) {
+        match self {
+            Outcome::Accepted(_) => ("sent", None),
+            Outcome::AlreadyDone(_) => ("already_done", None),
+            Outcome::Later(later) => ("deferred", Some(&later.why)),
+            Outcome::Dead(dead) => ("dead_lettered", Some(dead.reason.as_str())),
+        }
+    }
+
     /// Meta accepted `job` as `wamid` on attempt `attempts`.
     pub fn accepted(job: &SendJob, wamid: &Wamid, attempts: u32) -> Self {
         let mut event = Event::for_job("message.accepted", job);

@@ -352,7 +352,10 @@ impl Pipeline {
                 let record = WamidRecord {
                     job_id: job.job_id.to_string(),
                     campaign_id: job.campaign_id.as_ref().map(ToString::to_string),
-                    traceparent: envelope.headers.get_str(H_TRACEPARENT),
+                    // The job span's context, so the webhook's status spans nest under it;
+                    // the producer's when spans are not recorded.
+                    traceparent: crate::telemetry::current_traceparent()
+                        .or_else(|| envelope.headers.get_str(H_TRACEPARENT)),
                     metadata: job.metadata.clone(),
                     resend: marketing.then(|| Resend {
                         job: String::from_utf8_lossy(&envelope.body).into_owned(),

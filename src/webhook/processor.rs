@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::payload::{self, InboundMessage, MessageStatus, StatusUpdate, Update, WebhookError};
 use super::status::{self, Transition};
@@ -30,7 +30,8 @@ use crate::policy::admission::Mark;
 use crate::policy::{self, Action, DelayTiers};
 use crate::pricing::{Estimate, RateCard};
 use crate::settlement::{self, DeadLetter, Trace, Unsettled};
-use crate::store::{Cost, JobKey, Store, StoreError, Tally, WamidRecord};
+use crate::store::{Cost, JobKey, Message, Store, StoreError, Tally, WamidRecord};
+use crate::telemetry;
 use crate::vocab::{DeadReason, ErrorCode, ErrorSource};
 
 /// What the processor needs to know besides the store and the broker.
@@ -361,6 +362,35 @@ impl Processor {
         if message.record.is_none() {
             message.record = self.reconcile(&waba, &s).await?;
         }
+        // One span per status, in the job's trace when the job is known.
+        let span = info_span!(
+            "webhook.status",
+            otel.kind = "consumer",
+            wamid = %s.wamid,
+            status = s.status.as_str(),
+            job_id = message.record.as_ref().map(|r| r.job_id.as_str()),
+        );
+        if let Some(parent) = message
+            .record
+            .as_ref()
+            .and_then(|r| r.traceparent.as_deref())
+        {
+            telemetry::adopt_traceparent(&span, parent);
+        }
+        self.apply(&waba, s, message, handled)
+            .instrument(span)
+            .await
+    }
+
+    /// Publishes a status's event and records it, unless it is a duplicate or stale: the part
+    /// of [`Processor::status`] done once its message is looked up.
+    async fn apply(
+        &self,
+        waba: &WabaId,
+        s: StatusUpdate,
+        mut message: Message,
+        handled: &mut Handled,
+    ) -> Result<(), ProcessError> {
         let mut published = false;
         loop {
             let previous = message.status.as_deref().map(MessageStatus::from);
@@ -400,7 +430,7 @@ impl Processor {
                     .and_then(|r| r.traceparent.as_deref());
                 self.publish(&event, trace, handled).await?;
                 if s.status == MessageStatus::Failed {
-                    self.failed(&waba, &s, event, message.record.as_ref(), handled)
+                    self.failed(waba, &s, event, message.record.as_ref(), handled)
                         .await?;
                 }
                 published = true;
@@ -420,12 +450,12 @@ impl Processor {
             let expected = message.status.as_deref();
             if self
                 .store
-                .apply_status(&waba, &s.wamid, expected, s.status.as_str(), &tally)
+                .apply_status(waba, &s.wamid, expected, s.status.as_str(), &tally)
                 .await?
             {
                 return Ok(());
             }
-            message = self.store.message(&waba, &s.wamid).await?;
+            message = self.store.message(waba, &s.wamid).await?;
         }
     }
 
