@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{Instrument as _, warn};
 
 use crate::admin::Admin;
 use crate::broker::rabbit::{RabbitBroker, RabbitSettings};
@@ -250,28 +250,39 @@ pub fn pipeline(
 }
 
 /// Publishes one job body to its number's lane (routing key `<lane>.<phone_number_id>`, read
-/// from the body), with the current trace context: what a producer does.
+/// from the body) under a producer span, whose trace context the job carries: what a producer
+/// does.
 pub async fn enqueue(
     broker: &dyn Broker,
     lane: Lane,
     body: Vec<u8>,
 ) -> Result<(), crate::broker::BrokerError> {
-    let mut headers = Headers::default();
-    crate::telemetry::inject_current(&mut headers);
-    if !headers.0.contains_key(H_TRACEPARENT) {
-        // No active trace: start one per job so the job is still one trace end to end.
-        let trace_id = uuid::Uuid::new_v4().simple().to_string();
-        let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
-        headers.set_str(H_TRACEPARENT, format!("00-{trace_id}-{span_id}-01"));
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        lane = lane.as_str()
+    );
+    async move {
+        let mut headers = Headers::default();
+        crate::telemetry::inject_current(&mut headers);
+        if !headers.0.contains_key(H_TRACEPARENT) {
+            // No tracing subscriber: start a trace per job so the job is still one trace.
+            let trace_id = uuid::Uuid::new_v4().simple().to_string();
+            let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+            headers.set_str(H_TRACEPARENT, format!("00-{trace_id}-{span_id}-01"));
+        }
+        let route = Route::of(lane, &body);
+        broker
+            .publish(
+                Target::Job(route),
+                Envelope {
+                    body: body.into(),
+                    headers,
+                },
+            )
+            .await
     }
-    let route = Route::of(lane, &body);
-    broker
-        .publish(
-            Target::Job(route),
-            Envelope {
-                body: body.into(),
-                headers,
-            },
-        )
-        .await
+    .instrument(span)
+    .await
 }

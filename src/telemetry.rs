@@ -128,7 +128,12 @@ pub fn init_logs(filter: &str, format: &str) {
 fn install(filter: &str, format: &str, tracer: opentelemetry_sdk::trace::SdkTracer) {
     // The log filter is the fmt layer's alone: spans are recorded for the traces (and for the
     // trace context events carry) whatever the log level.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    if !filter.to_string().contains("opentelemetry") {
+        // The SDK's own notes ("global tracer provider is set") at info are noise; its
+        // warnings (an export that failed) are not.
+        filter = filter.add_directive("opentelemetry=warn".parse().expect("a directive"));
+    }
     let fmt = match format {
         "json" => json_subscriber::fmt::layer()
             .with_target(false)

@@ -12,6 +12,8 @@
 //!   another; how soon the few are sent.
 //! - `-- topology [--numbers 500 --replicas 5 --queue quorum]`: what per-number queues cost the
 //!   broker.
+//! - `-- spans [--jobs 20000 --pairs 2]`: the worker with no tracing subscriber, with spans
+//!   recorded but not exported (the default), and with spans exported over OTLP, interleaved.
 //!
 //! Workers and bare loops run as child processes (this binary, `child …`), so their CPU time and
 //! memory are their own.
@@ -235,7 +237,9 @@ impl StandIn {
             .route(
                 "/{version}/{waba}/message_templates",
                 get(|| async { axum::Json(json!({"data": []})) }),
-            );
+            )
+            // An OTLP collector that keeps nothing: what exporting costs the worker.
+            .route("/v1/traces", post(|| async { "" }));
         let server = wa_sender::app::HttpServer::bind("127.0.0.1:0", router)
             .await
             .expect("bind");
@@ -354,7 +358,24 @@ pub fn median(values: &mut [f64]) -> f64 {
 fn main() {
     // Children log as a deployed worker does (the configuration's `info`); the rest only warns.
     let filter = if flag("child") { "info" } else { "warn" };
-    wa_sender::telemetry::init_logs(filter, "text");
+    // Children record spans as a deployed worker does, unless `--spans none` (no subscriber at
+    // all) or `--spans exported` (to the OTLP collector at `--collector`).
+    let _telemetry = match option::<String>("--spans").as_deref() {
+        Some("none") => None,
+        Some("exported") => {
+            let mut settings = Settings::load(std::path::Path::new("config"), "local")
+                .expect("config")
+                .telemetry;
+            settings.log_filter = filter.into();
+            settings.otlp_endpoint = option("--collector").expect("--collector");
+            let telemetry = wa_sender::telemetry::init(&settings, "wa-sender-worker", None);
+            Some(telemetry.expect("telemetry"))
+        }
+        _ => {
+            wa_sender::telemetry::init_logs(filter, "text");
+            None
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -369,6 +390,8 @@ fn main() {
         runtime.block_on(scheduling::fairness());
     } else if flag("topology") {
         runtime.block_on(scheduling::topology());
+    } else if flag("spans") {
+        runtime.block_on(throughput::spans());
     } else {
         runtime.block_on(throughput::pairs());
     }

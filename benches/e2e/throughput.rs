@@ -153,6 +153,52 @@ pub async fn pairs() {
     );
 }
 
+/// What spans cost the worker: no subscriber at all, spans recorded (trace context for events,
+/// nothing exported: the default) and spans exported over OTLP to a collector that keeps
+/// nothing, each draining its own freshly pre-loaded queues, the order rotating.
+pub async fn spans() {
+    let jobs: usize = option("--jobs").unwrap_or(20_000);
+    let rounds: usize = option("--pairs").unwrap_or(2);
+    let numbers: usize = option("--numbers").unwrap_or(40);
+    let stand_in = StandIn::start().await;
+    println!("spans: {jobs} text jobs over {numbers} numbers, {rounds} rounds");
+    let modes = ["none", "recorded", "exported"];
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds {
+        for k in 0..modes.len() {
+            let m = (round + k) % modes.len();
+            let (mut args, cleanup) = prepare(jobs, numbers, &stand_in.url).await;
+            args.extend(["--spans", modes[m], "--collector", &stand_in.url].map(String::from));
+            let d = drain("worker", jobs, &args).await;
+            cleanup.run().await;
+            println!(
+                "  round {}: spans {:<8} {:>7.0} jobs/s, {:>5.1} µs CPU per job, peak RSS {:.0} MiB",
+                round + 1,
+                modes[m],
+                d.rate,
+                d.cpu_us,
+                d.peak_mib
+            );
+            rates[m].push(d.rate);
+            cpu[m].push(d.cpu_us);
+        }
+    }
+    let rate: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    let cpu: Vec<f64> = cpu.iter_mut().map(|c| median(c)).collect();
+    println!(
+        "spans: medians none {:.0} jobs/s {:.1} µs, recorded {:.0} jobs/s {:.1} µs ({:.2}×), exported {:.0} jobs/s {:.1} µs ({:.2}×)",
+        rate[0],
+        cpu[0],
+        rate[1],
+        cpu[1],
+        rate[1] / rate[0],
+        rate[2],
+        cpu[2],
+        rate[2] / rate[0]
+    );
+}
+
 /// The worker's resident memory, sampled each second while a large backlog drains.
 pub async fn rss() {
     let jobs: usize = option("--jobs").unwrap_or(1_000_000);
