@@ -22,10 +22,8 @@ fn processor(app: &common::TestApp) -> Processor {
         app.broker.clone(),
         app.store.clone(),
         ProcessorSettings {
-            numbers: app.settings.number_wabas().unwrap(),
             stop_keywords: vec!["STOP".into(), "ABMELDEN".into()],
-            rate_card: app.settings.pricing.clone(),
-            delay_tiers: app.settings.delay_tiers().unwrap(),
+            ..app.runtime().processor()
         },
     )
 }
