@@ -81,12 +81,16 @@ fn through(app: &common::TestApp, proxy: &Proxy) -> Runtime {
     through_proxy
 }
 
-/// The webhook process (receiver and processor) over `broker` and `store`, on a free port.
+/// The webhook process (receiver and processor) over `broker` and `store`, on a free port,
+/// holding 16 intake bodies at a time.
 async fn webhook_app(
     settings: &Runtime,
     broker: Arc<RabbitBroker>,
     store: Arc<RedisStore>,
 ) -> WebhookApp {
+    let mut settings = settings.clone();
+    settings.webhook.prefetch = 16;
+    let settings = &settings;
     let secrets = ReceiverSettings {
         verify_token: SecretString::from("v"),
         app_secret: SecretString::from(APP_SECRET),

@@ -61,11 +61,24 @@ impl WebhookApp {
         broker: Arc<dyn Broker>,
         store: Arc<dyn Store>,
     ) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        Self::on_listener(runtime, listener, secrets, broker, store)
+    }
+
+    /// The same on a listener already bound: its address can be given to whoever sends the
+    /// webhooks (a simulator's scenario) before the broker and the store exist.
+    pub fn on_listener(
+        runtime: &Runtime,
+        listener: tokio::net::TcpListener,
+        secrets: ReceiverSettings,
+        broker: Arc<dyn Broker>,
+        store: Arc<dyn Store>,
+    ) -> std::io::Result<Self> {
         let processor = Arc::new(Processor::new(broker.clone(), store, runtime.processor()));
         let router = receiver::router(broker, secrets)
             .merge(crate::health::router(processor.health()))
             .merge(crate::metrics::router());
-        let server = HttpServer::bind(listen, crate::metrics::count_requests(router)).await?;
+        let server = HttpServer::on(listener, crate::metrics::count_requests(router));
         let addr = server.addr()?;
         let stop = CancellationToken::new();
         let serving = tokio::spawn(server.run_until_stopped(stop.clone()));
