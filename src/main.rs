@@ -15,7 +15,6 @@ use tracing::{error, info};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use wa_sender::admin::dead::DeadQuery;
-use wa_sender::admin::http::AdminServer;
 use wa_sender::admin::import::{self, ImportError};
 use wa_sender::admin::{Admin, AdminError, ConsentChange};
 use wa_sender::app::{WebhookApp, WorkerApp};
@@ -444,16 +443,8 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_on_signal()).await
         }
         Command::Admin { listen } => {
-            // The token first: without one, refuse before connecting to anything.
-            let token = settings.admin_token()?;
-            let admin = wa_sender::app::admin_with_queues(&settings).await?;
-            let listen = listen.unwrap_or(settings.admin.listen.clone());
-            let server = AdminServer::bind(&listen, admin, &token)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            info!(addr = %server.addr()?, "admin API listening");
-            server.run_until_stopped(shutdown_on_signal()).await?;
-            Ok(())
+            let server = wa_sender::app::admin_server(&settings, listen.as_deref()).await?;
+            Ok(server.run_until_stopped(shutdown_on_signal()).await?)
         }
         Command::Campaign { action } => {
             let admin = wa_sender::app::admin(&settings).await?;

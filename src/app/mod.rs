@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -138,6 +139,19 @@ pub async fn admin_with_queues(settings: &Runtime) -> anyhow::Result<Admin> {
     settings.number_wabas()?;
     let broker = RabbitBroker::connect(settings.rabbit()).await?;
     Ok(admin(settings).await?.with_broker(Arc::new(broker)))
+}
+
+/// The admin API as `wa-sender admin` serves it, bound to `listen` (default `admin.listen`).
+/// The token is read first: without one it refuses before it connects to anything.
+pub async fn admin_server(settings: &Runtime, listen: Option<&str>) -> anyhow::Result<HttpServer> {
+    let token = settings.admin_token()?;
+    let admin = admin_with_queues(settings).await?;
+    let listen = listen.unwrap_or(&settings.admin.listen);
+    let server = crate::admin::http::AdminServer::bind(listen, admin, &token)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(addr = %server.addr()?, "admin API listening");
+    Ok(server)
 }
 
 /// The HTTP Cloud API client.
