@@ -68,7 +68,8 @@ fn wamid(i: u64) -> String {
 async fn receiver(settings: Settings) {
     let connections: usize = option("--connections").unwrap_or(64);
     let seconds: u64 = option("--seconds").unwrap_or(10);
-    let (broker, _) = wa_sender::app::connect(&settings)
+    let runtime = settings.runtime().expect("valid settings");
+    let (broker, _) = wa_sender::app::connect(&runtime)
         .await
         .expect("RabbitMQ and Redis");
     let app = router(
@@ -130,7 +131,8 @@ async fn receiver(settings: Settings) {
 async fn processor(settings: Settings) {
     let messages: u64 = option("--messages").unwrap_or(20_000);
     let prefetch: u16 = option("--prefetch").unwrap_or(settings.webhook.prefetch);
-    let (broker, store) = wa_sender::app::connect(&settings)
+    let runtime = settings.runtime().expect("valid settings");
+    let (broker, store) = wa_sender::app::connect(&runtime)
         .await
         .expect("RabbitMQ and Redis");
     let waba = WabaId::parse(WABA).expect("waba");
@@ -186,10 +188,8 @@ async fn processor(settings: Settings) {
         broker.clone() as Arc<dyn Broker>,
         store.clone() as Arc<dyn Store>,
         ProcessorSettings {
-            numbers: settings.number_wabas().expect("numbers"),
             stop_keywords: vec![],
-            rate_card: settings.pricing.clone(),
-            delay_tiers: settings.delay_tiers().unwrap(),
+            ..runtime.processor()
         },
     ));
     // A subscriber, as producers have: events go to a queue and are consumed, not discarded.

@@ -1,6 +1,8 @@
 //! Configuration: `config/default.toml` → `config/<environment>.toml` → `WA_SENDER__SECTION__KEY`
-//! environment variables. Typed, unknown keys rejected, validated once into [`Settings`]; secrets
-//! come from the environment or `*_file` paths and are wrapped so `Debug` never prints them.
+//! environment variables. Typed, unknown keys rejected, validated and converted once into a
+//! [`Runtime`] (durations, id newtypes, lanes, delay tiers) that every process is built from;
+//! secrets come from the environment or `*_file` paths and are wrapped so `Debug` never prints
+//! them.
 //! The field docs below are the operator's manual (the README's configuration reference).
 
 use std::collections::BTreeMap;
@@ -12,10 +14,15 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::broker::rabbit::QueueType;
+use crate::broker::rabbit::{QueueType, RabbitSettings};
+use crate::cloud::HttpSettings;
 use crate::ids::{PhoneNumberId, WabaId};
-use crate::policy::admission::OptInPolicy;
+use crate::job::Lane;
+use crate::pipeline::{AdmissionSettings, PacingSettings, PipelineSettings};
+use crate::policy::admission::{OptInPolicy, PairRate};
 use crate::policy::{DelayTiers, RetryPolicy};
+use crate::webhook::processor::ProcessorSettings;
+use crate::webhook::receiver::ReceiverSettings;
 
 /// Everything wa-sender can be told.
 #[derive(Debug, Clone, Deserialize)]
@@ -360,6 +367,11 @@ impl Settings {
     /// Loads `<dir>/default.toml`, then `<dir>/<environment>.toml` if present, then the
     /// environment, and validates the result.
     pub fn load(dir: &Path, environment: &str) -> Result<Settings, ConfigError> {
+        Self::from_figment(Self::layers(dir, environment)?)
+    }
+
+    /// The layers [`Settings::load`] reads, in order.
+    fn layers(dir: &Path, environment: &str) -> Result<Figment, ConfigError> {
         let default = dir.join("default.toml");
         if !default.exists() {
             return Err(ConfigError(format!(
@@ -367,72 +379,39 @@ impl Settings {
                 default.display()
             )));
         }
-        let figment = Figment::new()
+        Ok(Figment::new()
             .merge(Toml::file(default))
             .merge(Toml::file(dir.join(format!("{environment}.toml"))))
-            .merge(Env::prefixed("WA_SENDER__").split("__"));
-        Self::from_figment(figment)
+            .merge(Env::prefixed("WA_SENDER__").split("__")))
     }
 
-    /// Extracts and validates settings from any figment (tests layer their own values).
+    /// Extracts and validates settings from any figment (tests layer their own values, and may
+    /// change them before they build from them). Validating is converting: see
+    /// [`Settings::runtime`].
     pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
-        let settings: Settings = figment.extract().map_err(|e| {
+        let settings = Self::extract(figment)?;
+        settings.runtime()?;
+        Ok(settings)
+    }
+
+    fn extract(figment: Figment) -> Result<Settings, ConfigError> {
+        figment.extract().map_err(|e| {
             let mut message = e.to_string();
             if !e.path.is_empty() {
                 message = format!("{}: {message}", e.path.join("."));
             }
             ConfigError(message)
-        })?;
-        settings.validate()?;
-        Ok(settings)
+        })
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Validates these settings and converts them into the types the processes are built from.
+    /// This is the only place the text of the configuration is parsed; every error names its
+    /// key.
+    pub fn runtime(&self) -> Result<Runtime, ConfigError> {
         if let Some(problem) = self.pricing.problem() {
             return Err(ConfigError(problem));
         }
-        if self.worker.concurrency == 0 {
-            return Err(invalid("worker.concurrency", "must be at least 1"));
-        }
-        if self.worker.prefetch == 0 {
-            return Err(invalid("worker.prefetch", "must be at least 1"));
-        }
-        if self.webhook.prefetch == 0 {
-            return Err(invalid("webhook.prefetch", "must be at least 1"));
-        }
-        for lane in self.worker.lane_weights.keys() {
-            if crate::job::Lane::parse(lane).is_none() {
-                return Err(invalid(
-                    &format!("worker.lane_weights.{lane}"),
-                    "is not a lane (otp, transactional, bulk)",
-                ));
-            }
-        }
-        if self.worker.lane_weights.values().all(|w| *w == 0) {
-            return Err(invalid(
-                "worker.lane_weights",
-                "at least one lane needs a weight above 0",
-            ));
-        }
-        if self.worker.claim_lease_secs * 1000 <= self.cloud.request_timeout_ms {
-            return Err(invalid(
-                "worker.claim_lease_secs",
-                "must be longer than cloud.request_timeout_ms, or a slow send could be sent twice",
-            ));
-        }
-        if self.retry.max_attempts == 0 {
-            return Err(invalid("retry.max_attempts", "must be at least 1"));
-        }
-        if self.retry.factor < 1.0 {
-            return Err(invalid("retry.factor", "must be at least 1.0"));
-        }
-        if self.retry.min_delay_ms == 0 || self.retry.max_delay_ms < self.retry.min_delay_ms {
-            return Err(invalid(
-                "retry.max_delay_ms",
-                "must be at least retry.min_delay_ms, which must be above 0",
-            ));
-        }
-        self.delay_tiers()?;
+        let numbers = self.numbers()?;
         if !(0.0..=1.0).contains(&self.demo.invalid_share) {
             return Err(invalid("demo.invalid_share", "must be between 0.0 and 1.0"));
         }
@@ -464,48 +443,128 @@ impl Settings {
                 "must be \"text\" or \"json\"",
             ));
         }
-        if !(0.5..=1.0).contains(&self.worker.throughput_headroom) {
+        if self.webhook.prefetch == 0 {
+            return Err(invalid("webhook.prefetch", "must be at least 1"));
+        }
+        let cloud = &self.cloud;
+        Ok(Runtime {
+            amqp: AmqpRuntime {
+                url: self.amqp.url.clone(),
+                prefix: self.amqp.prefix.clone(),
+                queue_type: self.amqp.queue_type,
+                delay_tiers: self.delay_tiers()?,
+                delivery_limit: self.amqp.delivery_limit,
+            },
+            redis: self.redis.clone(),
+            cloud: HttpSettings {
+                base_url: cloud.base_url.clone(),
+                api_version: cloud.api_version.clone(),
+                request_timeout: Duration::from_millis(cloud.request_timeout_ms),
+                connect_timeout: Duration::from_millis(cloud.connect_timeout_ms),
+                pool_max_idle_per_host: cloud.pool_max_idle_per_host,
+            },
+            cloud_token: Secret::new(
+                "cloud.access_token",
+                &cloud.access_token,
+                &cloud.access_token_file,
+            ),
+            worker: self.worker_runtime()?,
+            webhook: WebhookRuntime {
+                listen: self.webhook.listen.clone(),
+                prefetch: self.webhook.prefetch,
+                stop_keywords: self.webhook.stop_keywords.clone(),
+                verify_token: Secret::new(
+                    "webhook.verify_token",
+                    &self.webhook.verify_token,
+                    &self.webhook.verify_token_file,
+                ),
+                app_secret: Secret::new(
+                    "webhook.app_secret",
+                    &self.webhook.app_secret,
+                    &self.webhook.app_secret_file,
+                ),
+            },
+            admin: AdminRuntime {
+                listen: self.admin.listen.clone(),
+                token: Secret::new("admin.token", &self.admin.token, &self.admin.token_file),
+            },
+            numbers,
+            simulator: self.simulator.clone(),
+            demo: self.demo.clone(),
+            pricing: self.pricing.clone(),
+            telemetry: self.telemetry.clone(),
+        })
+    }
+
+    /// The worker's part: its loop, its pipeline's timing and the admission rules.
+    fn worker_runtime(&self) -> Result<WorkerRuntime, ConfigError> {
+        let w = &self.worker;
+        if w.concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be at least 1"));
+        }
+        if w.prefetch == 0 {
+            return Err(invalid("worker.prefetch", "must be at least 1"));
+        }
+        let lane_weights = w
+            .lane_weights
+            .iter()
+            .map(|(lane, weight)| match Lane::parse(lane) {
+                Some(parsed) => Ok((parsed, *weight)),
+                None => Err(invalid(
+                    &format!("worker.lane_weights.{lane}"),
+                    "is not a lane (otp, transactional, bulk)",
+                )),
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        if lane_weights.values().all(|w| *w == 0) {
+            return Err(invalid(
+                "worker.lane_weights",
+                "at least one lane needs a weight above 0",
+            ));
+        }
+        if w.claim_lease_secs * 1000 <= self.cloud.request_timeout_ms {
+            return Err(invalid(
+                "worker.claim_lease_secs",
+                "must be longer than cloud.request_timeout_ms, or a slow send could be sent twice",
+            ));
+        }
+        if !(0.5..=1.0).contains(&w.throughput_headroom) {
             return Err(invalid(
                 "worker.throughput_headroom",
                 "must be between 0.5 and 1.0",
             ));
         }
-        if self.worker.heartbeat_ms == 0
-            || self.worker.replica_ttl_ms < 2 * self.worker.heartbeat_ms
-        {
+        if w.heartbeat_ms == 0 || w.replica_ttl_ms < 2 * w.heartbeat_ms {
             return Err(invalid(
                 "worker.replica_ttl_ms",
                 "must be at least twice worker.heartbeat_ms (above 0), or live replicas look dead",
             ));
         }
-        if self.policy.pair_period_ms == 0 || self.policy.pair_burst == 0 {
-            return Err(invalid(
-                "policy.pair_period_ms",
-                "the pair period and burst must be above 0",
-            ));
-        }
-        for key in self.policy.messaging_limits.keys() {
-            if key != "default" {
-                WabaId::parse(key.clone())
-                    .map_err(|e| invalid(&format!("policy.messaging_limits.{key}"), e))?;
-            }
-        }
-        for (id, n) in &self.numbers {
-            PhoneNumberId::parse(id.clone()).map_err(|e| invalid(&format!("numbers.{id}"), e))?;
-            WabaId::parse(n.waba_id.clone())
-                .map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
-            if !(1..=1000).contains(&n.throughput_mps) {
-                return Err(invalid(
-                    &format!("numbers.{id}.throughput_mps"),
-                    "must be between 1 and 1000 (Meta's maximum)",
-                ));
-            }
-        }
-        Ok(())
+        Ok(WorkerRuntime {
+            run: crate::worker::WorkerSettings {
+                concurrency: w.concurrency,
+                prefetch: w.prefetch,
+                lane_weights,
+                shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+            },
+            health_listen: w.health_listen.clone(),
+            claim_lease: Duration::from_secs(w.claim_lease_secs),
+            ambiguous_wait: Duration::from_secs(w.ambiguous_wait_secs),
+            halt_cooldown: Duration::from_secs(w.halt_cooldown_secs),
+            retry: self.retry_policy()?,
+            admission: self.admission()?,
+            pacing: PacingSettings {
+                group: w.group.clone(),
+                heartbeat: Duration::from_millis(w.heartbeat_ms),
+                replica_ttl: Duration::from_millis(w.replica_ttl_ms),
+                headroom: w.throughput_headroom,
+                throttle_cooldown: Duration::from_secs(w.throttle_cooldown_secs),
+            },
+        })
     }
 
     /// The delay tiers, parsed.
-    pub fn delay_tiers(&self) -> Result<DelayTiers, ConfigError> {
+    fn delay_tiers(&self) -> Result<DelayTiers, ConfigError> {
         let tiers = self
             .amqp
             .delay_tiers
@@ -524,50 +583,65 @@ impl Settings {
     }
 
     /// The retry policy.
-    pub fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            min_delay: Duration::from_millis(self.retry.min_delay_ms),
-            max_delay: Duration::from_millis(self.retry.max_delay_ms),
-            factor: self.retry.factor,
-            max_attempts: self.retry.max_attempts,
+    fn retry_policy(&self) -> Result<RetryPolicy, ConfigError> {
+        let r = &self.retry;
+        if r.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
         }
-    }
-
-    /// The configured numbers with their tokens resolved (needs the secrets: worker only).
-    pub fn resolve_numbers(&self) -> Result<BTreeMap<PhoneNumberId, Number>, ConfigError> {
-        let default_token = secret(
-            "cloud.access_token",
-            &self.cloud.access_token,
-            &self.cloud.access_token_file,
-        )?;
-        self.number_wabas()?
-            .into_iter()
-            .map(|(id, waba)| {
-                let n = &self.numbers[id.as_str()];
-                let key = format!("numbers.{id}.access_token");
-                let token = match secret(&key, &n.access_token, &n.access_token_file)? {
-                    Some(t) => t,
-                    None => default_token.clone().ok_or_else(|| {
-                        invalid("cloud.access_token", "is not set: set WA_SENDER__CLOUD__ACCESS_TOKEN or WA_SENDER__CLOUD__ACCESS_TOKEN_FILE")
-                    })?,
-                };
-                let throughput_mps = n.throughput_mps;
-                Ok((id, Number { waba, throughput_mps, token }))
-            })
-            .collect()
-    }
-}
-
-impl Settings {
-    /// The configured numbers and the WABA of each, without their tokens (the admin commands
-    /// need no Cloud API secret).
-    pub fn number_wabas(&self) -> Result<BTreeMap<PhoneNumberId, WabaId>, ConfigError> {
-        if self.numbers.is_empty() {
+        if r.factor < 1.0 {
+            return Err(invalid("retry.factor", "must be at least 1.0"));
+        }
+        if r.min_delay_ms == 0 || r.max_delay_ms < r.min_delay_ms {
             return Err(invalid(
-                "numbers",
-                "no business number is configured; add [numbers.<phone_number_id>] with waba_id",
+                "retry.max_delay_ms",
+                "must be at least retry.min_delay_ms, which must be above 0",
             ));
         }
+        Ok(RetryPolicy {
+            min_delay: Duration::from_millis(r.min_delay_ms),
+            max_delay: Duration::from_millis(r.max_delay_ms),
+            factor: r.factor,
+            max_attempts: r.max_attempts,
+        })
+    }
+
+    /// The admission rules: the pair rate and each portfolio's messaging tier.
+    fn admission(&self) -> Result<AdmissionSettings, ConfigError> {
+        let policy = &self.policy;
+        if policy.pair_period_ms == 0 || policy.pair_burst == 0 {
+            return Err(invalid(
+                "policy.pair_period_ms",
+                "the pair period and burst must be above 0",
+            ));
+        }
+        let mut tiers = BTreeMap::new();
+        let mut default_tier = Some(250);
+        for (key, limit) in &policy.messaging_limits {
+            if key == "default" {
+                default_tier = limit.users();
+            } else {
+                let waba = WabaId::parse(key.clone())
+                    .map_err(|e| invalid(&format!("policy.messaging_limits.{key}"), e))?;
+                tiers.insert(waba, limit.users());
+            }
+        }
+        Ok(AdmissionSettings {
+            opt_in: policy.opt_in_required,
+            pair: PairRate {
+                margin: Duration::from_millis(policy.pair_margin_ms),
+                period: Duration::from_millis(policy.pair_period_ms),
+                burst: policy.pair_burst,
+            },
+            tiers,
+            default_tier,
+            template_refresh: Duration::from_secs(policy.template_refresh_secs),
+            campaign_recheck: Duration::from_secs(policy.campaign_recheck_secs),
+            template_recheck: Duration::from_secs(policy.template_recheck_secs),
+        })
+    }
+
+    /// The configured numbers, their ids parsed; their tokens are read only by the worker.
+    fn numbers(&self) -> Result<BTreeMap<PhoneNumberId, NumberRuntime>, ConfigError> {
         self.numbers
             .iter()
             .map(|(id, n)| {
@@ -575,42 +649,290 @@ impl Settings {
                     .map_err(|e| invalid(&format!("numbers.{id}"), e))?;
                 let waba = WabaId::parse(n.waba_id.clone())
                     .map_err(|e| invalid(&format!("numbers.{id}.waba_id"), e))?;
-                Ok((number, waba))
+                if !(1..=1000).contains(&n.throughput_mps) {
+                    return Err(invalid(
+                        &format!("numbers.{id}.throughput_mps"),
+                        "must be between 1 and 1000 (Meta's maximum)",
+                    ));
+                }
+                let token = Secret::new(
+                    &format!("numbers.{id}.access_token"),
+                    &n.access_token,
+                    &n.access_token_file,
+                );
+                Ok((
+                    number,
+                    NumberRuntime {
+                        waba,
+                        throughput_mps: n.throughput_mps,
+                        token,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+/// The settings as the processes use them, converted once from [`Settings`] by
+/// [`Settings::runtime`]: durations are [`Duration`]s, ids are newtypes, lanes are [`Lane`]s.
+/// Building a process from it parses nothing again. Secrets stay where the operator put them
+/// until the process that needs them reads them ([`Secret::read`]), so a command never fails
+/// for a secret file only another process mounts.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// RabbitMQ.
+    pub amqp: AmqpRuntime,
+    /// Redis (nothing in it needs converting).
+    pub redis: RedisSettings,
+    /// How to call the Cloud API.
+    pub cloud: HttpSettings,
+    /// The token of every number without its own.
+    pub cloud_token: Secret,
+    /// The configured business numbers (possibly none: the simulator needs none).
+    pub numbers: BTreeMap<PhoneNumberId, NumberRuntime>,
+    /// The send worker.
+    pub worker: WorkerRuntime,
+    /// The webhook process.
+    pub webhook: WebhookRuntime,
+    /// The admin API.
+    pub admin: AdminRuntime,
+    /// `wa-sender simulate`.
+    pub simulator: SimulatorSettings,
+    /// `wa-sender demo`.
+    pub demo: DemoSettings,
+    /// The rate card for cost estimates.
+    pub pricing: crate::pricing::RateCard,
+    /// Logs and traces.
+    pub telemetry: TelemetrySettings,
+}
+
+/// One configured business number, its token not read yet.
+#[derive(Debug, Clone)]
+pub struct NumberRuntime {
+    /// Its WABA.
+    pub waba: WabaId,
+    /// Its throughput in messages per second.
+    pub throughput_mps: u32,
+    /// Its own token, if it has one.
+    pub token: Secret,
+}
+
+/// The worker: its consumer loop, its pipeline's timing and the admission rules.
+#[derive(Debug, Clone)]
+pub struct WorkerRuntime {
+    /// Concurrency, prefetch, lane weights and the drain's grace period.
+    pub run: crate::worker::WorkerSettings,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub health_listen: String,
+    /// How long a claim protects a job being sent.
+    pub claim_lease: Duration,
+    /// How long an at-most-once job with an unknown outcome waits for a webhook.
+    pub ambiguous_wait: Duration,
+    /// Pause after a halting error.
+    pub halt_cooldown: Duration,
+    /// Retry backoff and attempts.
+    pub retry: RetryPolicy,
+    /// Admission rules.
+    pub admission: AdmissionSettings,
+    /// Throughput sharing among replicas.
+    pub pacing: PacingSettings,
+}
+
+/// RabbitMQ: where it is and how the topology is named and declared.
+#[derive(Debug, Clone)]
+pub struct AmqpRuntime {
+    /// `amqp://user:password@host:port/vhost`.
+    pub url: String,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Quorum or classic queues.
+    pub queue_type: QueueType,
+    /// The delay queues a retry or deferral waits in.
+    pub delay_tiers: DelayTiers,
+    /// `x-delivery-limit` of quorum queues.
+    pub delivery_limit: u32,
+}
+
+/// The webhook process: the receiver's address and secrets, the processor's stop words.
+#[derive(Debug, Clone)]
+pub struct WebhookRuntime {
+    /// Where the receiver (and `/healthz`, `/readyz`, `/metrics`) listens.
+    pub listen: String,
+    /// Intake bodies the processor works on at once.
+    pub prefetch: u16,
+    /// Whole inbound messages that record a marketing opt-out.
+    pub stop_keywords: Vec<String>,
+    /// The verify token of the handshake.
+    pub verify_token: Secret,
+    /// The app secret that signs every POST.
+    pub app_secret: Secret,
+}
+
+/// The admin API.
+#[derive(Debug, Clone)]
+pub struct AdminRuntime {
+    /// Where it listens.
+    pub listen: String,
+    /// Its bearer token.
+    pub token: Secret,
+}
+
+/// A secret as configured: its value, or the file holding it, under its key.
+#[derive(Debug, Clone)]
+pub struct Secret {
+    key: String,
+    value: Option<SecretString>,
+    file: Option<PathBuf>,
+}
+
+impl Secret {
+    /// A secret given as it is (the demo's own token), under `key`.
+    pub fn given(key: &str, value: SecretString) -> Secret {
+        Secret::new(key, &Some(value), &None)
+    }
+
+    fn new(key: &str, value: &Option<SecretString>, file: &Option<PathBuf>) -> Secret {
+        Secret {
+            key: key.to_owned(),
+            value: value.clone(),
+            file: file.clone(),
+        }
+    }
+
+    /// Reads it: `None` when neither the value nor the file is set; an error when both are, or
+    /// when the file cannot be read or is empty.
+    pub fn read(&self) -> Result<Option<SecretString>, ConfigError> {
+        secret(&self.key, &self.value, &self.file)
+    }
+}
+
+/// `value`, unless it is missing or blank: then an error naming the secret's environment
+/// variables.
+fn required(
+    secret: &Secret,
+    value: Option<SecretString>,
+    missing: &str,
+) -> Result<SecretString, ConfigError> {
+    value
+        .filter(|v| !secrecy::ExposeSecret::expose_secret(v).trim().is_empty())
+        .ok_or_else(|| {
+            let env = secret.key.to_ascii_uppercase().replace('.', "__");
+            invalid(
+                &secret.key,
+                format!("{missing}: set WA_SENDER__{env} or WA_SENDER__{env}_FILE"),
+            )
+        })
+}
+
+impl Runtime {
+    /// Loads the settings like [`Settings::load`] and converts them, once.
+    pub fn load(dir: &Path, environment: &str) -> Result<Runtime, ConfigError> {
+        Settings::extract(Settings::layers(dir, environment)?)?.runtime()
+    }
+
+    /// Extracts settings from any figment and converts them.
+    pub fn from_figment(figment: Figment) -> Result<Runtime, ConfigError> {
+        Settings::extract(figment)?.runtime()
+    }
+
+    /// The configured numbers and the WABA of each; an error when there are none (every
+    /// process but the simulator needs one).
+    pub fn number_wabas(&self) -> Result<BTreeMap<PhoneNumberId, WabaId>, ConfigError> {
+        if self.numbers.is_empty() {
+            return Err(invalid(
+                "numbers",
+                "no business number is configured; add [numbers.<phone_number_id>] with waba_id",
+            ));
+        }
+        Ok(self.wabas())
+    }
+
+    /// Each configured number's WABA (none when no number is configured).
+    fn wabas(&self) -> BTreeMap<PhoneNumberId, WabaId> {
+        self.numbers
+            .iter()
+            .map(|(id, n)| (id.clone(), n.waba.clone()))
+            .collect()
+    }
+
+    /// The broker's settings: the connection, and a lane queue per configured number.
+    pub fn rabbit(&self) -> RabbitSettings {
+        let amqp = &self.amqp;
+        RabbitSettings {
+            url: amqp.url.clone(),
+            prefix: amqp.prefix.clone(),
+            queue_type: amqp.queue_type,
+            delay_tiers: amqp.delay_tiers.clone(),
+            delivery_limit: amqp.delivery_limit,
+            numbers: self.numbers.keys().cloned().collect(),
+        }
+    }
+
+    /// The pipeline's settings for the replica named `owner` (each replica has its own name,
+    /// so two replicas in one process never take each other's claims).
+    pub fn pipeline(&self, owner: String) -> PipelineSettings {
+        let w = &self.worker;
+        PipelineSettings {
+            owner,
+            claim_lease: w.claim_lease,
+            ambiguous_wait: w.ambiguous_wait,
+            halt_cooldown: w.halt_cooldown,
+            retry: w.retry.clone(),
+            tiers: self.amqp.delay_tiers.clone(),
+            admission: w.admission.clone(),
+            pacing: w.pacing.clone(),
+        }
+    }
+
+    /// What the webhook processor needs besides the store and the broker.
+    pub fn processor(&self) -> ProcessorSettings {
+        ProcessorSettings {
+            numbers: self.wabas(),
+            stop_keywords: self.webhook.stop_keywords.clone(),
+            rate_card: self.pricing.clone(),
+            delay_tiers: self.amqp.delay_tiers.clone(),
+        }
+    }
+
+    /// The configured numbers with their tokens read (the worker's secrets).
+    pub fn resolve_numbers(&self) -> Result<BTreeMap<PhoneNumberId, Number>, ConfigError> {
+        self.number_wabas()?;
+        let default_token = self.cloud_token.read()?;
+        self.numbers
+            .iter()
+            .map(|(id, n)| {
+                let token = match n.token.read()? {
+                    Some(t) => t,
+                    None => default_token.clone().ok_or_else(|| {
+                        invalid("cloud.access_token", "is not set: set WA_SENDER__CLOUD__ACCESS_TOKEN or WA_SENDER__CLOUD__ACCESS_TOKEN_FILE")
+                    })?,
+                };
+                let number = Number {
+                    waba: n.waba.clone(),
+                    throughput_mps: n.throughput_mps,
+                    token,
+                };
+                Ok((id.clone(), number))
             })
             .collect()
     }
 
     /// The webhook receiver's verify token and app secret; an error when either is missing,
     /// because an unsigned webhook must never be accepted.
-    pub fn webhook_secrets(&self) -> Result<(SecretString, SecretString), ConfigError> {
-        let w = &self.webhook;
-        let required = |key: &str, value: Option<SecretString>| {
-            value
-                .filter(|v| !secrecy::ExposeSecret::expose_secret(v).trim().is_empty())
-                .ok_or_else(|| {
-                    let env = key.to_ascii_uppercase().replace('.', "__");
-                    invalid(
-                        key,
-                        format!("is not set, and the receiver does not start without it: set WA_SENDER__{env} or WA_SENDER__{env}_FILE"),
-                    )
-                })
-        };
-        let verify = secret(
-            "webhook.verify_token",
-            &w.verify_token,
-            &w.verify_token_file,
-        )?;
-        let app_secret = secret("webhook.app_secret", &w.app_secret, &w.app_secret_file)?;
-        Ok((
-            required("webhook.verify_token", verify)?,
-            required("webhook.app_secret", app_secret)?,
-        ))
+    pub fn webhook_secrets(&self) -> Result<ReceiverSettings, ConfigError> {
+        let missing = "is not set, and the receiver does not start without it";
+        let (verify, app) = (&self.webhook.verify_token, &self.webhook.app_secret);
+        let (verify_token, app_secret) = (verify.read()?, app.read()?);
+        Ok(ReceiverSettings {
+            verify_token: required(verify, verify_token, missing)?,
+            app_secret: required(app, app_secret, missing)?,
+        })
     }
 
     /// The admin API's bearer token; an error when none is set, because an admin API open to
     /// anyone could pause every campaign or forge consent.
     pub fn admin_token(&self) -> Result<SecretString, ConfigError> {
-        let token = secret("admin.token", &self.admin.token, &self.admin.token_file)?.ok_or_else(|| {
+        let token = self.admin.token.read()?.ok_or_else(|| {
             invalid(
                 "admin.token",
                 "is not set, and the admin API does not start without one: set WA_SENDER__ADMIN__TOKEN or WA_SENDER__ADMIN__TOKEN_FILE",
@@ -687,8 +1009,8 @@ mod tests {
 
     #[test]
     fn shipped_defaults_are_valid() {
-        let s = Settings::from_figment(figment()).unwrap();
-        assert_eq!(s.delay_tiers().unwrap().all().len(), 7);
+        let runtime = Runtime::from_figment(figment()).unwrap();
+        assert_eq!(runtime.rabbit().delay_tiers.all().len(), 7);
     }
 
     #[test]
@@ -746,7 +1068,7 @@ mod tests {
                 .merge(Serialized::default("cloud.access_token_file", &file)),
         )
         .unwrap();
-        let resolved = s.resolve_numbers().unwrap();
+        let resolved = s.runtime().unwrap().resolve_numbers().unwrap();
         let n = resolved.values().next().unwrap();
         assert_eq!(
             secrecy::ExposeSecret::expose_secret(&n.token),
@@ -755,7 +1077,7 @@ mod tests {
         let both = numbers
             .merge(Serialized::default("cloud.access_token_file", &file))
             .merge(Serialized::default("cloud.access_token", "x"));
-        let err = Settings::from_figment(both)
+        let err = Runtime::from_figment(both)
             .unwrap()
             .resolve_numbers()
             .unwrap_err();
@@ -766,7 +1088,7 @@ mod tests {
     fn the_admin_api_needs_a_token() {
         let s = Settings::from_figment(figment()).unwrap();
         assert_eq!(s.admin.listen, "127.0.0.1:8090");
-        let err = s.admin_token().unwrap_err();
+        let err = s.runtime().unwrap().admin_token().unwrap_err();
         assert!(err.to_string().contains("WA_SENDER__ADMIN__TOKEN"), "{err}");
         let s = Settings::from_figment(
             figment().merge(Serialized::default("admin.token", "admin-secret")),
@@ -774,7 +1096,7 @@ mod tests {
         .unwrap();
         assert!(!format!("{s:?}").contains("admin-secret"));
         assert_eq!(
-            secrecy::ExposeSecret::expose_secret(&s.admin_token().unwrap()),
+            secrecy::ExposeSecret::expose_secret(&s.runtime().unwrap().admin_token().unwrap()),
             "admin-secret"
         );
     }

@@ -15,9 +15,10 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::{WebhookApp, WorkerApp};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, Tap};
-use crate::config::{MessagingLimit, Number, Settings};
+use crate::config::{NumberRuntime, Runtime, Secret};
 use crate::event::Event;
 use crate::ids::{PhoneNumberId, WaId, WabaId};
 use crate::job::Lane;
@@ -25,6 +26,7 @@ use crate::policy::admission::Mark;
 use crate::simulator::{Latency, Marketing, Scenario, SimUser, Simulator};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
+use crate::webhook::receiver::ReceiverSettings;
 
 const DEMO_NUMBER: &str = "106540352242922";
 const DEMO_WABA: &str = "102290129340398";
@@ -69,7 +71,7 @@ type RealParts = (
 );
 
 /// Runs the demo; `embedded` uses the in-process broker and store instead of RabbitMQ/Redis.
-pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Result<Summary> {
+pub async fn run(settings: &Runtime, embedded: bool, jobs: usize) -> anyhow::Result<Summary> {
     let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     let mut scenario = Scenario::single(DEMO_NUMBER, DEMO_WABA, &token);
     scenario.numbers[0].throughput_mps = Some(DEMO_MPS);
@@ -79,17 +81,56 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         p99_ms: 60.0,
     };
     scenario.numbers[0].messaging_limit = "TIER_10K".into();
+    let mut settings = settings.clone();
+    let run_prefix = format!(
+        "wa-demo-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    settings.amqp.prefix = run_prefix.clone();
+    settings.amqp.queue_type = crate::broker::rabbit::QueueType::Classic;
+    settings.redis.key_prefix = run_prefix.clone();
+    // The demo's keys are its own and thrown away at the end.
+    settings.redis.allow_volatile = true;
+    settings.worker.admission.tiers.clear();
+    settings.worker.admission.default_tier = Some(10_000);
+    settings.numbers = BTreeMap::from([(
+        PhoneNumberId::parse(DEMO_NUMBER)?,
+        NumberRuntime {
+            waba: WabaId::parse(DEMO_WABA)?,
+            throughput_mps: DEMO_MPS,
+            token: Secret::given("demo token", SecretString::from(token)),
+        },
+    )]);
+
+    let (broker, store, cleanup): (Arc<dyn Broker>, Arc<dyn Store>, Option<RealParts>) = if embedded
+    {
+        (
+            Arc::new(MemoryBroker::new(settings.numbers.keys())),
+            Arc::new(MemoryStore::new()),
+            None,
+        )
+    } else {
+        let (b, s) = crate::app::connect(&settings).await?;
+        (b.clone(), s.clone(), Some((b, s)))
+    };
     // Meta's status webhooks come back, signed, to the receiver, duplicated and reordered now
     // and then as Meta does, a little faster than people read.
-    let receiver_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the webhook receiver")?;
     let app_secret = format!("demo-secret-{}", uuid::Uuid::new_v4().simple());
-    scenario.webhooks.url = Some(format!(
-        "http://{}/webhook",
-        receiver_listener.local_addr()?
-    ));
-    scenario.webhooks.app_secret = app_secret.clone();
+    let secrets = ReceiverSettings {
+        verify_token: SecretString::from("demo"),
+        app_secret: SecretString::from(app_secret.clone()),
+    };
+    let webhook = WebhookApp::with_parts(
+        &settings,
+        "127.0.0.1:0",
+        secrets,
+        broker.clone(),
+        store.clone(),
+    )
+    .await
+    .context("binding the webhook receiver")?;
+    scenario.webhooks.url = Some(format!("http://{}/webhook", webhook.addr()));
+    scenario.webhooks.app_secret = app_secret;
     scenario.webhooks.duplicate_share = 0.05;
     scenario.webhooks.reorder_share = 0.05;
     scenario.webhooks.read_after = crate::simulator::DelayRange {
@@ -110,39 +151,7 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
         .await
         .context("starting the simulator")?;
 
-    let mut settings = settings.clone();
     settings.cloud.base_url = simulator.base_url();
-    let run_prefix = format!(
-        "wa-demo-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    settings.amqp.prefix = run_prefix.clone();
-    settings.amqp.queue_type = crate::broker::rabbit::QueueType::Classic;
-    settings.redis.key_prefix = run_prefix.clone();
-    // The demo's keys are its own and thrown away at the end.
-    settings.redis.allow_volatile = true;
-    settings.policy.messaging_limits =
-        BTreeMap::from([("default".to_owned(), MessagingLimit::Users(10_000))]);
-    let numbers = BTreeMap::from([(
-        PhoneNumberId::parse(DEMO_NUMBER)?,
-        Number {
-            waba: WabaId::parse(DEMO_WABA)?,
-            throughput_mps: DEMO_MPS,
-            token: SecretString::from(token),
-        },
-    )]);
-
-    let (broker, store, cleanup): (Arc<dyn Broker>, Arc<dyn Store>, Option<RealParts>) = if embedded
-    {
-        (
-            Arc::new(MemoryBroker::new(numbers.keys())),
-            Arc::new(MemoryStore::new()),
-            None,
-        )
-    } else {
-        let (b, s) = crate::app::connect(&settings).await?;
-        (b.clone(), s.clone(), Some((b, s)))
-    };
     let backend = if embedded {
         "embedded queue and store".to_owned()
     } else {
@@ -154,55 +163,14 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     );
 
     seed_users(store.as_ref(), jobs).await?;
-    let receiver = crate::webhook::receiver::router(
-        broker.clone(),
-        crate::webhook::receiver::ReceiverSettings {
-            verify_token: SecretString::from("demo"),
-            app_secret: SecretString::from(app_secret),
-        },
-    );
-    let processor = Arc::new(crate::webhook::processor::Processor::new(
-        broker.clone(),
-        store.clone(),
-        crate::webhook::processor::ProcessorSettings {
-            numbers: numbers
-                .iter()
-                .map(|(n, c)| (n.clone(), c.waba.clone()))
-                .collect(),
-            stop_keywords: settings.webhook.stop_keywords.clone(),
-            rate_card: settings.pricing.clone(),
-            delay_tiers: settings.delay_tiers()?,
-        },
-    ));
+    let processor = webhook.processor().clone();
     let report_store = store.clone();
-    let cloud = Arc::new(crate::app::http_cloud(&settings)?);
-    let pipeline = Arc::new(crate::app::pipeline(
-        &settings,
-        cloud,
-        broker.clone(),
-        store,
-        numbers,
-    )?);
+    let worker = WorkerApp::with_parts(&settings, broker.clone(), store)?;
     let mut events = broker.tap(Tap::Events).await?;
 
     let shutdown = CancellationToken::new();
-    let receiving = tokio::spawn(
-        axum::serve(receiver_listener, receiver)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
-    let processing = {
-        let (processor, shutdown) = (processor.clone(), shutdown.clone());
-        let prefetch = settings.webhook.prefetch;
-        tokio::spawn(async move { processor.run(prefetch, shutdown).await })
-    };
-    let worker = tokio::spawn(crate::worker::run(
-        pipeline.clone(),
-        broker.clone(),
-        crate::app::worker_settings(&settings),
-        crate::health::Health::of_consumer(),
-        shutdown.clone(),
-    ));
+    let receiving = tokio::spawn(webhook.run_until_stopped(shutdown.clone()));
+    let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
 
     let started = Instant::now();
     // Publish concurrently, as a real producer would: each publish waits for its confirm.
@@ -301,8 +269,7 @@ pub async fn run(settings: &Settings, embedded: bool, jobs: usize) -> anyhow::Re
     }
     shutdown.cancel();
     worker.await.context("worker task")??;
-    processing.await.context("processor task")??;
-    receiving.await.context("receiver task")??;
+    receiving.await.context("webhook task")??;
     summary.statuses = reached
         .into_iter()
         .map(|(s, jobs)| (s, jobs.len()))

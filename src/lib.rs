@@ -20,10 +20,12 @@
 //! - [`simulator`]: a Cloud API simulator that behaves like Meta's.
 //! - [`admin`]: the operator's levers (HTTP API and CLI): campaigns, consent, CSV opt-in
 //!   imports, care windows, dead letters (list, show, replay) and one job's state.
-//! - [`app`]: wiring shared by `main`, tests, benches and [`demo`]; [`server`] serves the HTTP
-//!   APIs (admin, webhook receiver); [`health`] answers `/healthz` and `/readyz` for each
-//!   long-running process, [`metrics`] its `/metrics` (every metric's name and labels).
-//! - [`config`], [`ids`], [`telemetry`]: settings, identifier newtypes, logs and trace context.
+//! - [`app`]: one builder per process (`WorkerApp`, `WebhookApp`), shared by `main`, tests,
+//!   benches and [`demo`]; [`server`] serves the HTTP APIs (admin, webhook receiver);
+//!   [`health`] answers `/healthz` and `/readyz` for each long-running process, [`metrics`] its
+//!   `/metrics` (every metric's name and labels).
+//! - [`config`], [`ids`], [`telemetry`]: settings (converted once into a typed `Runtime`),
+//!   identifier newtypes, logs and trace context.
 //! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, lanes, categories, error
 //!   codes, template definitions); it imports nothing else from the crate.
 

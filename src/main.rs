@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -16,16 +15,15 @@ use tracing::{error, info};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use wa_sender::admin::dead::DeadQuery;
-use wa_sender::admin::http::AdminServer;
 use wa_sender::admin::import::{self, ImportError};
 use wa_sender::admin::{Admin, AdminError, ConsentChange};
-use wa_sender::app::HttpServer;
-use wa_sender::config::Settings;
-use wa_sender::health::Health;
+use wa_sender::app::{WebhookApp, WorkerApp};
+use wa_sender::config::Runtime;
 use wa_sender::job::Lane;
 use wa_sender::metrics;
 use wa_sender::policy::admission::CampaignState;
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
+use wa_sender::worker::Drained;
 
 /// Exit code for configuration errors and bad arguments (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -313,7 +311,7 @@ fn main() -> ExitCode {
     // Each process is its own service in the traces: wa-sender-worker, wa-sender-webhook, …
     let service = format!("wa-sender-{}", matches.subcommand_name().unwrap_or("cli"));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let settings = match Settings::load(&cli.config_dir, &cli.environment) {
+    let settings = match Runtime::load(&cli.config_dir, &cli.environment) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wa-sender: {e}");
@@ -372,7 +370,7 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
     if matches!(
         command,
         Command::Worker
@@ -385,49 +383,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     }
     match command {
         Command::Worker => {
-            let numbers = settings.resolve_numbers()?;
             let shutdown = shutdown_on_signal();
-            // Health first: a worker waiting for its broker is alive, and says it is not ready.
-            // Its server outlives the drain, so the probes see `draining` until the exit.
-            let health = Health::of_consumer();
-            let listen = &settings.worker.health_listen;
-            let router = wa_sender::health::router(health.clone()).merge(metrics::router());
-            let health_server = HttpServer::bind(listen, router)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            info!(addr = %health_server.addr()?, "worker health at /healthz and /readyz, metrics at /metrics");
-            let health_stop = CancellationToken::new();
-            let serving_health = tokio::spawn(health_server.run_until_stopped(health_stop.clone()));
-            let (broker, store) = wa_sender::app::connect_waiting(&settings, &shutdown).await?;
-            health.redis_connected(store.clone());
-            let cloud = Arc::new(wa_sender::app::http_cloud(&settings)?);
-            let pipeline = Arc::new(wa_sender::app::pipeline(
-                &settings,
-                cloud,
-                broker.clone(),
-                store,
-                numbers,
-            )?);
-            let drained = wa_sender::worker::run(
-                pipeline,
-                broker.clone(),
-                wa_sender::app::worker_settings(&settings),
-                health,
-                shutdown,
-            )
-            .await;
-            broker.close().await;
-            health_stop.cancel();
-            let _ = serving_health.await;
-            match drained {
-                Ok(d) if d.abandoned == 0 && d.unsettled == 0 => Ok(()),
-                Ok(d) => anyhow::bail!(
-                    "{} jobs were still in flight after the grace period and {} could not be settled; they return to their queues",
-                    d.abandoned,
-                    d.unsettled
-                ),
-                Err(e) => Err(e).context("worker stopped"),
-            }
+            let app = WorkerApp::build(&settings, &shutdown).await?;
+            let drained = app.run_until_stopped(shutdown).await;
+            finished(drained.context("worker stopped")?)
         }
         Command::Simulate {
             scenario,
@@ -492,80 +451,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Webhook { listen } => {
-            // The secrets first: without them, refuse before connecting to anything.
-            let (verify_token, app_secret) = settings.webhook_secrets()?;
-            let broker = wa_sender::broker::rabbit::RabbitBroker::connect(
-                wa_sender::app::rabbit_settings(&settings)?,
-            )
-            .await?;
-            let broker = std::sync::Arc::new(broker);
-            let store = wa_sender::app::connect_store(&settings).await?;
-            wa_sender::app::check_persistence(&store, &settings).await?;
-            let processor = wa_sender::webhook::processor::Processor::new(
-                broker.clone(),
-                store,
-                wa_sender::webhook::processor::ProcessorSettings {
-                    numbers: settings.number_wabas()?,
-                    stop_keywords: settings.webhook.stop_keywords.clone(),
-                    rate_card: settings.pricing.clone(),
-                    delay_tiers: settings.delay_tiers()?,
-                },
-            );
-            let router = wa_sender::webhook::receiver::router(
-                broker.clone(),
-                wa_sender::webhook::receiver::ReceiverSettings {
-                    verify_token,
-                    app_secret,
-                },
-            )
-            .merge(wa_sender::health::router(processor.health()))
-            .merge(metrics::router());
-            let router = metrics::count_requests(router);
-            let listen = listen.unwrap_or(settings.webhook.listen.clone());
-            let server = HttpServer::bind(&listen, router)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            info!(addr = %server.addr()?, "webhook receiver listening; processing the intake");
-            let shutdown = shutdown_on_signal();
-            let processing = async {
-                let processed = processor
-                    .run(settings.webhook.prefetch, shutdown.clone())
-                    .await;
-                // A processor that stops takes the receiver down with it: no silent half.
-                shutdown.cancel();
-                processed
-            };
-            let (served, processed) =
-                tokio::join!(server.run_until_stopped(shutdown.clone()), processing);
-            let stats = processor.stats();
-            let count =
-                |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-            info!(
-                bodies = count(&stats.bodies),
-                statuses = count(&stats.statuses),
-                events = count(&stats.events),
-                duplicates = count(&stats.duplicates),
-                stale = count(&stats.stale),
-                parked = count(&stats.parked),
-                requeued = count(&stats.requeued),
-                "webhook processor stopped"
-            );
-            broker.close().await;
-            served?;
-            processed?;
-            Ok(())
+            let app = WebhookApp::build(&settings, listen.as_deref()).await?;
+            app.run_until_stopped(shutdown_on_signal()).await
         }
         Command::Admin { listen } => {
-            // The token first: without one, refuse before connecting to anything.
-            let token = settings.admin_token()?;
-            let admin = wa_sender::app::admin_with_queues(&settings).await?;
-            let listen = listen.unwrap_or(settings.admin.listen.clone());
-            let server = AdminServer::bind(&listen, admin, &token)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            info!(addr = %server.addr()?, "admin API listening");
-            server.run_until_stopped(shutdown_on_signal()).await?;
-            Ok(())
+            let server = wa_sender::app::admin_server(&settings, listen.as_deref()).await?;
+            Ok(server.run_until_stopped(shutdown_on_signal()).await?)
         }
         Command::Campaign { action } => {
             let admin = wa_sender::app::admin(&settings).await?;
@@ -717,8 +608,20 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ok when the drain finished every job; otherwise how many it left to their queues.
+fn finished(drained: Drained) -> anyhow::Result<()> {
+    if drained.abandoned == 0 && drained.unsettled == 0 {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} jobs were still in flight after the grace period and {} could not be settled; they return to their queues",
+        drained.abandoned,
+        drained.unsettled
+    )
+}
+
 /// The configured numbers, each with the default templates, as a scenario.
-fn configured_scenario(settings: &Settings) -> Scenario {
+fn configured_scenario(settings: &Runtime) -> Scenario {
     let mut scenario = Scenario::single("106540352242922", "102290129340398", "");
     scenario.tokens.clear();
     if !settings.numbers.is_empty() {
@@ -727,7 +630,7 @@ fn configured_scenario(settings: &Settings) -> Scenario {
             .iter()
             .map(|(id, n)| SimNumber {
                 throughput_mps: Some(n.throughput_mps),
-                ..SimNumber::new(id, &n.waba_id)
+                ..SimNumber::new(id.as_str(), n.waba.as_str())
             })
             .collect();
         let templates = scenario.templates.clone();

@@ -52,11 +52,17 @@ impl HttpServer {
     /// Binds `listen` (`127.0.0.1:0` for a free port), with the default [`ServerLimits`].
     pub async fn bind(listen: &str, router: axum::Router) -> std::io::Result<HttpServer> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        Ok(HttpServer {
+        Ok(HttpServer::on(listener, router))
+    }
+
+    /// Serves on a listener already bound (its address was needed before the router could be
+    /// built), with the default [`ServerLimits`].
+    pub fn on(listener: tokio::net::TcpListener, router: axum::Router) -> HttpServer {
+        HttpServer {
             listener,
             router,
             limits: ServerLimits::default(),
-        })
+        }
     }
 
     /// The same server with other limits.

@@ -19,13 +19,13 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use wa_sender::app::HttpServer;
-use wa_sender::broker::Broker;
+use wa_sender::app::{WebhookApp, WorkerApp};
+use wa_sender::broker::rabbit::RabbitBroker;
+use wa_sender::config::Runtime;
 use wa_sender::event::Event;
-use wa_sender::health::Health;
 use wa_sender::simulator::sign;
-use wa_sender::webhook::processor::{Processor, ProcessorSettings};
-use wa_sender::webhook::receiver::{ReceiverSettings, router};
+use wa_sender::store::redis::RedisStore;
+use wa_sender::webhook::receiver::ReceiverSettings;
 
 const APP_SECRET: &str = "restart-secret";
 const STATUSES: usize = 120;
@@ -74,6 +74,32 @@ impl Proxy {
     }
 }
 
+/// The app's settings, with RabbitMQ reached through `proxy`.
+fn through(app: &common::TestApp, proxy: &Proxy) -> Runtime {
+    let mut through_proxy = app.runtime();
+    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    through_proxy
+}
+
+/// The webhook process (receiver and processor) over `broker` and `store`, on a free port,
+/// holding 16 intake bodies at a time.
+async fn webhook_app(
+    settings: &Runtime,
+    broker: Arc<RabbitBroker>,
+    store: Arc<RedisStore>,
+) -> WebhookApp {
+    let mut settings = settings.clone();
+    settings.webhook.prefetch = 16;
+    let settings = &settings;
+    let secrets = ReceiverSettings {
+        verify_token: SecretString::from("v"),
+        app_secret: SecretString::from(APP_SECRET),
+    };
+    WebhookApp::with_parts(settings, "127.0.0.1:0", secrets, broker, store)
+        .await
+        .unwrap()
+}
+
 fn status_body(i: usize) -> Vec<u8> {
     serde_json::to_vec(
         &json!({"object": "whatsapp_business_account", "entry": [{"id": WABA, "changes": [{
@@ -90,39 +116,12 @@ fn status_body(i: usize) -> Vec<u8> {
 async fn a_broker_restart_mid_stream_loses_no_webhook() {
     let mut app = spawn_app("restart", |_, _| {}).await;
     let proxy = Proxy::start().await;
-    let mut through_proxy = app.settings.clone();
-    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let through_proxy = through(&app, &proxy);
     let (broker, store) = wa_sender::app::connect(&through_proxy).await.unwrap();
-
-    let server = HttpServer::bind(
-        "127.0.0.1:0",
-        router(
-            broker.clone(),
-            ReceiverSettings {
-                verify_token: SecretString::from("v"),
-                app_secret: SecretString::from(APP_SECRET),
-            },
-        ),
-    )
-    .await
-    .unwrap();
-    let url = format!("http://{}/webhook", server.addr().unwrap());
+    let webhook = webhook_app(&through_proxy, broker.clone(), store).await;
+    let url = format!("http://{}/webhook", webhook.addr());
     let stop = CancellationToken::new();
-    tokio::spawn(server.run_until_stopped(stop.clone()));
-    let processor = Arc::new(Processor::new(
-        broker.clone() as Arc<dyn Broker>,
-        store,
-        ProcessorSettings {
-            numbers: app.settings.number_wabas().unwrap(),
-            stop_keywords: vec![],
-            rate_card: app.settings.pricing.clone(),
-            delay_tiers: app.settings.delay_tiers().unwrap(),
-        },
-    ));
-    let processing = {
-        let (processor, stop) = (processor.clone(), stop.clone());
-        tokio::spawn(async move { processor.run(16, stop).await })
-    };
+    let processing = tokio::spawn(webhook.run_until_stopped(stop.clone()));
 
     // Meta: one status after another, each retried until answered 200.
     let client = reqwest::Client::new();
@@ -195,25 +194,12 @@ async fn a_broker_restart_mid_stream_loses_no_webhook() {
 async fn the_webhook_process_is_not_ready_while_its_broker_is_cut() {
     let app = spawn_app("hready", |_, _| {}).await;
     let proxy = Proxy::start().await;
-    let mut through_proxy = app.settings.clone();
-    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let through_proxy = through(&app, &proxy);
     let (broker, store) = wa_sender::app::connect(&through_proxy).await.unwrap();
-    let processor = Arc::new(Processor::new(
-        broker.clone() as Arc<dyn Broker>,
-        store,
-        ProcessorSettings {
-            numbers: app.settings.number_wabas().unwrap(),
-            stop_keywords: vec![],
-            rate_card: app.settings.pricing.clone(),
-            delay_tiers: app.settings.delay_tiers().unwrap(),
-        },
-    ));
+    let webhook = webhook_app(&through_proxy, broker.clone(), store).await;
+    let base = format!("http://{}", webhook.addr());
     let stop = CancellationToken::new();
-    let base = serve_health(processor.health(), stop.clone()).await;
-    let processing = {
-        let (processor, stop) = (processor.clone(), stop.clone());
-        tokio::spawn(async move { processor.run(16, stop).await })
-    };
+    let processing = tokio::spawn(webhook.run_until_stopped(stop.clone()));
     let alive = || async {
         let answer = reqwest::get(format!("{base}/healthz")).await.unwrap();
         (answer.status().as_u16(), answer.text().await.unwrap())
@@ -257,32 +243,13 @@ async fn a_worker_survives_a_broker_restart() {
     const JOBS: usize = 40;
     let mut app = spawn_app("wrestart", |_, _| {}).await;
     let proxy = Proxy::start().await;
-    let mut through_proxy = app.settings.clone();
-    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let through_proxy = through(&app, &proxy);
     let (broker, store) = wa_sender::app::connect(&through_proxy).await.unwrap();
-    let health = Health::of_consumer();
-    health.redis_connected(store.clone());
-    let cloud = Arc::new(wa_sender::app::http_cloud(&app.settings).unwrap());
-    let pipeline = Arc::new(
-        wa_sender::app::pipeline(
-            &app.settings,
-            cloud,
-            broker.clone(),
-            store,
-            app.settings.resolve_numbers().unwrap(),
-        )
-        .unwrap(),
-    );
+    let worker = WorkerApp::with_parts(&through_proxy, broker.clone(), store).unwrap();
     let shutdown = CancellationToken::new();
     let health_stop = CancellationToken::new();
-    let probe = serve_health(health.clone(), health_stop.clone()).await;
-    let worker = tokio::spawn(wa_sender::worker::run(
-        pipeline,
-        broker.clone(),
-        wa_sender::app::worker_settings(&app.settings),
-        health,
-        shutdown.clone(),
-    ));
+    let probe = serve_health(worker.health(), health_stop.clone()).await;
+    let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
 
     let ids: Vec<String> = (0..JOBS).map(|i| format!("survive-{i:02}")).collect();
     let enqueue = async |app: &common::TestApp, ids: &[String]| {
@@ -359,8 +326,7 @@ async fn a_worker_started_before_its_broker_waits_for_it() {
     let app = spawn_app("wwait", |_, _| {}).await;
     let proxy = Proxy::start().await;
     proxy.cut();
-    let mut through_proxy = app.settings.clone();
-    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let through_proxy = through(&app, &proxy);
     let shutdown = CancellationToken::new();
     let connecting = {
         let (settings, shutdown) = (through_proxy.clone(), shutdown.clone());

@@ -317,7 +317,9 @@ async fn the_workers_requests_match_metas_shape() {
     let sim = Simulator::start(scenario, "127.0.0.1:0").await.unwrap();
     sim.record_requests(true);
 
-    let settings = common::settings("shapes", &sim.base_url());
+    let settings = common::settings("shapes", &sim.base_url())
+        .runtime()
+        .unwrap();
     let cloud = Arc::new(wa_sender::app::http_cloud(&settings).unwrap());
     let store = Arc::new(MemoryStore::new());
     let pipeline = wa_sender::app::pipeline(
@@ -326,8 +328,7 @@ async fn the_workers_requests_match_metas_shape() {
         Arc::new(MemoryBroker::new(common::numbers().keys())),
         store.clone(),
         common::numbers(),
-    )
-    .unwrap();
+    );
     pipeline.refresh_templates().await;
     let mut sent = 0;
     for entry in std::fs::read_dir(project_path("schemas/examples")).unwrap() {

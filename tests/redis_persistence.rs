@@ -8,7 +8,9 @@ use wa_sender::store::redis::RedisStore;
 #[tokio::test]
 async fn a_redis_that_keeps_nothing_is_refused_unless_allowed() {
     let prefix = common::unique_prefix("persist");
-    let mut settings = common::settings(&prefix, "http://unused");
+    let mut settings = common::settings(&prefix, "http://unused")
+        .runtime()
+        .unwrap();
     let store = RedisStore::connect(&settings.redis.url, &prefix)
         .await
         .unwrap_or_else(|e| panic!("integration tests need Redis: {e}"));

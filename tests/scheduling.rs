@@ -170,7 +170,7 @@ async fn a_deferred_job_waits_in_exactly_one_delay_queue() {
     .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let mut held = Vec::new();
-    for &tier in app.settings.delay_tiers().unwrap().all() {
+    for &tier in app.runtime().amqp.delay_tiers.all() {
         let name = app.broker.names().delay_queue(tier);
         let queue = channel
             .queue_declare(

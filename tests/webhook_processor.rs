@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::webhook_envelope as envelope;
@@ -22,10 +21,8 @@ fn processor(app: &common::TestApp) -> Processor {
         app.broker.clone(),
         app.store.clone(),
         ProcessorSettings {
-            numbers: app.settings.number_wabas().unwrap(),
             stop_keywords: vec!["STOP".into(), "ABMELDEN".into()],
-            rate_card: app.settings.pricing.clone(),
-            delay_tiers: app.settings.delay_tiers().unwrap(),
+            ..app.runtime().processor()
         },
     )
 }
@@ -333,9 +330,9 @@ async fn with_webhooks(
 ) -> (
     common::TestApp,
     tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<Result<(), wa_sender::broker::BrokerError>>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
-    use wa_sender::webhook::receiver::{ReceiverSettings, router};
+    use wa_sender::webhook::receiver::ReceiverSettings;
     let secret = "e2e-secret";
     // The receiver's address must be in the scenario before the simulator starts.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -346,24 +343,20 @@ async fn with_webhooks(
         tweak(scenario);
     })
     .await;
-    let receiver = router(
-        app.broker.clone(),
-        ReceiverSettings {
-            verify_token: "v".to_owned().into(),
-            app_secret: secret.to_owned().into(),
-        },
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(
-        axum::serve(listener, receiver)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
-    let p = Arc::new(processor(&app));
-    let running = {
-        let stop = stop.clone();
-        tokio::spawn(async move { p.run(16, stop).await })
+    let secrets = ReceiverSettings {
+        verify_token: "v".to_owned().into(),
+        app_secret: secret.to_owned().into(),
     };
+    let webhook = wa_sender::app::WebhookApp::on_listener(
+        &app.runtime(),
+        listener,
+        secrets,
+        app.broker.clone(),
+        app.store.clone(),
+    )
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(webhook.run_until_stopped(stop.clone()));
     (app, stop, running)
 }
 

@@ -28,7 +28,7 @@ struct Receiver {
 async fn start(test: &str) -> Receiver {
     let prefix = common::unique_prefix(test);
     let settings = common::settings(&prefix, "http://unused");
-    let broker = RabbitBroker::connect(wa_sender::app::rabbit_settings(&settings).unwrap())
+    let broker = RabbitBroker::connect(settings.runtime().unwrap().rabbit())
         .await
         .unwrap_or_else(|e| panic!("integration tests need RabbitMQ: {e}"));
     let broker = Arc::new(broker);
@@ -82,10 +82,9 @@ impl Receiver {
 
     async fn cleanup(self) {
         self.stop.cancel();
-        let broker =
-            RabbitBroker::connect(wa_sender::app::rabbit_settings(&self.settings).unwrap())
-                .await
-                .unwrap();
+        let broker = RabbitBroker::connect(self.settings.runtime().unwrap().rabbit())
+            .await
+            .unwrap();
         broker.delete_topology().await.unwrap();
         broker.close().await;
     }
@@ -338,38 +337,27 @@ async fn shutdown_ends_within_the_grace_period_whatever_clients_do() {
 /// webhook` does: alive at once, ready only once its processor consumes the intake.
 #[tokio::test]
 async fn the_webhook_process_answers_health_and_readiness_beside_the_receiver() {
-    use wa_sender::webhook::processor::{Processor, ProcessorSettings};
-
     let prefix = common::unique_prefix("wh-health");
-    let settings = common::settings(&prefix, "http://unused");
-    let broker = Arc::new(
-        RabbitBroker::connect(wa_sender::app::rabbit_settings(&settings).unwrap())
-            .await
-            .unwrap(),
-    );
+    let settings = common::settings(&prefix, "http://unused")
+        .runtime()
+        .unwrap();
+    let broker = Arc::new(RabbitBroker::connect(settings.rabbit()).await.unwrap());
     let store = wa_sender::app::connect_store(&settings).await.unwrap();
-    let processor = Arc::new(Processor::new(
+    let secrets = ReceiverSettings {
+        verify_token: SecretString::from(VERIFY_TOKEN),
+        app_secret: SecretString::from(APP_SECRET),
+    };
+    let webhook = wa_sender::app::WebhookApp::with_parts(
+        &settings,
+        "127.0.0.1:0",
+        secrets,
         broker.clone(),
         store.clone(),
-        ProcessorSettings {
-            numbers: settings.number_wabas().unwrap(),
-            stop_keywords: vec![],
-            rate_card: settings.pricing.clone(),
-            delay_tiers: settings.delay_tiers().unwrap(),
-        },
-    ));
-    let app = router(
-        broker.clone(),
-        ReceiverSettings {
-            verify_token: SecretString::from(VERIFY_TOKEN),
-            app_secret: SecretString::from(APP_SECRET),
-        },
     )
-    .merge(wa_sender::health::router(processor.health()));
-    let server = HttpServer::bind("127.0.0.1:0", app).await.unwrap();
-    let base = format!("http://{}", server.addr().unwrap());
+    .await
+    .unwrap();
+    let base = format!("http://{}", webhook.addr());
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(server.run_until_stopped(stop.clone()));
 
     let alive = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(alive.status(), StatusCode::OK);
@@ -383,10 +371,7 @@ async fn the_webhook_process_answers_health_and_readiness_beside_the_receiver() 
         "not ready before the processor consumes"
     );
 
-    let processing = {
-        let (processor, stop) = (processor.clone(), stop.clone());
-        tokio::spawn(async move { processor.run(16, stop).await })
-    };
+    let processing = tokio::spawn(webhook.run_until_stopped(stop.clone()));
     common::wait_readyz(&base, Duration::from_secs(10), |status, body| {
         status == 200 && *body == common::all_up()
     })

@@ -101,7 +101,7 @@ pub async fn queue_text_jobs(
 ) {
     use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
     use wa_sender::store::Store;
-    let (broker, store) = wa_sender::app::connect(settings)
+    let (broker, store) = wa_sender::app::connect(&settings.runtime().expect("valid settings"))
         .await
         .expect("RabbitMQ and Redis");
     let waba = WabaId::parse(WABA).unwrap();

@@ -1,7 +1,6 @@
 //! Scheduling per business number: fairness between numbers, and what per-number queues cost
 //! the broker.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -36,7 +35,8 @@ pub async fn fairness() {
         .await
         .expect("simulator");
     settings.cloud.base_url = simulator.base_url();
-    let (broker, store) = wa_sender::app::connect(&settings)
+    let runtime = settings.runtime().expect("valid settings");
+    let (broker, store) = wa_sender::app::connect(&runtime)
         .await
         .expect("RabbitMQ and Redis");
     let waba = WabaId::parse(WABA).unwrap();
@@ -69,26 +69,11 @@ pub async fn fairness() {
     );
 
     let mut events = broker.tap(Tap::Events).await.unwrap();
-    let cloud = Arc::new(wa_sender::app::http_cloud(&settings).unwrap());
-    let pipeline = Arc::new(
-        wa_sender::app::pipeline(
-            &settings,
-            cloud,
-            broker.clone(),
-            store.clone(),
-            settings.resolve_numbers().unwrap(),
-        )
-        .unwrap(),
-    );
+    let worker =
+        wa_sender::app::WorkerApp::with_parts(&runtime, broker.clone(), store.clone()).unwrap();
     let shutdown = CancellationToken::new();
     let started = Instant::now();
-    let worker = tokio::spawn(wa_sender::worker::run(
-        pipeline,
-        broker.clone(),
-        wa_sender::app::worker_settings(&settings),
-        wa_sender::health::Health::of_consumer(),
-        shutdown.clone(),
-    ));
+    let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
     let (mut b_done, mut a_done, mut deferred) = (0, 0, 0);
     let mut b_last = Duration::ZERO;
     while b_done < others {
@@ -144,7 +129,7 @@ pub async fn topology() {
             .numbers
             .insert(format!("1065403522{i:05}"), number(80));
     }
-    let rabbit = wa_sender::app::rabbit_settings(&settings).unwrap();
+    let rabbit = settings.runtime().expect("valid settings").rabbit();
     let before = broker_memory();
     let mut brokers = Vec::new();
     let mut streams = Vec::new();

@@ -11,7 +11,6 @@ use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use wa_sender::broker::Broker;
 
 use crate::common::option;
 use crate::{Child, StandIn, cpu_us, median, memory_kib, number, number_id, settings};
@@ -343,19 +342,10 @@ async fn worker(
     done: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> serde_json::Value {
+    let settings = settings.runtime().expect("valid settings");
     let (broker, store) = wa_sender::app::connect(&settings).await.expect("connect");
-    let cloud = Arc::new(wa_sender::app::http_cloud(&settings).unwrap());
-    let pipeline = Arc::new(
-        wa_sender::app::pipeline(
-            &settings,
-            cloud,
-            broker.clone(),
-            store,
-            settings.resolve_numbers().unwrap(),
-        )
-        .unwrap(),
-    );
-    let stats = pipeline.stats();
+    let app = wa_sender::app::WorkerApp::with_parts(&settings, broker.clone(), store).unwrap();
+    let stats = app.pipeline().stats();
     let counter = tokio::spawn({
         let (stop, stats) = (stop.clone(), Arc::clone(&stats));
         async move {
@@ -366,15 +356,7 @@ async fn worker(
             }
         }
     });
-    let worker_broker: Arc<dyn Broker> = broker.clone();
-    let _ = wa_sender::worker::run(
-        pipeline,
-        worker_broker,
-        wa_sender::app::worker_settings(&settings),
-        wa_sender::health::Health::of_consumer(),
-        stop,
-    )
-    .await;
+    let _ = app.run_until_stopped(stop).await;
     counter.abort();
     broker.close().await;
     json!({"deferred": stats.snapshot().deferred})

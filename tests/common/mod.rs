@@ -15,9 +15,10 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use wa_sender::app::WorkerApp;
 use wa_sender::broker::rabbit::RabbitBroker;
 use wa_sender::broker::{Broker, BrokerError, Stream, Tap, Tapped};
-use wa_sender::config::{Number, Settings};
+use wa_sender::config::{Number, Runtime, Settings};
 use wa_sender::event::Event;
 use wa_sender::health::Health;
 use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
@@ -110,7 +111,8 @@ pub async fn spawn_app(test: &str, tweak: impl FnOnce(&mut Settings, &mut Scenar
         .await
         .expect("simulator starts");
     settings.cloud.base_url = simulator.base_url();
-    let (broker, store) = match wa_sender::app::connect(&settings).await {
+    let runtime = settings.runtime().expect("test settings are valid");
+    let (broker, store) = match wa_sender::app::connect(&runtime).await {
         Ok(parts) => parts,
         Err(e) => panic!("integration tests need RabbitMQ and Redis on 127.0.0.1: {e:#}"),
     };
@@ -205,6 +207,11 @@ pub async fn opted_in(store: &dyn Store, job: &Value) {
 }
 
 impl TestApp {
+    /// This app's settings as its processes are built from them (after the test's changes).
+    pub fn runtime(&self) -> Runtime {
+        self.settings.runtime().expect("test settings are valid")
+    }
+
     /// The `wa-sender` binary running `subcommand` with this app's configuration in its
     /// environment (prefix, broker, Redis, simulator, the test number), as an operator would
     /// configure it; killed when dropped.
@@ -266,32 +273,15 @@ impl TestApp {
     /// Starts one more replica with its own RabbitMQ and Redis connections, as a separate
     /// process would have.
     pub async fn start_replica(&mut self) {
-        let (broker, store) = wa_sender::app::connect(&self.settings).await.unwrap();
+        let (broker, store) = wa_sender::app::connect(&self.runtime()).await.unwrap();
         self.run_worker(broker, store);
     }
 
     fn run_worker(&mut self, broker: Arc<RabbitBroker>, store: Arc<RedisStore>) {
-        let cloud = Arc::new(wa_sender::app::http_cloud(&self.settings).unwrap());
-        let pipeline = Arc::new(
-            wa_sender::app::pipeline(
-                &self.settings,
-                cloud,
-                broker.clone(),
-                store.clone(),
-                self.settings.resolve_numbers().unwrap(),
-            )
-            .unwrap(),
-        );
+        let worker = WorkerApp::with_parts(&self.runtime(), broker, store).unwrap();
+        let health = worker.health();
         let shutdown = CancellationToken::new();
-        let health = Health::of_consumer();
-        health.redis_connected(store.clone());
-        let worker = tokio::spawn(wa_sender::worker::run(
-            pipeline,
-            broker,
-            wa_sender::app::worker_settings(&self.settings),
-            health.clone(),
-            shutdown.clone(),
-        ));
+        let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
         self.workers.push((shutdown, worker));
         self.health.push(health);
     }

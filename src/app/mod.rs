@@ -1,50 +1,45 @@
-//! Wiring: turns [`Settings`] into connected parts. `main`, the tests, the benches and the demo
-//! all build through here, so they run the same code.
+//! Wiring: turns the [`Runtime`] settings into connected parts and running processes. Each
+//! long-running process has one builder ([`WorkerApp`], [`WebhookApp`]) with
+//! `run_until_stopped(shutdown)`; `main`, the tests, the benches and the demo all build through
+//! here, so they run the same code.
+
+mod webhook;
+mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, warn};
 
 use crate::admin::Admin;
-use crate::broker::rabbit::{RabbitBroker, RabbitSettings};
+use crate::broker::rabbit::RabbitBroker;
 use crate::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Route, Target};
-use crate::cloud::{HttpCloud, HttpSettings};
-use crate::config::{ConfigError, Number, Settings};
-use crate::ids::{PhoneNumberId, WabaId};
+use crate::cloud::HttpCloud;
+use crate::config::{Number, Runtime};
+use crate::ids::PhoneNumberId;
 use crate::job::Lane;
-use crate::pipeline::{AdmissionSettings, PacingSettings, Pipeline, PipelineSettings};
-use crate::policy::admission::PairRate;
+use crate::pipeline::Pipeline;
 use crate::store::StoreError;
 use crate::store::redis::RedisStore;
-use crate::worker::WorkerSettings;
 
+pub use self::webhook::WebhookApp;
+pub use self::worker::WorkerApp;
 pub use crate::server::HttpServer;
 
-/// RabbitMQ settings from the configuration.
-pub fn rabbit_settings(settings: &Settings) -> Result<RabbitSettings, ConfigError> {
-    Ok(RabbitSettings {
-        url: settings.amqp.url.clone(),
-        prefix: settings.amqp.prefix.clone(),
-        queue_type: settings.amqp.queue_type,
-        delay_tiers: settings.delay_tiers()?,
-        delivery_limit: settings.amqp.delivery_limit,
-        numbers: settings.number_wabas()?.into_keys().collect(),
-    })
-}
-
 /// Connects to RabbitMQ and Redis (declaring the topology). Errors say how to start them.
-pub async fn connect(settings: &Settings) -> anyhow::Result<(Arc<RabbitBroker>, Arc<RedisStore>)> {
-    let broker = RabbitBroker::connect(rabbit_settings(settings)?).await?;
+pub async fn connect(settings: &Runtime) -> anyhow::Result<(Arc<RabbitBroker>, Arc<RedisStore>)> {
+    settings.number_wabas()?;
+    let broker = RabbitBroker::connect(settings.rabbit()).await?;
     let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
     check_persistence(&store, settings).await?;
     Ok((Arc::new(broker), Arc::new(store)))
 }
 
 /// Refuses a Redis that keeps nothing on disk unless `redis.allow_volatile` accepts the risk.
-pub async fn check_persistence(store: &RedisStore, settings: &Settings) -> anyhow::Result<()> {
+pub async fn check_persistence(store: &RedisStore, settings: &Runtime) -> anyhow::Result<()> {
     let risk = "a Redis restart loses the idempotency records (a redelivered job that was sent \
                 can be sent again), care windows, consent and pair-rate state";
     match store.persists().await {
@@ -78,10 +73,11 @@ pub async fn check_persistence(store: &RedisStore, settings: &Settings) -> anyho
 /// worker started before its broker), saying so in the log before each pause; gives up only
 /// when `shutdown` is cancelled.
 pub async fn connect_waiting(
-    settings: &Settings,
+    settings: &Runtime,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<RabbitBroker>, Arc<RedisStore>)> {
-    let rabbit = rabbit_settings(settings)?;
+    settings.number_wabas()?;
+    let rabbit = settings.rabbit();
     let broker = wait_for("RabbitMQ", shutdown, || {
         RabbitBroker::connect(rabbit.clone())
     })
@@ -126,100 +122,41 @@ where
 }
 
 /// Connects to Redis only: what the admin commands need but those about dead letters.
-pub async fn connect_store(settings: &Settings) -> Result<Arc<RedisStore>, StoreError> {
+pub async fn connect_store(settings: &Runtime) -> Result<Arc<RedisStore>, StoreError> {
     let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
     Ok(Arc::new(store))
 }
 
 /// The admin operations over the store and the configured numbers.
-pub async fn admin(settings: &Settings) -> anyhow::Result<Admin> {
+pub async fn admin(settings: &Runtime) -> anyhow::Result<Admin> {
     let numbers = settings.number_wabas()?;
     let store = connect_store(settings).await?;
     Ok(Admin::new(store, numbers)?)
 }
 
 /// The admin operations with the queues too: the dead-letter commands and the admin API.
-pub async fn admin_with_queues(settings: &Settings) -> anyhow::Result<Admin> {
-    let broker = RabbitBroker::connect(rabbit_settings(settings)?).await?;
+pub async fn admin_with_queues(settings: &Runtime) -> anyhow::Result<Admin> {
+    settings.number_wabas()?;
+    let broker = RabbitBroker::connect(settings.rabbit()).await?;
     Ok(admin(settings).await?.with_broker(Arc::new(broker)))
 }
 
+/// The admin API as `wa-sender admin` serves it, bound to `listen` (default `admin.listen`).
+/// The token is read first: without one it refuses before it connects to anything.
+pub async fn admin_server(settings: &Runtime, listen: Option<&str>) -> anyhow::Result<HttpServer> {
+    let token = settings.admin_token()?;
+    let admin = admin_with_queues(settings).await?;
+    let listen = listen.unwrap_or(&settings.admin.listen);
+    let server = crate::admin::http::AdminServer::bind(listen, admin, &token)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(addr = %server.addr()?, "admin API listening");
+    Ok(server)
+}
+
 /// The HTTP Cloud API client.
-pub fn http_cloud(settings: &Settings) -> anyhow::Result<HttpCloud> {
-    Ok(HttpCloud::new(&HttpSettings {
-        base_url: settings.cloud.base_url.clone(),
-        api_version: settings.cloud.api_version.clone(),
-        request_timeout: Duration::from_millis(settings.cloud.request_timeout_ms),
-        connect_timeout: Duration::from_millis(settings.cloud.connect_timeout_ms),
-        pool_max_idle_per_host: settings.cloud.pool_max_idle_per_host,
-    })?)
-}
-
-/// Pipeline timing from the configuration; `owner` names this replica in claims.
-pub fn pipeline_settings(
-    settings: &Settings,
-    owner: String,
-) -> Result<PipelineSettings, ConfigError> {
-    Ok(PipelineSettings {
-        owner,
-        claim_lease: Duration::from_secs(settings.worker.claim_lease_secs),
-        ambiguous_wait: Duration::from_secs(settings.worker.ambiguous_wait_secs),
-        halt_cooldown: Duration::from_secs(settings.worker.halt_cooldown_secs),
-        retry: settings.retry_policy(),
-        tiers: settings.delay_tiers()?,
-        admission: admission_settings(settings)?,
-        pacing: PacingSettings {
-            group: settings.worker.group.clone(),
-            heartbeat: Duration::from_millis(settings.worker.heartbeat_ms),
-            replica_ttl: Duration::from_millis(settings.worker.replica_ttl_ms),
-            headroom: settings.worker.throughput_headroom,
-            throttle_cooldown: Duration::from_secs(settings.worker.throttle_cooldown_secs),
-        },
-    })
-}
-
-/// Admission rules from the configuration.
-pub fn admission_settings(settings: &Settings) -> Result<AdmissionSettings, ConfigError> {
-    let policy = &settings.policy;
-    let mut tiers = BTreeMap::new();
-    let mut default_tier = Some(250);
-    for (key, limit) in &policy.messaging_limits {
-        if key == "default" {
-            default_tier = limit.users();
-        } else {
-            let waba = WabaId::parse(key.clone())
-                .map_err(|e| ConfigError(format!("policy.messaging_limits.{key}: {e}")))?;
-            tiers.insert(waba, limit.users());
-        }
-    }
-    Ok(AdmissionSettings {
-        opt_in: policy.opt_in_required,
-        pair: PairRate {
-            margin: Duration::from_millis(policy.pair_margin_ms),
-            period: Duration::from_millis(policy.pair_period_ms),
-            burst: policy.pair_burst,
-        },
-        tiers,
-        default_tier,
-        template_refresh: Duration::from_secs(policy.template_refresh_secs),
-        campaign_recheck: Duration::from_secs(policy.campaign_recheck_secs),
-        template_recheck: Duration::from_secs(policy.template_recheck_secs),
-    })
-}
-
-/// Worker loop settings from the configuration.
-pub fn worker_settings(settings: &Settings) -> WorkerSettings {
-    WorkerSettings {
-        concurrency: settings.worker.concurrency,
-        prefetch: settings.worker.prefetch,
-        lane_weights: settings
-            .worker
-            .lane_weights
-            .iter()
-            .filter_map(|(k, v)| Some((Lane::parse(k)?, *v)))
-            .collect(),
-        shutdown_grace: Duration::from_secs(settings.worker.shutdown_grace_secs),
-    }
+pub fn http_cloud(settings: &Runtime) -> anyhow::Result<HttpCloud> {
+    Ok(HttpCloud::new(&settings.cloud)?)
 }
 
 /// A unique name for this replica: host, process id and a random suffix.
@@ -232,21 +169,16 @@ pub fn replica_id() -> String {
     )
 }
 
-/// Builds a pipeline over the given parts.
+/// Builds a pipeline over the given parts, as a replica of its own.
 pub fn pipeline(
-    settings: &Settings,
+    settings: &Runtime,
     cloud: Arc<dyn crate::cloud::CloudApi>,
     broker: Arc<dyn Broker>,
     store: Arc<dyn crate::store::Store>,
     numbers: BTreeMap<PhoneNumberId, Number>,
-) -> Result<Pipeline, ConfigError> {
-    Ok(Pipeline::new(
-        cloud,
-        broker,
-        store,
-        numbers,
-        pipeline_settings(settings, replica_id())?,
-    ))
+) -> Pipeline {
+    let settings = settings.pipeline(replica_id());
+    Pipeline::new(cloud, broker, store, numbers, settings)
 }
 
 /// Publishes one job body to its number's lane (routing key `<lane>.<phone_number_id>`, read
