@@ -7,6 +7,7 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -83,6 +84,7 @@ pub fn init(
         filter.unwrap_or(&settings.log_filter),
         &settings.log_format,
         provider.tracer("wa-sender"),
+        collector.is_some(),
     );
     opentelemetry::global::set_tracer_provider(provider.clone());
     Ok(Telemetry {
@@ -122,10 +124,16 @@ pub fn init_logs(filter: &str, format: &str) {
         filter,
         format,
         SdkTracerProvider::builder().build().tracer("wa-sender"),
+        false,
     );
 }
 
-fn install(filter: &str, format: &str, tracer: opentelemetry_sdk::trace::SdkTracer) {
+fn install(
+    filter: &str,
+    format: &str,
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+    exporting: bool,
+) {
     // The log filter is the fmt layer's alone: spans are recorded for the traces (and for the
     // trace context events carry) whatever the log level.
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
@@ -158,11 +166,20 @@ fn install(filter: &str, format: &str, tracer: opentelemetry_sdk::trace::SdkTrac
                 .with_tracked_inactivity(false)
                 .with_threads(false)
                 .with_location(false)
-                .with_filter(
+                .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
                     // wa-sender's own spans: not its libraries', nor the exporter's requests.
-                    tracing_subscriber::filter::Targets::new()
-                        .with_target("wa_sender", tracing::Level::INFO),
-                ),
+                    // Exported: the stage spans (debug) and log events inside them too. Not
+                    // exported: only the spans whose context travels (a job, a publish, a
+                    // status), which is all the events and records need.
+                    let level = *meta.level();
+                    meta.target().starts_with("wa_sender")
+                        && if exporting {
+                            level <= Level::DEBUG && meta.is_span()
+                                || level <= Level::INFO && meta.is_event()
+                        } else {
+                            level <= Level::INFO && meta.is_span()
+                        }
+                })),
         )
         .try_init();
 }

@@ -245,7 +245,7 @@ impl CloudApi for HttpCloud {
     async fn send(&self, request: SendRequest) -> Result<Accepted, SendError> {
         // The client span of the job's trace: what Meta answered and the id its support asks
         // for. No trace context is sent to Meta.
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "cloud.send",
             otel.kind = "client",
             url.template = "/{phone_number_id}/messages",

@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug_span, info, warn};
 
 pub use outcome::{Dead, Later, Outcome};
 pub use pacer::Pacer;
@@ -255,7 +255,7 @@ impl Pipeline {
         async move {
             let outcome = self.decide(&delivery.envelope, delivery.lane).await;
             let (decided, cause) = outcome.describe();
-            let settling = info_span!("settle", outcome = decided, cause);
+            let settling = debug_span!("settle", outcome = decided, cause);
             self.settle(delivery, outcome).instrument(settling).await
         }
         .instrument(span)
@@ -330,8 +330,8 @@ impl Pipeline {
     pub async fn decide(&self, envelope: &Envelope, lane: Lane) -> Outcome {
         let stages = async {
             let decoded = self.decode(envelope, lane)?;
-            let paced = self.pace(decoded).instrument(info_span!("pace")).await?;
-            let admitted = self.admit(paced).instrument(info_span!("admit")).await?;
+            let paced = self.pace(decoded).instrument(debug_span!("pace")).await?;
+            let admitted = self.admit(paced).instrument(debug_span!("admit")).await?;
             self.send(admitted).await
         };
         match stages.await {
