@@ -51,6 +51,8 @@ pub const HALTS: &str = "wa_halts_total";
 pub const HALTS_IN_FORCE: &str = "wa_halts_in_force";
 /// Jobs waiting in a lane's queues.
 pub const QUEUE_DEPTH: &str = "wa_queue_depth";
+/// How long the oldest job of a lane has waited.
+pub const QUEUE_OLDEST_WAIT: &str = "wa_queue_oldest_wait_seconds";
 /// Webhook bodies processed.
 pub const WEBHOOK_BODIES: &str = "wa_webhook_bodies_total";
 /// Message statuses processed, by value.
@@ -179,6 +181,11 @@ fn describe() {
     describe_gauge!(
         QUEUE_DEPTH,
         "Jobs ready in a lane's queues, all configured numbers together (sampled)"
+    );
+    describe_gauge!(
+        QUEUE_OLDEST_WAIT,
+        Unit::Seconds,
+        "How long the oldest job of a lane had waited when this replica took it (sampled; grows while none is taken from a lane that is not empty)"
     );
     describe_counter!(WEBHOOK_BODIES, "Webhook bodies processed and acked");
     describe_counter!(
@@ -360,6 +367,11 @@ pub fn halts_in_force(halts: usize) {
 /// `depth` jobs wait in `lane`'s queues.
 pub fn queue_depth(lane: Lane, depth: u32) {
     gauge!(QUEUE_DEPTH, "lane" => lane.as_str()).set(f64::from(depth));
+}
+
+/// The oldest job of `lane` has waited `wait`.
+pub fn oldest_wait(lane: Lane, wait: Duration) {
+    gauge!(QUEUE_OLDEST_WAIT, "lane" => lane.as_str()).set(wait.as_secs_f64());
 }
 
 /// A webhook body was processed, with `duplicates` and `stale` statuses among its own, and

@@ -5,10 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -105,9 +106,11 @@ pub async fn run(
     // Join the replica group and load the template registry before taking any job.
     let upkeep_stop = CancellationToken::new();
     let upkeep = pipeline.start(upkeep_stop.clone()).await;
+    let waits = Arc::new(Waits::default());
     let sampling = tokio::spawn(sample(
         Arc::clone(&pipeline),
         Arc::clone(&broker),
+        Arc::clone(&waits),
         upkeep_stop.clone(),
     ));
     let weights: BTreeMap<Lane, u32> = settings
@@ -124,6 +127,7 @@ pub async fn run(
         tracker: TaskTracker::new(),
         unsettled: Arc::new(AtomicUsize::new(0)),
         health: health.clone(),
+        waits,
     };
 
     let mut pauses = reconnect_pauses();
@@ -199,11 +203,41 @@ pub async fn run(
 /// How often the gauges nothing else updates (queue depth, halts in force) are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
-/// Samples each lane's queue depth and the halts in force until `stop`. Depth is asked of the
-/// broker (one passive declare per queue), cheap at this pace; a failed ask keeps the last
-/// value, since a lost broker is already in the logs and in `/readyz`.
-async fn sample(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, stop: CancellationToken) {
+/// The longest a job taken from each lane had waited there, since the last sample.
+#[derive(Debug, Default)]
+struct Waits([AtomicU64; Lane::ALL.len()]);
+
+impl Waits {
+    /// Notes how long `delivery` was ready in its queue before it was taken.
+    fn note(&self, delivery: &Delivery) {
+        if let Some(since) = delivery.ready_since() {
+            let waited = (Utc::now() - since).num_milliseconds().max(0) as u64;
+            self.0[delivery.lane.index()].fetch_max(waited, Ordering::Relaxed);
+        }
+    }
+
+    /// The longest wait noted for `lane` since the last take, in milliseconds (0: none taken).
+    fn take(&self, lane: Lane) -> u64 {
+        self.0[lane.index()].swap(0, Ordering::Relaxed)
+    }
+}
+
+/// Samples each lane's queue depth, how long its oldest job has waited and the halts in force
+/// until `stop`. Depth is asked of the broker (one passive declare per queue), cheap at this
+/// pace; a failed ask keeps the last value, since a lost broker is already in the logs and in
+/// `/readyz`.
+///
+/// The oldest job's wait is the longest wait of the jobs this replica took from the lane since
+/// the last sample: a queue is taken from its head, so that is its oldest job. When none was
+/// taken and the lane is not empty, its head has waited one more period.
+async fn sample(
+    pipeline: Arc<Pipeline>,
+    broker: Arc<dyn Broker>,
+    waits: Arc<Waits>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    let mut oldest = [Duration::ZERO; Lane::ALL.len()];
     loop {
         tokio::select! {
             biased;
@@ -213,9 +247,14 @@ async fn sample(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, stop: Cancella
         metrics::halts_in_force(pipeline.halts_in_force());
         let depths = async {
             for lane in Lane::ALL {
-                if let Ok(depth) = broker.depth(lane).await {
-                    metrics::queue_depth(lane, depth);
-                }
+                let Ok(depth) = broker.depth(lane).await else {
+                    continue;
+                };
+                metrics::queue_depth(lane, depth);
+                let waited = Duration::from_millis(waits.take(lane));
+                let head = &mut oldest[lane.index()];
+                *head = head_wait(*head, waited, depth);
+                metrics::oldest_wait(lane, *head);
             }
         };
         // A broker being reconnected may hold the ask up: the drain does not wait for it.
@@ -224,6 +263,16 @@ async fn sample(pipeline: Arc<Pipeline>, broker: Arc<dyn Broker>, stop: Cancella
             _ = stop.cancelled() => break,
             () = depths => {}
         }
+    }
+}
+
+/// How long a lane's oldest job has waited, from the last sample's answer (`previous`), the
+/// longest wait of the jobs taken since (`waited`, zero if none) and the lane's depth.
+fn head_wait(previous: Duration, waited: Duration, depth: u32) -> Duration {
+    match (waited.is_zero(), depth) {
+        (false, _) => waited,
+        (true, 0) => Duration::ZERO,
+        (true, _) => previous + SAMPLE_EVERY,
     }
 }
 
@@ -239,6 +288,8 @@ struct Serving {
     unsettled: Arc<AtomicUsize>,
     /// Told when consuming starts; `run` tells it when a session fails.
     health: Health,
+    /// How long the jobs taken had waited.
+    waits: Arc<Waits>,
 }
 
 /// How one serving session ended.
@@ -287,6 +338,7 @@ impl Serving {
                 self.tracker.clone(),
                 Arc::clone(&self.unsettled),
             );
+            let waits = Arc::clone(&self.waits);
             let permits = Arc::new(Semaphore::new(self.settings.concurrency));
             loops.spawn(async move {
                 let mut streams = streams;
@@ -303,6 +355,7 @@ impl Serving {
                         Some(Err(e)) => break Some(e),
                         Some(Ok(d)) => d,
                     };
+                    waits.note(&delivery);
                     let (pipeline, unsettled) = (Arc::clone(&pipeline), Arc::clone(&unsettled));
                     tracker.spawn(async move {
                         let _in_flight = metrics::InFlight::start();
@@ -443,6 +496,19 @@ async fn next_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lanes_oldest_wait_is_the_longest_taken_or_grows_while_nothing_is_taken() {
+        let s = Duration::from_secs;
+        // Jobs were taken: the longest of their waits, whatever came before.
+        assert_eq!(head_wait(s(40), s(3), 100), s(3));
+        // None taken from a lane that holds jobs: its head waited one more period.
+        assert_eq!(head_wait(s(40), Duration::ZERO, 100), s(40) + SAMPLE_EVERY);
+        // None taken, none there: nothing waits.
+        assert_eq!(head_wait(s(40), Duration::ZERO, 0), Duration::ZERO);
+        // Every lane has its own slot.
+        assert!(Lane::ALL.iter().enumerate().all(|(i, l)| l.index() == i));
+    }
 
     #[test]
     fn weighted_order_interleaves_and_serves_every_lane() {

@@ -202,6 +202,35 @@ async fn worker_scrape() -> Scrape {
     m
 }
 
+#[tokio::test]
+async fn the_worker_reports_how_long_a_lanes_oldest_job_waited() {
+    let app = spawn_app("metrics-wait", |_, _| {}).await;
+    // Queued before any worker runs: it waits at least 3 s at the head of the bulk lane.
+    app.enqueue_reply(Lane::Bulk, &text_job("m-waited")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let _worker = app
+        .command("worker")
+        .env(
+            "WA_SENDER__WORKER__HEALTH_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the wa-sender binary starts");
+    let bulk = r#"wa_queue_oldest_wait_seconds{lane="bulk"}"#;
+    let m = wait_scrape(&base, Duration::from_secs(20), |m| m.get(bulk) > 0.0).await;
+    let waited = m.get(bulk);
+    assert!((3.0..60.0).contains(&waited), "waited {waited} s: {m:#?}");
+    // The other lanes held nothing.
+    for lane in ["otp", "transactional"] {
+        let series = format!(r#"wa_queue_oldest_wait_seconds{{lane="{lane}"}}"#);
+        assert_eq!(m.0.get(&key(&series)), Some(&0.0), "{m:#?}");
+    }
+    app.cleanup().await;
+}
+
 const APP_SECRET: &str = "metrics-app-secret";
 
 /// A signed-webhook body from the test number's portfolio with `statuses`.

@@ -22,6 +22,7 @@ use prost::Message as _;
 use tokio::io::AsyncBufReadExt;
 use wa_sender::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Route, Target};
 use wa_sender::job::Lane;
+use wa_sender::simulator::DelayRange;
 
 const APP_SECRET: &str = "traces-app-secret";
 
@@ -108,6 +109,11 @@ async fn one_job_is_one_trace_from_producer_to_webhook() {
         w.app_secret = APP_SECRET.into();
         w.duplicate_share = 0.0;
         w.reorder_share = 0.0;
+        // Every message is read, soon.
+        w.sent_after = DelayRange::fixed(20);
+        w.delivered_after = DelayRange::fixed(50);
+        w.read_after = DelayRange::fixed(50);
+        scenario.unknown_users.read_share = 1.0;
     })
     .await;
     let (collector, received) = collector().await;

@@ -25,6 +25,8 @@ struct Item {
     envelope: Envelope,
     routing_key: String,
     redelivered: bool,
+    /// When it became ready here.
+    ready_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Default)]
@@ -39,6 +41,7 @@ impl LaneQueue {
             envelope,
             routing_key,
             redelivered: false,
+            ready_at: chrono::Utc::now(),
         });
         self.notify.notify_one();
     }
@@ -142,7 +145,8 @@ impl MemoryBroker {
                         next.envelope,
                         next.redelivered,
                         Box::new(acker),
-                    );
+                    )
+                    .published_at(Some(next.ready_at));
                     Some((Ok(delivery), (queue, permits, stop, stopped)))
                 }
             },

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 
 use crate::event::{DeadReason, Event};
@@ -220,6 +221,9 @@ pub struct Delivery<Q = Lane> {
     pub envelope: Envelope,
     /// Whether the broker delivered it before (a worker died holding it).
     pub redelivered: bool,
+    /// When it was published, to a delay queue for a deferred job (RabbitMQ keeps it to the
+    /// second), if the broker knows.
+    pub published_at: Option<DateTime<Utc>>,
     acker: Box<dyn Acker>,
 }
 
@@ -251,8 +255,27 @@ impl<Q> Delivery<Q> {
             lane,
             envelope,
             redelivered,
+            published_at: None,
             acker,
         }
+    }
+
+    /// The same delivery, published at `at`.
+    pub fn published_at(mut self, at: Option<DateTime<Utc>>) -> Self {
+        self.published_at = at;
+        self
+    }
+
+    /// When it became ready in the queue it came from: its publication, or for a deferred job
+    /// the time it was due (it waited in a delay queue until then), whichever is later.
+    pub fn ready_since(&self) -> Option<DateTime<Utc>> {
+        let due = self
+            .envelope
+            .headers
+            .get_str(H_DUE)
+            .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
+            .map(|d| d.with_timezone(&Utc));
+        self.published_at.max(due)
     }
 
     /// The same delivery, seen as coming from `origin`.
@@ -261,6 +284,7 @@ impl<Q> Delivery<Q> {
             lane: origin,
             envelope: self.envelope,
             redelivered: self.redelivered,
+            published_at: self.published_at,
             acker: self.acker,
         }
     }

@@ -523,6 +523,10 @@ impl RabbitBroker {
                         let _ = &guard;
                         let d = d.map_err(|e| BrokerError::op("consume", e))?;
                         acks.delivered(d.delivery_tag);
+                        let published_at = d
+                            .properties
+                            .timestamp()
+                            .and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0));
                         let envelope = Envelope {
                             body: d.data.into(),
                             headers: from_properties(&d.properties),
@@ -537,7 +541,8 @@ impl RabbitBroker {
                                 acks: Arc::clone(&acks),
                                 sender: sender.clone(),
                             }),
-                        ))
+                        )
+                        .published_at(published_at))
                     })
                     .boxed(),
             );
@@ -705,6 +710,8 @@ impl Broker for RabbitBroker {
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
+            // What a consumer measures a job's wait from (AMQP keeps seconds).
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
             .with_headers(headers);
         self.heal().await;
         // mandatory: an unroutable job, delay or dead letter comes back instead of vanishing.

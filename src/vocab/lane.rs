@@ -19,6 +19,11 @@ impl Lane {
     /// All lanes, highest priority first.
     pub const ALL: [Lane; 3] = [Lane::Otp, Lane::Transactional, Lane::Bulk];
 
+    /// Its place in [`Lane::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The routing key and queue suffix.
     pub fn as_str(self) -> &'static str {
         match self {
