@@ -290,30 +290,13 @@ async fn the_workers_requests_match_metas_shape() {
     use wa_sender::broker::{Envelope, Headers, memory::MemoryBroker};
     use wa_sender::job::Lane;
     use wa_sender::pipeline::Outcome;
-    use wa_sender::simulator::{Scenario, SimButton, SimTemplate, Simulator};
+    use wa_sender::simulator::{Scenario, Simulator};
     use wa_sender::store::memory::MemoryStore;
 
+    // The simulator's default scenario: the templates a new user finds there are the ones the
+    // example jobs use.
     let mut scenario = Scenario::single(common::NUMBER, common::WABA, common::TOKEN);
     scenario.unknown_users.window_open = true;
-    // The templates the example jobs use, as Meta's registry would hold them.
-    let mut order = SimTemplate::new(
-        "order_update",
-        "en_US",
-        "UTILITY",
-        "Hi {{1}}, order {{2}} arrives {{3}}.",
-    );
-    order.buttons.push(SimButton {
-        kind: "URL".into(),
-        text: "Track".into(),
-        url: Some("https://shop.example/{{1}}".into()),
-    });
-    let mut login = SimTemplate::new("login_code", "en", "AUTHENTICATION", "{{1}} is your code.");
-    login.buttons.push(SimButton {
-        kind: "OTP".into(),
-        text: "Copy code".into(),
-        url: None,
-    });
-    scenario.templates = vec![order, login];
     let sim = Simulator::start(scenario, "127.0.0.1:0").await.unwrap();
     sim.record_requests(true);
 

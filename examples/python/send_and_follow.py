@@ -1,0 +1,115 @@
+"""Publish one send job to wa-sender and follow its events until the message is read.
+
+    python3 -m pip install -r examples/python/requirements.txt
+    python3 examples/python/send_and_follow.py
+
+A worker, the Cloud API simulator and the webhook process must be running (see the README's
+quick start). The job is a utility template to a user who opted in, so the care window does not
+matter. Settings come from the environment:
+
+    WA_AMQP_URL        amqp://guest:guest@127.0.0.1:5672/%2f
+    WA_PREFIX          wa (the worker's amqp.prefix)
+    WA_PHONE_NUMBER_ID 106540352242922 (a number the worker is configured with)
+    WA_TO              +16505551234 (the recipient)
+    WA_TIMEOUT_S       60
+
+Exit codes: 0 read, 1 dead-lettered or failed, 2 timed out.
+"""
+
+import json
+import os
+import sys
+import time
+import uuid
+
+import pika
+
+AMQP_URL = os.environ.get("WA_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+PREFIX = os.environ.get("WA_PREFIX", "wa")
+PHONE_NUMBER_ID = os.environ.get("WA_PHONE_NUMBER_ID", "106540352242922")
+TO = os.environ.get("WA_TO", "+16505551234")
+TIMEOUT_S = float(os.environ.get("WA_TIMEOUT_S", "60"))
+
+# What the job's story ends with.
+DONE = {"message.read": 0, "message.failed": 1, "job.dead_lettered": 1}
+
+
+def job(job_id):
+    """A utility template the simulator's default scenario approves (order_update, 2 parameters)."""
+    return {
+        "schema": "wa.send.v1",
+        "job_id": job_id,
+        "phone_number_id": PHONE_NUMBER_ID,
+        "to": TO,
+        "message": {
+            "type": "template",
+            "template": {
+                "name": "order_update",
+                "language": {"code": "en_US"},
+                "components": [
+                    {
+                        "type": "body",
+                        "parameters": [
+                            {"type": "text", "text": "Jessica"},
+                            {"type": "text", "text": "#1042"},
+                        ],
+                    }
+                ],
+            },
+        },
+        "category": "utility",
+        "metadata": {"order_id": 1042, "sent_by": "examples/python"},
+    }
+
+
+def main():
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+
+    # Listen before publishing, so no event is missed: a private queue bound to the events
+    # exchange (topic; the routing key is the event's name).
+    events = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+    for key in ("message.*", "job.*"):
+        channel.queue_bind(queue=events, exchange=f"{PREFIX}.events", routing_key=key)
+
+    # Publish with confirms: once basic_publish returns, the broker has the job on disk.
+    channel.confirm_delivery()
+    job_id = f"example-py-{uuid.uuid4().hex[:12]}"
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    channel.basic_publish(
+        exchange=f"{PREFIX}.send",
+        # <lane>.<phone_number_id>: lanes are otp, transactional and bulk.
+        routing_key=f"transactional.{PHONE_NUMBER_ID}",
+        body=json.dumps(job(job_id)).encode(),
+        properties=pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=job_id,
+            timestamp=int(time.time()),
+            # W3C trace context: the job is one trace from here to its read receipt.
+            headers={"traceparent": f"00-{trace_id}-{span_id}-01"},
+        ),
+        mandatory=True,
+    )
+    print(f"published {job_id} (trace {trace_id})", flush=True)
+
+    deadline = time.monotonic() + TIMEOUT_S
+    for method, _properties, body in channel.consume(events, inactivity_timeout=1):
+        if time.monotonic() > deadline:
+            print(f"no read receipt within {TIMEOUT_S:.0f} s", file=sys.stderr)
+            return 2
+        if method is None:
+            continue
+        channel.basic_ack(method.delivery_tag)
+        event = json.loads(body)
+        if event.get("job_id") != job_id:
+            continue
+        detail = event.get("wamid") or (event.get("error") or {}).get("details", "")
+        print(f"{event['event']:<20} {detail}", flush=True)
+        if event["event"] in DONE:
+            return DONE[event["event"]]
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
