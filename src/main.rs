@@ -185,6 +185,9 @@ enum DeadAction {
         /// Only say what would be replayed.
         #[arg(long)]
         dry_run: bool,
+        /// The lane for letters that recorded none (dead-lettered before lanes were recorded).
+        #[arg(long, value_parser = parse_lane)]
+        lane: Option<Lane>,
     },
 }
 
@@ -549,9 +552,10 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
                     job_id,
                     selection,
                     dry_run,
+                    lane,
                 } => {
                     let query = dead_query(job_id.as_deref(), &selection);
-                    print_json(&admin.replay(&query, dry_run).await?)
+                    print_json(&admin.replay(&query, dry_run, lane).await?)
                 }
             }
         }

@@ -228,3 +228,71 @@ async fn the_admin_api_lists_replays_and_tells_a_jobs_state() {
     app.stop_worker().await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_that_recorded_no_lane_is_replayed_to_the_lane_named() {
+    let mut app = spawn_app("dead-lane", |_, _| {}).await;
+    app.start_worker();
+    // Dead-lettered before letters recorded their lane: no `x-wa-lane` header.
+    let job = text_job("dead-lane-1");
+    app.user_wrote(&job).await;
+    let letter = Envelope {
+        body: Bytes::from(serde_json::to_vec(&job).unwrap()),
+        headers: Headers::default(),
+    };
+    app.broker
+        .publish(Target::Dead(DeadReason::MaxAttempts), letter)
+        .await
+        .unwrap();
+    // A webhook's failure report: no lane either, and not a job.
+    let report = Envelope {
+        body: Bytes::from_static(
+            br#"{"job_id":"dead-lane-2","wamid":"wamid.X","status":"failed"}"#,
+        ),
+        headers: Headers::default(),
+    };
+    app.broker
+        .publish(Target::Dead(DeadReason::MaxAttempts), report)
+        .await
+        .unwrap();
+
+    let stays = app
+        .run_json(&["dead", "replay", "--reason", "max_attempts"])
+        .await;
+    assert_eq!(stays["replayed"], json!([]), "{stays}");
+    let why = stays["skipped"][0]["why"].as_str().unwrap();
+    assert!(why.contains("--lane"), "says how to replay it: {stays}");
+
+    let replayed = app
+        .run_json(&[
+            "dead",
+            "replay",
+            "--reason",
+            "max_attempts",
+            "--lane",
+            "bulk",
+        ])
+        .await;
+    assert_eq!(replayed["replayed"], json!(["dead-lane-1"]), "{replayed}");
+    assert_eq!(
+        replayed["skipped"][0]["job_id"], "dead-lane-2",
+        "{replayed}"
+    );
+    assert!(
+        replayed["skipped"][0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("not a send job"),
+        "{replayed}"
+    );
+    wait_accepted(&mut app, "dead-lane-1").await;
+    let left = app.run_json(&["dead", "list"]).await;
+    assert_eq!(
+        left.as_array().unwrap().len(),
+        1,
+        "the report stays: {left}"
+    );
+
+    app.stop_worker().await;
+    app.cleanup().await;
+}

@@ -306,12 +306,14 @@ impl Admin {
 
     /// Publishes each dead letter matching `query` back to its lane and removes it from the
     /// dead queue; with `dry_run`, only says which would go. A job the store records as sent
-    /// stays (it is never sent twice); so does one a worker holds, and a letter that is not a
-    /// job the worker dead-lettered (no lane recorded: a webhook's failure report).
+    /// stays (it is never sent twice); so does one a worker holds. A letter with no lane
+    /// recorded (dead-lettered before lanes were recorded, or a webhook's failure report) goes
+    /// to `lane` if one is given and its body is a job, else stays.
     pub async fn replay(
         &self,
         query: &DeadQuery<'_>,
         dry_run: bool,
+        lane: Option<Lane>,
     ) -> Result<ReplayReport, AdminError> {
         if [query.job_id, query.reason, query.campaign]
             .into_iter()
@@ -335,7 +337,7 @@ impl Admin {
             if !filter.matches(&about) {
                 continue;
             }
-            match self.replay_one(broker, letter, &about, dry_run).await {
+            match self.replay_one(broker, letter, &about, dry_run, lane).await {
                 Ok(None) => report.replayed.push(about.job_id.clone()),
                 Ok(Some(why)) => report.skipped.push(Skipped {
                     job_id: about.job_id.clone(),
@@ -364,11 +366,18 @@ impl Admin {
         letter: &HeldLetter,
         about: &DeadSummary,
         dry_run: bool,
+        given_lane: Option<Lane>,
     ) -> Result<Option<String>, AdminError> {
-        let Some(lane) = about.lane.as_deref().and_then(Lane::parse) else {
-            return Ok(Some(
-                "no lane recorded: not a job the worker dead-lettered".into(),
-            ));
+        let lane = match (about.lane.as_deref().and_then(Lane::parse), given_lane) {
+            (Some(recorded), _) => recorded,
+            (None, Some(given)) if crate::job::decode(&letter.envelope.body).is_ok() => given,
+            (None, Some(_)) => return Ok(Some("not a send job: nothing to replay".into())),
+            (None, None) => {
+                return Ok(Some(
+                    "no lane recorded: name one with --lane (\"lane\" in the API) if it is a job"
+                        .into(),
+                ));
+            }
         };
         let key = self.job_key(&letter.envelope.body);
         let state = match &key {

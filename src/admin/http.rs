@@ -21,6 +21,7 @@ use tracing::warn;
 use super::dead::{DeadLetterView, DeadQuery, DeadSummary, JobStatus, ReplayReport};
 use super::{Admin, AdminError, ConsentChange};
 use crate::health::Health;
+use crate::job::Lane;
 use crate::policy::admission::CampaignState;
 use crate::server::HttpServer;
 
@@ -380,6 +381,8 @@ struct ReplayBody {
     campaign: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    /// The lane of letters that recorded none.
+    lane: Option<String>,
 }
 
 async fn replay(
@@ -393,7 +396,14 @@ async fn replay(
         campaign: body.campaign.as_deref(),
         since: None,
     };
-    Ok(Json(s.admin.replay(&query, body.dry_run).await?))
+    let lane = match body.lane.as_deref() {
+        None => None,
+        Some(l) => Some(Lane::parse(l).ok_or_else(|| AdminError::Invalid {
+            field: "lane",
+            problem: format!("{l:?} is not a lane (otp, transactional, bulk)"),
+        })?),
+    };
+    Ok(Json(s.admin.replay(&query, body.dry_run, lane).await?))
 }
 
 /// `GET /v1/jobs/{job_id}?waba_id=`.
