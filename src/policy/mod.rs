@@ -43,7 +43,7 @@ pub enum Scope {
     Pair,
 }
 
-/// The one classification of Cloud API error codes (CLOUD_API.md §2). Exhaustive on purpose:
+/// The one classification of Cloud API error codes (Meta's error-code reference). Exhaustive on purpose:
 /// a new [`ErrorCode`] does not compile until it has a decision here.
 pub fn classify(code: ErrorCode) -> Action {
     use Action::*;
