@@ -6,7 +6,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfig, BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
 use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -77,7 +79,11 @@ pub fn init(
         let exporter = exporter
             .build()
             .map_err(|e| ConfigError(format!("telemetry.otlp_endpoint: {e}")))?;
-        builder = builder.with_batch_exporter(exporter);
+        builder = builder.with_span_processor(
+            BatchSpanProcessor::builder(exporter)
+                .with_batch_config(batch_config())
+                .build(),
+        );
     }
     let provider = builder.build();
     install(
@@ -93,6 +99,24 @@ pub fn init(
             Collector::Configured(url) | Collector::Environment(url) => url,
         }),
     })
+}
+
+/// The exporter's batching: the SDK's defaults (2,048 spans queued, sent every 5 s) drop most
+/// spans of a worker sending thousands of jobs a second, five spans each; these hold 32,768
+/// and send every second. The standard `OTEL_BSP_*` variables still win.
+fn batch_config() -> BatchConfig {
+    let unset = |name| std::env::var_os(name).is_none();
+    let mut config = BatchConfigBuilder::default();
+    if unset("OTEL_BSP_MAX_QUEUE_SIZE") {
+        config = config.with_max_queue_size(32_768);
+    }
+    if unset("OTEL_BSP_SCHEDULE_DELAY") {
+        config = config.with_scheduled_delay(std::time::Duration::from_secs(1));
+    }
+    if unset("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
+        config = config.with_max_export_batch_size(2_048);
+    }
+    config.build()
 }
 
 /// The OTLP collector spans are exported to.
