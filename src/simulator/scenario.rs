@@ -162,7 +162,7 @@ pub struct SimTemplate {
     #[serde(default)]
     pub footer: Option<String>,
     /// Buttons in order; a URL button whose `url` holds `{{1}}`, and every `OTP` button, takes
-    /// one parameter.
+    /// one parameter; a `QUICK_REPLY` may take a payload, a `CATALOG` or `FLOW` button an action.
     #[serde(default)]
     pub buttons: Vec<SimButton>,
 }
@@ -175,7 +175,7 @@ fn default_status() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimButton {
-    /// `QUICK_REPLY`, `URL`, `PHONE_NUMBER`, `COPY_CODE`, `OTP`.
+    /// `QUICK_REPLY`, `URL`, `PHONE_NUMBER`, `COPY_CODE`, `OTP`, `CATALOG`, `FLOW`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Label.
