@@ -44,9 +44,9 @@ fn the_schema_file_is_json_and_names_the_schema_version() {
     );
 }
 
-/// The refusals about button actions name the field and the rule.
+/// The refusals about button actions and a missing type name the field and the rule.
 #[test]
-fn action_refusals_name_the_field() {
+fn action_and_type_refusals_name_the_field() {
     let at = "message.template.components[0].parameters[0]";
     let cases = [
         (
@@ -66,6 +66,11 @@ fn action_refusals_name_the_field() {
             format!(
                 "invalid job: {at}.action.catalog_id: is not an action field of a CATALOG button (thumbnail_product_retailer_id)"
             ),
+        ),
+        (
+            "image-without-type.json",
+            "invalid job: message.type: is required for the image body; only a text body may go without it"
+                .to_owned(),
         ),
     ];
     for (file, expected) in cases {

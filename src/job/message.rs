@@ -397,6 +397,31 @@ impl RawMessage {
     }
 }
 
+/// Meta reads a body without `type` as text (its example "Send Text Message with Preview URL" has
+/// none), so a `text` object stands for its type; any other body must name its own.
+fn with_type(mut value: Value, field: &str) -> Result<Value, Violation> {
+    let Some(object) = value.as_object_mut() else {
+        return Ok(value);
+    };
+    if object.contains_key("type") {
+        return Ok(value);
+    }
+    if object.contains_key("text") {
+        object.insert("type".into(), Value::from("text"));
+        return Ok(value);
+    }
+    let problem = match MESSAGE_KINDS.iter().find(|k| object.contains_key(**k)) {
+        Some(kind) => {
+            format!("is required for the {kind} body; only a text body may go without it")
+        }
+        None => format!(
+            "is required, with the object of that name ({})",
+            MESSAGE_KINDS.join(", ")
+        ),
+    };
+    Err(Violation::missing(format!("{field}.type"), problem))
+}
+
 fn typed<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T, Violation> {
     serde_json::from_value(value).map_err(|e| Violation::from_serde(field, &e))
 }
@@ -404,6 +429,7 @@ fn typed<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T,
 impl Message {
     /// Decodes and validates `message` from a job (`field` is its path, for error messages).
     pub fn from_value(value: Value, field: &str) -> Result<Self, Violation> {
+        let value = with_type(value, field)?;
         // The type decides everything else, so an unknown type is named before unknown fields.
         if let Some(kind) = value.get("type").and_then(Value::as_str)
             && !MESSAGE_KINDS.contains(&kind)
@@ -1143,6 +1169,34 @@ mod tests {
                 "{input}\n got: {err}\nwant: {expected}"
             );
         }
+    }
+
+    #[test]
+    fn a_body_without_type_is_text_as_meta_reads_it() {
+        let message = decode(json!({"text":{"body":"hi","preview_url":true}})).unwrap();
+        assert_eq!(
+            serde_json::to_value(&message).unwrap(),
+            json!({"type":"text","text":{"body":"hi","preview_url":true}})
+        );
+        let cases = [
+            (
+                json!({"image":{"id":"1"}}),
+                "message.type: is required for the image body; only a text body may go without it",
+            ),
+            (
+                json!({}),
+                "message.type: is required, with the object of that name",
+            ),
+            (
+                json!({"text":{"body":"a"},"image":{"id":"1"}}),
+                "message.image: is not allowed when type is \"text\"",
+            ),
+        ];
+        for (input, expected) in cases {
+            let err = decode(input.clone()).expect_err(&input.to_string());
+            assert!(err.to_string().starts_with(expected), "{input}: {err}");
+        }
+        assert_eq!(decode(json!({})).unwrap_err().kind, ViolationKind::Missing);
     }
 
     #[test]
