@@ -281,24 +281,16 @@ fn helpers_report_what_is_wrong() {
 
 mod common;
 
-/// The worker's requests, as the simulator received them over HTTP, match Meta's request shape:
-/// every example job in `schemas/examples/` goes through the real pipeline (in-memory queue and
-/// store, real HTTP client) to the simulator, which records each body.
-#[tokio::test]
-async fn the_workers_requests_match_metas_shape() {
+/// A pipeline with an in-memory queue and store and the real HTTP client, sending to `sim`.
+async fn shapes_pipeline(
+    sim: &wa_sender::simulator::Simulator,
+) -> (
+    wa_sender::pipeline::Pipeline,
+    std::sync::Arc<wa_sender::store::memory::MemoryStore>,
+) {
     use std::sync::Arc;
-    use wa_sender::broker::{Envelope, Headers, memory::MemoryBroker};
-    use wa_sender::job::Lane;
-    use wa_sender::pipeline::Outcome;
-    use wa_sender::simulator::{Scenario, Simulator};
+    use wa_sender::broker::memory::MemoryBroker;
     use wa_sender::store::memory::MemoryStore;
-
-    // The simulator's default scenario: the templates a new user finds there are the ones the
-    // example jobs use.
-    let mut scenario = Scenario::single(common::NUMBER, common::WABA, common::TOKEN);
-    scenario.unknown_users.window_open = true;
-    let sim = Simulator::start(scenario, "127.0.0.1:0").await.unwrap();
-    sim.record_requests(true);
 
     let settings = common::settings("shapes", &sim.base_url())
         .runtime()
@@ -313,23 +305,52 @@ async fn the_workers_requests_match_metas_shape() {
         common::numbers(),
     );
     pipeline.refresh_templates().await;
+    (pipeline, store)
+}
+
+/// Sends `job` (its user has written and opted in) through `pipeline` now.
+async fn decide(
+    pipeline: &wa_sender::pipeline::Pipeline,
+    store: &wa_sender::store::memory::MemoryStore,
+    mut job: Value,
+) -> wa_sender::pipeline::Outcome {
+    use wa_sender::broker::{Envelope, Headers};
+    // Scheduled examples are sent now: these tests are about shapes, not scheduling.
+    job.as_object_mut().unwrap().remove("not_before");
+    common::user_wrote(store, &job).await;
+    common::opted_in(store, &job).await;
+    let envelope = Envelope {
+        body: serde_json::to_vec(&job).unwrap().into(),
+        headers: Headers::default(),
+    };
+    pipeline
+        .decide(&envelope, wa_sender::job::Lane::Transactional)
+        .await
+}
+
+/// The worker's requests, as the simulator received them over HTTP, match Meta's request shape:
+/// every example job in `schemas/examples/` goes through the real pipeline (in-memory queue and
+/// store, real HTTP client) to the simulator, which records each body.
+#[tokio::test]
+async fn the_workers_requests_match_metas_shape() {
+    use wa_sender::pipeline::Outcome;
+    use wa_sender::simulator::{Scenario, Simulator};
+
+    // The simulator's default scenario: the templates a new user finds there are the ones the
+    // example jobs use.
+    let mut scenario = Scenario::single(common::NUMBER, common::WABA, common::TOKEN);
+    scenario.unknown_users.window_open = true;
+    let sim = Simulator::start(scenario, "127.0.0.1:0").await.unwrap();
+    sim.record_requests(true);
+    let (pipeline, store) = shapes_pipeline(&sim).await;
     let mut sent = 0;
     for entry in std::fs::read_dir(project_path("schemas/examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        // Scheduled examples are sent now: this test is about shapes, not scheduling.
-        let mut job = read_json(&path);
-        job.as_object_mut().unwrap().remove("not_before");
         // Each example's user has written and opted in: the policy lets every example through.
-        common::user_wrote(store.as_ref(), &job).await;
-        common::opted_in(store.as_ref(), &job).await;
-        let envelope = Envelope {
-            body: serde_json::to_vec(&job).unwrap().into(),
-            headers: Headers::default(),
-        };
-        let outcome = pipeline.decide(&envelope, Lane::Transactional).await;
+        let outcome = decide(&pipeline, &store, read_json(&path)).await;
         assert!(
             matches!(outcome, Outcome::Accepted(_)),
             "{}: {outcome:?}",
@@ -345,6 +366,85 @@ async fn the_workers_requests_match_metas_shape() {
         assert!(
             request["biz_opaque_callback_data"].is_string(),
             "the job id travels with the send"
+        );
+    }
+}
+
+/// Meta's catalog- and flow-button template examples are admitted and posted exactly as the job
+/// gives them (action parameter, `CATALOG` spelling, integer index); an action addressed to the
+/// wrong kind of button is dead-lettered `template_params_invalid` without an API call.
+#[tokio::test]
+async fn catalog_and_flow_buttons_reach_the_api_unchanged() {
+    use wa_sender::pipeline::Outcome;
+    use wa_sender::simulator::{Scenario, Simulator};
+
+    let scenario = Scenario::single(common::NUMBER, common::WABA, common::TOKEN);
+    let sim = Simulator::start(scenario, "127.0.0.1:0").await.unwrap();
+    sim.record_requests(true);
+    let (pipeline, store) = shapes_pipeline(&sim).await;
+
+    for example in ["catalog-template.json", "flow-template.json"] {
+        let job = read_json(&project_path(&format!("schemas/examples/{example}")));
+        let outcome = decide(&pipeline, &store, job.clone()).await;
+        assert!(
+            matches!(outcome, Outcome::Accepted(_)),
+            "{example}: {outcome:?}"
+        );
+        let requests = sim.audit().requests;
+        let sent = requests
+            .iter()
+            .find(|r| r["biz_opaque_callback_data"] == job["job_id"])
+            .unwrap_or_else(|| panic!("{example} was not sent: {requests:?}"));
+        assert_eq!(sent["type"], "template", "{example}");
+        assert_eq!(
+            sent["template"], job["message"]["template"],
+            "{example}: the template went out changed"
+        );
+        assert_valid("send-request", sent);
+    }
+
+    // The flow action given to the catalog button, and the catalog's to an OTP button.
+    let mut flow_on_catalog = read_json(&project_path("schemas/examples/catalog-template.json"));
+    flow_on_catalog["job_id"] = "flow-on-catalog".into();
+    flow_on_catalog["message"]["template"]["components"][1]["sub_type"] = "flow".into();
+    flow_on_catalog["message"]["template"]["components"][1]["parameters"][0]["action"] =
+        serde_json::json!({"flow_token": "tok-1"});
+    let mut catalog_on_url = read_json(&project_path("schemas/examples/otp-template.json"));
+    catalog_on_url["job_id"] = "catalog-on-url".into();
+    catalog_on_url["message"]["template"]["components"][1] = serde_json::json!({
+        "type": "button", "sub_type": "CATALOG", "index": "0",
+        "parameters": [{"type": "action", "action": {"thumbnail_product_retailer_id": "2lc20305pt"}}]});
+    let cases = [
+        (
+            flow_on_catalog,
+            "template_params_invalid",
+            "template intro_catalog_offer: components[1] is a \"flow\" button, but button 0 of the template is CATALOG",
+        ),
+        (
+            catalog_on_url,
+            "template_params_invalid",
+            "template otp_code: components[1] is a \"CATALOG\" button, but button 0 of the template is OTP",
+        ),
+    ];
+    for (job, reason, detail) in cases {
+        let outcome = decide(&pipeline, &store, job.clone()).await;
+        let Outcome::Dead(dead) = &outcome else {
+            panic!("{}: {outcome:?}", job["job_id"]);
+        };
+        assert_eq!(dead.reason.as_str(), reason, "{}", job["job_id"]);
+        assert!(
+            dead.detail.contains(detail),
+            "{}: {:?} should say {detail:?}",
+            job["job_id"],
+            dead.detail
+        );
+        assert!(
+            !sim.audit()
+                .requests
+                .iter()
+                .any(|r| r["biz_opaque_callback_data"] == job["job_id"]),
+            "{}: refused by the policy, yet sent",
+            job["job_id"]
         );
     }
 }

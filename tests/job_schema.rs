@@ -43,3 +43,41 @@ fn the_schema_file_is_json_and_names_the_schema_version() {
         schema["properties"]["schema"]
     );
 }
+
+/// The refusals about button actions and a missing type name the field and the rule.
+#[test]
+fn action_and_type_refusals_name_the_field() {
+    let at = "message.template.components[0].parameters[0]";
+    let cases = [
+        (
+            "action-on-url-button.json",
+            format!(
+                "invalid job: {at}.type: \"action\" parameters belong to catalog, flow and mpm buttons, not to a url button"
+            ),
+        ),
+        (
+            "flow-action-data-not-object.json",
+            format!(
+                "invalid job: {at}.action.flow_action_data: must be an object (the first screen's data)"
+            ),
+        ),
+        (
+            "catalog-action-unknown-field.json",
+            format!(
+                "invalid job: {at}.action.catalog_id: is not an action field of a CATALOG button (thumbnail_product_retailer_id)"
+            ),
+        ),
+        (
+            "image-without-type.json",
+            "invalid job: message.type: is required for the image body; only a text body may go without it"
+                .to_owned(),
+        ),
+    ];
+    for (file, expected) in cases {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas/examples/invalid")
+            .join(file);
+        let err = wa_sender::job::decode(&std::fs::read(&path).unwrap()).expect_err(file);
+        assert_eq!(err.to_string(), expected, "{file}");
+    }
+}

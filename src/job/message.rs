@@ -397,6 +397,31 @@ impl RawMessage {
     }
 }
 
+/// Meta reads a body without `type` as text (its example "Send Text Message with Preview URL" has
+/// none), so a `text` object stands for its type; any other body must name its own.
+fn with_type(mut value: Value, field: &str) -> Result<Value, Violation> {
+    let Some(object) = value.as_object_mut() else {
+        return Ok(value);
+    };
+    if object.contains_key("type") {
+        return Ok(value);
+    }
+    if object.contains_key("text") {
+        object.insert("type".into(), Value::from("text"));
+        return Ok(value);
+    }
+    let problem = match MESSAGE_KINDS.iter().find(|k| object.contains_key(**k)) {
+        Some(kind) => {
+            format!("is required for the {kind} body; only a text body may go without it")
+        }
+        None => format!(
+            "is required, with the object of that name ({})",
+            MESSAGE_KINDS.join(", ")
+        ),
+    };
+    Err(Violation::missing(format!("{field}.type"), problem))
+}
+
 fn typed<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T, Violation> {
     serde_json::from_value(value).map_err(|e| Violation::from_serde(field, &e))
 }
@@ -404,6 +429,7 @@ fn typed<T: serde::de::DeserializeOwned>(field: &str, value: Value) -> Result<T,
 impl Message {
     /// Decodes and validates `message` from a job (`field` is its path, for error messages).
     pub fn from_value(value: Value, field: &str) -> Result<Self, Violation> {
+        let value = with_type(value, field)?;
         // The type decides everything else, so an unknown type is named before unknown fields.
         if let Some(kind) = value.get("type").and_then(Value::as_str)
             && !MESSAGE_KINDS.contains(&kind)
@@ -678,7 +704,10 @@ impl Component {
                     .location
                     .as_ref()
                     .map(|l| l.validate(&format!("{at}.location"))),
-                "action" => p.action.as_ref().map(|_| Ok(())),
+                "action" => p
+                    .action
+                    .as_ref()
+                    .map(|a| validate_action(self.sub_type.as_deref(), &at, a)),
                 other => {
                     return Err(violation(
                         format!("{at}.type"),
@@ -686,6 +715,16 @@ impl Component {
                     ));
                 }
             };
+            if action_button(self.sub_type.as_deref()).is_some() && p.kind != "action" {
+                return Err(violation(
+                    format!("{at}.type"),
+                    format!(
+                        "a {} button takes an action parameter, not {:?}",
+                        self.sub_type.as_deref().unwrap_or_default(),
+                        p.kind
+                    ),
+                ));
+            }
             present.ok_or_else(|| {
                 Violation::missing(
                     format!("{at}.{}", p.kind),
@@ -695,6 +734,75 @@ impl Component {
         }
         Ok(())
     }
+}
+
+/// Button kinds whose parameter is an `action` object, by lowercase `sub_type`, with the keys
+/// that object may hold (Meta's "Send Catalog Template Message" and "Send Flow Template Message"
+/// examples; Meta documents every key as optional).
+const ACTION_BUTTONS: &[(&str, &[&str])] = &[
+    ("catalog", &["thumbnail_product_retailer_id"]),
+    ("flow", &["flow_token", "flow_action_data"]),
+];
+
+/// The action keys of a catalog or flow button `sub_type` (Meta spells it `catalog` or `CATALOG`).
+fn action_button(sub_type: Option<&str>) -> Option<&'static [&'static str]> {
+    let sub_type = sub_type?;
+    ACTION_BUTTONS
+        .iter()
+        .find(|(kind, _)| kind.eq_ignore_ascii_case(sub_type))
+        .map(|(_, keys)| *keys)
+}
+
+/// Checks an `action` parameter at `at` against the button it is given to. An mpm (multi-product)
+/// button's action holds product sections and is passed through as an object.
+fn validate_action(sub_type: Option<&str>, at: &str, action: &Value) -> Result<(), Violation> {
+    let path = format!("{at}.action");
+    let is_mpm = sub_type.is_some_and(|s| s.eq_ignore_ascii_case("mpm"));
+    let Some(keys) = action_button(sub_type) else {
+        if is_mpm {
+            return action
+                .is_object()
+                .then_some(())
+                .ok_or_else(|| violation(path, "must be an object"));
+        }
+        let given = sub_type.map_or("a component without sub_type".into(), |s| {
+            format!("a {s} button")
+        });
+        return Err(violation(
+            format!("{at}.type"),
+            format!(
+                "\"action\" parameters belong to catalog, flow and mpm buttons, not to {given}"
+            ),
+        ));
+    };
+    let object = action
+        .as_object()
+        .ok_or_else(|| violation(&path, "must be an object"))?;
+    for (key, value) in object {
+        let here = format!("{path}.{key}");
+        if !keys.contains(&key.as_str()) {
+            return Err(Violation::not_allowed(
+                here,
+                format!(
+                    "is not an action field of a {} button ({})",
+                    sub_type.unwrap_or_default(),
+                    keys.join(", ")
+                ),
+            ));
+        }
+        match (key.as_str(), value) {
+            ("flow_action_data", Value::Object(_)) => {}
+            ("flow_action_data", _) => {
+                return Err(violation(
+                    here,
+                    "must be an object (the first screen's data)",
+                ));
+            }
+            (_, Value::String(s)) => check_len(&here, s, 1, usize::MAX)?,
+            (_, _) => return Err(violation(here, "must be a string")),
+        }
+    }
+    Ok(())
 }
 
 impl Interactive {
@@ -962,6 +1070,133 @@ mod tests {
                 "{input}\n got: {err}\nwant: {expected}"
             );
         }
+    }
+
+    /// Meta's "Send Catalog Template Message" and "Send Flow Template Message" examples, as jobs.
+    fn catalog_and_flow_templates() -> [Value; 2] {
+        [
+            json!({"type":"template","template":{"name":"intro_catalog_offer","language":{"code":"en_US"},
+                "components":[{"type":"body","parameters":[{"type":"text","text":"100"},{"type":"text","text":"400"},{"type":"text","text":"3"}]},
+                              {"type":"button","sub_type":"CATALOG","index":0,"parameters":[
+                                  {"type":"action","action":{"thumbnail_product_retailer_id":"2lc20305pt"}}]}]}}),
+            json!({"type":"template","template":{"name":"survey_invite","language":{"code":"en_US"},
+                "components":[{"type":"button","sub_type":"flow","index":"0","parameters":[
+                    {"type":"action","action":{"flow_token":"tok-1","flow_action_data":{"source":"ad"}}}]}]}}),
+        ]
+    }
+
+    #[test]
+    fn catalog_and_flow_buttons_keep_their_action_unchanged() {
+        for sample in catalog_and_flow_templates() {
+            let message = decode(sample.clone()).unwrap_or_else(|e| panic!("{sample}: {e}"));
+            assert_eq!(serde_json::to_value(&message).unwrap(), sample);
+        }
+        // Meta documents every action field as optional.
+        let mut bare = catalog_and_flow_templates()[1].clone();
+        bare["template"]["components"][0]["parameters"][0]["action"] = json!({});
+        assert!(decode(bare).is_ok());
+    }
+
+    #[test]
+    fn a_bad_action_parameter_is_named_by_its_path() {
+        let at = "message.template.components[0].parameters[0]";
+        let flow = |parameter: Value| {
+            let mut m = catalog_and_flow_templates()[1].clone();
+            m["template"]["components"][0]["parameters"][0] = parameter;
+            m
+        };
+        let on = |sub_type: &str, parameter: Value| {
+            let mut m = flow(parameter);
+            m["template"]["components"][0]["sub_type"] = json!(sub_type);
+            m
+        };
+        let cases = [
+            (
+                flow(json!({"type":"action","action":{"flow_token":7}})),
+                format!("{at}.action.flow_token: must be a string"),
+            ),
+            (
+                flow(json!({"type":"action","action":{"flow_token":""}})),
+                format!("{at}.action.flow_token: must not be empty"),
+            ),
+            (
+                flow(json!({"type":"action","action":{"flow_action_data":"screen=1"}})),
+                format!("{at}.action.flow_action_data: must be an object"),
+            ),
+            (
+                flow(json!({"type":"action","action":{"thumbnail_product_retailer_id":"x"}})),
+                format!(
+                    "{at}.action.thumbnail_product_retailer_id: is not an action field of a flow button (flow_token, flow_action_data)"
+                ),
+            ),
+            (
+                flow(json!({"type":"action","action":["tok-1"]})),
+                format!("{at}.action: must be an object"),
+            ),
+            (
+                flow(json!({"type":"action"})),
+                format!("{at}.action: is required when type is \"action\""),
+            ),
+            (
+                flow(json!({"type":"text","text":"tok-1"})),
+                format!("{at}.type: a flow button takes an action parameter, not \"text\""),
+            ),
+            (
+                on(
+                    "catalog",
+                    json!({"type":"action","action":{"flow_token":"tok-1"}}),
+                ),
+                format!(
+                    "{at}.action.flow_token: is not an action field of a catalog button (thumbnail_product_retailer_id)"
+                ),
+            ),
+            (
+                on(
+                    "url",
+                    json!({"type":"action","action":{"flow_token":"tok-1"}}),
+                ),
+                format!(
+                    "{at}.type: \"action\" parameters belong to catalog, flow and mpm buttons, not to a url button"
+                ),
+            ),
+        ];
+        for (input, expected) in cases {
+            let err = decode(input.clone())
+                .expect_err(&input.to_string())
+                .to_string();
+            assert!(
+                err.starts_with(&expected),
+                "{input}\n got: {err}\nwant: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_without_type_is_text_as_meta_reads_it() {
+        let message = decode(json!({"text":{"body":"hi","preview_url":true}})).unwrap();
+        assert_eq!(
+            serde_json::to_value(&message).unwrap(),
+            json!({"type":"text","text":{"body":"hi","preview_url":true}})
+        );
+        let cases = [
+            (
+                json!({"image":{"id":"1"}}),
+                "message.type: is required for the image body; only a text body may go without it",
+            ),
+            (
+                json!({}),
+                "message.type: is required, with the object of that name",
+            ),
+            (
+                json!({"text":{"body":"a"},"image":{"id":"1"}}),
+                "message.image: is not allowed when type is \"text\"",
+            ),
+        ];
+        for (input, expected) in cases {
+            let err = decode(input.clone()).expect_err(&input.to_string());
+            assert!(err.to_string().starts_with(expected), "{input}: {err}");
+        }
+        assert_eq!(decode(json!({})).unwrap_err().kind, ViolationKind::Missing);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::job::{Parameter, Template};
+use crate::job::{Component, Parameter, Template};
 use crate::vocab::Category;
 pub use crate::vocab::{DefinitionButton, DefinitionComponent, TemplateDefinition};
 
@@ -180,13 +180,17 @@ pub fn check(def: &TemplateDefinition, sent: &Template) -> Option<String> {
         ));
     }
 
-    // Buttons: a dynamic URL, OTP or copy-code button takes one parameter at its index.
+    // Buttons: a dynamic URL, OTP or copy-code button takes one parameter at its index; a quick
+    // reply may take a payload, a catalog or flow button its action.
     let buttons = def
         .component("BUTTONS")
         .map(|b| b.buttons.as_slice())
         .unwrap_or_default();
-    let mut given: BTreeMap<usize, &[Parameter]> = BTreeMap::new();
-    for c in sent.components.iter().filter(|c| c.kind == "button") {
+    let mut given: BTreeMap<usize, (usize, &Component)> = BTreeMap::new();
+    for (at, c) in sent.components.iter().enumerate() {
+        if c.kind != "button" {
+            continue;
+        }
         let index = match &c.index {
             Some(serde_json::Value::Number(n)) => n.as_u64().map(|i| i as usize),
             Some(serde_json::Value::String(s)) => s.parse().ok(),
@@ -194,7 +198,7 @@ pub fn check(def: &TemplateDefinition, sent: &Template) -> Option<String> {
         };
         match index {
             Some(i) if i < buttons.len() => {
-                given.insert(i, &c.parameters);
+                given.insert(i, (at, c));
             }
             _ => {
                 return Some(format!(
@@ -207,21 +211,61 @@ pub fn check(def: &TemplateDefinition, sent: &Template) -> Option<String> {
     }
     for (i, b) in buttons.iter().enumerate() {
         let kind = b.kind.to_ascii_uppercase();
+        if let Some(&(at, c)) = given.get(&i)
+            && let Some(problem) = action_problem(name, i, &kind, at, c)
+        {
+            return Some(problem);
+        }
         let takes = match kind.as_str() {
-            "URL" => b.url.as_deref().is_some_and(|u| u.contains("{{")),
-            "OTP" | "COPY_CODE" => true,
-            _ => false,
+            "URL" if b.url.as_deref().is_some_and(|u| u.contains("{{")) => 1..=1,
+            "OTP" | "COPY_CODE" => 1..=1,
+            "QUICK_REPLY" | "CATALOG" | "FLOW" => 0..=1,
+            _ => 0..=0,
         };
-        let got = given.get(&i).map_or(0, |p| p.len());
-        let optional_payload = kind == "QUICK_REPLY" && got <= 1;
-        if got != usize::from(takes) && !optional_payload {
+        let got = given.get(&i).map_or(0, |(_, c)| c.parameters.len());
+        if !takes.contains(&got) {
+            let takes = if takes.start() == takes.end() {
+                format!("takes {}", takes.start())
+            } else {
+                format!("takes at most {}", takes.end())
+            };
             return Some(format!(
-                "template {name}: button {i} ({kind}) takes {} parameter(s), the job gives {got}",
-                usize::from(takes)
+                "template {name}: button {i} ({kind}) {takes} parameter(s), the job gives {got}"
             ));
         }
     }
     None
+}
+
+/// A catalog or flow button is addressed by its own `sub_type` and takes only an `action`
+/// parameter; no other button takes one. `at` is the component's place in the job's `components`.
+fn action_problem(name: &str, i: usize, kind: &str, at: usize, sent: &Component) -> Option<String> {
+    let action_kind = |k: &str| {
+        ["CATALOG", "FLOW"]
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(k))
+    };
+    let sub_type = sent.sub_type.as_deref().unwrap_or_default();
+    let takes_action = action_kind(kind);
+    if (takes_action || action_kind(sub_type)) && !sub_type.eq_ignore_ascii_case(kind) {
+        return Some(format!(
+            "template {name}: components[{at}] is a {sub_type:?} button, but button {i} of the template is {kind}"
+        ));
+    }
+    let (j, p) = sent
+        .parameters
+        .iter()
+        .enumerate()
+        .find(|(_, p)| (p.kind == "action") != takes_action)?;
+    let wanted = if takes_action {
+        "an action"
+    } else {
+        "no action"
+    };
+    Some(format!(
+        "template {name}: components[{at}].parameters[{j}]: button {i} ({kind}) takes {wanted} parameter, the job gives {:?}",
+        p.kind
+    ))
 }
 
 fn describe(params: &[&Parameter]) -> String {
@@ -362,6 +406,120 @@ mod tests {
                 .unwrap()
                 .contains("the limit is 15")
         );
+    }
+
+    /// Meta's catalog template (`intro_catalog_offer`) and a flow template whose second button
+    /// is a quick reply.
+    fn catalog_and_flow() -> [TemplateDefinition; 2] {
+        [
+            def(json!({
+                "name": "intro_catalog_offer", "language": "en_US", "status": "APPROVED",
+                "category": "MARKETING",
+                "components": [
+                    {"type": "BODY", "text": "Rs {{1}} off on orders above {{2}}, for your first {{3}} orders!"},
+                    {"type": "BUTTONS", "buttons": [{"type": "CATALOG", "text": "View catalog"}]}]
+            })),
+            def(json!({
+                "name": "survey_invite", "language": "en_US", "status": "APPROVED",
+                "category": "MARKETING",
+                "components": [
+                    {"type": "BODY", "text": "Tell us how we did."},
+                    {"type": "BUTTONS", "buttons": [
+                        {"type": "FLOW", "text": "Take the survey", "flow_id": "1234567890"},
+                        {"type": "QUICK_REPLY", "text": "Not now"}]}]
+            })),
+        ]
+    }
+
+    fn catalog_send() -> serde_json::Value {
+        json!([
+            {"type": "body", "parameters": [text("100"), text("400"), text("3")]},
+            {"type": "button", "sub_type": "CATALOG", "index": 0, "parameters": [
+                {"type": "action", "action": {"thumbnail_product_retailer_id": "2lc20305pt"}}]}
+        ])
+    }
+
+    fn flow_send() -> serde_json::Value {
+        json!([
+            {"type": "button", "sub_type": "flow", "index": "0", "parameters": [
+                {"type": "action", "action": {"flow_token": "tok-1", "flow_action_data": {"a": 1}}}]}
+        ])
+    }
+
+    #[test]
+    fn catalog_and_flow_buttons_take_their_action_or_nothing() {
+        let [catalog, flow] = catalog_and_flow();
+        assert_eq!(check(&catalog, &sent(catalog_send())), None);
+        assert_eq!(check(&flow, &sent(flow_send())), None);
+        // Meta documents the parameter as optional: the catalog's first product, a default token.
+        let mut without = catalog_send();
+        without.as_array_mut().unwrap().pop();
+        assert_eq!(check(&catalog, &sent(without)), None);
+        assert_eq!(check(&flow, &sent(json!([]))), None);
+    }
+
+    #[test]
+    fn an_action_must_go_to_a_catalog_or_flow_button_of_the_definition() {
+        let [catalog, flow] = catalog_and_flow();
+        let mut cases = Vec::new();
+        let mut c = flow_send();
+        c[0]["index"] = json!("1");
+        cases.push((
+            &flow,
+            c,
+            "components[0] is a \"flow\" button, but button 1 of the template is QUICK_REPLY",
+        ));
+        let mut c = flow_send();
+        c[0]["sub_type"] = json!("quick_reply");
+        cases.push((
+            &flow,
+            c,
+            "components[0] is a \"quick_reply\" button, but button 0 of the template is FLOW",
+        ));
+        let mut c = catalog_send();
+        c[1]["sub_type"] = json!("flow");
+        cases.push((
+            &catalog,
+            c,
+            "components[1] is a \"flow\" button, but button 0 of the template is CATALOG",
+        ));
+        let mut c = catalog_send();
+        c[1]["sub_type"] = json!("mpm");
+        cases.push((
+            &catalog,
+            c,
+            "components[1] is a \"mpm\" button, but button 0 of the template is CATALOG",
+        ));
+        let mut c = flow_send();
+        c[0]["index"] = json!("1");
+        c[0]["sub_type"] = json!("quick_reply");
+        cases.push((
+            &flow,
+            c,
+            "components[0].parameters[0]: button 1 (QUICK_REPLY) takes no action parameter, the job gives \"action\"",
+        ));
+        let mut c = flow_send();
+        c[0]["parameters"] = json!([{"type": "payload", "payload": "p"}]);
+        cases.push((
+            &flow,
+            c,
+            "components[0].parameters[0]: button 0 (FLOW) takes an action parameter, the job gives \"payload\"",
+        ));
+        let mut c = flow_send();
+        let action = c[0]["parameters"][0].clone();
+        c[0]["parameters"] = json!([action.clone(), action]);
+        cases.push((
+            &flow,
+            c,
+            "button 0 (FLOW) takes at most 1 parameter(s), the job gives 2",
+        ));
+        for (d, components, expected) in cases {
+            let problem = check(d, &sent(components.clone())).unwrap_or_default();
+            assert!(
+                problem.contains(expected),
+                "{components}: {problem:?} should say {expected:?}"
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::statuses::{self, Accepted, Fate, Pricing};
 use super::webhooks::Update;
 use super::{AcceptedSend, Fault, SimState};
 use crate::cloud::{ApiError, ErrorBody, ErrorData};
-use crate::job::{Body, Message, Parameter, Template, ViolationKind};
+use crate::job::{Body, Component, Message, Parameter, Template, ViolationKind};
 
 pub(super) fn router(state: Arc<SimState>) -> Router {
     let routes = Router::new()
@@ -723,19 +723,48 @@ fn check_template_params(template: &SimTemplate, t: &Template) -> Result<(), Met
                 template.buttons.len()
             )));
         };
+        check_action_button(&template.buttons[index].kind, index, c)?;
         *given.entry(index).or_default() += c.parameters.len();
     }
     for index in 0..template.buttons.len() {
         let expected = usize::from(template.button_takes_param(index));
         let got = given.get(&index).copied().unwrap_or(0);
-        let quick_reply_payload = template.buttons[index].kind == "QUICK_REPLY" && got == 1;
-        if got != expected && !quick_reply_payload {
+        // A quick reply's payload, a catalog's thumbnail and a flow's token are optional.
+        let optional = matches!(
+            template.buttons[index].kind.as_str(),
+            "QUICK_REPLY" | "CATALOG" | "FLOW"
+        ) && got == 1;
+        if got != expected && !optional {
             return Err(mismatch(format!(
                 "buttons[{index}]: number of params ({got}) does not match the expected number of params ({expected})"
             )));
         }
     }
     Ok(())
+}
+
+/// A catalog or flow button is sent with its own `sub_type` and only an `action` parameter; no
+/// other button takes an action (132012 either way).
+fn check_action_button(kind: &str, index: usize, c: &Component) -> Result<(), MetaError> {
+    let action_kind = |k: &str| k.eq_ignore_ascii_case("CATALOG") || k.eq_ignore_ascii_case("FLOW");
+    let sub_type = c.sub_type.as_deref().unwrap_or_default();
+    let takes_action = action_kind(kind);
+    if (takes_action || action_kind(sub_type)) && !sub_type.eq_ignore_ascii_case(kind) {
+        return Err(format_mismatch(format!(
+            "buttons[{index}]: sub_type {sub_type:?} does not match the template's {kind} button"
+        )));
+    }
+    match c
+        .parameters
+        .iter()
+        .find(|p| (p.kind == "action") != takes_action)
+    {
+        Some(p) => Err(format_mismatch(format!(
+            "buttons[{index}]: parameter type {:?} does not match the template's {kind} button",
+            p.kind
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Length in characters of `text` with its placeholders replaced by the parameters.
@@ -1368,5 +1397,42 @@ mod tests {
             check_template_params(&t, &long).err().map(|e| e.code),
             Some(132005)
         );
+    }
+
+    #[test]
+    fn catalog_and_flow_buttons_take_an_optional_action() {
+        let button = |kind: &str| super::super::SimButton {
+            kind: kind.into(),
+            text: "Open".into(),
+            url: None,
+        };
+        let mut t = SimTemplate::new("offer", "en_US", "MARKETING", "Hi");
+        t.buttons = vec![button("CATALOG"), button("FLOW"), button("QUICK_REPLY")];
+        let send = |buttons: Value| {
+            template_send(
+                json!({"name": "offer", "language": {"code": "en_US"}, "components": buttons}),
+            )
+        };
+        let catalog = json!({"type": "button", "sub_type": "CATALOG", "index": 0, "parameters": [
+            {"type": "action", "action": {"thumbnail_product_retailer_id": "2lc20305pt"}}]});
+        let flow = json!({"type": "button", "sub_type": "flow", "index": "1", "parameters": [
+            {"type": "action", "action": {"flow_token": "tok-1"}}]});
+        let code = |buttons: Value| {
+            check_template_params(&t, &send(buttons))
+                .err()
+                .map(|e| e.code)
+        };
+        assert_eq!(code(json!([catalog, flow])), None);
+        assert_eq!(code(json!([])), None, "both actions are optional");
+        let mut wrong_kind = flow.clone();
+        wrong_kind["index"] = json!("0");
+        assert_eq!(code(json!([wrong_kind])), Some(132012));
+        let mut on_quick_reply = flow.clone();
+        on_quick_reply["index"] = json!("2");
+        on_quick_reply["sub_type"] = json!("quick_reply");
+        assert_eq!(code(json!([on_quick_reply])), Some(132012));
+        let mut two = flow.clone();
+        two["parameters"] = json!([flow["parameters"][0], flow["parameters"][0]]);
+        assert_eq!(code(json!([two])), Some(132000));
     }
 }

@@ -162,7 +162,7 @@ pub struct SimTemplate {
     #[serde(default)]
     pub footer: Option<String>,
     /// Buttons in order; a URL button whose `url` holds `{{1}}`, and every `OTP` button, takes
-    /// one parameter.
+    /// one parameter; a `QUICK_REPLY` may take a payload, a `CATALOG` or `FLOW` button an action.
     #[serde(default)]
     pub buttons: Vec<SimButton>,
 }
@@ -175,7 +175,7 @@ fn default_status() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimButton {
-    /// `QUICK_REPLY`, `URL`, `PHONE_NUMBER`, `COPY_CODE`, `OTP`.
+    /// `QUICK_REPLY`, `URL`, `PHONE_NUMBER`, `COPY_CODE`, `OTP`, `CATALOG`, `FLOW`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Label.
@@ -609,8 +609,31 @@ impl Scenario {
             text: "Stop promotions".into(),
             url: None,
         });
+        // Meta's catalog template example, and a template opening a flow.
+        let mut catalog = SimTemplate::new(
+            "intro_catalog_offer",
+            "en_US",
+            "MARKETING",
+            "Now shop for your favourite products right here on WhatsApp! Get Rs {{1}} off on all orders above {{2}}Rs! Valid for your first {{3}} orders placed on WhatsApp!",
+        );
+        catalog.buttons.push(SimButton {
+            kind: "CATALOG".into(),
+            text: "View catalog".into(),
+            url: None,
+        });
+        let mut survey = SimTemplate::new(
+            "survey_invite",
+            "en_US",
+            "MARKETING",
+            "How did we do? Tell us in two minutes.",
+        );
+        survey.buttons.push(SimButton {
+            kind: "FLOW".into(),
+            text: "Take the survey".into(),
+            url: None,
+        });
         let mut scenario = Scenario {
-            description: "one number, three templates".into(),
+            description: "one number, five templates".into(),
             tokens: vec![token.to_owned()],
             numbers: vec![SimNumber::new(phone_number_id, waba_id)],
             templates: vec![
@@ -622,6 +645,8 @@ impl Scenario {
                 ),
                 otp,
                 sale,
+                catalog,
+                survey,
             ],
             users: Vec::new(),
             unknown_users: UnknownUsers::default(),
