@@ -84,14 +84,16 @@ enum Command {
         #[arg(long)]
         webhook_url: Option<String>,
     },
-    /// Publish jobs from a JSONL or CSV file (or stdin) to a lane: every row is validated
-    /// first, refused rows go to a reject file, and an interrupted run started again with the
-    /// same arguments continues after the last line confirmed. Exits 0 when every row was
-    /// published, 65 when some were refused, 64 on bad arguments, 1 when the broker failed,
-    /// 130 when stopped by SIGINT/SIGTERM.
+    /// Publish jobs from a JSONL or CSV file (or stdin) to a lane, each row validated first.
+    ///
+    /// Refused rows are reported by line and go to a reject file; an interrupted run started
+    /// again with the same arguments continues after the last line confirmed. Exits 0 when
+    /// every row was published, 65 when some were refused, 64 on bad arguments, 1 when the
+    /// broker failed, 130 when stopped by SIGINT/SIGTERM.
     Enqueue(Box<EnqueueArgs>),
-    /// Declare the exchanges and queues (one per configured number and lane) and print them,
-    /// so producers can publish before any worker ran.
+    /// Declare the exchanges and queues (one per configured number and lane) and print them.
+    ///
+    /// Producers can then publish before any worker ran (enqueue declares them too).
     Setup,
     /// Simulator, worker and producer in one process; prints a summary.
     Demo {
