@@ -82,41 +82,43 @@ async fn run() {
     );
 
     let queue = format!("{prefix}.send.{NUMBER}.bulk");
-    let (mut raw, mut producer, mut command) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut producer, mut command, mut publishing) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let r = timed(jobs, publish_raw(&settings, &bodies)).await;
+        let (r, ()) = timed(jobs, publish_raw(&settings, &bodies)).await;
         empty(&settings, &queue, jobs).await;
-        let p = timed(jobs, publish_producer(broker.as_ref(), &bodies)).await;
+        let (p, ()) = timed(jobs, publish_producer(broker.as_ref(), &bodies)).await;
         empty(&settings, &queue, jobs).await;
-        let c = timed(jobs, enqueue_command(&settings, &file)).await;
+        let (c, own) = timed(jobs, enqueue_command(&settings, &file)).await;
         empty(&settings, &queue, jobs).await;
         println!(
-            "round {round}: raw {r:>7.0}/s  producer {p:>7.0}/s  wa-sender enqueue {c:>7.0}/s"
+            "round {round}: raw {r:>7.0}/s  producer {p:>7.0}/s  \
+             wa-sender enqueue {c:>7.0}/s start to exit, {own:>7.0}/s publishing"
         );
         raw.push(r);
         producer.push(p);
         command.push(c);
+        publishing.push(own);
     }
-    let (r, p, c) = (
-        median(&mut raw),
-        median(&mut producer),
-        median(&mut command),
-    );
+    let (r, p) = (median(&mut raw), median(&mut producer));
+    let (c, own) = (median(&mut command), median(&mut publishing));
     println!(
-        "median: raw {r:.0}/s, producer {p:.0}/s ({:.2}× raw), wa-sender enqueue {c:.0}/s ({:.2}× raw)",
+        "median: raw {r:.0}/s; producer {p:.0}/s ({:.2}× raw); wa-sender enqueue {c:.0}/s start \
+         to exit ({:.2}× raw), {own:.0}/s publishing ({:.2}× raw)",
         p / r,
-        c / r
+        c / r,
+        own / r
     );
     broker.delete_topology().await.expect("clean up");
     broker.close().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Jobs per second of `publish`.
-async fn timed(jobs: usize, publish: impl Future<Output = ()>) -> f64 {
+/// Jobs per second of `publish`, and what it returned.
+async fn timed<T>(jobs: usize, publish: impl Future<Output = T>) -> (f64, T) {
     let started = Instant::now();
-    publish.await;
-    jobs as f64 / started.elapsed().as_secs_f64()
+    let out = publish.await;
+    (jobs as f64 / started.elapsed().as_secs_f64(), out)
 }
 
 /// A bare batched-confirm publisher: what the broker and lapin allow.
@@ -171,8 +173,9 @@ async fn publish_producer(broker: &dyn Broker, bodies: &[Vec<u8>]) {
     producer.flush().await.expect("confirms");
 }
 
-/// `wa-sender enqueue <file>`, from the start of the process to its exit.
-async fn enqueue_command(settings: &Settings, file: &std::path::Path) {
+/// `wa-sender enqueue <file>`, from the start of the process to its exit; returns the rate it
+/// reports itself (first publish to last confirm, without start-up and connection).
+async fn enqueue_command(settings: &Settings, file: &std::path::Path) -> f64 {
     let queue_type = serde_json::to_value(settings.amqp.queue_type).unwrap();
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wa-sender"))
         .args(["enqueue", "--restart", "--lane", "bulk"])
@@ -190,6 +193,11 @@ async fn enqueue_command(settings: &Settings, file: &std::path::Path) {
         "wa-sender enqueue failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let summary = String::from_utf8_lossy(&output.stdout);
+    summary
+        .rsplit_once('(')
+        .and_then(|(_, rate)| rate.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("a rate in the summary: {summary}"))
 }
 
 /// Checks that `queue` holds `jobs` messages, then empties it.
