@@ -173,27 +173,20 @@ pub async fn run(settings: &Runtime, embedded: bool, jobs: usize) -> anyhow::Res
     let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
 
     let started = Instant::now();
-    // Publish concurrently, as a real producer would: each publish waits for its confirm.
+    // Publish as a producer does: confirms pipelined, a window of them in flight.
     let mut rng = rand::rng();
-    let samples: Vec<_> = (0..jobs)
-        .map(|i| sample_job(i, settings.demo.invalid_share, &mut rng))
-        .collect();
-    let enqueued_at: HashMap<String, Instant> = futures::stream::iter(samples)
-        .map(|(lane, body, job_id)| {
-            let broker = broker.clone();
-            async move {
-                let at = Instant::now();
-                crate::app::enqueue(broker.as_ref(), lane, body)
-                    .await
-                    .map(|()| job_id.map(|id| (id, at)))
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .filter_map(Result::transpose)
-        .collect::<Result<_, _>>()?;
+    let mut producer = crate::producer::Producer::new(broker.as_ref(), crate::producer::WINDOW);
+    let mut enqueued_at: HashMap<String, Instant> = HashMap::with_capacity(jobs);
+    for i in 0..jobs {
+        let (lane, body, job_id) = sample_job(i, settings.demo.invalid_share, &mut rng);
+        producer
+            .publish(lane, job_id.as_deref(), body.into(), i as u64)
+            .await?;
+        if let Some(id) = job_id {
+            enqueued_at.insert(id, Instant::now());
+        }
+    }
+    producer.flush().await?;
 
     let mut summary = Summary {
         enqueued: jobs,

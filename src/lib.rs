@@ -13,6 +13,8 @@
 //!   number and lane, delay queues, events, dead letters.
 //! - [`store`]: shared state (Redis, or in-memory): admission in one round trip, consent,
 //!   windows, templates, campaigns, replica heartbeats.
+//! - [`producer`]: what puts jobs on the queues: pipelined publisher confirms, trace context
+//!   and message id per job; `wa-sender enqueue` (JSONL/CSV, validation, rejects, resume).
 //! - [`worker`]: the consumer loops, one per business number: lane priorities, concurrency,
 //!   graceful drain.
 //! - [`event`]: events on `wa.events`.
@@ -46,6 +48,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod pricing;
+pub mod producer;
 pub mod registry;
 pub mod server;
 mod settlement;

@@ -1,12 +1,12 @@
 //! The `wa-sender` binary: parses the command line, loads settings, installs telemetry and runs
 //! one subcommand. Bad configuration exits with code 64 and names the key.
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -19,16 +19,22 @@ use wa_sender::admin::import::{self, ImportError};
 use wa_sender::admin::{Admin, AdminError, ConsentChange};
 use wa_sender::app::{WebhookApp, WorkerApp};
 use wa_sender::config::Runtime;
+use wa_sender::ids::{CampaignId, PhoneNumberId};
 use wa_sender::job::Lane;
 use wa_sender::metrics;
 use wa_sender::policy::admission::CampaignState;
+use wa_sender::producer::file::{self as enqueue, Bar, EnqueueError, Lines, Observer};
+use wa_sender::producer::input::{Defaults, Format, InputError, Mapping};
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
 use wa_sender::worker::Drained;
 
 /// Exit code for configuration errors and bad arguments (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
-/// Exit code when an import skipped bad lines or could not read its file (EX_DATAERR).
+/// Exit code when an import or enqueue skipped bad lines or could not read its file
+/// (EX_DATAERR).
 const EXIT_DATA: u8 = 65;
+/// Exit code of an enqueue stopped by SIGINT/SIGTERM (128 + SIGINT): rerun to continue.
+const EXIT_STOPPED: u8 = 130;
 
 #[derive(Parser)]
 #[command(
@@ -78,15 +84,17 @@ enum Command {
         #[arg(long)]
         webhook_url: Option<String>,
     },
-    /// Publish jobs (one JSON job per line, from a file or stdin) to a lane.
-    Enqueue {
-        /// Lane: otp, transactional or bulk.
-        #[arg(long, default_value = "bulk", value_parser = parse_lane)]
-        lane: Lane,
-        /// File of JSON lines; `-` for stdin.
-        #[arg(default_value = "-")]
-        file: String,
-    },
+    /// Publish jobs from a JSONL or CSV file (or stdin) to a lane, each row validated first.
+    ///
+    /// Refused rows are reported by line and go to a reject file; an interrupted run started
+    /// again with the same arguments continues after the last line confirmed. Exits 0 when
+    /// every row was published, 65 when some were refused, 64 on bad arguments, 1 when the
+    /// broker failed, 130 when stopped by SIGINT/SIGTERM.
+    Enqueue(Box<EnqueueArgs>),
+    /// Declare the exchanges and queues (one per configured number and lane) and print them.
+    ///
+    /// Producers can then publish before any worker ran (enqueue declares them too).
+    Setup,
     /// Simulator, worker and producer in one process; prints a summary.
     Demo {
         /// Use the in-process queue and store instead of RabbitMQ and Redis.
@@ -143,6 +151,73 @@ enum Command {
         #[arg(long)]
         waba: Option<String>,
     },
+}
+
+/// `wa-sender enqueue`'s arguments.
+#[derive(clap::Args)]
+struct EnqueueArgs {
+    /// Lane: otp, transactional or bulk.
+    #[arg(long, default_value = "bulk", value_parser = parse_lane)]
+    lane: Lane,
+    /// The input: `.csv` files are CSV, anything else JSON lines; `-` for stdin.
+    #[arg(default_value = "-")]
+    file: String,
+    /// The input's format, whatever its name.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// Campaign of every job that names none; job ids are `<campaign>-<line>` where the input
+    /// gives none (required for CSV without --job-id-column).
+    #[arg(long)]
+    campaign: Option<String>,
+    /// Not to be sent before this time (RFC 3339), for jobs that say nothing.
+    #[arg(long)]
+    not_before: Option<String>,
+    /// Dead-lettered `expired` if not sent by this time (RFC 3339), for jobs that say nothing.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// The sending number of CSV rows and of JSON jobs that name none (default: the only
+    /// configured number, if there is one).
+    #[arg(long)]
+    phone_number_id: Option<String>,
+    /// CSV mapping file (TOML with the keys of the column flags below); flags win.
+    #[arg(long)]
+    mapping: Option<PathBuf>,
+    /// CSV: the recipient's column (default `to`).
+    #[arg(long)]
+    to_column: Option<String>,
+    /// CSV: the template of every row.
+    #[arg(long)]
+    template: Option<String>,
+    /// CSV: the column naming each row's template.
+    #[arg(long)]
+    template_column: Option<String>,
+    /// CSV: the template language of every row (`en_US`).
+    #[arg(long)]
+    language: Option<String>,
+    /// CSV: the column naming each row's language.
+    #[arg(long)]
+    language_column: Option<String>,
+    /// CSV: the columns holding the template's body parameters, in order (`name,order`).
+    #[arg(long, value_delimiter = ',')]
+    param_columns: Vec<String>,
+    /// CSV: the column holding each row's job id.
+    #[arg(long)]
+    job_id_column: Option<String>,
+    /// Where refused rows go (default: `<file>.rejects.csv` or `<file>.rejects.jsonl`).
+    #[arg(long)]
+    rejects: Option<PathBuf>,
+    /// Where progress is kept for a resume (default: `<file>.checkpoint`; none for stdin).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Start from the first row even if the checkpoint says part was enqueued.
+    #[arg(long)]
+    restart: bool,
+    /// Validate every row and write the rejects, but publish nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Publishes awaiting their confirm at most.
+    #[arg(long, default_value_t = wa_sender::producer::WINDOW)]
+    window: usize,
 }
 
 /// Which dead letters a command is about.
@@ -310,10 +385,12 @@ fn parse_lane(s: &str) -> Result<Lane, String> {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| exit_usage(e));
     // Each process is its own service in the traces: wa-sender-worker, wa-sender-webhook, …
     let service = format!("wa-sender-{}", matches.subcommand_name().unwrap_or("cli"));
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| exit_usage(e));
     let settings = match Runtime::load(&cli.config_dir, &cli.environment) {
         Ok(s) => s,
         Err(e) => {
@@ -342,6 +419,10 @@ fn main() -> ExitCode {
     drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if matches!(e.downcast_ref::<Unfinished>(), Some(Unfinished::Stopped)) => {
+            eprintln!("wa-sender: {e}");
+            ExitCode::from(EXIT_STOPPED)
+        }
         Err(e) if is_configuration_error(&e) => {
             eprintln!("wa-sender: {e}");
             ExitCode::from(EXIT_CONFIG)
@@ -355,6 +436,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version as clap prints them; a bad argument exits 64 like bad configuration.
+fn exit_usage(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let _ = e.print();
+    std::process::exit(i32::from(EXIT_CONFIG));
 }
 
 /// Cancels the token on SIGTERM or SIGINT.
@@ -419,30 +515,23 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
             simulator.stop();
             Ok(())
         }
-        Command::Enqueue { lane, file } => {
-            let (broker, _store) = wa_sender::app::connect(&settings).await?;
-            let reader: Box<dyn tokio::io::AsyncRead + Unpin> = if file == "-" {
-                Box::new(tokio::io::stdin())
-            } else {
-                Box::new(
-                    tokio::fs::File::open(&file)
-                        .await
-                        .with_context(|| format!("cannot open {file}"))?,
-                )
-            };
-            let mut lines = tokio::io::BufReader::new(reader).lines();
-            let mut published = 0u64;
-            while let Some(line) = lines.next_line().await? {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                // Producers may publish anything; the worker validates and dead-letters. A
-                // malformed line is still published so it is reported, never silently dropped.
-                wa_sender::app::enqueue(broker.as_ref(), lane, line.into_bytes()).await?;
-                published += 1;
-            }
+        Command::Enqueue(args) => enqueue(&settings, *args).await,
+        Command::Setup => {
+            let broker = wa_sender::app::connect_broker(&settings).await?;
+            let topology = broker.topology();
             broker.close().await;
-            println!("published {published} jobs to lane {}", lane.as_str());
+            for exchange in &topology.exchanges {
+                println!("exchange {exchange}");
+            }
+            for queue in &topology.queues {
+                println!("queue {queue}");
+            }
+            println!(
+                "declared {} exchanges and {} queues on {}",
+                topology.exchanges.len(),
+                topology.queues.len(),
+                wa_sender::broker::rabbit::redact(&settings.amqp.url)
+            );
             Ok(())
         }
         Command::Demo { embedded, jobs } => {
@@ -566,6 +655,139 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
     }
 }
 
+/// `wa-sender enqueue`: prints a one-line summary; fails with [`Unfinished`] when rows were
+/// refused (exit 65) or a signal stopped it (exit 130).
+async fn enqueue(settings: &Runtime, args: EnqueueArgs) -> anyhow::Result<()> {
+    let options = enqueue_options(settings, args)?;
+    let broker = if options.dry_run {
+        None
+    } else {
+        Some(wa_sender::app::connect_broker(settings).await?)
+    };
+    let stop = shutdown_on_signal();
+    let mut observer: Box<dyn Observer> = if std::io::stderr().is_terminal() {
+        Box::new(Bar::new())
+    } else {
+        Box::new(Lines::new(std::time::Duration::from_secs(5)))
+    };
+    let result = enqueue::enqueue(
+        broker
+            .as_deref()
+            .map(|b| b as &dyn wa_sender::broker::Broker),
+        &options,
+        &stop,
+        observer.as_mut(),
+    )
+    .await;
+    if let Some(broker) = &broker {
+        broker.close().await;
+    }
+    let summary = result?;
+    let resumed = summary
+        .resumed_after
+        .map(|l| format!(", resumed after line {l}"))
+        .unwrap_or_default();
+    let rejects = summary
+        .rejects
+        .as_ref()
+        .map(|p| format!(" (rejects in {})", p.display()))
+        .unwrap_or_default();
+    let checkpoint = summary
+        .checkpoint
+        .map(|l| format!(", checkpoint at line {l}"))
+        .unwrap_or_default();
+    let verb = if options.dry_run {
+        "dry run: would publish"
+    } else {
+        "published"
+    };
+    println!(
+        "{verb} {} jobs to lane {}, rejected {}{rejects} of {} rows{resumed}{checkpoint}, in {:.1} s ({:.0} jobs/s)",
+        summary.published,
+        options.lane.as_str(),
+        summary.rejected,
+        summary.rows,
+        summary.elapsed.as_secs_f64(),
+        summary.rate(),
+    );
+    if summary.stopped {
+        return Err(Unfinished::Stopped.into());
+    }
+    if summary.rejected > 0 {
+        return Err(Unfinished::Rejected(summary.rejected).into());
+    }
+    Ok(())
+}
+
+/// An enqueue that ended without publishing every row.
+#[derive(Debug, thiserror::Error)]
+enum Unfinished {
+    /// Some rows were refused (exit 65).
+    #[error("{0} rows were rejected")]
+    Rejected(u64),
+    /// SIGINT/SIGTERM: what was sent is confirmed and checkpointed (exit 130).
+    #[error("stopped; run the same command again to continue")]
+    Stopped,
+}
+
+/// The typed options of `wa-sender enqueue`; bad values are argument errors (exit 64).
+fn enqueue_options(settings: &Runtime, args: EnqueueArgs) -> Result<enqueue::Options, InputError> {
+    let bad = |flag: &str, e: &dyn std::fmt::Display| InputError(format!("--{flag}: {e}"));
+    let time = |flag: &str, value: Option<String>| {
+        value
+            .map(|v| {
+                chrono::DateTime::parse_from_rfc3339(&v)
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .map_err(|e| bad(flag, &format!("{v:?} is not an RFC 3339 time ({e})")))
+            })
+            .transpose()
+    };
+    let phone_number_id = match args.phone_number_id {
+        Some(id) => Some(PhoneNumberId::parse(id).map_err(|e| bad("phone-number-id", &e))?),
+        None if settings.numbers.len() == 1 => settings.numbers.keys().next().cloned(),
+        None => None,
+    };
+    let defaults = Defaults {
+        campaign: args
+            .campaign
+            .map(CampaignId::parse)
+            .transpose()
+            .map_err(|e| bad("campaign", &e))?,
+        not_before: time("not-before", args.not_before)?,
+        expires_at: time("expires-at", args.expires_at)?,
+        phone_number_id,
+    };
+    let flags = Mapping {
+        to_column: args.to_column,
+        template: args.template,
+        template_column: args.template_column,
+        language: args.language,
+        language_column: args.language_column,
+        param_columns: args.param_columns,
+        job_id_column: args.job_id_column,
+    };
+    let mapping = match &args.mapping {
+        Some(path) => Mapping::load(path)?.overlaid(flags),
+        None => flags,
+    };
+    let input = (args.file != "-").then(|| PathBuf::from(&args.file));
+    if input.is_none() && args.checkpoint.is_none() && !args.dry_run {
+        tracing::info!("reading stdin without --checkpoint: an interrupted run cannot resume");
+    }
+    Ok(enqueue::Options {
+        format: args.format.unwrap_or_else(|| Format::of(input.as_deref())),
+        input,
+        lane: args.lane,
+        defaults,
+        mapping,
+        rejects: args.rejects,
+        checkpoint: args.checkpoint,
+        restart: args.restart,
+        dry_run: args.dry_run,
+        window: args.window,
+    })
+}
+
 /// Imports, prints a one-line summary, and fails with [`ImportError::Rejected`] (exit 65) when
 /// some lines were skipped.
 async fn import_consent(
@@ -668,6 +890,11 @@ fn is_configuration_error(e: &anyhow::Error) -> bool {
             e.downcast_ref::<ImportError>(),
             Some(ImportError::Argument(AdminError::Invalid { .. }))
         )
+        || e.downcast_ref::<InputError>().is_some()
+        || matches!(
+            e.downcast_ref::<EnqueueError>(),
+            Some(EnqueueError::Argument(_) | EnqueueError::Checkpoint(_))
+        )
 }
 
 /// An import whose file is unreadable, has a bad header or has bad lines: exit 65.
@@ -675,5 +902,11 @@ fn is_data_error(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<ImportError>(),
         Some(ImportError::Read { .. } | ImportError::Header(_) | ImportError::Rejected { .. })
+    ) || matches!(
+        e.downcast_ref::<Unfinished>(),
+        Some(Unfinished::Rejected(_))
+    ) || matches!(
+        e.downcast_ref::<EnqueueError>(),
+        Some(EnqueueError::Read { .. })
     )
 }

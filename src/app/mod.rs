@@ -12,16 +12,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, warn};
+use tracing::warn;
 
 use crate::admin::Admin;
+use crate::broker::Broker;
 use crate::broker::rabbit::RabbitBroker;
-use crate::broker::{Broker, Envelope, H_TRACEPARENT, Headers, Route, Target};
 use crate::cloud::HttpCloud;
 use crate::config::{Number, Runtime};
 use crate::ids::PhoneNumberId;
 use crate::job::Lane;
 use crate::pipeline::Pipeline;
+use crate::producer::Producer;
 use crate::store::StoreError;
 use crate::store::redis::RedisStore;
 
@@ -182,39 +183,26 @@ pub fn pipeline(
 }
 
 /// Publishes one job body to its number's lane (routing key `<lane>.<phone_number_id>`, read
-/// from the body) under a producer span, whose trace context the job carries: what a producer
-/// does.
+/// from the body) under a producer span, whose trace context the job carries, and waits for the
+/// confirm: one [`Producer`] publish. Whatever the body is, it is published (tests use this to
+/// put bad jobs before the worker); its `job_id`, when it has one, is the message id.
 pub async fn enqueue(
     broker: &dyn Broker,
     lane: Lane,
     body: Vec<u8>,
 ) -> Result<(), crate::broker::BrokerError> {
-    let span = tracing::info_span!(
-        "publish",
-        otel.kind = "producer",
-        messaging.system = "rabbitmq",
-        lane = lane.as_str()
-    );
-    async move {
-        let mut headers = Headers::default();
-        crate::telemetry::inject_current(&mut headers);
-        if !headers.0.contains_key(H_TRACEPARENT) {
-            // No tracing subscriber: start a trace per job so the job is still one trace.
-            let trace_id = uuid::Uuid::new_v4().simple().to_string();
-            let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
-            headers.set_str(H_TRACEPARENT, format!("00-{trace_id}-{span_id}-01"));
-        }
-        let route = Route::of(lane, &body);
-        broker
-            .publish(
-                Target::Job(route),
-                Envelope {
-                    body: body.into(),
-                    headers,
-                },
-            )
-            .await
-    }
-    .instrument(span)
-    .await
+    let job_id = crate::job::salvage_job_id(&body);
+    let mut producer = Producer::new(broker, 1);
+    producer
+        .publish(lane, job_id.as_deref(), body.into(), 0)
+        .await?;
+    producer.flush().await
+}
+
+/// Connects to RabbitMQ only and declares the topology of the configured numbers: what a
+/// producer (`wa-sender enqueue`) and `wa-sender setup` need, so jobs can be published before
+/// any worker ever ran.
+pub async fn connect_broker(settings: &Runtime) -> anyhow::Result<Arc<RabbitBroker>> {
+    settings.number_wabas()?;
+    Ok(Arc::new(RabbitBroker::connect(settings.rabbit()).await?))
 }

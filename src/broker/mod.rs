@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use crate::event::{DeadReason, Event};
@@ -194,6 +195,10 @@ pub enum Target {
 /// A stream of something the broker hands out.
 pub type Stream<T> = BoxStream<'static, Result<T, BrokerError>>;
 
+/// A publish that went out and whose confirm has not come yet: it resolves `Ok` once the broker
+/// has stored the message, and to the reason otherwise (nacked, unroutable, connection lost).
+pub type Confirm = BoxFuture<'static, Result<(), BrokerError>>;
+
 /// A read-only copy of what is published to `wa.events` or `wa.dead`, for tests, the demo
 /// and operators tailing a feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,6 +355,20 @@ impl BrokerError {
 pub trait Broker: Send + Sync {
     /// Publishes and waits for the broker's confirm: when this returns `Ok` the message is stored.
     async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError>;
+    /// Publishes a producer's job to its number's lane without waiting for the confirm, which
+    /// the returned [`Confirm`] brings: a producer keeps many in flight. `job_id`, when known,
+    /// becomes the message id. By default (a broker without pipelined confirms) it publishes
+    /// and waits, and the confirm is already there.
+    async fn send_job(
+        &self,
+        route: Route,
+        job_id: Option<&str>,
+        envelope: Envelope,
+    ) -> Result<Confirm, BrokerError> {
+        let _ = job_id;
+        self.publish(Target::Job(route), envelope).await?;
+        Ok(Box::pin(futures::future::ready(Ok(()))))
+    }
     /// Starts consuming `number`'s queue of each of `lanes`, each with at most `prefetch`
     /// unacked deliveries: the number's jobs come only as fast as they are settled, and no other
     /// number's backlog stands in front of them.

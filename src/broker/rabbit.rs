@@ -19,8 +19,8 @@ use tokio::sync::{Mutex, RwLock};
 
 use super::acks::{Acks, SendAcks};
 use super::{
-    Acker, Broker, BrokerError, Delivery, Envelope, H_DELAY, H_DELAY_LEGACY, HeaderValue, Headers,
-    Intake, Stream, Tap, Tapped, Target, Unrouted,
+    Acker, Broker, BrokerError, Confirm, Delivery, Envelope, H_DELAY, H_DELAY_LEGACY, HeaderValue,
+    Headers, Intake, Route, Stream, Tap, Tapped, Target, Unrouted,
 };
 use crate::ids::PhoneNumberId;
 use crate::job::Lane;
@@ -108,6 +108,16 @@ impl Names {
     }
 }
 
+/// The exchanges and queues of one prefix, by name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Topology {
+    /// `wa.send`, its alternate exchange, `wa.delay`, `wa.dead`, `wa.events`.
+    pub exchanges: Vec<String>,
+    /// A queue per configured number and lane, the unrouted queue, the delay queues, the dead
+    /// queue, the webhook intake and the parked webhooks.
+    pub queues: Vec<String>,
+}
+
 /// A connected RabbitMQ broker. When the connection is lost (a broker restart, a network cut),
 /// the failing publish is reported (the receiver answers 503, a worker returns its job) and
 /// the next use after [`RECONNECT_PAUSE`] opens a new connection and declares the topology
@@ -134,7 +144,7 @@ struct Link {
 pub const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 /// `url` without its credentials (for logs and errors).
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
@@ -408,9 +418,9 @@ impl RabbitBroker {
         Ok(())
     }
 
-    /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
-    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
-        let ch = self.channel().await?;
+    /// Every exchange and queue [`RabbitBroker::connect`] declares under this prefix and these
+    /// numbers (`wa-sender setup` prints them; tests delete them).
+    pub fn topology(&self) -> Topology {
         let n = &self.names;
         let mut queues: Vec<String> = self
             .settings
@@ -427,18 +437,28 @@ impl RabbitBroker {
                 .map(|t| n.delay_queue(*t)),
         );
         queues.extend([n.dead_queue(), n.intake_queue(), n.parked_queue()]);
+        Topology {
+            exchanges: vec![
+                n.send_exchange(),
+                n.unrouted(),
+                n.delay_exchange(),
+                n.dead_exchange(),
+                n.events_exchange(),
+            ],
+            queues,
+        }
+    }
+
+    /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
+    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        let ch = self.channel().await?;
+        let Topology { exchanges, queues } = self.topology();
         for q in queues {
             ch.queue_delete(q.into(), QueueDeleteOptions::default())
                 .await
                 .map_err(|e| BrokerError::op("queue.delete", e))?;
         }
-        for x in [
-            n.send_exchange(),
-            n.unrouted(),
-            n.delay_exchange(),
-            n.dead_exchange(),
-            n.events_exchange(),
-        ] {
+        for x in exchanges {
             ch.exchange_delete(x.into(), ExchangeDeleteOptions::default())
                 .await
                 .map_err(|e| BrokerError::op("exchange.delete", e))?;
@@ -548,6 +568,66 @@ impl RabbitBroker {
             );
         }
         Ok(streams)
+    }
+
+    /// Sends one publish on the confirm channel and returns its pending confirm: the frame is
+    /// on its way, the broker's answer is not in yet. `message_id` becomes the AMQP message id.
+    async fn start_publish(
+        &self,
+        target: Target,
+        envelope: Envelope,
+        message_id: Option<&str>,
+    ) -> Result<Confirm, BrokerError> {
+        let (exchange, key) = self.route(&target);
+        let mut headers = to_table(&envelope.headers);
+        if let Target::Delay { tier, .. } = &target {
+            headers.insert(H_DELAY.into(), long_string(DelayTiers::name(*tier)));
+        }
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            // What a consumer measures a job's wait from (AMQP keeps seconds).
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+            .with_headers(headers);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        self.heal().await;
+        // mandatory: an unroutable job, delay or dead letter comes back instead of vanishing.
+        // Events are pub/sub: with no subscriber bound there is nobody to tell, and refusing
+        // them would hold every job and webhook hostage to a missing consumer.
+        let mandatory = !matches!(target, Target::Event(_));
+        let pending = self
+            .publisher()
+            .await
+            .basic_publish(
+                exchange.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                &envelope.body,
+                properties,
+            )
+            .await
+            .map_err(|e| BrokerError::op("basic.publish", e))?;
+        Ok(Box::pin(async move {
+            let confirm = pending
+                .await
+                .map_err(|e| BrokerError::op("publisher confirm", e))?;
+            let destination = format!("{exchange}/{key}");
+            if !confirm.is_ack() {
+                return Err(BrokerError::Nacked(destination));
+            }
+            if confirm.take_message().is_some() {
+                return Err(BrokerError::op(
+                    "basic.publish",
+                    format!("{destination} is unroutable (no queue bound)"),
+                ));
+            }
+            Ok(())
+        }))
     }
 
     fn route(&self, target: &Target) -> (String, String) {
@@ -702,50 +782,17 @@ impl SendAcks for ChannelAcks {
 #[async_trait]
 impl Broker for RabbitBroker {
     async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError> {
-        let (exchange, key) = self.route(&target);
-        let mut headers = to_table(&envelope.headers);
-        if let Target::Delay { tier, .. } = &target {
-            headers.insert(H_DELAY.into(), long_string(DelayTiers::name(*tier)));
-        }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            // What a consumer measures a job's wait from (AMQP keeps seconds).
-            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
-            .with_headers(headers);
-        self.heal().await;
-        // mandatory: an unroutable job, delay or dead letter comes back instead of vanishing.
-        // Events are pub/sub: with no subscriber bound there is nobody to tell, and refusing
-        // them would hold every job and webhook hostage to a missing consumer.
-        let mandatory = !matches!(target, Target::Event(_));
-        let confirm = self
-            .publisher()
+        self.start_publish(target, envelope, None).await?.await
+    }
+
+    async fn send_job(
+        &self,
+        route: Route,
+        job_id: Option<&str>,
+        envelope: Envelope,
+    ) -> Result<Confirm, BrokerError> {
+        self.start_publish(Target::Job(route), envelope, job_id)
             .await
-            .basic_publish(
-                exchange.clone().into(),
-                key.clone().into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                &envelope.body,
-                properties,
-            )
-            .await
-            .map_err(|e| BrokerError::op("basic.publish", e))?
-            .await
-            .map_err(|e| BrokerError::op("publisher confirm", e))?;
-        let destination = format!("{exchange}/{key}");
-        if !confirm.is_ack() {
-            return Err(BrokerError::Nacked(destination));
-        }
-        if confirm.take_message().is_some() {
-            return Err(BrokerError::op(
-                "basic.publish",
-                format!("{destination} is unroutable (no queue bound)"),
-            ));
-        }
-        Ok(())
     }
 
     async fn consume(
