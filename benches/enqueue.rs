@@ -16,10 +16,8 @@ mod common;
 use std::time::Instant;
 
 use common::option;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::QueuePurgeOptions;
+use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use wa_sender::broker::Broker;
 use wa_sender::broker::rabbit::QueueType;
@@ -123,41 +121,10 @@ async fn timed<T>(jobs: usize, publish: impl Future<Output = T>) -> (f64, T) {
 
 /// A bare batched-confirm publisher: what the broker and lapin allow.
 async fn publish_raw(settings: &Settings, bodies: &[Vec<u8>]) {
-    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
     let exchange = format!("{}.send", settings.amqp.prefix);
     let key = format!("bulk.{NUMBER}");
-    let mut pending = FuturesUnordered::new();
-    for body in bodies {
-        if pending.len() >= WINDOW {
-            let confirm: lapin::Confirmation = pending.next().await.unwrap();
-            assert!(confirm.is_ack(), "the broker refused a job");
-        }
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
-        pending.push(async move { confirm.await.expect("confirm") });
-    }
-    while let Some(confirm) = pending.next().await {
-        assert!(confirm.is_ack(), "the broker refused a job");
-    }
-    let _ = connection.close(200, "done".into()).await;
+    let items = bodies.iter().map(|b| (key.clone(), b));
+    common::publish_raw(&settings.amqp.url, &exchange, items, WINDOW).await;
 }
 
 /// The library's producer over the same bodies.

@@ -136,3 +136,52 @@ pub async fn connection(
         i += stride;
     }
 }
+
+/// A bare batched-confirm publisher (lapin, no headers, `window` confirms in flight): what the
+/// broker allows a producer. Publishes each `(routing key, body)` to `exchange`, persistent and
+/// mandatory, and panics if the broker refuses one.
+pub async fn publish_raw<B: AsRef<[u8]>>(
+    url: &str,
+    exchange: &str,
+    items: impl Iterator<Item = (String, B)>,
+    window: usize,
+) {
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut pending = FuturesUnordered::new();
+    for (key, body) in items {
+        if pending.len() >= window {
+            let confirm: lapin::Confirmation = pending.next().await.unwrap();
+            assert!(confirm.is_ack(), "the broker refused a job");
+        }
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body.as_ref(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        pending.push(async move { confirm.await.expect("confirm") });
+    }
+    while let Some(confirm) = pending.next().await {
+        assert!(confirm.is_ack(), "the broker refused a job");
+    }
+    let _ = connection.close(200, "published".into()).await;
+}

@@ -29,10 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{flag, option};
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use wa_sender::broker::rabbit::QueueType;
@@ -129,40 +126,9 @@ pub async fn queue_text_jobs(
 /// Publishes `bodies` to the send exchange of `settings` with pipelined confirms (up to 4,096
 /// unconfirmed), as a fast producer would; each under `bulk.<phone_number_id>`.
 pub async fn preload(settings: &Settings, bodies: impl Iterator<Item = (String, Vec<u8>)>) {
-    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
     let exchange = format!("{}.send", settings.amqp.prefix);
-    let mut pending = FuturesUnordered::new();
-    for (number, body) in bodies {
-        if pending.len() >= 4096 {
-            let confirm: lapin::Confirmation = pending.next().await.unwrap();
-            assert!(confirm.is_ack(), "the broker refused a pre-loaded job");
-        }
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                format!("bulk.{number}").into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
-        pending.push(async move { confirm.await.expect("confirm") });
-    }
-    while let Some(confirm) = pending.next().await {
-        assert!(confirm.is_ack(), "the broker refused a pre-loaded job");
-    }
-    let _ = connection.close(200, "preloaded".into()).await;
+    let items = bodies.map(|(number, body)| (format!("bulk.{number}"), body));
+    common::publish_raw(&settings.amqp.url, &exchange, items, 4096).await;
 }
 
 /// Declares (`bind`) or deletes a queue that keeps every event, as a deployment's event
