@@ -80,6 +80,22 @@ async fn wait_scrape(base: &str, timeout: Duration, until: impl Fn(&Scrape) -> b
     }
 }
 
+/// The worker binary for `app`, serving its health and metrics on a free port; the child
+/// (killed when dropped) and that port's base URL.
+fn spawn_worker(app: &common::TestApp) -> (tokio::process::Child, String) {
+    let port = free_port();
+    let worker = app
+        .command("worker")
+        .env(
+            "WA_SENDER__WORKER__HEALTH_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the wa-sender binary starts");
+    (worker, format!("http://127.0.0.1:{port}"))
+}
+
 #[tokio::test]
 async fn the_worker_counts_sent_deferred_and_dead_lettered_jobs() {
     worker_scrape().await;
@@ -89,17 +105,7 @@ async fn the_worker_counts_sent_deferred_and_dead_lettered_jobs() {
 /// returns its last scrape.
 async fn worker_scrape() -> Scrape {
     let mut app = spawn_app("metrics-worker", |_, _| {}).await;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _worker = app
-        .command("worker")
-        .env(
-            "WA_SENDER__WORKER__HEALTH_LISTEN",
-            format!("127.0.0.1:{port}"),
-        )
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the wa-sender binary starts");
+    let (_worker, base) = spawn_worker(&app);
 
     // Sent: two bulk replies and one transactional.
     for (id, lane) in [
@@ -208,17 +214,7 @@ async fn the_worker_reports_how_long_a_lanes_oldest_job_waited() {
     // Queued before any worker runs: it waits at least 3 s at the head of the bulk lane.
     app.enqueue_reply(Lane::Bulk, &text_job("m-waited")).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _worker = app
-        .command("worker")
-        .env(
-            "WA_SENDER__WORKER__HEALTH_LISTEN",
-            format!("127.0.0.1:{port}"),
-        )
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the wa-sender binary starts");
+    let (_worker, base) = spawn_worker(&app);
     let bulk = r#"wa_queue_oldest_wait_seconds{lane="bulk"}"#;
     let m = wait_scrape(&base, Duration::from_secs(20), |m| m.get(bulk) > 0.0).await;
     let waited = m.get(bulk);
