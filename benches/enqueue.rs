@@ -8,8 +8,10 @@
 //! - `enqueue`: the `wa-sender enqueue` binary on the file (read, every row validated, rejects,
 //!   checkpoint, progress), timed from its start to its exit.
 //!
-//! Each round empties the queue after checking every job arrived. Prints each rate, the medians
-//! and their ratio to `raw`. The prefix (`bench-enqueue-…`) is deleted at the end.
+//! Each round runs the three in turn, starting with a different one each round, and empties the
+//! queue after checking every job arrived. Prints each rate with the CPU time the publisher
+//! (the `wa-sender` process included) and RabbitMQ spent per job, the medians and their ratio
+//! to `raw`. The prefix (`bench-enqueue-…`) is deleted at the end.
 
 mod common;
 
@@ -80,43 +82,82 @@ async fn run() {
     );
 
     let queue = format!("{prefix}.send.{NUMBER}.bulk");
-    let (mut raw, mut producer, mut command, mut publishing) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut figures: [Vec<Figure>; 3] = Default::default();
     for round in 1..=rounds {
-        let (r, ()) = timed(jobs, publish_raw(&settings, &bodies)).await;
-        empty(&settings, &queue, jobs).await;
-        let (p, ()) = timed(jobs, publish_producer(broker.as_ref(), &bodies)).await;
-        empty(&settings, &queue, jobs).await;
-        let (c, own) = timed(jobs, enqueue_command(&settings, &file)).await;
-        empty(&settings, &queue, jobs).await;
-        println!(
-            "round {round}: raw {r:>7.0}/s  producer {p:>7.0}/s  \
-             wa-sender enqueue {c:>7.0}/s start to exit, {own:>7.0}/s publishing"
-        );
-        raw.push(r);
-        producer.push(p);
-        command.push(c);
-        publishing.push(own);
+        // Each round starts with another publisher, so none always follows the same one.
+        let mut line = format!("round {round}:");
+        for k in 0..3 {
+            let which = (round - 1 + k) % 3;
+            let figure = match which {
+                0 => measure(jobs, publish_raw(&settings, &bodies)).await,
+                1 => measure(jobs, publish_producer(broker.as_ref(), &bodies)).await,
+                _ => measure(jobs, enqueue_command(&settings, &file)).await,
+            };
+            empty(&settings, &queue, jobs).await;
+            line += &format!("  {} {figure}", NAMES[which]);
+            figures[which].push(figure);
+        }
+        println!("{line}");
     }
-    let (r, p) = (median(&mut raw), median(&mut producer));
-    let (c, own) = (median(&mut command), median(&mut publishing));
-    println!(
-        "median: raw {r:.0}/s; producer {p:.0}/s ({:.2}× raw); wa-sender enqueue {c:.0}/s start \
-         to exit ({:.2}× raw), {own:.0}/s publishing ({:.2}× raw)",
-        p / r,
-        c / r,
-        own / r
-    );
+    let [raw, producer, command] = figures.map(|f| Figure::median(&f));
+    println!("median of {rounds} rounds (jobs/s; CPU µs per job of the publisher, of RabbitMQ):");
+    for (name, figure) in NAMES.iter().zip([raw, producer, command]) {
+        println!(
+            "  {name:<18} {figure}  {:.2}× raw",
+            figure.rate / raw.rate
+        );
+    }
     broker.delete_topology().await.expect("clean up");
     broker.close().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Jobs per second of `publish`, and what it returned.
-async fn timed<T>(jobs: usize, publish: impl Future<Output = T>) -> (f64, T) {
+const NAMES: [&str; 3] = ["raw", "producer", "wa-sender enqueue"];
+
+/// One publisher's round: its rate, and the CPU it and RabbitMQ spent per job.
+#[derive(Debug, Clone, Copy, Default)]
+struct Figure {
+    rate: f64,
+    own_us: f64,
+    broker_us: f64,
+}
+
+impl Figure {
+    /// Each figure's median on its own.
+    fn median(figures: &[Figure]) -> Figure {
+        let of = |f: fn(&Figure) -> f64| median(&mut figures.iter().map(f).collect::<Vec<_>>());
+        Figure {
+            rate: of(|f| f.rate),
+            own_us: of(|f| f.own_us),
+            broker_us: of(|f| f.broker_us),
+        }
+    }
+}
+
+impl std::fmt::Display for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>6.0}/s ({:>4.1} µs, {:>4.1} µs)",
+            self.rate, self.own_us, self.broker_us
+        )
+    }
+}
+
+/// Runs `publish`: jobs per second from start to end, and CPU per job of this process and its
+/// children (the `wa-sender enqueue` child, once waited for) and of RabbitMQ.
+async fn measure(jobs: usize, publish: impl Future<Output = ()>) -> Figure {
+    let own = || common::cpu_us() + common::children_cpu_us();
+    let (own0, broker0) = (own(), common::services_cpu_us().0);
     let started = Instant::now();
-    let out = publish.await;
-    (jobs as f64 / started.elapsed().as_secs_f64(), out)
+    publish.await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let per_job = |us: u64| us as f64 / jobs as f64;
+    Figure {
+        rate: jobs as f64 / elapsed,
+        own_us: per_job(own() - own0),
+        broker_us: per_job(common::services_cpu_us().0 - broker0),
+    }
 }
 
 /// A bare batched-confirm publisher: what the broker and lapin allow.
@@ -140,9 +181,8 @@ async fn publish_producer(broker: &dyn Broker, bodies: &[Vec<u8>]) {
     producer.flush().await.expect("confirms");
 }
 
-/// `wa-sender enqueue <file>`, from the start of the process to its exit; returns the rate it
-/// reports itself (first publish to last confirm, without start-up and connection).
-async fn enqueue_command(settings: &Settings, file: &std::path::Path) -> f64 {
+/// `wa-sender enqueue <file>`, from the start of the process to its exit.
+async fn enqueue_command(settings: &Settings, file: &std::path::Path) {
     let queue_type = serde_json::to_value(settings.amqp.queue_type).unwrap();
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wa-sender"))
         .args(["enqueue", "--restart", "--lane", "bulk"])
@@ -160,11 +200,6 @@ async fn enqueue_command(settings: &Settings, file: &std::path::Path) -> f64 {
         "wa-sender enqueue failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let summary = String::from_utf8_lossy(&output.stdout);
-    summary
-        .rsplit_once('(')
-        .and_then(|(_, rate)| rate.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("a rate in the summary: {summary}"))
 }
 
 /// Checks that `queue` holds `jobs` messages, then empties it.

@@ -185,3 +185,60 @@ pub async fn publish_raw<B: AsRef<[u8]>>(
     }
     let _ = connection.close(200, "published".into()).await;
 }
+
+/// CPU time this process used so far (user + system), µs, from `/proc/self/stat` (clock ticks
+/// of 10 ms).
+pub fn cpu_us() -> u64 {
+    stat_cpu_us(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
+/// User + system time in a `/proc/<pid>/stat` line, µs (clock ticks of 10 ms).
+fn stat_cpu_us(stat: &str) -> u64 {
+    stat_fields_us(stat, 11, 12)
+}
+
+/// Two clock-tick fields after the command name of a `/proc/<pid>/stat` line, summed, µs.
+fn stat_fields_us(stat: &str, user: usize, system: usize) -> u64 {
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(user) + ticks(system)) * 10_000
+}
+
+/// CPU time used so far by the local RabbitMQ (`beam.smp`) and Redis (`redis-server`)
+/// processes, µs each; 0 where they cannot be seen (remote services).
+pub fn services_cpu_us() -> (u64, u64) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| stat.contains("(beam.smp)") || stat.contains("(redis-server)"))
+        .map(|stat| {
+            let us = stat_cpu_us(&stat);
+            if stat.contains("(beam.smp)") {
+                (us, 0)
+            } else {
+                (0, us)
+            }
+        })
+        .fold((0, 0), |(r, d), (r2, d2)| (r + r2, d + d2))
+}
+
+/// CPU time used so far by this process's children that have ended and been waited for
+/// (user + system), µs.
+pub fn children_cpu_us() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_fields_us(&stat, 13, 14)
+}

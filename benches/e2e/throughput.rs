@@ -12,8 +12,9 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::common::cpu_us;
 use crate::common::option;
-use crate::{Child, StandIn, cpu_us, median, memory_kib, number, number_id, settings};
+use crate::{Child, StandIn, median, memory_kib, number, number_id, settings};
 
 /// Per-number in-flight jobs of both contenders (the bare loop gets the same total).
 fn concurrency() -> usize {
@@ -81,10 +82,10 @@ struct Drain {
 async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
     let mut argv = vec![mode.to_owned(), "--expect".into(), jobs.to_string()];
     argv.extend_from_slice(args);
-    let services = crate::services_cpu_us();
+    let services = crate::common::services_cpu_us();
     let mut child = Child::spawn(&argv);
     let report = child.report().await;
-    let after = crate::services_cpu_us();
+    let after = crate::common::services_cpu_us();
     let (rabbit, redis) = (after.0 - services.0, after.1 - services.1);
     let _ = child.process.wait().await;
     Drain {
