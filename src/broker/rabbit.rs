@@ -463,6 +463,8 @@ impl RabbitBroker {
                 .await
                 .map_err(|e| BrokerError::op("exchange.delete", e))?;
         }
+        // Closed here, not on drop: a close still queued would race a connection closed next.
+        let _ = ch.close(200, "topology deleted".into()).await;
         Ok(())
     }
 
@@ -616,14 +618,13 @@ impl RabbitBroker {
             let confirm = pending
                 .await
                 .map_err(|e| BrokerError::op("publisher confirm", e))?;
-            let destination = format!("{exchange}/{key}");
             if !confirm.is_ack() {
-                return Err(BrokerError::Nacked(destination));
+                return Err(BrokerError::Nacked(format!("{exchange}/{key}")));
             }
             if confirm.take_message().is_some() {
                 return Err(BrokerError::op(
                     "basic.publish",
-                    format!("{destination} is unroutable (no queue bound)"),
+                    format!("{exchange}/{key} is unroutable (no queue bound)"),
                 ));
             }
             Ok(())
