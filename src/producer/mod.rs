@@ -10,11 +10,12 @@ pub mod checkpoint;
 pub mod file;
 pub mod input;
 
+use std::task::Poll;
+
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt as _, StreamExt as _};
-use tracing::Instrument as _;
 
 use crate::broker::{Broker, BrokerError, Envelope, H_TRACEPARENT, Headers, Route};
 use crate::job::Lane;
@@ -25,7 +26,8 @@ use crate::job::Lane;
 pub const WINDOW: usize = 4096;
 
 /// Publishes jobs and keeps up to `window` of them unconfirmed: the next publish waits only
-/// when the window is full (backpressure), not for every confirm.
+/// when the window is full (backpressure), not for every confirm, nor for the connection to
+/// write each one (its I/O thread takes whatever has been handed over since it last wrote).
 ///
 /// Every publish carries a caller's `position` (a line number); [`Producer::confirmed`] is the
 /// last position whose publish, and every earlier one, the broker confirmed: what a checkpoint
@@ -33,8 +35,9 @@ pub const WINDOW: usize = 4096;
 pub struct Producer<'b> {
     broker: &'b dyn Broker,
     window: usize,
-    /// Each publish (or passed position) in order: its position, and whether it was a job.
-    in_flight: FuturesOrdered<BoxFuture<'static, Result<(u64, bool), BrokerError>>>,
+    /// Each publish (or passed position) in order, from hand-over to confirm: its position, and
+    /// whether it was a job.
+    in_flight: FuturesOrdered<BoxFuture<'b, Result<(u64, bool), BrokerError>>>,
     confirmed: Option<u64>,
     published: u64,
     confirmed_jobs: u64,
@@ -53,8 +56,9 @@ impl<'b> Producer<'b> {
         }
     }
 
-    /// Publishes one job body to its number's lane under a `publish` span. Returns once it is
-    /// sent; an error is a broker failure (this publish, or an earlier one refused).
+    /// Publishes one job body to its number's lane under a `publish` span. Returns once the
+    /// connection has it; an error is a broker failure (this publish, or an earlier one
+    /// refused).
     pub async fn publish(
         &mut self,
         lane: Lane,
@@ -74,13 +78,26 @@ impl<'b> Producer<'b> {
         );
         let headers = span.in_scope(trace_headers);
         let route = Route::of(lane, &body);
-        let confirm = self
-            .broker
-            .send_job(route, job_id, Envelope { body, headers })
-            .instrument(span)
-            .await?;
-        self.in_flight
-            .push_back(confirm.map(move |r| r.map(|()| (position, true))).boxed());
+        let broker = self.broker;
+        let job_id = job_id.map(str::to_owned);
+        let mut publish = async move {
+            let envelope = Envelope { body, headers };
+            let confirm = broker.send_job(route, job_id.as_deref(), envelope).await?;
+            confirm.await.map(|()| (position, true))
+        }
+        .boxed();
+        // CORRECTNESS: polled once here, so each publish reaches the connection's queue in the
+        // order `publish` is called (the broker keeps a lane's jobs in that order). The span is
+        // entered for this poll only: the job is handed over there, and entering thousands of
+        // spans again as their confirms come costs more than publishing.
+        let first =
+            std::future::poll_fn(|cx| Poll::Ready(span.in_scope(|| publish.as_mut().poll(cx))));
+        let publish = match first.await {
+            Poll::Pending => publish,
+            Poll::Ready(Ok(done)) => futures::future::ready(Ok(done)).boxed(),
+            Poll::Ready(Err(e)) => return Err(e),
+        };
+        self.in_flight.push_back(publish);
         self.published += 1;
         self.settle_ready()
     }
