@@ -102,10 +102,7 @@ async fn run() {
     let [raw, producer, command] = figures.map(|f| Figure::median(&f));
     println!("median of {rounds} rounds (jobs/s; CPU µs per job of the publisher, of RabbitMQ):");
     for (name, figure) in NAMES.iter().zip([raw, producer, command]) {
-        println!(
-            "  {name:<18} {figure}  {:.2}× raw",
-            figure.rate / raw.rate
-        );
+        println!("  {name:<18} {figure}  {:.2}× raw", figure.rate / raw.rate);
     }
     broker.delete_topology().await.expect("clean up");
     broker.close().await;
