@@ -632,8 +632,20 @@ impl Scenario {
             text: "Take the survey".into(),
             url: None,
         });
+        let mut tracking = SimTemplate::new(
+            "delivery_tracking",
+            "en_US",
+            "UTILITY",
+            "Hi {{1}}, parcel {{2}} is on its way.",
+        );
+        tracking.header_format = Some("IMAGE".into());
+        tracking.buttons.push(SimButton {
+            kind: "URL".into(),
+            text: "Track parcel".into(),
+            url: Some("https://example.com/track/{{1}}".into()),
+        });
         let mut scenario = Scenario {
-            description: "one number, five templates".into(),
+            description: "one number, six templates".into(),
             tokens: vec![token.to_owned()],
             numbers: vec![SimNumber::new(phone_number_id, waba_id)],
             templates: vec![
@@ -647,6 +659,7 @@ impl Scenario {
                 sale,
                 catalog,
                 survey,
+                tracking,
             ],
             users: Vec::new(),
             unknown_users: UnknownUsers::default(),
