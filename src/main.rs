@@ -24,7 +24,7 @@ use wa_sender::job::Lane;
 use wa_sender::metrics;
 use wa_sender::policy::admission::CampaignState;
 use wa_sender::producer::file::{self as enqueue, Bar, EnqueueError, Lines, Observer};
-use wa_sender::producer::input::{Defaults, Format, InputError, Mapping};
+use wa_sender::producer::input::{Defaults, Format, HeaderType, InputError, Mapping};
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
 use wa_sender::worker::Drained;
 
@@ -200,6 +200,18 @@ struct EnqueueArgs {
     /// CSV: the columns holding the template's body parameters, in order (`name,order`).
     #[arg(long, value_delimiter = ',')]
     param_columns: Vec<String>,
+    /// CSV: the column holding the template header's parameter (its text, or a media link).
+    #[arg(long)]
+    header_column: Option<String>,
+    /// CSV: what the header column holds (default text).
+    #[arg(long, value_enum)]
+    header_type: Option<HeaderType>,
+    /// CSV: the column holding a URL button's dynamic link suffix.
+    #[arg(long)]
+    url_button_column: Option<String>,
+    /// CSV: that URL button's index among the template's buttons (default 0).
+    #[arg(long)]
+    url_button_index: Option<u8>,
     /// CSV: the column holding each row's job id.
     #[arg(long)]
     job_id_column: Option<String>,
@@ -764,6 +776,10 @@ fn enqueue_options(settings: &Runtime, args: EnqueueArgs) -> Result<enqueue::Opt
         language: args.language,
         language_column: args.language_column,
         param_columns: args.param_columns,
+        header_column: args.header_column,
+        header_type: args.header_type,
+        url_button_column: args.url_button_column,
+        url_button_index: args.url_button_index,
         job_id_column: args.job_id_column,
     };
     let mapping = match &args.mapping {

@@ -449,6 +449,66 @@ async fn catalog_and_flow_buttons_reach_the_api_unchanged() {
     }
 }
 
+/// A CSV row mapped with a media header, body parameters and a URL button's suffix becomes the
+/// job `schemas/examples/tracking-template.json` shows, and the simulator's default
+/// `delivery_tracking` template accepts it as sent.
+#[tokio::test]
+async fn a_csv_row_with_header_and_url_button_columns_is_sent_as_mapped() {
+    use csv::StringRecord;
+    use wa_sender::ids::{CampaignId, PhoneNumberId};
+    use wa_sender::pipeline::Outcome;
+    use wa_sender::producer::input::{CsvColumns, Defaults, HeaderType, Mapping, Row};
+    use wa_sender::simulator::{Scenario, Simulator};
+
+    let mapping = Mapping {
+        to_column: Some("phone".into()),
+        template: Some("delivery_tracking".into()),
+        language: Some("en_US".into()),
+        param_columns: vec!["name".into(), "parcel".into()],
+        header_column: Some("photo".into()),
+        header_type: Some(HeaderType::Image),
+        url_button_column: Some("tracking".into()),
+        ..Mapping::default()
+    };
+    let defaults = Defaults {
+        campaign: Some(CampaignId::parse("parcels").unwrap()),
+        phone_number_id: Some(PhoneNumberId::parse(common::NUMBER).unwrap()),
+        ..Defaults::default()
+    };
+    let header = StringRecord::from(vec!["phone", "name", "parcel", "photo", "tracking"]);
+    let columns = CsvColumns::new(&header, &mapping, &defaults).unwrap();
+    let record = StringRecord::from(vec![
+        "+16505551234",
+        "Jessica",
+        "7731",
+        "https://example.com/parcels/7731.jpg",
+        "7731-XK",
+    ]);
+    let Row::Job(job) = columns.row(2, &record) else {
+        panic!("the row is refused");
+    };
+    let job: Value = serde_json::from_slice(&job.body).unwrap();
+    assert_eq!(
+        job,
+        read_json(&project_path("schemas/examples/tracking-template.json"))
+    );
+
+    let sim = Simulator::start(
+        Scenario::single(common::NUMBER, common::WABA, common::TOKEN),
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    sim.record_requests(true);
+    let (pipeline, store) = shapes_pipeline(&sim).await;
+    let outcome = decide(&pipeline, &store, job.clone()).await;
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let requests = sim.audit().requests;
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0]["template"], job["message"]["template"]);
+    assert_valid("send-request", &requests[0]);
+}
+
 /// The simulator's webhooks and management answers match Meta's shapes: every kind of webhook it
 /// sends (statuses with pricing, with and without `conversation`, failures, inbound messages,
 /// user preferences, template status, throughput upgrade) is posted to a receiver here and

@@ -82,8 +82,43 @@ pub struct Mapping {
     /// Columns whose values are the template's body parameters, in order.
     #[serde(default)]
     pub param_columns: Vec<String>,
+    /// The column holding the header's parameter: its text, or its media's link.
+    pub header_column: Option<String>,
+    /// What the header's parameter is (default text).
+    pub header_type: Option<HeaderType>,
+    /// The column holding the dynamic suffix of a URL button's link.
+    pub url_button_column: Option<String>,
+    /// That URL button's index among the template's buttons (default 0).
+    pub url_button_index: Option<u8>,
     /// The column holding each row's job id (default: `<campaign>-<line>`).
     pub job_id_column: Option<String>,
+}
+
+/// A template header's parameter from a CSV column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderType {
+    /// The cell is the header's text parameter.
+    Text,
+    /// The cell is an image's link.
+    Image,
+    /// The cell is a video's link.
+    Video,
+    /// The cell is a document's link.
+    Document,
+}
+
+impl HeaderType {
+    /// The header component with `cell` as its parameter.
+    fn component(self, cell: &str) -> Value {
+        let parameter = match self {
+            HeaderType::Text => json!({"type": "text", "text": cell}),
+            HeaderType::Image => json!({"type": "image", "image": {"link": cell}}),
+            HeaderType::Video => json!({"type": "video", "video": {"link": cell}}),
+            HeaderType::Document => json!({"type": "document", "document": {"link": cell}}),
+        };
+        json!({"type": "header", "parameters": [parameter]})
+    }
 }
 
 impl Mapping {
@@ -108,6 +143,10 @@ impl Mapping {
             } else {
                 flags.param_columns
             },
+            header_column: flags.header_column.or(self.header_column),
+            header_type: flags.header_type.or(self.header_type),
+            url_button_column: flags.url_button_column.or(self.url_button_column),
+            url_button_index: flags.url_button_index.or(self.url_button_index),
             job_id_column: flags.job_id_column.or(self.job_id_column),
         }
     }
@@ -245,6 +284,8 @@ pub struct CsvColumns {
     template: Field,
     language: Field,
     params: Vec<usize>,
+    header: Option<(HeaderType, usize)>,
+    url_button: Option<(u8, usize)>,
     job_id: Option<usize>,
     count: usize,
     phone_number_id: PhoneNumberId,
@@ -294,6 +335,15 @@ impl CsvColumns {
         let phone_number_id = defaults.phone_number_id.clone().ok_or_else(|| {
             InputError("CSV input needs --phone-number-id (the sending number of every row)".into())
         })?;
+        let strays = [
+            (mapping.header_type.is_some() && mapping.header_column.is_none())
+                .then_some("--header-type needs --header-column"),
+            (mapping.url_button_index.is_some() && mapping.url_button_column.is_none())
+                .then_some("--url-button-index needs --url-button-column"),
+        ];
+        if let Some(stray) = strays.into_iter().flatten().next() {
+            return Err(InputError(stray.into()));
+        }
         if mapping.job_id_column.is_none() && defaults.campaign.is_none() {
             return Err(InputError(
                 "CSV input needs --campaign (job ids are <campaign>-<line>) or --job-id-column"
@@ -309,6 +359,22 @@ impl CsvColumns {
                 .iter()
                 .map(|c| find(c, "--param-columns"))
                 .collect::<Result<_, _>>()?,
+            header: mapping
+                .header_column
+                .as_deref()
+                .map(|c| {
+                    let kind = mapping.header_type.unwrap_or(HeaderType::Text);
+                    find(c, "--header-column").map(|i| (kind, i))
+                })
+                .transpose()?,
+            url_button: mapping
+                .url_button_column
+                .as_deref()
+                .map(|c| {
+                    let index = mapping.url_button_index.unwrap_or(0);
+                    find(c, "--url-button-column").map(|i| (index, i))
+                })
+                .transpose()?,
             job_id: mapping
                 .job_id_column
                 .as_deref()
@@ -343,13 +409,24 @@ impl CsvColumns {
         };
         let mut template = json!({"name": value(&self.template, record),
                                   "language": {"code": value(&self.language, record)}});
+        let mut components = Vec::new();
+        if let Some((kind, i)) = self.header {
+            components.push(kind.component(cell(i)));
+        }
         if !self.params.is_empty() {
             let parameters: Vec<Value> = self
                 .params
                 .iter()
                 .map(|&i| json!({"type": "text", "text": cell(i)}))
                 .collect();
-            template["components"] = json!([{"type": "body", "parameters": parameters}]);
+            components.push(json!({"type": "body", "parameters": parameters}));
+        }
+        if let Some((index, i)) = self.url_button {
+            components.push(json!({"type": "button", "sub_type": "url",
+                "index": index.to_string(), "parameters": [{"type": "text", "text": cell(i)}]}));
+        }
+        if !components.is_empty() {
+            template["components"] = components.into();
         }
         let mut job = json!({
             "schema": SCHEMA_V1,
@@ -462,6 +539,36 @@ mod tests {
     }
 
     #[test]
+    fn header_and_url_button_columns_add_their_components() {
+        let m = Mapping {
+            header_column: Some("name".into()),
+            url_button_column: Some("order".into()),
+            url_button_index: Some(1),
+            ..mapping()
+        };
+        let columns = CsvColumns::new(&header(&["phone", "name", "order"]), &m, &defaults());
+        let (_, body) = job(columns
+            .unwrap()
+            .row(2, &header(&["+16505551234", "Ada", "42"])));
+        let components = &body["message"]["template"]["components"];
+        assert_eq!(
+            components[0],
+            json!({"type": "header", "parameters": [{"type": "text", "text": "Ada"}]})
+        );
+        assert_eq!(components[1]["type"], "body");
+        assert_eq!(
+            components[2],
+            json!({"type": "button", "sub_type": "url", "index": "1",
+                   "parameters": [{"type": "text", "text": "42"}]})
+        );
+        let image = HeaderType::Image.component("https://example.com/a.jpg");
+        assert_eq!(
+            image["parameters"][0]["image"]["link"],
+            "https://example.com/a.jpg"
+        );
+    }
+
+    #[test]
     fn a_mapping_that_cannot_work_is_refused_before_any_row() {
         let h = header(&["phone", "name", "order"]);
         let cases = [
@@ -486,6 +593,27 @@ mod tests {
                 },
                 "not both",
             ),
+            (
+                Mapping {
+                    header_type: Some(HeaderType::Video),
+                    ..mapping()
+                },
+                "--header-type needs --header-column",
+            ),
+            (
+                Mapping {
+                    url_button_index: Some(1),
+                    ..mapping()
+                },
+                "--url-button-index needs --url-button-column",
+            ),
+            (
+                Mapping {
+                    url_button_column: Some("link".into()),
+                    ..mapping()
+                },
+                "--url-button-column: the header has no column \"link\"",
+            ),
         ];
         for (m, want) in cases {
             let err = CsvColumns::new(&h, &m, &defaults()).unwrap_err().0;
@@ -506,7 +634,8 @@ mod tests {
     #[test]
     fn flags_win_over_the_mapping_file() {
         let file: Mapping = toml::from_str(
-            "to_column = \"phone\"\ntemplate = \"a\"\nlanguage = \"en\"\nparam_columns = [\"x\"]\n",
+            "to_column = \"phone\"\ntemplate = \"a\"\nlanguage = \"en\"\nparam_columns = [\"x\"]\n\
+             header_column = \"photo\"\nheader_type = \"image\"\n",
         )
         .unwrap();
         let merged = file.overlaid(Mapping {
@@ -516,6 +645,7 @@ mod tests {
         assert_eq!(merged.template.as_deref(), Some("b"));
         assert_eq!(merged.to_column.as_deref(), Some("phone"));
         assert_eq!(merged.param_columns, ["x"]);
+        assert_eq!(merged.header_type, Some(HeaderType::Image));
         assert!(toml::from_str::<Mapping>("colour = \"red\"").is_err());
     }
 }
