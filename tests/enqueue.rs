@@ -179,6 +179,14 @@ async fn a_csv_with_bad_rows_queues_the_rest_once_and_rejects_each_bad_row_by_it
     assert_eq!(ids.len(), 99_900, "every good row is on the queue");
     assert!(duplicates(&ids).is_empty(), "and only once");
     assert!(ids.contains(&"spring-2".to_owned()) && !ids.contains(&"spring-1001".to_owned()));
+    let lines: Vec<u64> = ids
+        .iter()
+        .map(|id| id.strip_prefix("spring-").unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        lines.windows(2).all(|w| w[0] < w[1]),
+        "the queue holds the rows in the file's order"
+    );
     std::fs::remove_dir_all(dir).unwrap();
     app.cleanup().await;
 }

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod file;
 pub mod input;
 
+use std::pin::Pin;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -87,11 +88,15 @@ impl<'b> Producer<'b> {
         }
         .boxed();
         // CORRECTNESS: polled once here, so each publish reaches the connection's queue in the
-        // order `publish` is called (the broker keeps a lane's jobs in that order). The span is
-        // entered for this poll only: the job is handed over there, and entering thousands of
-        // spans again as their confirms come costs more than publishing.
-        let first =
-            std::future::poll_fn(|cx| Poll::Ready(span.in_scope(|| publish.as_mut().poll(cx))));
+        // order `publish` is called (the broker keeps a lane's jobs in that order). Unconstrained:
+        // once this task has used up its tokio budget, the broker's lock would otherwise answer
+        // Pending before the job is handed over, and later publishes could overtake it. The
+        // span is entered for this poll only: the job is handed over there, and entering
+        // thousands of spans again as their confirms come costs more than publishing.
+        let first = std::future::poll_fn(|cx| {
+            let mut handing = tokio::task::unconstrained(publish.as_mut());
+            Poll::Ready(span.in_scope(|| Pin::new(&mut handing).poll(cx)))
+        });
         let publish = match first.await {
             Poll::Pending => publish,
             Poll::Ready(Ok(done)) => futures::future::ready(Ok(done)).boxed(),
