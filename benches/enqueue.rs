@@ -104,7 +104,11 @@ async fn run() {
     for (name, figure) in NAMES.iter().zip([raw, producer, command]) {
         println!("  {name:<18} {figure}  {:.2}× raw", figure.rate / raw.rate);
     }
-    broker.delete_topology().await.expect("clean up");
+    if let Err(e) = broker.delete_topology().await {
+        // The figures stand; RabbitMQ 3.10's quorum log writer has been seen to crash on a
+        // queue deleted right after a purge.
+        eprintln!("warning: {prefix} left behind: {e}");
+    }
     broker.close().await;
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -441,10 +441,14 @@ impl TestApp {
             .unwrap()
     }
 
-    /// Deletes the test's queues, exchanges and keys.
+    /// Deletes the test's queues, exchanges and keys. A queue RabbitMQ fails to delete is left
+    /// with a warning: what the test checked held (RabbitMQ 3.10's quorum log writer has been
+    /// seen to crash on a queue deleted right after a purge).
     pub async fn cleanup(self) {
         self.simulator.stop();
-        self.broker.delete_topology().await.unwrap();
+        if let Err(e) = self.broker.delete_topology().await {
+            eprintln!("warning: {} left behind: {e}", self.prefix);
+        }
         self.store.delete_all().await.unwrap();
         self.broker.close().await;
     }
