@@ -204,6 +204,17 @@ impl SimTemplate {
         }
     }
 
+    /// This template with one more button: `kind` as Meta spells it (`URL`, `OTP`, …), its
+    /// label, and for a URL button its link.
+    pub fn with_button(mut self, kind: &str, text: &str, url: Option<&str>) -> Self {
+        self.buttons.push(SimButton {
+            kind: kind.into(),
+            text: text.into(),
+            url: url.map(str::to_owned),
+        });
+        self
+    }
+
     /// Placeholder names in the body, in order (`"1"`, `"2"` or `"first_name"`).
     pub fn body_params(&self) -> Vec<String> {
         placeholders(&self.body)
@@ -586,64 +597,48 @@ pub enum ScenarioError {
 impl Scenario {
     /// One number, one token, a few approved templates, no faults, no webhooks posted.
     pub fn single(phone_number_id: &str, waba_id: &str, token: &str) -> Self {
-        let mut otp = SimTemplate::new(
+        let otp = SimTemplate::new(
             "otp_code",
             "en_US",
             "AUTHENTICATION",
             "{{1}} is your verification code.",
-        );
-        otp.buttons.push(SimButton {
-            kind: "OTP".into(),
-            text: "Copy code".into(),
-            url: None,
-        });
+        )
+        .with_button("OTP", "Copy code", None);
         let mut sale = SimTemplate::new(
             "spring_sale",
             "en_US",
             "MARKETING",
             "Hi {{1}}, our spring sale is on!",
-        );
+        )
+        .with_button("QUICK_REPLY", "Stop promotions", None);
         sale.footer = Some("Not interested? Tap Stop promotions".into());
-        sale.buttons.push(SimButton {
-            kind: "QUICK_REPLY".into(),
-            text: "Stop promotions".into(),
-            url: None,
-        });
         // Meta's catalog template example, and a template opening a flow.
-        let mut catalog = SimTemplate::new(
+        let catalog = SimTemplate::new(
             "intro_catalog_offer",
             "en_US",
             "MARKETING",
             "Now shop for your favourite products right here on WhatsApp! Get Rs {{1}} off on all orders above {{2}}Rs! Valid for your first {{3}} orders placed on WhatsApp!",
-        );
-        catalog.buttons.push(SimButton {
-            kind: "CATALOG".into(),
-            text: "View catalog".into(),
-            url: None,
-        });
-        let mut survey = SimTemplate::new(
+        )
+        .with_button("CATALOG", "View catalog", None);
+        let survey = SimTemplate::new(
             "survey_invite",
             "en_US",
             "MARKETING",
             "How did we do? Tell us in two minutes.",
-        );
-        survey.buttons.push(SimButton {
-            kind: "FLOW".into(),
-            text: "Take the survey".into(),
-            url: None,
-        });
+        )
+        .with_button("FLOW", "Take the survey", None);
         let mut tracking = SimTemplate::new(
             "delivery_tracking",
             "en_US",
             "UTILITY",
             "Hi {{1}}, parcel {{2}} is on its way.",
+        )
+        .with_button(
+            "URL",
+            "Track parcel",
+            Some("https://example.com/track/{{1}}"),
         );
         tracking.header_format = Some("IMAGE".into());
-        tracking.buttons.push(SimButton {
-            kind: "URL".into(),
-            text: "Track parcel".into(),
-            url: Some("https://example.com/track/{{1}}".into()),
-        });
         let mut scenario = Scenario {
             description: "one number, six templates".into(),
             tokens: vec![token.to_owned()],
