@@ -35,13 +35,7 @@ async fn enqueue(app: &TestApp, args: &[&str]) -> Output {
 /// The message ids (job ids) of everything in the number's bulk queue, taken off it.
 async fn drain_bulk(app: &TestApp) -> Vec<String> {
     let queue = format!("{}.send.{NUMBER}.bulk", app.prefix);
-    let connection = lapin::Connection::connect(
-        &app.settings.amqp.url,
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = common::amqp_channel(&app.settings.amqp.url).await;
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -353,13 +347,7 @@ async fn setup_declares_and_prints_the_topology_and_bad_arguments_exit_64() {
         passive: true,
         ..Default::default()
     };
-    let connection = lapin::Connection::connect(
-        &app.settings.amqp.url,
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = common::amqp_channel(&app.settings.amqp.url).await;
     channel
         .queue_declare(
             format!("{}.send.{NUMBER}.bulk", app.prefix).as_str().into(),

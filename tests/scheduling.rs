@@ -162,13 +162,7 @@ async fn a_deferred_job_waits_in_exactly_one_delay_queue() {
     app.wait_job_event("job-later", "job.deferred").await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     // Count what every delay queue holds, passively.
-    let connection = lapin::Connection::connect(
-        &app.settings.amqp.url,
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = common::amqp_channel(&app.settings.amqp.url).await;
     let mut held = Vec::new();
     for &tier in app.runtime().amqp.delay_tiers.all() {
         let name = app.broker.names().delay_queue(tier);

@@ -299,13 +299,7 @@ async fn what_cannot_be_parsed_is_parked_and_template_updates_reach_the_registry
         app.store.templates(&waba).await.unwrap()[0].status,
         "PAUSED"
     );
-    let conn = lapin::Connection::connect(
-        &app.settings.amqp.url,
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = conn.create_channel().await.unwrap();
+    let (conn, channel) = common::amqp_channel(&app.settings.amqp.url).await;
     let parked = channel
         .queue_declare(
             format!("{}.webhooks.parked", app.prefix).as_str().into(),

@@ -500,12 +500,19 @@ pub fn all_up() -> Value {
     json!({"ready": true, "broker": "up", "redis": "up", "draining": false})
 }
 
-/// Everything in `queue` of the broker at `amqp_url`, taken off it.
-pub async fn take_all(amqp_url: &str, queue: &str) -> Vec<Taken> {
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
+/// A channel of its own on the broker at `amqp_url`, to look at queues as a test; the
+/// connection lives as long as it is kept.
+pub async fn amqp_channel(amqp_url: &str) -> (lapin::Connection, lapin::Channel) {
+    let connection = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
         .await
         .unwrap();
-    let channel = conn.create_channel().await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
+/// Everything in `queue` of the broker at `amqp_url`, taken off it.
+pub async fn take_all(amqp_url: &str, queue: &str) -> Vec<Taken> {
+    let (conn, channel) = amqp_channel(amqp_url).await;
     let mut taken = Vec::new();
     while let Some(message) = channel
         .basic_get(
