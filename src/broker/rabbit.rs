@@ -544,7 +544,6 @@ impl RabbitBroker {
                     .map(move |d| {
                         let _ = &guard;
                         let d = d.map_err(|e| BrokerError::op("consume", e))?;
-                        acks.delivered(d.delivery_tag);
                         let published_at = d
                             .properties
                             .timestamp()
@@ -761,8 +760,9 @@ impl Acker for LapinAcker {
             .await
             .map(|_| ())
             .map_err(|e| BrokerError::op("basic.reject", e));
-        // Only once the reject is on the channel may a later `multiple` ack pass this tag.
-        self.acks.forget(self.tag);
+        // CORRECTNESS: only once the reject is on the channel may a later `multiple` ack pass
+        // this tag (frames of one channel reach the broker in the order they were written).
+        self.acks.rejected(self.tag);
         rejected
     }
 }
