@@ -874,6 +874,7 @@ impl Runtime {
         let w = &self.worker;
         PipelineSettings {
             owner,
+            delivery_limit: self.amqp.delivery_limit,
             claim_lease: w.claim_lease,
             ambiguous_wait: w.ambiguous_wait,
             halt_cooldown: w.halt_cooldown,

@@ -296,3 +296,116 @@ async fn a_dead_letter_that_recorded_no_lane_is_replayed_to_the_lane_named() {
     app.stop_worker().await;
     app.cleanup().await;
 }
+
+/// Gets the next message of `queue` and returns it to the queue, as a worker that dies holding
+/// it would: the broker counts the return.
+async fn return_once(channel: &lapin::Channel, queue: &str) -> Option<i64> {
+    let got = channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()?;
+    let count = got
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned());
+    got.delivery
+        .acker
+        .reject(lapin::options::BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
+    Some(match count {
+        Some(lapin::types::AMQPValue::LongLongInt(n)) => n,
+        other => panic!("a quorum queue counts returns: {other:?}"),
+    })
+}
+
+#[tokio::test]
+async fn a_job_returned_past_its_delivery_limit_is_dead_lettered_with_a_reason_never_dropped() {
+    let mut app = spawn_app("delivery-limit", |settings, _| {
+        settings.amqp.queue_type = wa_sender::broker::rabbit::QueueType::Quorum;
+        settings.amqp.delivery_limit = 2;
+    })
+    .await;
+    let queue = format!("{}.send.{NUMBER}.bulk", app.prefix);
+    let (_conn, channel) = common::amqp_channel(&app.settings.amqp.url).await;
+    let take = |job: &'static str| {
+        let (channel, queue) = (&channel, &queue);
+        async move {
+            for _ in 0..50 {
+                if let Some(count) = return_once(channel, queue).await {
+                    return count;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("{job} never came");
+        }
+    };
+    // Returned three times: past the limit of 2, RabbitMQ dead-letters it itself.
+    let by_broker = text_job("limit-broker");
+    app.enqueue_reply(Lane::Bulk, &by_broker).await;
+    for expected in 0..3 {
+        assert_eq!(take("limit-broker").await, expected);
+    }
+    // Returned twice: its next delivery is its last, and the worker dead-letters it.
+    let by_worker = text_job("limit-worker");
+    app.enqueue_reply(Lane::Bulk, &by_worker).await;
+    for expected in 0..2 {
+        assert_eq!(take("limit-worker").await, expected);
+    }
+    app.start_worker();
+    let event = app
+        .wait_job_event("limit-worker", "job.dead_lettered")
+        .await;
+    assert_eq!(event.reason, Some(DeadReason::DeliveryLimit), "{event:?}");
+    wait_recorded_dead(&app, "limit-worker").await;
+
+    let listed = app
+        .run_json(&["dead", "list", "--reason", "delivery_limit"])
+        .await;
+    let listed: BTreeMap<String, Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["job_id"].as_str().unwrap().to_owned(), l.clone()))
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for letter in listed.values() {
+        assert_eq!(letter["lane"], "bulk", "{letter}");
+        assert_eq!(letter["route"], format!("bulk.{NUMBER}"), "{letter}");
+    }
+    let detail = |id: &str| listed[id]["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail("limit-broker").contains("dead-lettered by RabbitMQ (delivery_limit)"),
+        "{}",
+        detail("limit-broker")
+    );
+    assert!(
+        detail("limit-worker").contains("returned to its queue 2 times"),
+        "{}",
+        detail("limit-worker")
+    );
+    assert_eq!(
+        accepted(&app, "limit-broker") + accepted(&app, "limit-worker"),
+        0
+    );
+
+    // Replayed, both go back to their lane and are sent (returns are not counted any more).
+    let replayed = app
+        .run_json(&["dead", "replay", "--reason", "delivery_limit"])
+        .await;
+    assert_eq!(
+        replayed["replayed"].as_array().unwrap().len(),
+        2,
+        "{replayed}"
+    );
+    wait_accepted(&mut app, "limit-broker").await;
+    wait_accepted(&mut app, "limit-worker").await;
+
+    app.stop_worker().await;
+    app.cleanup().await;
+}

@@ -1,13 +1,23 @@
 //! The fault suite: every fault the worker and the webhook process must live through, run against
-//! a RabbitMQ node and a Redis of the suite's own (own ports, own data: the shared services and
-//! the tests running beside it are never touched), with the real `wa-sender` binary and real
-//! signals, one scenario after another. Each scenario ends with a count per job: sent once,
-//! ambiguous (a send whose outcome the worker could not know, dead-lettered `ambiguous_send`
-//! rather than risking a second copy), dead-lettered for a reason, sent twice (simulator audit),
-//! lost. Every scenario must end with 0 sent twice and 0 lost; the suite prints the table.
+//! a RabbitMQ node and a Redis of the suite's own (own ports, own data, Redis keeping an
+//! append-only file: the shared services and the tests running beside it are never touched),
+//! with the real `wa-sender` binaries and real signals, one scenario after another.
 //!
-//! `cargo test` runs the short form (`FAULT_JOBS`, default 1,000 jobs per scenario); the full
-//! one: `FAULT_JOBS=20000 cargo test --release --test faults -- --nocapture`.
+//! Every job scenario runs in the conditions that once lost jobs without any fault: two business
+//! numbers, jobs spread over the three lanes at random, a worker that takes fewer jobs at once
+//! than the broker sends it (`concurrency` 8 below `prefetch` 64 × 3 lanes), quorum queues, and
+//! the webhook process beside the worker taking the simulator's status webhooks. Each scenario
+//! ends with a count per job id, from outside the worker: sent once (the simulator accepted it),
+//! ambiguous (dead-lettered `ambiguous_send`; split by whether its request reached the
+//! simulator at all), dead-lettered for a reason, sent twice, lost (none of these, and no
+//! longer queued). It also counts the channels RabbitMQ closed on the worker (406
+//! `PRECONDITION_FAILED`) in the worker's log. Every scenario must end with 0 sent twice and 0
+//! lost; the no-fault runs with 0 channel closes, and no scenario of the broker's with an
+//! ambiguous job that never reached the Cloud API. The suite prints the table.
+//!
+//! `cargo test` runs the short form (`FAULT_JOBS`, default 1,000 jobs per scenario, the no-fault
+//! run once per shape); the full one:
+//! `FAULT_JOBS=20000 FAULT_REPEAT=5 cargo test --release --test faults -- --nocapture`.
 
 mod common;
 
@@ -19,44 +29,115 @@ use std::time::{Duration, Instant};
 
 use common::node::{RabbitNode, RedisNode, free_port};
 use common::webhook_envelope as envelope;
-use common::{Taken, TestApp, spawn_app, text_job};
+use common::{NUMBER, Taken, TestApp, WABA, spawn_app, text_job};
 use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use wa_sender::broker::rabbit::QueueType;
-use wa_sender::config::Settings;
+use wa_sender::config::{NumberSettings, Settings};
 use wa_sender::event::Event;
+use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
 use wa_sender::job::Lane;
-use wa_sender::simulator::{Latency, Scenario};
+use wa_sender::producer::Producer;
+use wa_sender::simulator::{Latency, Scenario, SimNumber};
+use wa_sender::store::Store;
 
 const APP_SECRET: &str = "fault-suite-app-secret";
+/// The second business number of every job scenario.
+const OTHER: &str = "106540352242923";
 
 fn jobs_per_scenario() -> usize {
-    std::env::var("FAULT_JOBS")
+    env_number("FAULT_JOBS", 1000)
+}
+
+/// How many times each no-fault shape runs.
+fn repeats() -> usize {
+    env_number("FAULT_REPEAT", 1)
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
+        .unwrap_or(default)
 }
+
+/// How a scenario's worker takes jobs, and the queues it takes them from.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    concurrency: usize,
+    prefetch: u16,
+    queues: QueueType,
+}
+
+impl Shape {
+    const fn new(concurrency: usize, prefetch: u16, queues: QueueType) -> Shape {
+        Shape {
+            concurrency,
+            prefetch,
+            queues,
+        }
+    }
+
+    fn label(&self) -> String {
+        let queues = match self.queues {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        format!("{}/{} {queues}", self.concurrency, self.prefetch)
+    }
+}
+
+/// Fewer jobs in flight than the broker hands out: deliveries wait in the client's buffers.
+const MIXED: Shape = Shape::new(8, 64, QueueType::Quorum);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fault_suite_loses_nothing_and_sends_nothing_twice() {
     let rig = Rig::start();
-    let tallies = vec![
-        kills(&rig).await,
-        cloud_faults(&rig).await,
-        broker_restart(&rig).await,
-        redis_restart(&rig).await,
-        malformed_jobs(&rig).await,
-        webhooks(&rig).await,
-    ];
+    let mut tallies = Vec::new();
+    // Each row is printed as it comes (a full run takes a while), the table at the end.
+    let mut done = |t: Tally| {
+        eprintln!("{}", row(&t));
+        tallies.push(t);
+    };
+    for shape in [
+        MIXED,
+        Shape::new(8, 64, QueueType::Classic),
+        Shape::new(16, 16, QueueType::Quorum),
+        Shape::new(64, 64, QueueType::Quorum),
+    ] {
+        for _ in 0..repeats() {
+            done(no_fault(&rig, shape).await);
+        }
+    }
+    done(kills(&rig).await);
+    done(cloud_faults(&rig).await);
+    done(broker_restart(&rig).await);
+    done(broker_kill(&rig).await);
+    done(redis_restart(&rig).await);
+    done(malformed_jobs(&rig).await);
+    done(webhooks(&rig).await);
     println!("\n{}", table(&tallies));
     for t in &tallies {
         assert_eq!(
             (t.twice, t.lost, t.contradictory),
             (0, 0, 0),
-            "{}: sent twice, lost, contradictory (logs in {})",
+            "{} ({}): sent twice, lost, contradictory (logs in {})",
             t.scenario,
+            t.shape,
             rig.logs.display()
         );
+        if t.scenario == NO_FAULT {
+            assert_eq!(t.closes, 0, "{}: channels closed by RabbitMQ", t.shape);
+        }
+        if t.scenario.starts_with("RabbitMQ") {
+            assert_eq!(
+                t.unsent_ambiguous, 0,
+                "{}: ambiguous jobs that never reached the Cloud API",
+                t.scenario
+            );
+        }
     }
 }
 
@@ -64,39 +145,55 @@ async fn the_fault_suite_loses_nothing_and_sends_nothing_twice() {
 #[derive(Debug, Default)]
 struct Tally {
     scenario: &'static str,
+    /// The worker's concurrency/prefetch and queue type.
+    shape: String,
     jobs: usize,
     once: usize,
+    /// Dead-lettered `ambiguous_send` (all of them, whether the request reached Meta or not).
     ambiguous: usize,
+    /// Of those, the ones whose request never reached the simulator.
+    unsent_ambiguous: usize,
     /// Dead-lettered (or, for webhooks, refused or parked), by reason.
     dead: BTreeMap<String, usize>,
     twice: usize,
     lost: usize,
     /// Sent, and also dead-lettered for a reason other than ambiguity.
     contradictory: usize,
+    /// Channels RabbitMQ closed on the worker (406), from its log.
+    closes: usize,
 }
+
+const NO_FAULT: &str = "no fault";
 
 fn table(tallies: &[Tally]) -> String {
     let mut out = format!(
-        "{:<34} {:>7} {:>7} {:>9} {:>7} {:>7} {:>5}  dead letters (or refusals) by reason\n",
-        "scenario", "jobs", "once", "ambiguous", "dead", "twice", "lost"
+        "{:<26} {:<16} {:>6} {:>6} {:>9} {:>6} {:>5} {:>4} {:>6}  dead letters (or refusals) by reason\n",
+        "scenario", "shape", "jobs", "once", "ambiguous", "dead", "twice", "lost", "closes"
     );
     for t in tallies {
-        let reasons: Vec<String> = t.dead.iter().map(|(r, n)| format!("{r} {n}")).collect();
-        let row = format!(
-            "{:<34} {:>7} {:>7} {:>9} {:>7} {:>7} {:>5}  {}",
-            t.scenario,
-            t.jobs,
-            t.once,
-            t.ambiguous,
-            t.dead.values().sum::<usize>(),
-            t.twice,
-            t.lost,
-            reasons.join(", ")
-        );
-        out += row.trim_end();
+        out += &row(t);
         out.push('\n');
     }
-    out
+    out + "ambiguous (n): n of them never reached the Cloud API\n"
+}
+
+fn row(t: &Tally) -> String {
+    let reasons: Vec<String> = t.dead.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let ambiguous = format!("{} ({})", t.ambiguous, t.unsent_ambiguous);
+    let row = format!(
+        "{:<26} {:<16} {:>6} {:>6} {:>9} {:>6} {:>5} {:>4} {:>6}  {}",
+        t.scenario,
+        t.shape,
+        t.jobs,
+        t.once,
+        ambiguous,
+        t.dead.values().sum::<usize>(),
+        t.twice,
+        t.lost,
+        t.closes,
+        reasons.join(", ")
+    );
+    row.trim_end().to_owned()
 }
 
 /// The suite's own RabbitMQ node and Redis, and where the processes it starts write their logs.
@@ -104,6 +201,13 @@ struct Rig {
     rabbit: Arc<RabbitNode>,
     redis: Arc<RedisNode>,
     logs: PathBuf,
+}
+
+/// One scenario's app, its worker's shape and the webhook process beside the worker.
+struct Run {
+    app: TestApp,
+    shape: Shape,
+    webhook: tokio::process::Child,
 }
 
 impl Rig {
@@ -117,7 +221,7 @@ impl Rig {
         }
     }
 
-    /// A test app on the suite's broker (quorum queues, as in production) and Redis.
+    /// A test app on the suite's broker and Redis.
     async fn app(&self, name: &str, tweak: impl FnOnce(&mut Settings, &mut Scenario)) -> TestApp {
         let (amqp, redis) = (self.rabbit.url(), self.redis.url());
         spawn_app(name, move |settings, sim| {
@@ -127,6 +231,57 @@ impl Rig {
             tweak(settings, sim);
         })
         .await
+    }
+
+    /// A job scenario's app: two numbers at `mps` each, the worker in `shape`, the simulator
+    /// posting its status webhooks to a webhook process started here.
+    async fn run(
+        &self,
+        name: &str,
+        shape: Shape,
+        mps: u32,
+        tweak: impl FnOnce(&mut Scenario),
+    ) -> Run {
+        let port = free_port();
+        let app = self
+            .app(name, |settings, sim| {
+                settings.amqp.queue_type = shape.queues;
+                settings.worker.concurrency = shape.concurrency;
+                settings.worker.prefetch = shape.prefetch;
+                common::limit_number(settings, sim, mps);
+                settings.numbers.insert(
+                    OTHER.into(),
+                    NumberSettings {
+                        waba_id: WABA.into(),
+                        throughput_mps: mps,
+                        access_token: None,
+                        access_token_file: None,
+                    },
+                );
+                let mut other = SimNumber::new(OTHER, WABA);
+                other.throughput_mps = Some(mps);
+                sim.numbers.push(other);
+                sim.webhooks.url = Some(format!("http://127.0.0.1:{port}/webhook"));
+                sim.webhooks.app_secret = APP_SECRET.into();
+                tweak(sim);
+            })
+            .await;
+        let listen = format!("127.0.0.1:{port}");
+        let webhook = self.process_with(
+            &app,
+            "webhook",
+            &["--listen", &listen],
+            &[
+                ("WA_SENDER__WEBHOOK__APP_SECRET", APP_SECRET),
+                ("WA_SENDER__WEBHOOK__VERIFY_TOKEN", "fault-suite-verify"),
+            ],
+        );
+        wait_port(port).await;
+        Run {
+            app,
+            shape,
+            webhook,
+        }
     }
 
     /// Starts `wa-sender <subcommand> <args>` configured for `app`, logging to the suite's logs.
@@ -145,7 +300,7 @@ impl Rig {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.logs.join(format!("{}.log", app.prefix)))
+            .open(self.log(app, subcommand))
             .unwrap();
         let mut command = app.command(subcommand);
         command.args(args).stderr(Stdio::from(log));
@@ -153,6 +308,10 @@ impl Rig {
             command.env(k, v);
         }
         command.spawn().expect("the wa-sender binary starts")
+    }
+
+    fn log(&self, app: &TestApp, subcommand: &str) -> PathBuf {
+        self.logs.join(format!("{}.{subcommand}.log", app.prefix))
     }
 
     /// Messages (ready or held by a consumer) in `app`'s queues whose names start with one of
@@ -192,37 +351,52 @@ impl Rig {
         }
     }
 
-    /// Once every job of `ids` has an end (sent, or a dead letter) and none is left in a send
-    /// or delay queue, ready or held, twice a second apart (or after five minutes, whatever
-    /// is left counted as lost): what became of each.
-    async fn settle(&self, app: &TestApp, scenario: &'static str, ids: &BTreeSet<String>) -> Tally {
+    /// Once no job is left in a send or delay queue, ready, held or deferred (or after five
+    /// minutes): what became of each job of `ids`. Stops the run's processes.
+    async fn settle(
+        &self,
+        mut run: Run,
+        mut worker: tokio::process::Child,
+        scenario: &'static str,
+        ids: &BTreeSet<String>,
+    ) -> Tally {
+        let app = &run.app;
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut quiet = 0;
-        while quiet < 2 && Instant::now() < deadline {
+        // Nothing queued, ready, held or deferred, three times a second apart: every job has
+        // ended, or is gone.
+        while quiet < 3 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let sent: BTreeSet<String> = app
-                .simulator
-                .audit()
-                .accepted
-                .into_iter()
-                .filter_map(|s| s.job_id)
-                .collect();
             let queued = self.queued(app, &["send.", "delay."]).await;
-            let dead = self.queued(app, &["dead.all"]).await;
-            let ended = sent.intersection(ids).count() as u64 + dead >= ids.len() as u64;
-            quiet = if ended && queued == 0 { quiet + 1 } else { 0 };
+            quiet = if queued == 0 { quiet + 1 } else { 0 };
         }
+        worker.kill().await.unwrap();
+        run.webhook.kill().await.unwrap();
         let dead = app.take_all("dead.all").await;
-        tally(scenario, ids, app, &dead)
+        let mut t = tally(scenario, ids, app, &dead);
+        t.shape = run.shape.label();
+        t.closes = channel_closes(&self.log(app, "worker"));
+        app.simulator.stop();
+        t
     }
+}
+
+/// How many times RabbitMQ closed a channel of the worker's because of what it sent (406).
+fn channel_closes(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("PRECONDITION_FAILED"))
+        .count()
 }
 
 /// Counts each job of `ids` by what the simulator accepted and what was dead-lettered.
 fn tally(scenario: &'static str, ids: &BTreeSet<String>, app: &TestApp, dead: &[Taken]) -> Tally {
+    let audit = app.simulator.audit();
     let mut sent: BTreeMap<String, usize> = BTreeMap::new();
-    for send in app.simulator.audit().accepted {
-        if let Some(id) = send.job_id {
-            *sent.entry(id).or_default() += 1;
+    for send in &audit.accepted {
+        if let Some(id) = &send.job_id {
+            *sent.entry(id.clone()).or_default() += 1;
         }
     }
     let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -240,7 +414,12 @@ fn tally(scenario: &'static str, ids: &BTreeSet<String>, app: &TestApp, dead: &[
         let why = reasons.get(id);
         match why {
             _ if times >= 2 => t.twice += 1,
-            Some(r) if r.iter().any(|r| r == "ambiguous_send") => t.ambiguous += 1,
+            Some(r) if r.iter().any(|r| r == "ambiguous_send") => {
+                t.ambiguous += 1;
+                if !audit.arrived.contains(id) {
+                    t.unsent_ambiguous += 1;
+                }
+            }
             Some(_) if times == 1 => t.contradictory += 1,
             Some(r) => *t.dead.entry(r[0].clone()).or_default() += 1,
             None if times == 1 => t.once += 1,
@@ -250,23 +429,52 @@ fn tally(scenario: &'static str, ids: &BTreeSet<String>, app: &TestApp, dead: &[
     t
 }
 
+/// A dead letter's reason: the worker's header, or the broker's own when the broker
+/// dead-lettered it.
 fn reason(letter: &Taken) -> String {
     letter
         .headers
         .get("x-wa-reason")
+        .or_else(|| letter.headers.get("x-first-death-reason"))
         .cloned()
         .unwrap_or_else(|| panic!("a dead letter without a reason: {letter:?}"))
 }
 
-/// Enqueues `count` replies (free-form jobs to users who have just written) named `<name>-<i>`.
+/// Enqueues `count` replies (free-form jobs to users who have just written) named
+/// `<name>-<i>`, each on a lane and one of the two numbers picked at random.
 async fn enqueue_jobs(app: &TestApp, name: &str, count: usize) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
+    let mut rng = StdRng::seed_from_u64(count as u64);
+    let waba = &WabaId::parse(WABA).unwrap();
+    let mut jobs = Vec::with_capacity(count);
     for i in 0..count {
         let id = format!("{name}-{i}");
-        app.enqueue_reply(Lane::Bulk, &text_job(&id)).await;
-        ids.insert(id);
+        let mut job = text_job(&id);
+        let number = if rng.random_bool(0.5) { NUMBER } else { OTHER };
+        job["phone_number_id"] = json!(number);
+        jobs.push((Lane::ALL[rng.random_range(0..3)], id, job));
     }
-    ids
+    // The users have just written to the number their job comes from: care windows open.
+    let store: &dyn Store = app.store.as_ref();
+    futures::stream::iter(&jobs)
+        .for_each_concurrent(64, |(_, _, job)| async move {
+            let number = PhoneNumberId::parse(job["phone_number_id"].as_str().unwrap()).unwrap();
+            let to = WaId::parse(job["to"].as_str().unwrap()).unwrap();
+            store
+                .record_inbound(waba, &number, &to, chrono::Utc::now())
+                .await
+                .unwrap();
+        })
+        .await;
+    let mut producer = Producer::new(app.broker.as_ref(), 1024);
+    for (position, (lane, id, job)) in jobs.iter().enumerate() {
+        let body = serde_json::to_vec(job).unwrap();
+        producer
+            .publish(*lane, Some(id), body.into(), position as u64)
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    jobs.into_iter().map(|(_, id, _)| id).collect()
 }
 
 /// Waits until the simulator has accepted at least `count` sends.
@@ -281,55 +489,58 @@ async fn wait_sent(app: &TestApp, count: usize) {
     }
 }
 
-/// A rate that keeps a scenario's jobs flowing for about ten seconds, so a fault lands mid-run.
+/// A rate per number that keeps a scenario's jobs flowing for about ten seconds, so a fault
+/// lands mid-run.
 fn ten_second_rate() -> u32 {
-    (jobs_per_scenario() / 10).clamp(50, 1000) as u32
+    (jobs_per_scenario() / 20).clamp(50, 1000) as u32
+}
+
+/// Nothing goes wrong: every job is sent once, whatever the worker's shape.
+async fn no_fault(rig: &Rig, shape: Shape) -> Tally {
+    let run = rig.run("no-fault", shape, 1000, |_| {}).await;
+    let ids = enqueue_jobs(&run.app, "calm", jobs_per_scenario()).await;
+    let worker = rig.process(&run.app, "worker", &[]);
+    rig.settle(run, worker, NO_FAULT, &ids).await
 }
 
 /// Ten SIGKILLs of a worker mid-run, each followed by a new one: no drain, no acks, claims
 /// left behind, sends cut off in flight.
 async fn kills(rig: &Rig) -> Tally {
     let n = jobs_per_scenario();
-    let app = rig
-        .app("kills", |settings, sim| {
-            common::limit_number(settings, sim, ten_second_rate());
+    let run = rig
+        .run("kills", MIXED, ten_second_rate(), |sim| {
             sim.faults.latency = Latency {
                 median_ms: 20.0,
                 p99_ms: 80.0,
             };
         })
         .await;
-    let ids = enqueue_jobs(&app, "kill", n).await;
-    let mut worker = rig.process(&app, "worker", &[]);
+    let ids = enqueue_jobs(&run.app, "kill", n).await;
+    let mut worker = rig.process(&run.app, "worker", &[]);
     for kill in 1..=10 {
         // Each worker gets going before it is killed: some sends of its own, and further along.
-        let sent = app.simulator.audit().accepted.len();
-        wait_sent(&app, (sent + n / 100).max(kill * n / 12)).await;
+        let sent = run.app.simulator.audit().accepted.len();
+        wait_sent(&run.app, (sent + n / 100).max(kill * n / 12)).await;
         worker.kill().await.unwrap();
-        worker = rig.process(&app, "worker", &[]);
+        worker = rig.process(&run.app, "worker", &[]);
     }
-    let tally = rig.settle(&app, "10 SIGKILLs of a worker", &ids).await;
-    worker.kill().await.unwrap();
-    app.simulator.stop();
-    tally
+    rig.settle(run, worker, "10 SIGKILLs of a worker", &ids)
+        .await
 }
 
 /// 20 % of sends answered 500 (Meta's transient 131016) and 5 % sent but answered only after
 /// the worker's request timeout.
 async fn cloud_faults(rig: &Rig) -> Tally {
-    let app = rig
-        .app("cloud-faults", |_, sim| {
+    let run = rig
+        .run("cloud-faults", MIXED, 1000, |sim| {
             sim.faults.transient_share = 0.20;
             sim.faults.timeout_share = 0.05;
             sim.faults.timeout_ms = 2_000;
         })
         .await;
-    let ids = enqueue_jobs(&app, "cloud", jobs_per_scenario()).await;
-    let mut worker = rig.process(&app, "worker", &[]);
-    let tally = rig.settle(&app, "20% 5xx + 5% timeouts", &ids).await;
-    worker.kill().await.unwrap();
-    app.simulator.stop();
-    tally
+    let ids = enqueue_jobs(&run.app, "cloud", jobs_per_scenario()).await;
+    let worker = rig.process(&run.app, "worker", &[]);
+    rig.settle(run, worker, "20% 5xx + 5% timeouts", &ids).await
 }
 
 /// RabbitMQ restarted (`stop_app`, `start_app`) under a running worker that nobody restarts; its
@@ -337,6 +548,15 @@ async fn cloud_faults(rig: &Rig) -> Tally {
 async fn broker_restart(rig: &Rig) -> Tally {
     let rabbit = Arc::clone(&rig.rabbit);
     restart_under_worker(rig, "RabbitMQ restart", "broker", move || rabbit.restart()).await
+}
+
+/// RabbitMQ's VM killed with SIGKILL and started again on its data under a running worker.
+async fn broker_kill(rig: &Rig) -> Tally {
+    let rabbit = Arc::clone(&rig.rabbit);
+    restart_under_worker(rig, "RabbitMQ kill -9", "broker", move || {
+        rabbit.kill_and_start(Duration::from_secs(1))
+    })
+    .await
 }
 
 /// Redis (with its append-only file) restarted, two seconds away, under a running worker, whose
@@ -358,56 +578,54 @@ async fn restart_under_worker(
     restart: impl FnOnce() + Send + 'static,
 ) -> Tally {
     let n = jobs_per_scenario();
-    let app = rig
-        .app(&format!("{part}-restart"), |settings, sim| {
-            common::limit_number(settings, sim, ten_second_rate())
-        })
+    let run = rig
+        .run(&format!("{part}-restart"), MIXED, ten_second_rate(), |_| {})
         .await;
-    let ids = enqueue_jobs(&app, part, n).await;
-    let (mut worker, ready) = rig.worker_with_health(&app);
-    wait_sent(&app, n / 10).await;
+    let ids = enqueue_jobs(&run.app, part, n).await;
+    let (mut worker, ready) = rig.worker_with_health(&run.app);
+    wait_sent(&run.app, n / 10).await;
     assert_eq!(ready.get().await, (200, None), "ready while it runs");
     let restarting = tokio::task::spawn_blocking(restart);
     ready.wait_for(503, part, "down").await;
     restarting.await.unwrap();
     ready.wait_for(200, part, "up").await;
-    let tally = rig.settle(&app, scenario, &ids).await;
     assert!(
         worker.try_wait().unwrap().is_none(),
         "{scenario}: the worker lived through it by itself"
     );
-    worker.kill().await.unwrap();
-    app.simulator.stop();
-    tally
+    rig.settle(run, worker, scenario, &ids).await
 }
 
 /// 225 malformed jobs among good ones: each malformed one is dead-lettered once with a specific
 /// detail, nothing of them is sent, and the worker goes on sending the good ones.
 async fn malformed_jobs(rig: &Rig) -> Tally {
-    let app = rig.app("malformed", |_, _| {}).await;
+    let mut run = rig.run("malformed", MIXED, 1000, |_| {}).await;
+    let app = &run.app;
     let bodies = malformed_bodies();
     for body in &bodies {
         let refused = wa_sender::job::decode(body).is_err();
         assert!(refused, "{}", String::from_utf8_lossy(body));
         app.enqueue(Lane::Bulk, body.clone()).await;
     }
-    let good = enqueue_jobs(&app, "good", 50).await;
-    let mut worker = rig.process(&app, "worker", &[]);
-    rig.wait_quiet(&app, &["send.", "delay."], "malformed")
-        .await;
+    let good = enqueue_jobs(app, "good", 50).await;
+    let mut worker = rig.process(app, "worker", &[]);
+    rig.wait_quiet(app, &["send.", "delay."], "malformed").await;
     let dead = app.take_all("dead.all").await;
     assert!(
         worker.try_wait().unwrap().is_none(),
         "the worker is still running"
     );
     worker.kill().await.unwrap();
+    run.webhook.kill().await.unwrap();
 
-    let good_tally = tally("malformed", &good, &app, &[]);
+    let good_tally = tally("malformed", &good, app, &[]);
     assert_eq!(good_tally.once, good.len(), "every good job sent once");
     let mut t = Tally {
         scenario: "malformed jobs",
+        shape: run.shape.label(),
         jobs: bodies.len(),
         twice: app.simulator.audit().accepted.len() - good.len(),
+        closes: channel_closes(&rig.log(app, "worker")),
         ..Tally::default()
     };
     for body in &bodies {

@@ -13,8 +13,9 @@ use tracing::info;
 use super::{Admin, AdminError, invalid, now, parse_campaign, parse_time};
 use crate::broker::rabbit::{HeldDead, HeldLetter, RabbitBroker};
 use crate::broker::{
-    Broker, BrokerError, Envelope, H_ATTEMPTS, H_DEAD_AT, H_DETAIL, H_ERROR_CODE, H_LANE, H_REASON,
-    H_REPLAYED, H_REPLAYED_AT, HeaderValue, Route, Target,
+    Broker, BrokerError, Envelope, H_ATTEMPTS, H_DEAD_AT, H_DELIVERY_COUNT, H_DETAIL, H_ERROR_CODE,
+    H_FIRST_DEATH_QUEUE, H_FIRST_DEATH_REASON, H_LANE, H_REASON, H_REPLAYED, H_REPLAYED_AT,
+    HeaderValue, Route, Target,
 };
 use crate::ids::{JobId, PhoneNumberId, WabaId, Wamid};
 use crate::job::Lane;
@@ -188,17 +189,36 @@ fn text(v: Option<Value>) -> Option<String> {
 }
 
 fn summary(letter: &HeldLetter) -> DeadSummary {
-    let envelope = &letter.envelope;
+    summarise(&letter.reason, &letter.envelope)
+}
+
+/// A dead letter in brief, from its routing key on `wa.dead` and its body and headers.
+fn summarise(routing_key: &str, envelope: &Envelope) -> DeadSummary {
     let h = &envelope.headers;
     let probe: Probe = serde_json::from_slice(&envelope.body).unwrap_or_default();
-    let lane = h.get_str(H_LANE).and_then(|l| Lane::parse(&l));
+    // A letter RabbitMQ made itself (a job past its queue's delivery limit) names the queue it
+    // left, whose name ends in the lane, instead of the worker's headers.
+    let left = h.get_str(H_FIRST_DEATH_QUEUE);
+    let lane = h
+        .get_str(H_LANE)
+        .or_else(|| Some(left.as_deref()?.rsplit('.').next()?.to_owned()))
+        .and_then(|l| Lane::parse(&l));
+    let broker_detail = || {
+        let why = h.get_str(H_FIRST_DEATH_REASON)?;
+        Some(format!(
+            "dead-lettered by RabbitMQ ({why}) from {}",
+            left.as_deref().unwrap_or("its queue")
+        ))
+    };
     DeadSummary {
         job_id: text(probe.job_id),
         campaign_id: text(probe.campaign_id),
         lane: lane.map(|l| l.as_str().to_owned()),
         route: lane.map(|l| Route::of(l, &envelope.body).routing_key()),
-        reason: h.get_str(H_REASON).unwrap_or_else(|| letter.reason.clone()),
-        detail: h.get_str(H_DETAIL),
+        reason: h
+            .get_str(H_REASON)
+            .unwrap_or_else(|| routing_key.to_owned()),
+        detail: h.get_str(H_DETAIL).or_else(broker_detail),
         error_code: h.get_int(H_ERROR_CODE),
         attempts: h.get_int(H_ATTEMPTS),
         dead_at: h
@@ -236,8 +256,15 @@ fn view(letter: &HeldLetter) -> DeadLetterView {
 /// without the dead letter's own, and its replay counted.
 fn replay_headers(envelope: &Envelope) -> crate::broker::Headers {
     let mut headers = envelope.headers.clone();
-    for own in [H_REASON, H_DETAIL, H_ERROR_CODE, H_DEAD_AT, H_LANE] {
-        headers.0.remove(own);
+    let own = [H_REASON, H_DETAIL, H_ERROR_CODE, H_DEAD_AT, H_LANE];
+    let brokers = [
+        H_FIRST_DEATH_REASON,
+        H_FIRST_DEATH_QUEUE,
+        "x-first-death-exchange",
+        H_DELIVERY_COUNT,
+    ];
+    for gone in own.iter().chain(&brokers) {
+        headers.0.remove(*gone);
     }
     let replayed = headers.get_int(H_REPLAYED).unwrap_or(0) + 1;
     headers
@@ -495,6 +522,45 @@ mod tests {
         for gone in [H_REASON, H_DETAIL, H_ERROR_CODE, H_DEAD_AT, H_LANE] {
             assert_eq!(again.get_str(gone), None, "{gone} is the dead letter's");
         }
+    }
+
+    #[test]
+    fn a_letter_the_broker_made_tells_its_reason_queue_and_lane_and_replays_without_them() {
+        let mut headers = Headers::default();
+        headers
+            .set_str(H_TRACEPARENT, "00-abc-def-01")
+            .set_int(H_DELIVERY_COUNT, 20)
+            .set_str(H_FIRST_DEATH_REASON, "delivery_limit")
+            .set_str(H_FIRST_DEATH_QUEUE, "wa.send.106540352242922.otp")
+            .set_str("x-first-death-exchange", "");
+        let envelope = Envelope {
+            body: bytes::Bytes::from_static(
+                br#"{"job_id": "j-1", "phone_number_id": "106540352242922"}"#,
+            ),
+            headers,
+        };
+        let summary = summarise("delivery_limit", &envelope);
+        assert_eq!(summary.reason, "delivery_limit");
+        assert_eq!(summary.job_id.as_deref(), Some("j-1"));
+        assert_eq!(summary.lane.as_deref(), Some("otp"));
+        assert_eq!(summary.route.as_deref(), Some("otp.106540352242922"));
+        assert_eq!(
+            summary.detail.as_deref(),
+            Some("dead-lettered by RabbitMQ (delivery_limit) from wa.send.106540352242922.otp")
+        );
+        let again = replay_headers(&envelope);
+        for gone in [
+            H_DELIVERY_COUNT,
+            H_FIRST_DEATH_REASON,
+            H_FIRST_DEATH_QUEUE,
+            "x-first-death-exchange",
+        ] {
+            assert_eq!(again.get_str(gone), None, "{gone} is the broker's");
+        }
+        assert_eq!(
+            again.get_str(H_TRACEPARENT).as_deref(),
+            Some("00-abc-def-01")
+        );
     }
 
     #[test]

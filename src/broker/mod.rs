@@ -51,6 +51,14 @@ pub const H_LANE: &str = "x-wa-lane";
 pub const H_REPLAYED: &str = "x-wa-replayed";
 /// Header: when the job was last replayed (RFC 3339).
 pub const H_REPLAYED_AT: &str = "x-wa-replayed-at";
+/// Header, set by RabbitMQ on quorum queues: how many times the message was returned to its
+/// queue unsettled (0 on its first delivery). Past the queue's delivery limit the broker
+/// dead-letters it.
+pub const H_DELIVERY_COUNT: &str = "x-delivery-count";
+/// Header, set by RabbitMQ on a message it dead-lettered itself: why (`delivery_limit`).
+pub const H_FIRST_DEATH_REASON: &str = "x-first-death-reason";
+/// Header, set by RabbitMQ on a message it dead-lettered itself: the queue it left.
+pub const H_FIRST_DEATH_QUEUE: &str = "x-first-death-queue";
 /// Header: W3C trace context.
 pub const H_TRACEPARENT: &str = "traceparent";
 /// Header: W3C trace state.
@@ -97,6 +105,14 @@ impl Headers {
             HeaderValue::Int(i) => Some(*i),
             HeaderValue::Str(s) => s.parse().ok(),
         }
+    }
+
+    /// How many times the broker returned this message to its queue unsettled (0 when it never
+    /// did, or when the queue does not count: classic queues).
+    pub fn returns(&self) -> u32 {
+        self.get_int(H_DELIVERY_COUNT)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0)
     }
 
     /// Attempts so far (0 for a fresh job).

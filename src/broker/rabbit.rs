@@ -250,7 +250,15 @@ impl RabbitBroker {
         &self.names
     }
 
-    fn queue_args(&self) -> Vec<(&'static str, AMQPValue)> {
+    /// A queue consumers take from (a number's lane, the unrouted queue, the webhook intake):
+    /// quorum queues count how often a message was returned unsettled and, past the delivery
+    /// limit, dead-letter it to `dead_letter` (exchange, routing key).
+    ///
+    /// CORRECTNESS: without a dead-letter exchange, a quorum queue drops a message past its
+    /// delivery limit without a trace. With one, at-least-once: the broker keeps the message
+    /// until the dead-letter queue has confirmed it (which needs `reject-publish` overflow;
+    /// these queues have no length limit, so it refuses nothing).
+    fn queue_args(&self, dead_letter: (String, &str)) -> Vec<(&'static str, AMQPValue)> {
         match self.settings.queue_type {
             QueueType::Quorum => vec![
                 ("x-queue-type", long_string("quorum")),
@@ -258,9 +266,21 @@ impl RabbitBroker {
                     "x-delivery-limit",
                     AMQPValue::LongLongInt(i64::from(self.settings.delivery_limit)),
                 ),
+                ("x-dead-letter-exchange", long_string(dead_letter.0)),
+                ("x-dead-letter-routing-key", long_string(dead_letter.1)),
+                ("x-dead-letter-strategy", long_string("at-least-once")),
+                ("x-overflow", long_string("reject-publish")),
             ],
             QueueType::Classic => vec![("x-queue-type", long_string("classic"))],
         }
+    }
+
+    /// Where a job past its delivery limit goes: `wa.dead`, reason `delivery_limit`.
+    fn job_dead_letter(&self) -> (String, &'static str) {
+        (
+            self.names.dead_exchange(),
+            crate::event::DeadReason::DeliveryLimit.as_str(),
+        )
     }
 
     /// A delay queue: a fixed TTL (messages expire in order, so none blocks another at the
@@ -310,7 +330,7 @@ impl RabbitBroker {
         let queue = |name: String, arguments: FieldTable| async move {
             ch.queue_declare(name.clone().into(), durable_queue, arguments)
                 .await
-                .map_err(|e| BrokerError::op("queue.declare", format!("{name}: {e}")))
+                .map_err(|e| BrokerError::op("queue.declare", declare_failed(&name, &e)))
         };
         let bind = |q: String, x: String, key: String, arguments: FieldTable| async move {
             ch.queue_bind(
@@ -351,7 +371,7 @@ impl RabbitBroker {
             FieldTable::default(),
         )
         .await?;
-        queue(n.unrouted(), args(&self.queue_args())).await?;
+        queue(n.unrouted(), args(&self.queue_args(self.job_dead_letter()))).await?;
         bind(
             n.unrouted(),
             n.unrouted(),
@@ -365,7 +385,7 @@ impl RabbitBroker {
         for number in &self.settings.numbers {
             for lane in Lane::ALL {
                 let name = n.number_queue(number.as_str(), lane);
-                queue(name.clone(), args(&self.queue_args())).await?;
+                queue(name.clone(), args(&self.queue_args(self.job_dead_letter()))).await?;
                 let key = super::Route::new(lane, number.as_str()).routing_key();
                 bind(name, n.send_exchange(), key, FieldTable::default()).await?;
             }
@@ -409,10 +429,17 @@ impl RabbitBroker {
             FieldTable::default(),
         )
         .await?;
-        queue(n.intake_queue(), args(&self.queue_args())).await?;
+        // A webhook body past its delivery limit is parked, through the default exchange (which
+        // routes by queue name and always exists). The parked queue is declared first.
         queue(
             n.parked_queue(),
             args(&[("x-queue-type", long_string("classic"))]),
+        )
+        .await?;
+        let parked = n.parked_queue();
+        queue(
+            n.intake_queue(),
+            args(&self.queue_args((String::new(), &parked))),
         )
         .await?;
         Ok(())
@@ -642,6 +669,20 @@ impl RabbitBroker {
             Target::Parked => (String::new(), n.parked_queue()),
         }
     }
+}
+
+/// Why declaring `queue` failed, with what to do when it exists with other arguments.
+fn declare_failed(queue: &str, e: &lapin::Error) -> String {
+    let e = e.to_string();
+    if !e.contains("inequivalent arg") {
+        return format!("{queue}: {e}");
+    }
+    format!(
+        "{queue} exists with other arguments than this configuration declares ({e}). It was \
+         declared by another configuration (amqp.queue_type, amqp.delivery_limit) or an earlier \
+         version: use the same settings, or move its messages elsewhere and delete it \
+         (rabbitmqctl delete_queue {queue}) so that it is declared again"
+    )
 }
 
 fn to_table(headers: &Headers) -> FieldTable {

@@ -44,6 +44,9 @@ use crate::telemetry;
 pub struct PipelineSettings {
     /// Identifies this replica in claims.
     pub owner: String,
+    /// The lane queues' delivery limit: a job returned this often is dead-lettered
+    /// `delivery_limit` on its last delivery.
+    pub delivery_limit: u32,
     /// Claim lease (longer than a send can take).
     pub claim_lease: Duration,
     /// How long an at-most-once ambiguous job waits for a webhook.

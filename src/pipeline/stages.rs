@@ -119,6 +119,22 @@ impl Pipeline {
         let attempts = envelope.headers.attempts();
         let job = job::decode(&envelope.body).map_err(|e| undecodable(&e, envelope))?;
         tracing::Span::current().record("job_id", job.job_id.as_str());
+        let returns = envelope.headers.returns();
+        if returns >= self.settings.delivery_limit {
+            // Its last delivery: the broker dead-letters it if it comes back once more. Said
+            // here, with the job's event and metric, rather than tried and lost to a crash.
+            let detail = format!(
+                "returned to its queue {returns} times without being settled (delivery limit {}); \
+                 a worker died or lost its channel each time it held the job",
+                self.settings.delivery_limit
+            );
+            return Err(Outcome::dead(
+                DeadReason::DeliveryLimit,
+                detail,
+                attempts,
+                job,
+            ));
+        }
         // The store keeps milliseconds; deciding on the same precision keeps both stores equal.
         let now = truncate_to_millis(Utc::now());
         let Some(number) = self.numbers.get(&job.phone_number_id) else {
@@ -870,6 +886,7 @@ mod tests {
     fn settings() -> PipelineSettings {
         PipelineSettings {
             owner: "replica-1".into(),
+            delivery_limit: 20,
             claim_lease: Duration::from_secs(60),
             ambiguous_wait: Duration::from_secs(600),
             halt_cooldown: Duration::from_secs(300),

@@ -1,7 +1,7 @@
 //! What the simulator saw: accepted sends in order, errors by code, duplicates, the peak
 //! number of sends per number in any 1 s window, and what its webhooks did.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -62,6 +62,11 @@ pub struct WebhookAudit {
 pub struct Audit {
     /// Accepted sends in order of acceptance.
     pub accepted: Vec<AcceptedSend>,
+    /// `biz_opaque_callback_data` of every send request that reached the simulator, whatever
+    /// became of it (answered, refused, or cut off by a client that went away): a job not
+    /// here never reached the Cloud API.
+    #[serde(skip)]
+    pub arrived: HashSet<String>,
     /// Error answers by `error.code` (bare HTTP faults under 0).
     pub errors: BTreeMap<i64, u64>,
     /// Sends accepted more than once for the same `biz_opaque_callback_data`, with the count.
@@ -90,6 +95,10 @@ impl Audit {
             }
         }
         self.accepted.push(send);
+    }
+
+    pub(crate) fn record_arrival(&mut self, job_id: String) {
+        self.arrived.insert(job_id);
     }
 
     pub(crate) fn record_error(&mut self, code: i64) {

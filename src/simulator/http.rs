@@ -186,6 +186,13 @@ async fn send_message(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(job_id) = callback_data(&body) {
+        state
+            .audit
+            .lock()
+            .expect("audit lock")
+            .record_arrival(job_id);
+    }
     let latency = state
         .world
         .lock()
@@ -207,6 +214,17 @@ async fn send_message(
         Ok(Answer::Reset) => reset_connection(),
         Err(e) => reject(&state, e),
     }
+}
+
+/// A send request's `biz_opaque_callback_data`, read before anything else is done with it.
+fn callback_data(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        biz_opaque_callback_data: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(body)
+        .ok()?
+        .biz_opaque_callback_data
 }
 
 enum Answer {

@@ -35,6 +35,10 @@ pub enum DeadReason {
     AmbiguousSend,
     /// Retried `max_attempts` times without success.
     MaxAttempts,
+    /// Returned to its queue more often than the queue's delivery limit without being settled
+    /// (a worker died, or lost its channel, each time it held the job): dead-lettered by the
+    /// worker on its last delivery, or by RabbitMQ after it.
+    DeliveryLimit,
 }
 
 impl DeadReason {
@@ -55,6 +59,7 @@ impl DeadReason {
             DeadReason::ApiPermanentError => "api_permanent_error",
             DeadReason::AmbiguousSend => "ambiguous_send",
             DeadReason::MaxAttempts => "max_attempts",
+            DeadReason::DeliveryLimit => "delivery_limit",
         }
     }
 }

@@ -212,12 +212,16 @@ impl TestApp {
         self.settings.runtime().expect("test settings are valid")
     }
 
-    /// The `wa-sender` binary running `subcommand` with this app's configuration in its
-    /// environment (prefix, broker, Redis, simulator, the test number), as an operator would
+    /// The `wa-sender` binary (or `$WA_SENDER_BIN`) running `subcommand` with this app's
+    /// configuration in its environment (prefix, broker, Redis, simulator, the test number), as an operator would
     /// configure it; killed when dropped.
     pub fn command(&self, subcommand: &str) -> tokio::process::Command {
         let queue_type = serde_json::to_value(self.settings.amqp.queue_type).unwrap();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wa-sender"));
+        // WA_SENDER_BIN runs the tests against another build (an older one, to see a test fail
+        // on the code it was written against).
+        let binary = std::env::var("WA_SENDER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wa-sender").to_owned());
+        let mut command = tokio::process::Command::new(binary);
         command
             .arg(subcommand)
             .env(
@@ -228,18 +232,36 @@ impl TestApp {
             .env("WA_SENDER__AMQP__URL", &self.settings.amqp.url)
             .env("WA_SENDER__AMQP__QUEUE_TYPE", queue_type.as_str().unwrap())
             .env("WA_SENDER__AMQP__PREFIX", &self.prefix)
+            .env(
+                "WA_SENDER__AMQP__DELIVERY_LIMIT",
+                self.settings.amqp.delivery_limit.to_string(),
+            )
             .env("WA_SENDER__REDIS__URL", &self.settings.redis.url)
             .env("WA_SENDER__REDIS__KEY_PREFIX", &self.prefix)
             .env("WA_SENDER__CLOUD__BASE_URL", self.simulator.base_url())
             .env("WA_SENDER__CLOUD__ACCESS_TOKEN", TOKEN)
-            .env(format!("WA_SENDER__NUMBERS__{NUMBER}__WABA_ID"), WABA)
             .env(
-                format!("WA_SENDER__NUMBERS__{NUMBER}__THROUGHPUT_MPS"),
-                self.settings.numbers[NUMBER].throughput_mps.to_string(),
+                "WA_SENDER__WORKER__CONCURRENCY",
+                self.settings.worker.concurrency.to_string(),
+            )
+            .env(
+                "WA_SENDER__WORKER__PREFETCH",
+                self.settings.worker.prefetch.to_string(),
             )
             .env("WA_SENDER__POLICY__MESSAGING_LIMITS__DEFAULT", "unlimited")
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);
+        for (id, number) in &self.settings.numbers {
+            command
+                .env(
+                    format!("WA_SENDER__NUMBERS__{id}__WABA_ID"),
+                    &number.waba_id,
+                )
+                .env(
+                    format!("WA_SENDER__NUMBERS__{id}__THROUGHPUT_MPS"),
+                    number.throughput_mps.to_string(),
+                );
+        }
         command
     }
 

@@ -34,21 +34,45 @@ impl RabbitNode {
         )
         .unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        // Its own (empty) environment file: the system one names the shared node.
+        std::fs::write(dir.join("rabbitmq-env.conf"), "").unwrap();
         let node = RabbitNode {
             name: format!("wa-{test}-{suffix}@localhost"),
             dir,
             port,
         };
-        let status = node
+        node.launch();
+        node
+    }
+
+    fn launch(&self) {
+        let status = self
             .command("/usr/lib/rabbitmq/bin/rabbitmq-server")
-            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", free_port().to_string())
             .arg("-detached")
             .status()
             .expect("rabbitmq-server runs (is RabbitMQ installed?)");
         assert!(status.success(), "rabbitmq-server -detached failed");
-        node.await_startup();
-        node
+        self.await_startup();
+    }
+
+    /// Kills the broker's Erlang VM with SIGKILL (no flush, no goodbye to clients), waits
+    /// `down`, and starts it again on the same data, as after a crash.
+    pub fn kill_and_start(&self, down: Duration) {
+        let pid_file = self.dir.join("mnesia").join(format!("{}.pid", self.name));
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+        let killed = Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "kill -9 {pid}");
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(down);
+        self.launch();
     }
 
     /// A RabbitMQ command pointed at this node, its data and its cookie.
@@ -62,6 +86,7 @@ impl RabbitNode {
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
                 self.dir.join("enabled_plugins"),
             )
+            .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
             .env("HOME", &self.dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
