@@ -30,6 +30,10 @@ pub const H_ERROR_CODE: &str = "x-wa-error-code";
 pub const H_DETAIL: &str = "x-wa-detail";
 /// Header: earliest time (RFC 3339) a deferred job is due; it is deferred again if it comes early.
 pub const H_DUE: &str = "x-wa-due";
+/// Header: when (RFC 3339) an earlier attempt of an at-least-once job timed out after its
+/// request left, so the message may exist: if the job then runs out of attempts, it is
+/// dead-lettered `ambiguous_send`, not `max_attempts`.
+pub const H_MAYBE_SENT: &str = "x-wa-maybe-sent";
 /// Header: which delay queue a deferred job waits in (the delay exchange routes on it, so the
 /// routing key stays the job's own and brings it back to its number's lane when it expires).
 ///

@@ -154,6 +154,8 @@ pub struct Later {
     pub error: Option<EventError>,
     /// The job (absent only if it could not be decoded, which never defers).
     pub job: Option<Box<SendJob>>,
+    /// When an earlier attempt may have reached Meta (its request left, no answer came).
+    pub maybe_sent: Option<DateTime<Utc>>,
 }
 
 impl Later {
@@ -172,6 +174,7 @@ impl Later {
             why: why.into(),
             error,
             job: Some(Box::new(job)),
+            maybe_sent: None,
         }
     }
 }

@@ -7,7 +7,8 @@ use tracing::{debug, error, info, warn};
 
 use super::{Dead, Later, Outcome, Pipeline, SettleError};
 use crate::broker::{
-    BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DUE, H_LANE, Headers, Route, Target,
+    BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DUE, H_LANE, H_MAYBE_SENT, Headers, Route,
+    Target,
 };
 use crate::event::{ErrorSource, Event, EventError};
 use crate::job::Lane;
@@ -71,7 +72,7 @@ impl Pipeline {
                 Target::Delay { tier, route },
                 Envelope {
                     body: original.body.clone(),
-                    headers: deferral_headers(original.headers.clone(), later.attempts, later.due),
+                    headers: deferral_headers(original.headers.clone(), later),
                 },
             )
             .await?;
@@ -138,12 +139,15 @@ fn dead_letter(dead: &Dead) -> DeadLetter<'_> {
     }
 }
 
-/// A deferred job's headers: the ones it came with, its attempts and when it is due (it waits
-/// again if a delay queue brings it back early).
-fn deferral_headers(mut headers: Headers, attempts: u32, due: DateTime<Utc>) -> Headers {
+/// A deferred job's headers: the ones it came with, its attempts, when it is due (it waits
+/// again if a delay queue brings it back early) and whether an attempt may have been sent.
+fn deferral_headers(mut headers: Headers, later: &Later) -> Headers {
     headers
-        .set_int(H_ATTEMPTS, i64::from(attempts))
-        .set_str(H_DUE, due.to_rfc3339());
+        .set_int(H_ATTEMPTS, i64::from(later.attempts))
+        .set_str(H_DUE, later.due.to_rfc3339());
+    if let Some(at) = later.maybe_sent {
+        headers.set_str(H_MAYBE_SENT, at.to_rfc3339());
+    }
     headers
 }
 
@@ -191,8 +195,18 @@ mod tests {
         original
             .set_str(H_TRACEPARENT, "00-abc-def-01")
             .set_int(H_ATTEMPTS, 1);
-        let headers = deferral_headers(original, 2, due());
+        let Outcome::Later(mut later) = Outcome::later(due(), 2, "retry", None, job()) else {
+            panic!("later");
+        };
+        let headers = deferral_headers(original.clone(), &later);
         assert_eq!(headers.get_int(H_ATTEMPTS), Some(2));
+        assert_eq!(headers.get_str(H_MAYBE_SENT), None);
+        later.maybe_sent = Some(due());
+        let again = deferral_headers(original, &later);
+        assert_eq!(
+            again.get_str(H_MAYBE_SENT).as_deref(),
+            Some("2025-07-01T12:00:00+00:00")
+        );
         assert_eq!(
             headers.get_str(H_DUE).as_deref(),
             Some("2025-07-01T12:00:00+00:00")

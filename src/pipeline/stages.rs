@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tracing::{debug, error, warn};
 
-use super::{Outcome, Pipeline, PipelineSettings};
-use crate::broker::{Envelope, H_DUE, H_TRACEPARENT, Headers};
+use super::{Later, Outcome, Pipeline, PipelineSettings};
+use crate::broker::{Envelope, H_DUE, H_MAYBE_SENT, H_TRACEPARENT, Headers};
 use crate::cloud::{ApiError, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
 use crate::event::{DeadReason, ErrorSource, EventError};
@@ -57,6 +57,9 @@ pub(super) struct Decoded<'a> {
     pub(super) attempts: u32,
     /// Its earliest send time (its `not_before`, or the due time of the deferral it comes from).
     pub(super) not_before: Option<DateTime<Utc>>,
+    /// When an earlier attempt may have reached Meta (an at-least-once job retried after a
+    /// timeout).
+    pub(super) maybe_sent: Option<DateTime<Utc>>,
 }
 
 /// A job whose send slot has come: what `pace` hands to `admit`.
@@ -149,7 +152,7 @@ impl Pipeline {
                 job,
             ));
         };
-        let due = due_header(&envelope.headers);
+        let due = time_header(&envelope.headers, H_DUE);
         let not_before = not_before(&job, due);
         let job = wait_until_due(job, due, attempts, now)?;
         Ok(Decoded {
@@ -159,6 +162,7 @@ impl Pipeline {
             number,
             attempts,
             not_before,
+            maybe_sent: time_header(&envelope.headers, H_MAYBE_SENT),
         })
     }
 
@@ -333,6 +337,7 @@ impl Pipeline {
             job,
             number,
             attempts,
+            maybe_sent,
             ..
         } = decoded;
         let (body, sends_template) = {
@@ -389,18 +394,21 @@ impl Pipeline {
                     attempts,
                 })
             }
-            Err(SendError::Api(api)) => Err(self.on_api_error(*api, job, key, attempts, now).await),
+            Err(SendError::Api(api)) => {
+                let outcome = self
+                    .on_api_error(*api, job, key, attempts, now, maybe_sent)
+                    .await;
+                Err(outcome)
+            }
             Err(SendError::NotSent(detail)) => {
                 crate::metrics::cloud_api_unanswered(false);
                 self.release(&key).await;
                 let error = send_error("request not sent", detail);
-                Err(retry(
-                    &self.settings.retry,
-                    job,
-                    attempts,
-                    error,
-                    Utc::now(),
-                ))
+                let from = RetryFrom {
+                    at: Utc::now(),
+                    maybe_sent,
+                };
+                Err(retry(&self.settings.retry, job, attempts, error, from))
             }
             Err(SendError::Ambiguous(detail)) => {
                 crate::metrics::cloud_api_unanswered(true);
@@ -408,13 +416,11 @@ impl Pipeline {
                 match job.delivery_mode(lane) {
                     DeliveryMode::AtLeastOnce => {
                         self.release(&key).await;
-                        Err(retry(
-                            &self.settings.retry,
-                            job,
-                            attempts,
-                            error,
-                            Utc::now(),
-                        ))
+                        let from = RetryFrom {
+                            at: Utc::now(),
+                            maybe_sent: maybe_sent.or(Some(now)),
+                        };
+                        Err(retry(&self.settings.retry, job, attempts, error, from))
                     }
                     DeliveryMode::AtMostOnce => {
                         // CORRECTNESS: the message may exist; mark it so no worker resends it,
@@ -450,6 +456,7 @@ impl Pipeline {
         key: JobKey,
         attempts: u32,
         now: DateTime<Utc>,
+        maybe_sent: Option<DateTime<Utc>>,
     ) -> Outcome {
         crate::metrics::cloud_api_error(api.code);
         let error = api_event_error(&api);
@@ -463,7 +470,10 @@ impl Pipeline {
         if !matches!(action, Action::DeadLetter(_)) {
             self.release(&key).await;
         }
-        let retry_from = Utc::now();
+        let retry_from = RetryFrom {
+            at: Utc::now(),
+            maybe_sent,
+        };
         match action {
             Action::Throttle(Scope::Number) => {
                 let cooldown = self.settings.pacing.throttle_cooldown;
@@ -579,10 +589,11 @@ fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
-/// The due time a deferred job carries back from its delay queue.
-fn due_header(headers: &Headers) -> Option<DateTime<Utc>> {
+/// A time a deferred job carries back from its delay queue (its due time, when an attempt may
+/// have been sent); a bad one is ignored.
+fn time_header(headers: &Headers, name: &str) -> Option<DateTime<Utc>> {
     headers
-        .get_str(H_DUE)
+        .get_str(name)
         .and_then(|d| DateTime::parse_from_rfc3339(&d).ok())
         .map(|d| d.with_timezone(&Utc))
 }
@@ -790,7 +801,7 @@ fn after_api_error(
     job: SendJob,
     attempts: u32,
     now: DateTime<Utc>,
-    retry_from: DateTime<Utc>,
+    retry_from: RetryFrom,
     settings: &PipelineSettings,
 ) -> Outcome {
     let wait = |d: Duration, why: &str| {
@@ -809,25 +820,44 @@ fn after_api_error(
     }
 }
 
-/// Tried again after the policy's backoff from `now`, or dead-lettered `max_attempts` when
-/// `attempts` used up the budget.
+/// Where a retry counts from, and whether an attempt so far may have reached Meta.
+#[derive(Debug, Clone, Copy)]
+struct RetryFrom {
+    /// The backoff counts from here (once the claim is released).
+    at: DateTime<Utc>,
+    /// When an attempt's request left without an answer, if one did.
+    maybe_sent: Option<DateTime<Utc>>,
+}
+
+/// Tried again after the policy's backoff, or dead-lettered when `attempts` used up the
+/// budget: `max_attempts`, or `ambiguous_send` when an attempt may have reached Meta (the job
+/// may exist; saying it was never sent would be wrong).
 fn retry(
     policy: &RetryPolicy,
     job: SendJob,
     attempts: u32,
     error: EventError,
-    now: DateTime<Utc>,
+    from: RetryFrom,
 ) -> Outcome {
-    match policy.delay_after(attempts) {
-        Some(delay) => Outcome::later(now + delay, attempts, "retry", Some(error), job),
-        None => {
-            let detail = format!(
-                "gave up after {attempts} attempts; last error: {}",
-                error.details
-            );
-            Outcome::dead_after(DeadReason::MaxAttempts, &error, detail, attempts, job)
-        }
-    }
+    let Some(delay) = policy.delay_after(attempts) else {
+        let gave_up = format!(
+            "gave up after {attempts} attempts; last error: {}",
+            error.details
+        );
+        return match from.maybe_sent {
+            None => Outcome::dead_after(DeadReason::MaxAttempts, &error, gave_up, attempts, job),
+            Some(at) => {
+                let detail = format!(
+                    "{gave_up}; the attempt at {at} got no answer after its request left, so \
+                     the message may exist (a status webhook would tell)"
+                );
+                Outcome::dead_after(DeadReason::AmbiguousSend, &error, detail, attempts, job)
+            }
+        };
+    };
+    let mut later = Later::new(from.at + delay, attempts, "retry", Some(error), job);
+    later.maybe_sent = from.maybe_sent;
+    Outcome::Later(Box::new(later))
 }
 
 #[cfg(test)]
@@ -938,6 +968,7 @@ mod tests {
                 number,
                 attempts: 1,
                 not_before: Some(at(-10)),
+                maybe_sent: None,
             },
             now: at(0),
             early: None,
@@ -962,10 +993,10 @@ mod tests {
     fn the_due_time_of_a_deferral_is_read_back_and_a_bad_one_ignored() {
         let mut headers = Headers::default();
         headers.set_str(H_DUE, "2030-01-01T12:00:30+00:00");
-        assert_eq!(due_header(&headers), Some(at(30)));
+        assert_eq!(time_header(&headers, H_DUE), Some(at(30)));
         headers.set_str(H_DUE, "soon");
-        assert_eq!(due_header(&headers), None);
-        assert_eq!(due_header(&Headers::default()), None);
+        assert_eq!(time_header(&headers, H_DUE), None);
+        assert_eq!(time_header(&Headers::default(), H_DUE), None);
     }
 
     #[test]
@@ -1198,7 +1229,10 @@ mod tests {
                 job(json!({})),
                 attempts,
                 at(0),
-                at(5),
+                RetryFrom {
+                    at: at(5),
+                    maybe_sent: None,
+                },
                 &settings,
             )
         };
@@ -1254,7 +1288,11 @@ mod tests {
     fn a_retry_past_the_budget_is_dead_lettered_with_the_last_error() {
         let policy = settings().retry;
         let error = send_error("request not sent", "connection refused".into());
-        let outcome = retry(&policy, job(json!({})), 3, error, at(0));
+        let from = RetryFrom {
+            at: at(0),
+            maybe_sent: None,
+        };
+        let outcome = retry(&policy, job(json!({})), 3, error.clone(), from);
         let gave_up = dead(outcome);
         assert_eq!(gave_up.reason, DeadReason::MaxAttempts);
         assert_eq!(
@@ -1262,5 +1300,22 @@ mod tests {
             "gave up after 3 attempts; last error: connection refused"
         );
         assert_eq!((gave_up.code, gave_up.source), (None, ErrorSource::Api));
+
+        // An attempt that may have reached Meta goes with every retry, and decides the end.
+        let maybe = RetryFrom {
+            at: at(0),
+            maybe_sent: Some(at(-30)),
+        };
+        let retried = later(retry(&policy, job(json!({})), 1, error.clone(), maybe));
+        assert_eq!(retried.maybe_sent, Some(at(-30)));
+        let unknown = dead(retry(&policy, job(json!({})), 3, error, maybe));
+        assert_eq!(unknown.reason, DeadReason::AmbiguousSend);
+        assert!(
+            unknown.detail.starts_with(
+                "gave up after 3 attempts; last error: connection refused; the attempt at 2030-01-01 11:59:30 UTC"
+            ),
+            "{}",
+            unknown.detail
+        );
     }
 }
