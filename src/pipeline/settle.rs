@@ -2,7 +2,7 @@
 //! [`Outcome`] to its delivery through the shared settlement (events, dead letters, ack after
 //! confirm); deferrals, which only the worker makes, are built here.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tracing::{debug, error, info, warn};
 
 use super::{Dead, Later, Outcome, Pipeline, SettleError};
@@ -170,7 +170,7 @@ fn deferred_event(later: &Later) -> Option<Event> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::TimeZone;
+    use chrono::{DateTime, TimeZone};
 
     use super::*;
     use crate::broker::{H_DETAIL, H_ERROR_CODE, H_REASON, H_TRACEPARENT};
