@@ -27,8 +27,9 @@ pub struct AcceptedSend {
     pub outside_window: bool,
     /// Milliseconds since the simulator started.
     pub at_ms: u64,
+    /// When it was accepted.
     #[serde(skip)]
-    pub(crate) at: Option<Instant>,
+    pub at: Option<Instant>,
 }
 
 /// Per-number figures.

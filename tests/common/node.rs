@@ -11,6 +11,8 @@ pub struct RabbitNode {
     dir: PathBuf,
     /// Its AMQP port on 127.0.0.1.
     pub port: u16,
+    /// Where its log is copied when it is dropped, if anywhere.
+    keep_log: Option<PathBuf>,
 }
 
 /// A port nothing listens on now.
@@ -40,6 +42,7 @@ impl RabbitNode {
             name: format!("wa-{test}-{suffix}@localhost"),
             dir,
             port,
+            keep_log: None,
         };
         node.launch();
         node
@@ -87,6 +90,14 @@ impl RabbitNode {
                 self.dir.join("enabled_plugins"),
             )
             .env("RABBITMQ_CONF_ENV_FILE", self.dir.join("rabbitmq-env.conf"))
+            // The settings deploy/ gives RabbitMQ, so a test's broker recovers as production's.
+            .env(
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/deploy/rabbitmq/advanced.config"
+                ),
+            )
             .env("HOME", &self.dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -126,6 +137,12 @@ impl RabbitNode {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("the test's RabbitMQ node never opened port {}", self.port);
+    }
+
+    /// Keeps the broker's log at `dest` when the node is dropped (its data is removed).
+    pub fn keep_log(mut self, dest: PathBuf) -> Self {
+        self.keep_log = Some(dest);
+        self
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
@@ -171,6 +188,10 @@ impl RabbitNode {
 
 impl Drop for RabbitNode {
     fn drop(&mut self) {
+        if let Some(dest) = &self.keep_log {
+            let log = self.dir.join("log").join(format!("{}.log", self.name));
+            let _ = std::fs::copy(log, dest);
+        }
         let _ = self
             .command("/usr/lib/rabbitmq/bin/rabbitmqctl")
             .args(["-n", &self.name, "stop"])
