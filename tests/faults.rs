@@ -12,8 +12,9 @@
 //! simulator at all), dead-lettered for a reason, sent twice, lost (none of these, and no
 //! longer queued). It also counts the channels RabbitMQ closed on the worker (406
 //! `PRECONDITION_FAILED`) in the worker's log. Every scenario must end with 0 sent twice and 0
-//! lost; the no-fault runs with 0 channel closes, and no scenario of the broker's with an
-//! ambiguous job that never reached the Cloud API. The suite prints the table.
+//! lost; the no-fault runs with 0 channel closes, and neither a broker's scenario nor worker
+//! stopped by SIGTERM with an ambiguous job that never reached the Cloud API. The suite prints
+//! the table.
 //!
 //! `cargo test` runs the short form (`FAULT_JOBS`, default 1,000 jobs per scenario, the no-fault
 //! run once per shape); the full one:
@@ -65,7 +66,8 @@ fn env_number(name: &str, default: usize) -> usize {
 }
 
 /// Whether to run the scenarios named `name` (`FAULT_ONLY`, a comma-separated list of
-/// `no-fault`, `kills`, `cloud`, `broker`, `redis`, `malformed`, `webhooks`; all by default).
+/// `no-fault`, `kills` (SIGKILL and SIGTERM), `cloud`, `broker`, `redis`, `malformed`,
+/// `webhooks`; all by default).
 fn wanted(name: &str) -> bool {
     std::env::var("FAULT_ONLY").map_or(true, |only| only.split(',').any(|n| n.trim() == name))
 }
@@ -122,6 +124,7 @@ async fn the_fault_suite_loses_nothing_and_sends_nothing_twice() {
     }
     if wanted("kills") {
         done(kills(&rig).await);
+        done(terms(&rig).await);
     }
     if wanted("cloud") {
         done(cloud_faults(&rig).await);
@@ -152,7 +155,7 @@ async fn the_fault_suite_loses_nothing_and_sends_nothing_twice() {
         if t.scenario == NO_FAULT {
             assert_eq!(t.closes, 0, "{}: channels closed by RabbitMQ", t.shape);
         }
-        if t.scenario.starts_with("RabbitMQ") {
+        if t.scenario.starts_with("RabbitMQ") || t.scenario.contains("SIGTERM") {
             assert_eq!(
                 t.unsent_ambiguous, 0,
                 "{}: ambiguous jobs that never reached the Cloud API",
@@ -565,26 +568,52 @@ async fn no_fault(rig: &Rig, shape: Shape) -> Tally {
 /// Ten SIGKILLs of a worker mid-run, each followed by a new one: no drain, no acks, claims
 /// left behind, sends cut off in flight.
 async fn kills(rig: &Rig) -> Tally {
+    stops(rig, "KILL", "10 SIGKILLs of a worker").await
+}
+
+/// Ten SIGTERMs of a worker mid-run, each followed by a new one: each drains, so nothing is
+/// left ambiguous.
+async fn terms(rig: &Rig) -> Tally {
+    stops(rig, "TERM", "10 SIGTERMs of a worker").await
+}
+
+/// Stops a worker with `signal` ten times mid-run, starting a new one each time.
+async fn stops(rig: &Rig, signal: &str, scenario: &'static str) -> Tally {
     let n = jobs_per_scenario();
     let run = rig
-        .run("kills", MIXED, ten_second_rate(), |_, sim| {
-            sim.faults.latency = Latency {
-                median_ms: 20.0,
-                p99_ms: 80.0,
-            };
-        })
+        .run(
+            &format!("sig{}", signal.to_lowercase()),
+            MIXED,
+            ten_second_rate(),
+            |_, sim| {
+                sim.faults.latency = Latency {
+                    median_ms: 20.0,
+                    p99_ms: 80.0,
+                };
+            },
+        )
         .await;
-    let ids = enqueue_jobs(&run.app, "kill", n).await;
+    let ids = enqueue_jobs(&run.app, "stop", n).await;
     let mut worker = rig.process(&run.app, "worker", &[]);
-    for kill in 1..=10 {
-        // Each worker gets going before it is killed: some sends of its own, and further along.
+    for stop in 1..=10 {
+        // Each worker gets going before it is stopped: some sends of its own, and further along.
         let sent = run.app.simulator.audit().accepted.len();
-        wait_sent(&run.app, (sent + n / 100).max(kill * n / 12)).await;
-        worker.kill().await.unwrap();
+        wait_sent(&run.app, (sent + n / 100).max(stop * n / 12)).await;
+        let pid = worker.id().expect("running").to_string();
+        let signalled = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(signalled.success());
+        let exit = tokio::time::timeout(Duration::from_secs(60), worker.wait())
+            .await
+            .expect("the worker stops");
+        if signal == "TERM" {
+            assert!(exit.unwrap().success(), "a drained worker exits 0");
+        }
         worker = rig.process(&run.app, "worker", &[]);
     }
-    rig.settle(run, worker, "10 SIGKILLs of a worker", &ids)
-        .await
+    rig.settle(run, worker, scenario, &ids).await
 }
 
 /// 20 % of sends answered 500 (Meta's transient 131016) and 5 % sent but answered only after

@@ -62,6 +62,15 @@ pub(super) struct Decoded<'a> {
     pub(super) maybe_sent: Option<DateTime<Utc>>,
 }
 
+/// How a job's wait for its send slot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// In its slot (or late within the tolerance), with its claim if it had one.
+    Kept,
+    /// Woken too late, it gave its claim back and waited for a new slot.
+    ClaimReleased,
+}
+
 /// A job whose send slot has come: what `pace` hands to `admit`.
 pub(super) struct Paced<'a> {
     /// What decoding found.
@@ -231,16 +240,23 @@ impl Pipeline {
         let sends = early
             .as_ref()
             .is_none_or(|e| matches!(e.verdict, Verdict::Send { .. }));
+        let mut early = early;
         if sends {
+            let claim = early.as_ref().map(|e| &e.key);
             let kept = self
-                .keep_slot(&decoded.number.waba, &number_id, interval, instant + wait)
+                .keep_slot(
+                    &decoded.number.waba,
+                    &number_id,
+                    interval,
+                    instant + wait,
+                    claim,
+                )
                 .await;
-            if let Err(e) = kept {
-                // A claimed job goes on: the slot it waited for is its own.
-                if early.is_none() {
-                    return Err(self.store_unavailable(e, decoded.job, decoded.attempts));
-                }
-                warn!(error = %e, "could not book a new slot after waking late; sending in the old one");
+            match kept {
+                Ok(Slot::Kept) => {}
+                // Admitted again after the new slot's wait, by `admit`.
+                Ok(Slot::ClaimReleased) => early = None,
+                Err(e) => return Err(self.store_unavailable(e, decoded.job, decoded.attempts)),
             }
         }
         crate::metrics::paced(pacing.elapsed());
@@ -253,15 +269,18 @@ impl Pipeline {
     }
 
     /// Waits for `slot`, the send slot booked in `number`'s schedule. A job woken much later
-    /// books a new one (a few times at most).
+    /// books a new one (a few times at most); if it holds a `claim`, it gives the claim back
+    /// first, to be admitted again after the new wait.
     async fn keep_slot(
         &self,
         waba: &crate::ids::WabaId,
         number: &crate::ids::PhoneNumberId,
         interval: Duration,
         mut slot: Instant,
-    ) -> Result<(), StoreError> {
+        claim: Option<&JobKey>,
+    ) -> Result<Slot, StoreError> {
         self.pacer.wait(number, slot).await;
+        let mut kept = Slot::Kept;
         for _ in 0..LATE_REBOOKS {
             // CORRECTNESS: the schedule keeps every 1 s window within the limit only for sends
             // that leave their slots less than the headroom's worth late; one woken much later
@@ -270,12 +289,21 @@ impl Pipeline {
             if slot.elapsed() <= self.pacer.late_tolerance() {
                 break;
             }
+            // CORRECTNESS: a claim is held only from admission to the request; held through a
+            // new wait, a worker killed meanwhile would leave a job that was never sent looking
+            // like one that may have been (ambiguous_send).
+            if let Some(key) = claim
+                && kept == Slot::Kept
+            {
+                self.release(key).await;
+                kept = Slot::ClaimReleased;
+            }
             let (wall, instant) = (Utc::now(), Instant::now());
             let wait = self.store.book_slot(waba, number, wall, interval).await?;
             slot = instant + wait;
             self.pacer.wait(number, slot).await;
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// The registry's definition of the template `decoded` sends, if it sends one.
