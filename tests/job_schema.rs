@@ -44,6 +44,18 @@ fn the_schema_file_is_json_and_names_the_schema_version() {
     );
 }
 
+#[test]
+fn the_event_schema_lists_every_dead_letter_reason() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.v1.schema.json");
+    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let listed = &schema["$defs"]["deadReason"]["enum"];
+    let reasons: Vec<&str> = wa_sender::vocab::DeadReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    assert_eq!(listed, &serde_json::json!(reasons), "{listed}");
+}
+
 /// The refusals about button actions and a missing type name the field and the rule.
 #[test]
 fn action_and_type_refusals_name_the_field() {

@@ -42,6 +42,25 @@ pub enum DeadReason {
 }
 
 impl DeadReason {
+    /// Every reason, in the order of the enum.
+    pub const ALL: [DeadReason; 15] = [
+        DeadReason::InvalidJob,
+        DeadReason::UnsupportedSchema,
+        DeadReason::UnknownSender,
+        DeadReason::OutsideCareWindow,
+        DeadReason::NoOptIn,
+        DeadReason::OptedOutMarketing,
+        DeadReason::TemplateNotApproved,
+        DeadReason::TemplateParamsInvalid,
+        DeadReason::Expired,
+        DeadReason::CampaignCancelled,
+        DeadReason::RecipientUndeliverable,
+        DeadReason::ApiPermanentError,
+        DeadReason::AmbiguousSend,
+        DeadReason::MaxAttempts,
+        DeadReason::DeliveryLimit,
+    ];
+
     /// The wire name (also the routing key suffix on `wa.dead`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,5 +86,21 @@ impl DeadReason {
 impl std::fmt::Display for DeadReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_listed_once_and_its_wire_name_is_its_serde_name() {
+        let names: std::collections::BTreeSet<&str> =
+            DeadReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DeadReason::ALL.len());
+        for reason in DeadReason::ALL {
+            let serde = serde_json::to_value(reason).unwrap();
+            assert_eq!(serde, reason.as_str());
+        }
     }
 }
