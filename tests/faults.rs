@@ -416,12 +416,26 @@ impl Rig {
         let app = &run.app;
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut quiet = 0;
-        // Nothing queued, ready, held or deferred, three times a second apart: every job has
-        // ended, or is gone.
-        while quiet < 3 && Instant::now() < deadline {
+        // Nothing queued, ready, held or deferred, three times a second apart, and every job
+        // has an end (sent, or as many dead letters as jobs left); or nothing queued for ten
+        // seconds while jobs have none: they are gone. (One reading of all queues is not a
+        // snapshot: a job moving from a lane to a delay queue can be missed by one reading.)
+        while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let queued = self.queued(app, &["send.", "delay."]).await;
             quiet = if queued == 0 { quiet + 1 } else { 0 };
+            let sent: BTreeSet<String> = app
+                .simulator
+                .audit()
+                .accepted
+                .into_iter()
+                .filter_map(|s| s.job_id)
+                .collect();
+            let dead = self.queued(app, &["dead.all"]).await;
+            let ended = sent.intersection(ids).count() as u64 + dead >= ids.len() as u64;
+            if (quiet >= 3 && ended) || quiet >= 10 {
+                break;
+            }
         }
         let copies = copies.await;
         worker.kill().await.unwrap();
@@ -730,6 +744,7 @@ async fn malformed_jobs(rig: &Rig) -> Tally {
     }
     let good = enqueue_jobs(app, "good", 50).await;
     let mut worker = rig.process(app, "worker", &[]);
+    wait_sent(app, good.len()).await;
     rig.wait_quiet(app, &["send.", "delay."], "malformed").await;
     let dead = app.take_all("dead.all").await;
     assert!(
