@@ -269,8 +269,8 @@ impl Pipeline {
     }
 
     /// Waits for `slot`, the send slot booked in `number`'s schedule. A job woken much later
-    /// books a new one (a few times at most); if it holds a `claim`, it gives the claim back
-    /// first, to be admitted again after the new wait.
+    /// books a new one (a few times at most); if it holds a `claim` and the new slot is not
+    /// near, it gives the claim back before waiting, to be admitted again after the wait.
     async fn keep_slot(
         &self,
         waba: &crate::ids::WabaId,
@@ -289,17 +289,20 @@ impl Pipeline {
             if slot.elapsed() <= self.pacer.late_tolerance() {
                 break;
             }
+            let (wall, instant) = (Utc::now(), Instant::now());
+            let wait = self.store.book_slot(waba, number, wall, interval).await?;
             // CORRECTNESS: a claim is held only from admission to the request; held through a
-            // new wait, a worker killed meanwhile would leave a job that was never sent looking
-            // like one that may have been (ambiguous_send).
+            // long wait, a worker killed meanwhile would leave a job that was never sent looking
+            // like one that may have been (ambiguous_send). A new slot as near as one admitted
+            // with its booking keeps the claim (no more requests to the store), a later one
+            // gives it back, to be admitted again after the wait.
             if let Some(key) = claim
                 && kept == Slot::Kept
+                && wait > ADMIT_WITH_SLOT
             {
                 self.release(key).await;
                 kept = Slot::ClaimReleased;
             }
-            let (wall, instant) = (Utc::now(), Instant::now());
-            let wait = self.store.book_slot(waba, number, wall, interval).await?;
             slot = instant + wait;
             self.pacer.wait(number, slot).await;
         }
