@@ -106,22 +106,8 @@ async fn acks_of_a_channel_with_three_lanes_never_reach_an_unsettled_delivery() 
     let (_conn, channel) = common::amqp_channel(&app.settings.amqp.url).await;
     for lane in Lane::ALL {
         let queue = format!("{}.send.{}.{}", app.prefix, common::NUMBER, lane.as_str());
-        let declared = channel
-            .queue_declare(
-                queue.clone().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            declared.message_count(),
-            0,
-            "{queue} holds jobs after all were acked"
-        );
+        let left = common::ready_messages(&channel, &queue).await;
+        assert_eq!(left, 0, "{queue} holds jobs after all were acked");
     }
     app.cleanup().await;
 }

@@ -305,9 +305,19 @@ impl Rig {
                 tweak(settings, sim);
             })
             .await;
+        let webhook = self.webhook_process(&app, port).await;
+        Run {
+            app,
+            shape,
+            webhook,
+        }
+    }
+
+    /// `wa-sender webhook` for `app` on `port`, with the suite's secrets, once it listens.
+    async fn webhook_process(&self, app: &TestApp, port: u16) -> tokio::process::Child {
         let listen = format!("127.0.0.1:{port}");
-        let webhook = self.process_with(
-            &app,
+        let process = self.process_with(
+            app,
             "webhook",
             &["--listen", &listen],
             &[
@@ -316,11 +326,7 @@ impl Rig {
             ],
         );
         wait_port(port).await;
-        Run {
-            app,
-            shape,
-            webhook,
-        }
+        process
     }
 
     /// Starts `wa-sender <subcommand> <args>` configured for `app`, logging to the suite's logs.
@@ -850,18 +856,8 @@ fn malformed_bodies() -> Vec<Vec<u8>> {
 async fn webhooks(rig: &Rig) -> Tally {
     let mut app = rig.app("webhooks", |_, _| {}).await;
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut process = rig.process_with(
-        &app,
-        "webhook",
-        &["--listen", &listen],
-        &[
-            ("WA_SENDER__WEBHOOK__APP_SECRET", APP_SECRET),
-            ("WA_SENDER__WEBHOOK__VERIFY_TOKEN", "fault-suite-verify"),
-        ],
-    );
-    wait_port(port).await;
-    let url = format!("http://{listen}/webhook");
+    let mut process = rig.webhook_process(&app, port).await;
+    let url = format!("http://127.0.0.1:{port}/webhook");
     let client = reqwest::Client::new();
     let post = |body: Vec<u8>, signature: Option<String>| {
         let mut request = client

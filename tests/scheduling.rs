@@ -166,18 +166,8 @@ async fn a_deferred_job_waits_in_exactly_one_delay_queue() {
     let mut held = Vec::new();
     for &tier in app.runtime().amqp.delay_tiers.all() {
         let name = app.broker.names().delay_queue(tier);
-        let queue = channel
-            .queue_declare(
-                name.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        held.push((name, queue.message_count()));
+        let count = common::ready_messages(&channel, &name).await;
+        held.push((name, count));
     }
     let total: u32 = held.iter().map(|(_, n)| n).sum();
     assert_eq!(

@@ -300,18 +300,9 @@ async fn what_cannot_be_parsed_is_parked_and_template_updates_reach_the_registry
         "PAUSED"
     );
     let (conn, channel) = common::amqp_channel(&app.settings.amqp.url).await;
-    let parked = channel
-        .queue_declare(
-            format!("{}.webhooks.parked", app.prefix).as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(parked.message_count(), 2, "both unreadable bodies kept");
+    let parked = format!("{}.webhooks.parked", app.prefix);
+    let parked = common::ready_messages(&channel, &parked).await;
+    assert_eq!(parked, 2, "both unreadable bodies kept");
     let _ = conn.close(200, "bye".into()).await;
     app.cleanup().await;
 }

@@ -532,6 +532,19 @@ pub async fn amqp_channel(amqp_url: &str) -> (lapin::Connection, lapin::Channel)
     (connection, channel)
 }
 
+/// How many messages `queue` holds ready, asked passively (nothing is declared).
+pub async fn ready_messages(channel: &lapin::Channel, queue: &str) -> u32 {
+    let options = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), options, Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{queue}: {e}"))
+        .message_count()
+}
+
 /// Everything in `queue` of the broker at `amqp_url`, taken off it.
 pub async fn take_all(amqp_url: &str, queue: &str) -> Vec<Taken> {
     let (conn, channel) = amqp_channel(amqp_url).await;
