@@ -550,7 +550,7 @@ impl RabbitBroker {
         // it, so the deliveries it held go back to their queues at once instead of staying unacked.
         let guard = Arc::new(ChannelGuard(channel.clone()));
         let acks = Arc::new(Acks::default());
-        let sender: Arc<dyn SendAcks> = Arc::new(ChannelAcks(channel.clone()));
+        let sender = Arc::new(ChannelAcks(channel.clone()));
         let mut streams = Vec::with_capacity(queues.len());
         for (queue, origin) in queues {
             let tag: ShortString =
@@ -781,28 +781,58 @@ impl Drop for ChannelGuard {
     }
 }
 
+/// How long writing an ack or a reject may take. On a live connection it is written at once;
+/// on a connection that died, lapin can leave the write pending for ever, while the broker has
+/// already returned every unacked delivery of the channel: giving up then loses nothing.
+const SETTLE_WRITE: Duration = Duration::from_secs(5);
+
+/// Writes an ack or a reject on `channel`, or says why it could not (a closed channel fails at
+/// once, a write that does not end within [`SETTLE_WRITE`] fails then).
+async fn write_settlement<T>(
+    channel: &Channel,
+    operation: &'static str,
+    write: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<(), BrokerError> {
+    if !channel.status().connected() {
+        return Err(BrokerError::op(
+            operation,
+            "the channel is closed (the broker returned its unacked deliveries)",
+        ));
+    }
+    match tokio::time::timeout(SETTLE_WRITE, write).await {
+        Ok(written) => written
+            .map(|_| ())
+            .map_err(|e| BrokerError::op(operation, e)),
+        Err(_) => Err(BrokerError::op(
+            operation,
+            format!(
+                "not written within {}s: the connection is gone (the broker returns its unacked deliveries)",
+                SETTLE_WRITE.as_secs()
+            ),
+        )),
+    }
+}
+
 /// Settles one delivery: acks go out in batches per channel (see [`Acks`]), a requeue at once.
 struct LapinAcker {
     acker: lapin::Acker,
     tag: u64,
     acks: Arc<Acks>,
-    sender: Arc<dyn SendAcks>,
+    sender: Arc<ChannelAcks>,
 }
 
 #[async_trait]
 impl Acker for LapinAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.acks.ack(self.tag, &self.sender).await
+        let sender: Arc<dyn SendAcks> = self.sender.clone();
+        self.acks.ack(self.tag, &sender).await
     }
     async fn requeue(&self) -> Result<(), BrokerError> {
-        let rejected = self
-            .acker
-            .reject(BasicRejectOptions { requeue: true })
-            .await
-            .map(|_| ())
-            .map_err(|e| BrokerError::op("basic.reject", e));
+        let reject = self.acker.reject(BasicRejectOptions { requeue: true });
+        let rejected = write_settlement(&self.sender.0, "basic.reject", reject).await;
         // CORRECTNESS: only once the reject is on the channel may a later `multiple` ack pass
-        // this tag (frames of one channel reach the broker in the order they were written).
+        // this tag (frames of one channel reach the broker in the order they were written). A
+        // reject that failed leaves a closed channel, whose acks no longer matter.
         self.acks.rejected(self.tag);
         rejected
     }
@@ -814,10 +844,8 @@ struct ChannelAcks(Channel);
 #[async_trait]
 impl SendAcks for ChannelAcks {
     async fn ack(&self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
-        self.0
-            .basic_ack(tag, BasicAckOptions { multiple })
-            .await
-            .map_err(|e| BrokerError::op("basic.ack", e))
+        let ack = self.0.basic_ack(tag, BasicAckOptions { multiple });
+        write_settlement(&self.0, "basic.ack", ack).await
     }
 }
 
