@@ -61,8 +61,19 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// `amqp://user:password@host:port/vhost` (`%2f` is the default vhost).
+    /// `amqp://user:password@host:port/vhost` (`%2f` is the default vhost): the broker, when
+    /// `urls` is empty.
     pub url: String,
+    /// The nodes of a RabbitMQ cluster, each an `amqp(s)://…` address as `url`; when set,
+    /// `url` is not used. A process connects to one of them, taken in a random order so
+    /// replicas spread over the nodes, and moves to another when it loses it. From the
+    /// environment: `WA_SENDER__AMQP__URLS='["amqp://…@rabbit-1:5672/%2f", "amqp://…@rabbit-2:5672/%2f"]'`.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// How many nodes hold a new quorum queue (`x-quorum-initial-group-size`): unset, every
+    /// node of the cluster (RabbitMQ's default). Only used when a queue is created.
+    #[serde(default)]
+    pub quorum_group_size: Option<u32>,
     /// Prefix of every exchange and queue name: `wa` gives `wa.send`, `wa.send.otp`, `wa.dead`, …
     pub prefix: String,
     /// `quorum` (production: replicated) or `classic` (tests: fast to create).
@@ -70,8 +81,9 @@ pub struct AmqpSettings {
     /// Delay-queue tiers, e.g. `["1s", "5s", "30s", "2m", "10m", "1h", "6h"]`; a wait goes to the
     /// shortest tier at least as long.
     pub delay_tiers: Vec<String>,
-    /// `x-delivery-limit` of quorum queues: a message redelivered this often is dropped by the
-    /// broker to `wa.dead` routing; a safety net behind `retry.max_attempts`.
+    /// `x-delivery-limit` of quorum queues: a job returned to its queue this often without being
+    /// settled (a worker died or lost its channel each time it held it) is dead-lettered
+    /// `delivery_limit`; a safety net behind `retry.max_attempts`.
     pub delivery_limit: u32,
 }
 
@@ -79,8 +91,14 @@ pub struct AmqpSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`: the Redis, when `cluster_urls` is empty.
     pub url: String,
+    /// Some nodes of a Redis Cluster, `redis://host:port` each: when set, the store is that
+    /// cluster (the client learns the other nodes and follows failovers) and `url` is not used.
+    /// Every key a script touches carries its portfolio's hash tag, so no request crosses
+    /// slots. From the environment: `WA_SENDER__REDIS__CLUSTER_URLS='["redis://r1:6379", "redis://r2:6379"]'`.
+    #[serde(default)]
+    pub cluster_urls: Vec<String>,
     /// Prefix of every key (`wa` gives `wa:{<waba>}:job:<job_id>`).
     pub key_prefix: String,
     /// Run against a Redis that keeps nothing on disk (no AOF, no RDB save points). Off by
@@ -449,7 +467,8 @@ impl Settings {
         let cloud = &self.cloud;
         Ok(Runtime {
             amqp: AmqpRuntime {
-                url: self.amqp.url.clone(),
+                urls: self.amqp_urls()?,
+                quorum_group_size: self.amqp.quorum_group_size,
                 prefix: self.amqp.prefix.clone(),
                 queue_type: self.amqp.queue_type,
                 delay_tiers: self.delay_tiers()?,
@@ -561,6 +580,28 @@ impl Settings {
                 throttle_cooldown: Duration::from_secs(w.throttle_cooldown_secs),
             },
         })
+    }
+
+    /// The broker's addresses: `amqp.urls`, or `amqp.url` alone; each an AMQP URL.
+    fn amqp_urls(&self) -> Result<Vec<String>, ConfigError> {
+        let (key, urls) = if self.amqp.urls.is_empty() {
+            ("amqp.url", vec![self.amqp.url.clone()])
+        } else {
+            ("amqp.urls", self.amqp.urls.clone())
+        };
+        for url in &urls {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                let shown = crate::broker::rabbit::redact(url);
+                return Err(invalid(
+                    key,
+                    format!("{shown:?} is not an amqp:// or amqps:// address"),
+                ));
+            }
+        }
+        if self.amqp.quorum_group_size == Some(0) {
+            return Err(invalid("amqp.quorum_group_size", "must be at least 1"));
+        }
+        Ok(urls)
     }
 
     /// The delay tiers, parsed.
@@ -741,8 +782,10 @@ pub struct WorkerRuntime {
 /// RabbitMQ: where it is and how the topology is named and declared.
 #[derive(Debug, Clone)]
 pub struct AmqpRuntime {
-    /// `amqp://user:password@host:port/vhost`.
-    pub url: String,
+    /// The broker's nodes, `amqp://user:password@host:port/vhost` each (at least one).
+    pub urls: Vec<String>,
+    /// How many nodes hold a new quorum queue (unset: every node).
+    pub quorum_group_size: Option<u32>,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
     /// Quorum or classic queues.
@@ -859,7 +902,8 @@ impl Runtime {
     pub fn rabbit(&self) -> RabbitSettings {
         let amqp = &self.amqp;
         RabbitSettings {
-            url: amqp.url.clone(),
+            urls: amqp.urls.clone(),
+            quorum_group_size: amqp.quorum_group_size,
             prefix: amqp.prefix.clone(),
             queue_type: amqp.queue_type,
             delay_tiers: amqp.delay_tiers.clone(),
@@ -1040,6 +1084,34 @@ mod tests {
             err.to_string().contains("amqp.delay_tiers: \"5x\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_cluster_is_several_broker_addresses_and_one_address_still_works() {
+        let runtime = |f: Figment| Settings::from_figment(f).and_then(|s| s.runtime());
+        let one = runtime(figment()).unwrap();
+        assert_eq!(one.amqp.urls, ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+        let nodes = [
+            "amqp://u:p@rabbit-1:5672/%2f",
+            "amqps://u:p@rabbit-2:5671/%2f",
+        ];
+        let cluster = runtime(figment().merge(Serialized::default("amqp.urls", nodes))).unwrap();
+        assert_eq!(cluster.amqp.urls, nodes, "urls wins over url");
+        assert_eq!(cluster.amqp.quorum_group_size, None);
+        let err = runtime(figment().merge(Serialized::default("amqp.urls", ["rabbit-1:5672"])))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("amqp.urls: \"rabbit-1:5672\" is not an amqp:// or amqps:// address"),
+            "{err}"
+        );
+        let err =
+            runtime(figment().merge(Serialized::default("amqp.quorum_group_size", 0))).unwrap_err();
+        assert!(err.to_string().contains("amqp.quorum_group_size"), "{err}");
+        // The password never shows in the error.
+        let err = runtime(figment().merge(Serialized::default("amqp.url", "http://u:secret@h")))
+            .unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 
     #[test]

@@ -531,6 +531,7 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
         Command::Setup => {
             let broker = wa_sender::app::connect_broker(&settings).await?;
             let topology = broker.topology();
+            let node = broker.node().await;
             broker.close().await;
             for exchange in &topology.exchanges {
                 println!("exchange {exchange}");
@@ -542,7 +543,7 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
                 "declared {} exchanges and {} queues on {}",
                 topology.exchanges.len(),
                 topology.queues.len(),
-                wa_sender::broker::rabbit::redact(&settings.amqp.url)
+                node
             );
             Ok(())
         }

@@ -77,7 +77,7 @@ impl Proxy {
 /// The app's settings, with RabbitMQ reached through `proxy`.
 fn through(app: &common::TestApp, proxy: &Proxy) -> Runtime {
     let mut through_proxy = app.runtime();
-    through_proxy.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    through_proxy.amqp.urls = vec![format!("amqp://guest:guest@{}/%2f", proxy.addr)];
     through_proxy
 }
 

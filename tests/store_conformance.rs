@@ -1,5 +1,8 @@
-//! One conformance suite, two stores: the in-memory store must answer exactly like Redis, rule
-//! by rule, and keep the same records.
+//! One conformance suite, three stores: the in-memory store must answer exactly like Redis, rule
+//! by rule, and keep the same records; and so must a Redis Cluster (every request's keys in one
+//! hash slot, or the cluster refuses it: CROSSSLOT).
+
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +17,7 @@ use wa_sender::policy::admission::{
 };
 use wa_sender::policy::template::TemplateDefinition;
 use wa_sender::store::memory::MemoryStore;
-use wa_sender::store::redis::RedisStore;
+use wa_sender::store::redis::{Deployment, RedisStore};
 use wa_sender::store::{
     Booked, Cost, Heartbeat, JobKey, Message, Report, SlotAsk, Store, Subject, Tally, WamidRecord,
 };
@@ -934,6 +937,26 @@ async fn redis_store_conforms() {
     for store in created.into_inner().unwrap() {
         store.delete_all().await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn redis_cluster_store_conforms() {
+    let cluster = common::node::RedisCluster::start("conformance", 3);
+    let urls = cluster.urls();
+    let prefix = format!("t-cluster-{}", uuid::Uuid::new_v4().simple());
+    let created = std::sync::Mutex::new(0);
+    conformance(async || {
+        let n = {
+            let mut created = created.lock().unwrap();
+            *created += 1;
+            *created
+        };
+        let store = RedisStore::connect_to(Deployment::Cluster(&urls), &format!("{prefix}-{n}"))
+            .await
+            .unwrap_or_else(|e| panic!("the test's Redis Cluster: {e}"));
+        Arc::new(store) as Arc<dyn Store>
+    })
+    .await;
 }
 
 #[tokio::test]

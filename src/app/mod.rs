@@ -24,7 +24,7 @@ use crate::job::Lane;
 use crate::pipeline::Pipeline;
 use crate::producer::Producer;
 use crate::store::StoreError;
-use crate::store::redis::RedisStore;
+use crate::store::redis::{Deployment, RedisStore};
 
 pub use self::webhook::WebhookApp;
 pub use self::worker::WorkerApp;
@@ -34,9 +34,34 @@ pub use crate::server::HttpServer;
 pub async fn connect(settings: &Runtime) -> anyhow::Result<(Arc<RabbitBroker>, Arc<RedisStore>)> {
     settings.number_wabas()?;
     let broker = RabbitBroker::connect(settings.rabbit()).await?;
-    let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
+    let store = open_store(settings).await?;
     check_persistence(&store, settings).await?;
     Ok((Arc::new(broker), Arc::new(store)))
+}
+
+/// Connects to the configured Redis, or Redis Cluster when `redis.cluster_urls` is set.
+async fn open_store(settings: &Runtime) -> Result<RedisStore, StoreError> {
+    let redis = &settings.redis;
+    let at = if redis.cluster_urls.is_empty() {
+        Deployment::Single(&redis.url)
+    } else {
+        Deployment::Cluster(&redis.cluster_urls)
+    };
+    RedisStore::connect_to(at, &redis.key_prefix).await
+}
+
+/// Where Redis is, without credentials.
+fn redis_address(settings: &Runtime) -> String {
+    let redis = &settings.redis;
+    if redis.cluster_urls.is_empty() {
+        return crate::broker::rabbit::redact(&redis.url);
+    }
+    let nodes: Vec<String> = redis
+        .cluster_urls
+        .iter()
+        .map(|u| crate::broker::rabbit::redact(u))
+        .collect();
+    format!("the Redis Cluster of {}", nodes.join(", "))
 }
 
 /// Refuses a Redis that keeps nothing on disk unless `redis.allow_volatile` accepts the risk.
@@ -55,7 +80,7 @@ pub async fn check_persistence(store: &RedisStore, settings: &Runtime) -> anyhow
             "Redis at {} keeps nothing on disk (no AOF, no RDB save points): {risk}. Turn on \
              persistence (appendonly yes), or accept the risk with redis.allow_volatile = true \
              (WA_SENDER__REDIS__ALLOW_VOLATILE=true)",
-            crate::broker::rabbit::redact(&settings.redis.url)
+            redis_address(settings)
         ),
         Ok(None) => {
             warn!(
@@ -83,10 +108,7 @@ pub async fn connect_waiting(
         RabbitBroker::connect(rabbit.clone())
     })
     .await?;
-    let store = wait_for("Redis", shutdown, || {
-        RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix)
-    })
-    .await?;
+    let store = wait_for("Redis", shutdown, || open_store(settings)).await?;
     check_persistence(&store, settings).await?;
     Ok((Arc::new(broker), Arc::new(store)))
 }
@@ -124,8 +146,7 @@ where
 
 /// Connects to Redis only: what the admin commands need but those about dead letters.
 pub async fn connect_store(settings: &Runtime) -> Result<Arc<RedisStore>, StoreError> {
-    let store = RedisStore::connect(&settings.redis.url, &settings.redis.key_prefix).await?;
-    Ok(Arc::new(store))
+    Ok(Arc::new(open_store(settings).await?))
 }
 
 /// The admin operations over the store and the configured numbers.

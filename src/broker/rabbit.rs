@@ -39,8 +39,10 @@ pub enum QueueType {
 /// How to reach and lay out RabbitMQ.
 #[derive(Debug, Clone)]
 pub struct RabbitSettings {
-    /// `amqp://user:pass@host:port/vhost`.
-    pub url: String,
+    /// The broker's nodes, `amqp://user:pass@host:port/vhost` each (at least one).
+    pub urls: Vec<String>,
+    /// How many nodes hold a new quorum queue (`x-quorum-initial-group-size`; unset: all).
+    pub quorum_group_size: Option<u32>,
     /// Name prefix of every exchange and queue (`wa` → `wa.send`, `wa.dead`, …).
     pub prefix: String,
     /// Queue type for lanes and intake.
@@ -137,6 +139,22 @@ pub struct RabbitBroker {
 struct Link {
     connection: Arc<Connection>,
     publisher: Channel,
+    /// Which of the broker's nodes it is connected to (an index into `urls`).
+    node: usize,
+}
+
+/// How long connecting to one node may take before the next one is tried (a node that is
+/// gone behind a firewall would otherwise hold the connection attempt for minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The order in which to try `count` nodes: shuffled, so replicas spread over a cluster, with
+/// `lost` (the node just lost, if any) last.
+fn node_order(count: usize, lost: Option<usize>) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    let mut order: Vec<usize> = (0..count).filter(|n| Some(*n) != lost).collect();
+    order.shuffle(&mut rand::rng());
+    order.extend(lost.filter(|n| *n < count));
+    order
 }
 
 /// At most one reconnection attempt per this long, so a broker that is down is not hammered
@@ -169,7 +187,7 @@ impl RabbitBroker {
     /// Connects and declares the whole topology (idempotent: safe on every start of every replica).
     pub async fn connect(settings: RabbitSettings) -> Result<Self, BrokerError> {
         let broker = RabbitBroker {
-            link: RwLock::new(Self::open(&settings).await?),
+            link: RwLock::new(Self::open(&settings, None).await?),
             reconnected: Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
             names: Names::new(&settings.prefix),
@@ -180,25 +198,48 @@ impl RabbitBroker {
         Ok(broker)
     }
 
-    async fn open(settings: &RabbitSettings) -> Result<Link, BrokerError> {
-        let connection = Connection::connect(&settings.url, ConnectionProperties::default())
+    /// Connects to one of the broker's nodes, trying them in [`node_order`].
+    async fn open(settings: &RabbitSettings, lost: Option<usize>) -> Result<Link, BrokerError> {
+        let mut failures = Vec::new();
+        for node in node_order(settings.urls.len(), lost) {
+            let url = &settings.urls[node];
+            match Self::open_node(url).await {
+                Ok((connection, publisher)) => {
+                    if settings.urls.len() > 1 {
+                        tracing::info!(node = %redact(url), "connected to RabbitMQ");
+                    }
+                    return Ok(Link {
+                        connection: Arc::new(connection),
+                        publisher,
+                        node,
+                    });
+                }
+                Err(e) => failures.push(format!("{}: {e}", redact(url))),
+            }
+        }
+        let urls: Vec<String> = settings.urls.iter().map(|u| redact(u)).collect();
+        Err(BrokerError::Unreachable {
+            url: urls.join(", "),
+            source: failures.join("; ").into(),
+        })
+    }
+
+    /// A connection to the node at `url` and its publishing channel, in confirm mode.
+    async fn open_node(url: &str) -> Result<(Connection, Channel), String> {
+        let connecting = Connection::connect(url, ConnectionProperties::default());
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|e| BrokerError::Unreachable {
-                url: redact(&settings.url),
-                source: Box::new(e),
-            })?;
+            .map_err(|_| format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
+            .map_err(|e| e.to_string())?;
         let publisher = connection
             .create_channel()
             .await
-            .map_err(|e| BrokerError::op("open channel", e))?;
+            .map_err(|e| format!("open channel: {e}"))?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| BrokerError::op("confirm.select", e))?;
-        Ok(Link {
-            connection: Arc::new(connection),
-            publisher,
-        })
+            .map_err(|e| format!("confirm.select: {e}"))?;
+        Ok((connection, publisher))
     }
 
     /// Opens a new connection if the current one is gone (and none was tried in the last
@@ -216,7 +257,8 @@ impl RabbitBroker {
             return;
         }
         *last = Some(Instant::now());
-        match Self::open(&self.settings).await {
+        let lost = self.link.read().await.node;
+        match Self::open(&self.settings, Some(lost)).await {
             Ok(link) => {
                 *self.link.write().await = link;
                 match self.declare().await {
@@ -245,6 +287,11 @@ impl RabbitBroker {
         self.link.read().await.publisher.clone()
     }
 
+    /// The node this broker is connected to now, without credentials.
+    pub async fn node(&self) -> String {
+        redact(&self.settings.urls[self.link.read().await.node])
+    }
+
     /// The topology's names.
     pub fn names(&self) -> &Names {
         &self.names
@@ -260,19 +307,32 @@ impl RabbitBroker {
     /// these queues have no length limit, so it refuses nothing).
     fn queue_args(&self, dead_letter: (String, &str)) -> Vec<(&'static str, AMQPValue)> {
         match self.settings.queue_type {
-            QueueType::Quorum => vec![
-                ("x-queue-type", long_string("quorum")),
-                (
-                    "x-delivery-limit",
-                    AMQPValue::LongLongInt(i64::from(self.settings.delivery_limit)),
-                ),
-                ("x-dead-letter-exchange", long_string(dead_letter.0)),
-                ("x-dead-letter-routing-key", long_string(dead_letter.1)),
-                ("x-dead-letter-strategy", long_string("at-least-once")),
-                ("x-overflow", long_string("reject-publish")),
-            ],
+            QueueType::Quorum => {
+                let mut pairs = vec![
+                    ("x-queue-type", long_string("quorum")),
+                    (
+                        "x-delivery-limit",
+                        AMQPValue::LongLongInt(i64::from(self.settings.delivery_limit)),
+                    ),
+                    ("x-dead-letter-exchange", long_string(dead_letter.0)),
+                    ("x-dead-letter-routing-key", long_string(dead_letter.1)),
+                    ("x-dead-letter-strategy", long_string("at-least-once")),
+                    ("x-overflow", long_string("reject-publish")),
+                ];
+                pairs.extend(self.group_size());
+                pairs
+            }
             QueueType::Classic => vec![("x-queue-type", long_string("classic"))],
         }
+    }
+
+    /// `x-quorum-initial-group-size`, when configured.
+    fn group_size(&self) -> Option<(&'static str, AMQPValue)> {
+        let size = self.settings.quorum_group_size?;
+        Some((
+            "x-quorum-initial-group-size",
+            AMQPValue::LongLongInt(i64::from(size)),
+        ))
     }
 
     /// Where a job past its delivery limit goes: `wa.dead`, reason `delivery_limit`.
@@ -301,11 +361,14 @@ impl RabbitBroker {
             ),
         ];
         match self.settings.queue_type {
-            QueueType::Quorum => pairs.extend([
-                ("x-queue-type", long_string("quorum")),
-                ("x-dead-letter-strategy", long_string("at-least-once")),
-                ("x-overflow", long_string("reject-publish")),
-            ]),
+            QueueType::Quorum => {
+                pairs.extend([
+                    ("x-queue-type", long_string("quorum")),
+                    ("x-dead-letter-strategy", long_string("at-least-once")),
+                    ("x-overflow", long_string("reject-publish")),
+                ]);
+                pairs.extend(self.group_size());
+            }
             QueueType::Classic => pairs.push(("x-queue-type", long_string("classic"))),
         }
         args(&pairs)
@@ -994,6 +1057,23 @@ impl Broker for RabbitBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_tried_in_a_random_order_with_the_one_just_lost_last() {
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let order = node_order(3, Some(1));
+            assert_eq!(order.len(), 3);
+            assert_eq!(order[2], 1, "the node lost is tried last: {order:?}");
+            firsts.insert(order[0]);
+            let fresh = node_order(3, None);
+            let mut sorted = fresh.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2], "every node once: {fresh:?}");
+        }
+        assert_eq!(firsts.len(), 2, "replicas spread over the other nodes");
+        assert_eq!(node_order(1, Some(0)), [0], "a single node is tried again");
+    }
 
     #[test]
     fn credentials_are_redacted() {

@@ -20,8 +20,9 @@
 //! | `<p>:{<waba>}:tier:limit` | the portfolio's tier (`unlimited` or a number), from a webhook | durable |
 //! | `<p>:{<waba>}:pair:<pnid>:<wa_id>` | hash `next`, `start`, `count` (pair-rate burst) | at `next` |
 //! | `<p>:{<waba>}:pace:<pnid>` | hash `next` (the number's next free send slot, µs), `speed` (permille) and `slow_until` (ms) after a 130429 | a day |
-//! | `<p>:throughput:<pnid>` | the number's throughput, msg/s, from a webhook | durable |
-//! | `<p>:replicas:<group>` | sorted set replica → last heartbeat, ms | 10 × heartbeat ttl |
+//! | `<p>:{global}:throughput:<pnid>` | the number's throughput, msg/s, from a webhook | durable |
+//! | `<p>:{global}:replicas:<group>` | sorted set replica → last heartbeat, ms | 10 × heartbeat ttl |
+//! | `<p>:halts` | hash scope → the halt in force (JSON) | durable, lifted by hand or when it ends |
 //! | `<p>:lock:<name>` | owner (e.g. the replica syncing templates) | its ttl |
 
 use std::sync::Arc;
@@ -30,8 +31,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
     Booked, Halt, HaltScope, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, SlotAsk,
@@ -160,11 +162,169 @@ const REOPEN_DEAD: &str = "if redis.call('HGET', KEYS[1], 'state') == 'dead' the
 const UNLOCK: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
+/// A connection to one Redis (reconnecting by itself) or to a Redis Cluster (following its
+/// slots and failovers by itself); every command of the store goes through it.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where the store's data lives: one Redis, or the seed nodes of a Redis Cluster.
+#[derive(Debug, Clone, Copy)]
+pub enum Deployment<'a> {
+    /// `redis://host:port/db`.
+    Single(&'a str),
+    /// Some nodes of a Redis Cluster (`redis://host:port` each); the client learns the rest.
+    Cluster(&'a [String]),
+}
+
+/// The store's key names (see the table at the top): one prefix, and the portfolio's hash tag
+/// on every key one request touches together.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn tagged(&self, waba: &WabaId, rest: std::fmt::Arguments<'_>) -> String {
+        format!("{}:{{{waba}}}:{rest}", self.prefix)
+    }
+
+    /// A key of the replicas' shared state, read together in one heartbeat: they share the
+    /// `{global}` hash tag, so a Redis Cluster keeps them in one slot.
+    fn global(&self, rest: std::fmt::Arguments<'_>) -> String {
+        format!("{}:{{global}}:{rest}", self.prefix)
+    }
+
+    fn replicas_key(&self, group: &str) -> String {
+        self.global(format_args!("replicas:{group}"))
+    }
+
+    fn throughput_key(&self, number: &PhoneNumberId) -> String {
+        self.global(format_args!("throughput:{number}"))
+    }
+
+    fn job_key(&self, key: &JobKey) -> String {
+        self.tagged(&key.waba, format_args!("job:{}", key.job_id))
+    }
+
+    fn message_key(&self, waba: &WabaId, wamid: &Wamid) -> String {
+        self.tagged(waba, format_args!("wamid:{wamid}"))
+    }
+
+    /// The portfolio's report and, for a campaign's job, the campaign's.
+    fn report_keys(&self, waba: &WabaId, campaign: Option<&str>) -> Vec<String> {
+        let mut keys = vec![self.tagged(waba, format_args!("report"))];
+        keys.extend(campaign.map(|c| self.tagged(waba, format_args!("report:{c}"))));
+        keys
+    }
+
+    fn pace_key(&self, waba: &WabaId, number: &PhoneNumberId) -> String {
+        self.tagged(waba, format_args!("pace:{number}"))
+    }
+
+    fn window_key(&self, waba: &WabaId, number: &PhoneNumberId, to: &WaId) -> String {
+        self.tagged(waba, format_args!("window:{number}:{to}"))
+    }
+
+    fn consent_key(&self, waba: &WabaId, to: &WaId) -> String {
+        self.tagged(waba, format_args!("consent:{to}"))
+    }
+
+    fn campaign_key(&self, waba: &WabaId, campaign: &str) -> String {
+        self.tagged(waba, format_args!("campaign:{campaign}"))
+    }
+
+    fn template_key(&self, waba: &WabaId, name: &str, language: &str) -> String {
+        self.tagged(waba, format_args!("tpl:{name}:{language}"))
+    }
+
+    /// admit.lua's keys (KEYS[1..9]) for a job's admission, all under its portfolio's tag.
+    fn admission(&self, subject: &Subject) -> [String; 9] {
+        let waba = &subject.job.waba;
+        let (name, language) = subject
+            .template
+            .as_ref()
+            .map(|(n, l)| (n.as_str(), l.as_str()))
+            .unwrap_or(("", ""));
+        let campaign = subject.campaign.as_ref().map_or("", |c| c.as_str());
+        [
+            self.job_key(&subject.job),
+            self.window_key(waba, &subject.number, &subject.to),
+            self.consent_key(waba, &subject.to),
+            self.campaign_key(waba, campaign),
+            self.template_key(waba, name, language),
+            self.tagged(waba, format_args!("templates:synced")),
+            self.tagged(waba, format_args!("tier")),
+            self.tagged(waba, format_args!("tier:limit")),
+            self.tagged(waba, format_args!("pair:{}:{}", subject.number, subject.to)),
+        ]
+    }
+
+    /// MARK_SENT's keys: the job's record, its message, its reports.
+    fn sent(&self, key: &JobKey, wamid: &Wamid, campaign: Option<&str>) -> Vec<String> {
+        let mut keys = vec![self.job_key(key), self.message_key(&key.waba, wamid)];
+        keys.extend(self.report_keys(&key.waba, campaign));
+        keys
+    }
+
+    /// MARK_DEAD's keys: the job's record and its reports.
+    fn dead(&self, key: &JobKey, campaign: Option<&str>) -> Vec<String> {
+        let mut keys = vec![self.job_key(key)];
+        keys.extend(self.report_keys(&key.waba, campaign));
+        keys
+    }
+
+    /// APPLY_STATUS's keys: the message, and its reports when it is counted (`Some`, with its
+    /// campaign).
+    fn status(&self, waba: &WabaId, wamid: &Wamid, report: Option<Option<&str>>) -> Vec<String> {
+        let mut keys = vec![self.message_key(waba, wamid)];
+        if let Some(campaign) = report {
+            keys.extend(self.report_keys(waba, campaign));
+        }
+        keys
+    }
+
+    /// `<prefix>:halts`: scope → halt (JSON).
+    fn halts_key(&self) -> String {
+        format!("{}:halts", self.prefix)
+    }
+}
+
 /// The Redis store.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
-    prefix: String,
+    conn: Conn,
+    keys: Keys,
     admit: Script,
     book_slot: Script,
     book_and_admit: Script,
@@ -207,30 +367,64 @@ fn from_millis(operation: &'static str, ms: &str) -> Result<DateTime<Utc>, Store
 }
 
 impl RedisStore {
-    /// Connects (and checks the connection with a PING).
+    /// Connects to one Redis (and checks the connection with a PING).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let redacted = match url.rfind('@') {
+        Self::connect_to(Deployment::Single(url), prefix).await
+    }
+
+    /// Connects to one Redis or a Redis Cluster (and checks the connection with a PING).
+    pub async fn connect_to(at: Deployment<'_>, prefix: &str) -> Result<Self, StoreError> {
+        let redact = |url: &str| match url.rfind('@') {
             Some(at) => format!("redis://***@{}", &url[at + 1..]),
             None => url.to_owned(),
+        };
+        let redacted = match at {
+            Deployment::Single(url) => redact(url),
+            Deployment::Cluster(nodes) => nodes
+                .iter()
+                .map(|n| redact(n))
+                .collect::<Vec<_>>()
+                .join(", "),
         };
         let unreachable = |e: redis::RedisError| StoreError::Unreachable {
             url: redacted.clone(),
             detail: e.to_string(),
         };
-        let client = redis::Client::open(url).map_err(unreachable)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(2);
-        let mut conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(unreachable)?;
+        let mut conn = match at {
+            Deployment::Single(url) => {
+                let client = redis::Client::open(url).map_err(unreachable)?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(3)))
+                    .set_number_of_retries(2);
+                let manager = ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(unreachable)?;
+                Conn::Single(manager)
+            }
+            Deployment::Cluster(nodes) => {
+                // CORRECTNESS: a failover moves a master's slots to its replica within seconds;
+                // a command meanwhile is retried (moved, refused, or its connection lost) with
+                // backoff for about that long before it fails and its job is deferred.
+                let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+                    .connection_timeout(Duration::from_secs(3))
+                    .response_timeout(Duration::from_secs(3))
+                    .retries(6)
+                    .min_retry_wait(100)
+                    .max_retry_wait(2_000)
+                    .build()
+                    .map_err(unreachable)?;
+                Conn::Cluster(client.get_async_connection().await.map_err(unreachable)?)
+            }
+        };
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
             .map_err(unreachable)?;
         Ok(RedisStore {
             conn,
-            prefix: prefix.to_owned(),
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
             admit: Script::new(include_str!("admit.lua")),
             book_slot: Script::new(&format!("{BOOK_SLOT_FN}\n{BOOK_SLOT}")),
             book_and_admit: Script::new(&format!(
@@ -257,48 +451,9 @@ impl RedisStore {
     }
 
     /// The connection for one round trip (counted).
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         self.conn.clone()
-    }
-
-    fn tagged(&self, waba: &WabaId, rest: std::fmt::Arguments<'_>) -> String {
-        format!("{}:{{{waba}}}:{rest}", self.prefix)
-    }
-
-    fn job_key(&self, key: &JobKey) -> String {
-        self.tagged(&key.waba, format_args!("job:{}", key.job_id))
-    }
-
-    fn message_key(&self, waba: &WabaId, wamid: &Wamid) -> String {
-        self.tagged(waba, format_args!("wamid:{wamid}"))
-    }
-
-    /// The portfolio's report and, for a campaign's job, the campaign's.
-    fn report_keys(&self, waba: &WabaId, campaign: Option<&str>) -> Vec<String> {
-        let mut keys = vec![self.tagged(waba, format_args!("report"))];
-        keys.extend(campaign.map(|c| self.tagged(waba, format_args!("report:{c}"))));
-        keys
-    }
-
-    fn pace_key(&self, waba: &WabaId, number: &PhoneNumberId) -> String {
-        self.tagged(waba, format_args!("pace:{number}"))
-    }
-
-    fn window_key(&self, waba: &WabaId, number: &PhoneNumberId, to: &WaId) -> String {
-        self.tagged(waba, format_args!("window:{number}:{to}"))
-    }
-
-    fn consent_key(&self, waba: &WabaId, to: &WaId) -> String {
-        self.tagged(waba, format_args!("consent:{to}"))
-    }
-
-    fn campaign_key(&self, waba: &WabaId, campaign: &str) -> String {
-        self.tagged(waba, format_args!("campaign:{campaign}"))
-    }
-
-    fn template_key(&self, waba: &WabaId, name: &str, language: &str) -> String {
-        self.tagged(waba, format_args!("tpl:{name}:{language}"))
     }
 
     /// Whether Redis keeps its data on disk (AOF, or RDB save points); `None` when it will not
@@ -326,7 +481,7 @@ impl RedisStore {
     pub async fn delete_all(&self) -> Result<u64, StoreError> {
         let keys: Vec<String> = self
             .conn()
-            .keys(format!("{}:*", self.prefix))
+            .keys(format!("{}:*", self.keys.prefix))
             .await
             .map_err(command_error("KEYS"))?;
         if keys.is_empty() {
@@ -413,12 +568,6 @@ impl RedisStore {
         subject: &Subject,
         req: &Request,
     ) -> redis::ScriptInvocation<'a> {
-        let waba = &subject.job.waba;
-        let (name, language) = subject
-            .template
-            .as_ref()
-            .map(|(n, l)| (n.as_str(), l.as_str()))
-            .unwrap_or(("", ""));
         let opt_in: String = [
             Category::Marketing,
             Category::Utility,
@@ -433,19 +582,7 @@ impl RedisStore {
             Some(_) => "job",
         };
         let ms = |d: Duration| d.as_millis() as u64;
-        let campaign = subject.campaign.as_ref().map_or("", |c| c.as_str());
-        let keys = [
-            self.job_key(&subject.job),
-            self.window_key(waba, &subject.number, &subject.to),
-            self.consent_key(waba, &subject.to),
-            self.campaign_key(waba, campaign),
-            self.template_key(waba, name, language),
-            self.tagged(waba, format_args!("templates:synced")),
-            self.tagged(waba, format_args!("tier")),
-            self.tagged(waba, format_args!("tier:limit")),
-            self.tagged(waba, format_args!("pair:{}:{}", subject.number, subject.to)),
-        ];
-        let mut invocation = script.key(&keys);
+        let mut invocation = script.key(&self.keys.admission(subject));
         invocation
             .arg(&req.owner)
             .arg(millis(req.now))
@@ -495,7 +632,7 @@ impl Store for RedisStore {
     ) -> Result<Booked, StoreError> {
         let reply: Vec<String> = self
             .admission(&self.book_and_admit, subject, req)
-            .key(self.pace_key(&subject.job.waba, &subject.number))
+            .key(self.keys.pace_key(&subject.job.waba, &subject.number))
             .arg(ask.now.timestamp_micros())
             .arg(ask.interval.as_micros() as u64)
             .arg(ask.within.as_micros() as u64)
@@ -521,10 +658,9 @@ impl Store for RedisStore {
         record: &WamidRecord,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(record).expect("a WamidRecord always serialises");
-        let mut invocation = self.mark_sent.key(self.job_key(key));
+        let keys = self.keys.sent(key, wamid, record.campaign_id.as_deref());
+        let mut invocation = self.mark_sent.key(keys);
         invocation
-            .key(self.message_key(&key.waba, wamid))
-            .key(self.report_keys(&key.waba, record.campaign_id.as_deref()))
             .arg(wamid.as_str())
             .arg(JOB_RECORD_TTL.as_secs())
             .arg(json)
@@ -543,7 +679,7 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let _: i64 = self
             .settle
-            .key(self.job_key(key))
+            .key(self.keys.job_key(key))
             .arg(owner)
             .arg("ambiguous")
             .arg(millis(now))
@@ -556,7 +692,7 @@ impl Store for RedisStore {
     async fn reopen(&self, key: &JobKey, wamid: &Wamid) -> Result<bool, StoreError> {
         let deleted: i64 = self
             .reopen
-            .key(self.job_key(key))
+            .key(self.keys.job_key(key))
             .arg(wamid.as_str())
             .invoke_async(&mut self.conn())
             .await
@@ -567,7 +703,7 @@ impl Store for RedisStore {
     async fn reopen_dead(&self, key: &JobKey) -> Result<bool, StoreError> {
         let deleted: i64 = self
             .reopen_dead
-            .key(self.job_key(key))
+            .key(self.keys.job_key(key))
             .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("reopen_dead"))?;
@@ -578,7 +714,7 @@ impl Store for RedisStore {
         const OP: &str = "job";
         let fields: std::collections::HashMap<String, String> = self
             .conn()
-            .hgetall(self.job_key(key))
+            .hgetall(self.keys.job_key(key))
             .await
             .map_err(command_error(OP))?;
         let field = |name: &str| {
@@ -608,7 +744,7 @@ impl Store for RedisStore {
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError> {
         let _: i64 = self
             .settle
-            .key(self.job_key(key))
+            .key(self.keys.job_key(key))
             .arg(owner)
             .arg("")
             .arg(0)
@@ -624,11 +760,10 @@ impl Store for RedisStore {
         reason: DeadReason,
         campaign: Option<&CampaignId>,
     ) -> Result<(), StoreError> {
-        let mut script = self.mark_dead.key(self.job_key(key));
-        for report in self.report_keys(&key.waba, campaign.map(CampaignId::as_str)) {
-            script.key(report);
-        }
-        let _: i64 = script
+        let keys = self.keys.dead(key, campaign.map(CampaignId::as_str));
+        let _: i64 = self
+            .mark_dead
+            .key(keys)
             .arg(reason.as_str())
             .arg(JOB_RECORD_TTL.as_secs())
             .invoke_async(&mut self.conn())
@@ -640,7 +775,7 @@ impl Store for RedisStore {
     async fn message(&self, waba: &WabaId, wamid: &Wamid) -> Result<Message, StoreError> {
         let fields: std::collections::HashMap<String, String> = self
             .conn()
-            .hgetall(self.message_key(waba, wamid))
+            .hgetall(self.keys.message_key(waba, wamid))
             .await
             .map_err(command_error("message"))?;
         let record = fields
@@ -662,12 +797,12 @@ impl Store for RedisStore {
         status: &str,
         tally: &Tally,
     ) -> Result<bool, StoreError> {
-        let mut script = self.apply_status.key(self.message_key(waba, wamid));
-        if tally.report {
-            for report in self.report_keys(waba, tally.campaign.as_ref().map(CampaignId::as_str)) {
-                script.key(report);
-            }
-        }
+        let campaign = tally.campaign.as_ref().map(CampaignId::as_str);
+        let mut script = self.apply_status.key(self.keys.status(
+            waba,
+            wamid,
+            tally.report.then_some(campaign),
+        ));
         let (category, micros) = tally
             .cost
             .as_ref()
@@ -691,6 +826,7 @@ impl Store for RedisStore {
         campaign: Option<&CampaignId>,
     ) -> Result<Report, StoreError> {
         let key = self
+            .keys
             .report_keys(waba, campaign.map(CampaignId::as_str))
             .pop()
             .expect("at least the portfolio's");
@@ -715,7 +851,7 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let _: i64 = self
             .inbound
-            .key(self.window_key(waba, number, to))
+            .key(self.keys.window_key(waba, number, to))
             .arg(millis(at))
             .arg(admission::CARE_WINDOW.as_millis() as u64)
             .invoke_async(&mut self.conn())
@@ -735,7 +871,7 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for (to, mark) in opt_ins {
             pipe.hset_multiple(
-                self.consent_key(waba, to),
+                self.keys.consent_key(waba, to),
                 &[
                     ("opt_in_at", millis(mark.at).to_string()),
                     ("opt_in_source", mark.source.clone()),
@@ -754,7 +890,7 @@ impl Store for RedisStore {
         to: &WaId,
         mark: Option<Mark>,
     ) -> Result<(), StoreError> {
-        let key = self.consent_key(waba, to);
+        let key = self.keys.consent_key(waba, to);
         let mut conn = self.conn();
         let result = match mark {
             Some(mark) => {
@@ -774,7 +910,7 @@ impl Store for RedisStore {
 
     async fn consent(&self, waba: &WabaId, to: &WaId) -> Result<Consent, StoreError> {
         let fields: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(self.consent_key(waba, to))
+            .arg(self.keys.consent_key(waba, to))
             .arg(&["opt_in_at", "opt_in_source", "opt_out_at", "opt_out_source"])
             .query_async(&mut self.conn())
             .await
@@ -803,7 +939,7 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         self.conn()
             .hset_multiple::<_, _, _, ()>(
-                self.campaign_key(waba, campaign.as_str()),
+                self.keys.campaign_key(waba, campaign.as_str()),
                 &[
                     ("state", state.as_str().to_owned()),
                     ("at", millis(Utc::now()).to_string()),
@@ -820,7 +956,7 @@ impl Store for RedisStore {
     ) -> Result<Option<CampaignState>, StoreError> {
         let state: Option<String> = self
             .conn()
-            .hget(self.campaign_key(waba, campaign.as_str()), "state")
+            .hget(self.keys.campaign_key(waba, campaign.as_str()), "state")
             .await
             .map_err(command_error("campaign"))?;
         state
@@ -837,7 +973,7 @@ impl Store for RedisStore {
         templates: &[TemplateDefinition],
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let index = self.tagged(waba, format_args!("templates"));
+        let index = self.keys.tagged(waba, format_args!("templates"));
         let old: Vec<String> = self
             .conn()
             .smembers(&index)
@@ -850,14 +986,14 @@ impl Store for RedisStore {
             .iter()
             .filter(|m| !templates.iter().any(|t| member(t) == **m))
         {
-            pipe.del(self.tagged(waba, format_args!("tpl:{stale}")))
+            pipe.del(self.keys.tagged(waba, format_args!("tpl:{stale}")))
                 .ignore();
         }
         pipe.del(&index).ignore();
         for t in templates {
             let category = t.category().unwrap_or(Category::Marketing);
             pipe.hset_multiple(
-                self.template_key(waba, &t.name, &t.language),
+                self.keys.template_key(waba, &t.name, &t.language),
                 &[
                     ("status", t.status.clone()),
                     ("category", category.as_str().to_owned()),
@@ -872,7 +1008,7 @@ impl Store for RedisStore {
             .ignore();
         }
         pipe.set(
-            self.tagged(waba, format_args!("templates:synced")),
+            self.keys.tagged(waba, format_args!("templates:synced")),
             millis(at),
         )
         .ignore();
@@ -891,7 +1027,7 @@ impl Store for RedisStore {
         // Only a known template: an unknown one has no category yet and waits for the next sync.
         let _: i64 = self
             .template_status
-            .key(self.template_key(waba, name, language))
+            .key(self.keys.template_key(waba, name, language))
             .arg(status)
             .invoke_async(&mut self.conn())
             .await
@@ -902,7 +1038,7 @@ impl Store for RedisStore {
     async fn templates(&self, waba: &WabaId) -> Result<Vec<TemplateDefinition>, StoreError> {
         let members: Vec<String> = self
             .conn()
-            .smembers(self.tagged(waba, format_args!("templates")))
+            .smembers(self.keys.tagged(waba, format_args!("templates")))
             .await
             .map_err(command_error("templates"))?;
         if members.is_empty() {
@@ -911,7 +1047,7 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for m in &members {
             pipe.cmd("HMGET")
-                .arg(self.tagged(waba, format_args!("tpl:{m}")))
+                .arg(self.keys.tagged(waba, format_args!("tpl:{m}")))
                 .arg(&["def", "status"]);
         }
         let rows: Vec<(Option<String>, Option<String>)> = pipe
@@ -935,14 +1071,14 @@ impl Store for RedisStore {
     async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError> {
         let value = limit.map_or("unlimited".to_owned(), |l| l.to_string());
         self.conn()
-            .set::<_, _, ()>(self.tagged(waba, format_args!("tier:limit")), value)
+            .set::<_, _, ()>(self.keys.tagged(waba, format_args!("tier:limit")), value)
             .await
             .map_err(command_error("set_tier_limit"))
     }
 
     async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError> {
         self.conn()
-            .set::<_, _, ()>(format!("{}:throughput:{number}", self.prefix), mps)
+            .set::<_, _, ()>(self.keys.throughput_key(number), mps)
             .await
             .map_err(command_error("set_throughput"))
     }
@@ -956,7 +1092,7 @@ impl Store for RedisStore {
     ) -> Result<Duration, StoreError> {
         let wait: String = self
             .book_slot
-            .key(self.pace_key(waba, number))
+            .key(self.keys.pace_key(waba, number))
             .arg(now.timestamp_micros())
             .arg(interval.as_micros() as u64)
             .invoke_async(&mut self.conn())
@@ -977,7 +1113,7 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let _: i64 = self
             .throttle
-            .key(self.pace_key(waba, number))
+            .key(self.keys.pace_key(waba, number))
             .arg(millis(now))
             .arg(cooldown.as_millis() as u64)
             .invoke_async(&mut self.conn())
@@ -987,7 +1123,7 @@ impl Store for RedisStore {
     }
 
     async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Live, StoreError> {
-        let key = format!("{}:replicas:{}", self.prefix, beat.group);
+        let key = self.keys.replicas_key(beat.group);
         let now = millis(beat.now);
         let ttl = beat.ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
@@ -999,7 +1135,7 @@ impl Store for RedisStore {
             .ignore()
             .zcard(&key);
         for n in beat.numbers {
-            pipe.get(format!("{}:throughput:{n}", self.prefix));
+            pipe.get(self.keys.throughput_key(n));
         }
         let (replicas, throughput): (u32, Vec<Option<u32>>) = {
             let reply: Vec<redis::Value> = pipe
@@ -1030,14 +1166,14 @@ impl Store for RedisStore {
 
     async fn leave(&self, group: &str, replica: &str) -> Result<(), StoreError> {
         self.conn()
-            .zrem::<_, _, ()>(format!("{}:replicas:{group}", self.prefix), replica)
+            .zrem::<_, _, ()>(self.keys.replicas_key(group), replica)
             .await
             .map_err(command_error("leave"))
     }
 
     async fn try_lock(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
         let taken: Option<String> = redis::cmd("SET")
-            .arg(format!("{}:lock:{name}", self.prefix))
+            .arg(format!("{}:lock:{name}", self.keys.prefix))
             .arg(owner)
             .arg("NX")
             .arg("PX")
@@ -1051,7 +1187,7 @@ impl Store for RedisStore {
     async fn unlock(&self, name: &str, owner: &str) -> Result<(), StoreError> {
         let _: i64 = self
             .unlock
-            .key(format!("{}:lock:{name}", self.prefix))
+            .key(format!("{}:lock:{name}", self.keys.prefix))
             .arg(owner)
             .invoke_async(&mut self.conn())
             .await
@@ -1070,7 +1206,7 @@ impl Store for RedisStore {
     async fn raise_halt(&self, halt: &Halt) -> Result<(), StoreError> {
         let value = serde_json::to_string(halt).expect("a halt serialises");
         let _: i64 = redis::cmd("HSET")
-            .arg(self.halts_key())
+            .arg(self.keys.halts_key())
             .arg(&halt.scope)
             .arg(value)
             .query_async(&mut self.conn())
@@ -1081,7 +1217,7 @@ impl Store for RedisStore {
 
     async fn halts(&self, now: DateTime<Utc>) -> Result<Vec<Halt>, StoreError> {
         let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.halts_key())
+            .arg(self.keys.halts_key())
             .query_async(&mut self.conn())
             .await
             .map_err(command_error("halts"))?;
@@ -1098,7 +1234,7 @@ impl Store for RedisStore {
 
     async fn lift_halt(&self, scope: &HaltScope) -> Result<bool, StoreError> {
         let removed: i64 = redis::cmd("HDEL")
-            .arg(self.halts_key())
+            .arg(self.keys.halts_key())
             .arg(scope.to_string())
             .query_async(&mut self.conn())
             .await
@@ -1107,9 +1243,71 @@ impl Store for RedisStore {
     }
 }
 
-impl RedisStore {
-    /// `<prefix>:halts`: scope → halt (JSON).
-    fn halts_key(&self) -> String {
-        format!("{}:halts", self.prefix)
+#[cfg(test)]
+mod tests {
+    use redis::cluster_routing::Slot;
+
+    use super::*;
+
+    /// Asserts that `keys` hash to one Redis Cluster slot (a cluster refuses a script or
+    /// pipeline whose keys do not: CROSSSLOT).
+    fn one_slot(what: &str, keys: &[String]) {
+        let first = Slot::for_key(&keys[0]);
+        for key in keys {
+            assert_eq!(
+                Slot::for_key(key),
+                first,
+                "{what}: {key} is not in {}'s slot",
+                keys[0]
+            );
+        }
+    }
+
+    #[test]
+    fn every_script_and_pipeline_keeps_its_keys_in_one_slot() {
+        let keys = Keys {
+            prefix: "wa".into(),
+        };
+        let waba = WabaId::parse("102290129340398".to_owned()).unwrap();
+        let job = JobKey {
+            waba: waba.clone(),
+            job_id: crate::ids::JobId::parse("job-1".to_owned()).unwrap(),
+        };
+        let number = PhoneNumberId::parse("106540352242922".to_owned()).unwrap();
+        let wamid = Wamid::parse("wamid.HBgLMTY1MDU1NTEyMzQVAgARGBI".to_owned()).unwrap();
+        for (campaign, template) in [(None, None), (Some("spring-sale"), Some("order_update"))] {
+            let subject = Subject {
+                job: job.clone(),
+                number: number.clone(),
+                to: WaId::parse("16505551234".to_owned()).unwrap(),
+                campaign: campaign.map(|c| CampaignId::parse(c.to_owned()).unwrap()),
+                template: template.map(|t| (t.to_owned(), "en_US".to_owned())),
+            };
+            let mut admission = keys.admission(&subject).to_vec();
+            one_slot("admit", &admission);
+            // book_and_admit: admission's keys and the number's schedule.
+            admission.push(keys.pace_key(&waba, &number));
+            one_slot("book_and_admit", &admission);
+            one_slot("mark_sent", &keys.sent(&job, &wamid, campaign));
+            one_slot("mark_dead", &keys.dead(&job, campaign));
+            one_slot("apply_status", &keys.status(&waba, &wamid, Some(campaign)));
+        }
+        // A heartbeat reads the replicas and every number's throughput in one pipeline.
+        let other = PhoneNumberId::parse("106540352242923".to_owned()).unwrap();
+        one_slot(
+            "heartbeat",
+            &[
+                keys.replicas_key("wa-sender"),
+                keys.throughput_key(&number),
+                keys.throughput_key(&other),
+            ],
+        );
+        // Another portfolio's keys live elsewhere: the tag is the portfolio, not the prefix.
+        let elsewhere = WabaId::parse("102290129340399".to_owned()).unwrap();
+        let spread = [
+            keys.tagged(&waba, format_args!("tier")),
+            keys.tagged(&elsewhere, format_args!("tier")),
+        ];
+        assert_ne!(Slot::for_key(&spread[0]), Slot::for_key(&spread[1]));
     }
 }
