@@ -45,6 +45,8 @@ pub const NUMBER_LIMIT: &str = "wa_number_limit_mps";
 pub const NUMBER_PACE: &str = "wa_number_pace_mps";
 /// Live replicas as last heard.
 pub const REPLICAS: &str = "wa_replicas";
+/// The RabbitMQ node a process is connected to (1; 0 for a node it left).
+pub const BROKER_NODE: &str = "wa_broker_node";
 /// Halting errors, by what they halt.
 pub const HALTS: &str = "wa_halts_total";
 /// Halts whose cool-down has not ended.
@@ -170,6 +172,10 @@ fn describe() {
         "Each number's send schedule in messages per second (limit times headroom), shared by all replicas"
     );
     describe_gauge!(REPLICAS, "Live worker replicas, as this one last heard");
+    describe_gauge!(
+        BROKER_NODE,
+        "The RabbitMQ node this process is connected to (1), by host:port; 0 for one it left"
+    );
     describe_counter!(
         HALTS,
         "Cloud API errors that halted sending, by scope (number, waba, token, app)"
@@ -352,6 +358,14 @@ pub fn number_pace(phone_number_id: &str, limit: u32, pace: f64) {
 /// `replicas` live replicas were heard of.
 pub fn replicas(replicas: u32) {
     gauge!(REPLICAS).set(f64::from(replicas));
+}
+
+/// This process connected to the RabbitMQ node `node` (`host:port`), leaving `left` if any.
+pub fn broker_node(left: Option<&str>, node: &str) {
+    if let Some(left) = left.filter(|l| *l != node) {
+        gauge!(BROKER_NODE, "node" => left.to_owned()).set(0.0);
+    }
+    gauge!(BROKER_NODE, "node" => node.to_owned()).set(1.0);
 }
 
 /// Sending was halted for `scope` (`number`, `waba`, `token`, `app`).

@@ -29,7 +29,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::node::{RabbitNode, RedisNode, free_port};
+use common::node::{RabbitCluster, RabbitNode, RedisCluster, RedisNode, free_port};
 use common::webhook_envelope as envelope;
 use common::{NUMBER, Taken, TestApp, WABA, spawn_app, text_job};
 use futures::StreamExt;
@@ -42,7 +42,7 @@ use wa_sender::event::Event;
 use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
 use wa_sender::job::Lane;
 use wa_sender::producer::Producer;
-use wa_sender::simulator::{Latency, Scenario, SimNumber};
+use wa_sender::simulator::{Latency, Scenario, SimNumber, Simulator};
 use wa_sender::store::Store;
 
 const APP_SECRET: &str = "fault-suite-app-secret";
@@ -67,7 +67,7 @@ fn env_number(name: &str, default: usize) -> usize {
 
 /// Whether to run the scenarios named `name` (`FAULT_ONLY`, a comma-separated list of
 /// `no-fault`, `kills` (SIGKILL and SIGTERM), `cloud`, `broker`, `redis`, `malformed`,
-/// `webhooks`; all by default).
+/// `webhooks`, `cluster`; all by default).
 fn wanted(name: &str) -> bool {
     std::env::var("FAULT_ONLY").map_or(true, |only| only.split(',').any(|n| n.trim() == name))
 }
@@ -142,6 +142,12 @@ async fn the_fault_suite_loses_nothing_and_sends_nothing_twice() {
     if wanted("webhooks") {
         done(webhooks(&rig).await);
     }
+    if wanted("cluster") {
+        let clusters = Rig::start_clusters();
+        done(rabbit_node_lost(&clusters, Lost::Connected).await);
+        done(rabbit_node_lost(&clusters, Lost::Leader).await);
+        done(redis_master_lost(&clusters).await);
+    }
     println!("\n{}", table(&tallies));
     for t in &tallies {
         assert_eq!(
@@ -191,6 +197,8 @@ struct Tally {
     /// For a fault under a running worker: how long after the fault ended the last job was
     /// sent (how long the broker took to give back what it held).
     tail: Option<Duration>,
+    /// For a node lost in a cluster: the longest pause in sends from the loss on.
+    pause: Option<Duration>,
 }
 
 const NO_FAULT: &str = "no fault";
@@ -211,6 +219,12 @@ fn row(t: &Tally) -> String {
     let mut reasons: Vec<String> = t.dead.iter().map(|(r, n)| format!("{r} {n}")).collect();
     if let Some(copies) = t.copies {
         reasons.push(format!("[{copies} found already sent]"));
+    }
+    if let Some(pause) = t.pause {
+        reasons.push(format!(
+            "[longest pause in sends {:.1} s]",
+            pause.as_secs_f64()
+        ));
     }
     if let Some(tail) = t.tail {
         reasons.push(format!(
@@ -235,11 +249,55 @@ fn row(t: &Tally) -> String {
     row.trim_end().to_owned()
 }
 
-/// The suite's own RabbitMQ node and Redis, and where the processes it starts write their logs.
+/// The suite's own RabbitMQ node and Redis, or a cluster of each, and where the processes it
+/// starts write their logs.
 struct Rig {
-    rabbit: Arc<RabbitNode>,
-    redis: Arc<RedisNode>,
+    rabbit: Arc<Brokers>,
+    redis: Arc<Stores>,
     logs: PathBuf,
+}
+
+/// The suite's RabbitMQ: one node, or a cluster.
+enum Brokers {
+    One(RabbitNode),
+    Cluster(RabbitCluster),
+}
+
+impl Brokers {
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Brokers::One(node) => vec![node.url()],
+            Brokers::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    fn queue_messages(&self, prefix: &str) -> Vec<(String, u64)> {
+        match self {
+            Brokers::One(node) => node.queue_messages(prefix),
+            Brokers::Cluster(cluster) => cluster.queue_messages(prefix),
+        }
+    }
+
+    /// The single node (the scenarios that restart it run on one node).
+    fn node(&self) -> &RabbitNode {
+        match self {
+            Brokers::One(node) => node,
+            Brokers::Cluster(_) => panic!("a scenario for one node ran on a cluster"),
+        }
+    }
+
+    fn cluster(&self) -> &RabbitCluster {
+        match self {
+            Brokers::Cluster(cluster) => cluster,
+            Brokers::One(_) => panic!("a cluster scenario ran on one node"),
+        }
+    }
+}
+
+/// The suite's Redis: one server (with its append-only file), or a Redis Cluster.
+enum Stores {
+    One(RedisNode),
+    Cluster(RedisCluster),
 }
 
 /// One scenario's app, its worker's shape and the webhook process beside the worker.
@@ -253,20 +311,40 @@ impl Rig {
     fn start() -> Rig {
         let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faults");
         std::fs::create_dir_all(&logs).unwrap();
+        let rabbit = RabbitNode::start("faults").keep_log(logs.join("rabbitmq.log"));
         Rig {
-            rabbit: Arc::new(RabbitNode::start("faults").keep_log(logs.join("rabbitmq.log"))),
-            redis: Arc::new(RedisNode::start("faults")),
+            rabbit: Arc::new(Brokers::One(rabbit)),
+            redis: Arc::new(Stores::One(RedisNode::start("faults"))),
+            logs,
+        }
+    }
+
+    /// A RabbitMQ cluster of three nodes and a Redis Cluster of three masters with a replica
+    /// each.
+    fn start_clusters() -> Rig {
+        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faults");
+        std::fs::create_dir_all(&logs).unwrap();
+        Rig {
+            rabbit: Arc::new(Brokers::Cluster(RabbitCluster::start("failover", 3))),
+            redis: Arc::new(Stores::Cluster(RedisCluster::start("failover", 3))),
             logs,
         }
     }
 
     /// A test app on the suite's broker and Redis.
     async fn app(&self, name: &str, tweak: impl FnOnce(&mut Settings, &mut Scenario)) -> TestApp {
-        let (amqp, redis) = (self.rabbit.url(), self.redis.url());
+        let amqp = self.rabbit.urls();
+        let redis = Arc::clone(&self.redis);
         spawn_app(name, move |settings, sim| {
-            settings.amqp.url = amqp;
+            settings.amqp.url = amqp[0].clone();
+            if amqp.len() > 1 {
+                settings.amqp.urls = amqp;
+            }
             settings.amqp.queue_type = QueueType::Quorum;
-            settings.redis.url = redis;
+            match redis.as_ref() {
+                Stores::One(node) => settings.redis.url = node.url(),
+                Stores::Cluster(cluster) => settings.redis.cluster_urls = cluster.urls(),
+            }
             tweak(settings, sim);
         })
         .await
@@ -405,16 +483,16 @@ impl Rig {
         scenario: &'static str,
         ids: &BTreeSet<String>,
     ) -> Tally {
-        self.settle_with(run, worker, scenario, ids, async { None })
+        self.settle_with(run, vec![worker], scenario, ids, async { None })
             .await
     }
 
-    /// [`Rig::settle`], with the worker's count of jobs found already sent, read (by `copies`)
-    /// once everything has ended and before the worker is stopped.
+    /// [`Rig::settle`] for any number of `workers`, with a count of jobs found already sent,
+    /// read (by `copies`) once everything has ended and before the workers are stopped.
     async fn settle_with(
         &self,
         mut run: Run,
-        mut worker: tokio::process::Child,
+        workers: Vec<tokio::process::Child>,
         scenario: &'static str,
         ids: &BTreeSet<String>,
         copies: impl std::future::Future<Output = Option<u64>>,
@@ -444,7 +522,9 @@ impl Rig {
             }
         }
         let copies = copies.await;
-        worker.kill().await.unwrap();
+        for mut worker in workers {
+            worker.kill().await.unwrap();
+        }
         run.webhook.kill().await.unwrap();
         let dead = app.take_all("dead.all").await;
         let mut t = tally(scenario, ids, app, &dead);
@@ -656,7 +736,7 @@ async fn cloud_faults(rig: &Rig) -> Tally {
 async fn broker_restart(rig: &Rig) -> Tally {
     let rabbit = Arc::clone(&rig.rabbit);
     restart_under_worker(rig, "RabbitMQ restart", "broker", 0, move || {
-        rabbit.restart()
+        rabbit.node().restart()
     })
     .await
 }
@@ -668,7 +748,7 @@ async fn broker_restart(rig: &Rig) -> Tally {
 async fn broker_kill(rig: &Rig) -> Tally {
     let rabbit = Arc::clone(&rig.rabbit);
     restart_under_worker(rig, "RabbitMQ kill -9", "broker", 100, move || {
-        rabbit.kill_and_start(Duration::from_secs(1))
+        rabbit.node().kill_and_start(Duration::from_secs(1))
     })
     .await
 }
@@ -678,7 +758,10 @@ async fn broker_kill(rig: &Rig) -> Tally {
 async fn redis_restart(rig: &Rig) -> Tally {
     let redis = Arc::clone(&rig.redis);
     restart_under_worker(rig, "Redis restart", "redis", 0, move || {
-        redis.restart(Duration::from_secs(2))
+        match redis.as_ref() {
+            Stores::One(node) => node.restart(Duration::from_secs(2)),
+            Stores::Cluster(_) => panic!("a scenario for one Redis ran on a cluster"),
+        }
     })
     .await
 }
@@ -730,10 +813,174 @@ async fn restart_under_worker(
     let simulator = run.app.simulator.clone();
     let already_done = ready.metric("wa_jobs_total", "already_done");
     let mut t = rig
-        .settle_with(run, worker, scenario, &ids, already_done)
+        .settle_with(run, vec![worker], scenario, &ids, already_done)
         .await;
     let last = simulator.audit().accepted.iter().filter_map(|s| s.at).max();
     t.tail = last.map(|at| at.saturating_duration_since(restarted));
+    t
+}
+
+/// Which RabbitMQ node of the cluster is killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// The node a worker is connected to.
+    Connected,
+    /// The node leading the busiest lane queue.
+    Leader,
+}
+
+/// How many jobs a cluster scenario sends: at least 5,000.
+fn cluster_jobs() -> usize {
+    jobs_per_scenario().max(5000)
+}
+
+/// A run on the clusters with two worker replicas, each with its health port.
+async fn cluster_run(
+    rig: &Rig,
+    name: &str,
+) -> (
+    Run,
+    BTreeSet<String>,
+    Vec<tokio::process::Child>,
+    Vec<Readiness>,
+) {
+    let n = cluster_jobs();
+    let rate = (n / 20).clamp(50, 1000) as u32;
+    let run = rig.run(name, MIXED, rate, |_, _| {}).await;
+    let ids = enqueue_jobs(&run.app, name, n).await;
+    let (mut workers, mut readiness) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let (worker, ready) = rig.worker_with_health(&run.app);
+        workers.push(worker);
+        readiness.push(ready);
+    }
+    (run, ids, workers, readiness)
+}
+
+/// The longest pause between two sends the simulator accepted from `since` on: how long the
+/// sends stopped around a fault.
+fn longest_pause(simulator: &Simulator, since: tokio::time::Instant) -> Duration {
+    let mut times: Vec<tokio::time::Instant> = simulator
+        .audit()
+        .accepted
+        .iter()
+        .filter_map(|s| s.at)
+        .filter(|at| *at >= since)
+        .collect();
+    times.sort();
+    times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
+/// A RabbitMQ node killed with SIGKILL under two worker replicas, and started again a while
+/// later: quorum queues keep every job on the other two nodes, the worker that used the node
+/// moves to another (its `/readyz` says the broker was down, then up), nobody restarts anything.
+async fn rabbit_node_lost(rig: &Rig, lost: Lost) -> Tally {
+    let (scenario, name) = match lost {
+        Lost::Connected => ("RabbitMQ node of a worker", "rabbit-connected"),
+        Lost::Leader => ("RabbitMQ lane leader", "rabbit-leader"),
+    };
+    let (run, ids, workers, readiness) = cluster_run(rig, name).await;
+    let cluster = rig.rabbit.cluster();
+    wait_sent(&run.app, ids.len() / 5).await;
+    let victim = match lost {
+        Lost::Connected => {
+            let node = readiness[0]
+                .connected_node()
+                .await
+                .expect("the worker says which node it uses");
+            cluster
+                .nodes
+                .iter()
+                .position(|n| node.ends_with(&format!(":{}", n.port)))
+                .expect("a node of the cluster")
+        }
+        Lost::Leader => {
+            let prefix = format!("{}.send.", run.app.prefix);
+            let leaders = cluster.nodes[0].ctl_output(&[
+                "list_queues",
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "leader",
+                "messages",
+            ]);
+            let busiest = leaders
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split('\t').collect();
+                    (f.len() == 3 && f[0].starts_with(&prefix))
+                        .then(|| (f[2].trim().parse::<u64>().unwrap_or(0), f[1].to_owned()))
+                })
+                .max()
+                .expect("the run's lane queues");
+            cluster
+                .nodes
+                .iter()
+                .position(|n| n.name() == busiest.1)
+                .expect("a node of the cluster")
+        }
+    };
+    let killed = tokio::time::Instant::now();
+    let node = &cluster.nodes[victim];
+    tokio::task::block_in_place(|| node.kill());
+    if lost == Lost::Connected {
+        readiness[0].wait_for(503, "broker", "down").await;
+        readiness[0].wait_for(200, "broker", "up").await;
+    }
+    wait_sent(&run.app, ids.len() * 3 / 5).await;
+    tokio::task::block_in_place(|| node.restart_killed());
+    let mut workers = workers;
+    for worker in &mut workers {
+        assert!(
+            worker.try_wait().unwrap().is_none(),
+            "{scenario}: a worker exited"
+        );
+    }
+    let simulator = run.app.simulator.clone();
+    let mut t = rig
+        .settle_with(run, workers, scenario, &ids, async { None })
+        .await;
+    let pause = longest_pause(&simulator, killed);
+    t.pause = Some(pause);
+    t
+}
+
+/// The Redis master holding the portfolio's slot killed with SIGKILL under two worker
+/// replicas: its replica takes over. Replication is asynchronous, so what the master
+/// acknowledged last may be gone: the count says what that cost.
+async fn redis_master_lost(rig: &Rig) -> Tally {
+    let Stores::Cluster(redis) = rig.redis.as_ref() else {
+        panic!("a Redis Cluster scenario ran on one Redis");
+    };
+    let (run, ids, workers, readiness) = cluster_run(rig, "redis-master").await;
+    wait_sent(&run.app, ids.len() / 5).await;
+    let master = redis.master_of(&format!("{{{WABA}}}"));
+    let killed = tokio::time::Instant::now();
+    tokio::task::block_in_place(|| redis.kill(master));
+    // The cluster client follows the failover by itself; whether /readyz catches the moment
+    // the slot had no master depends on timing, so it is only required to be ready after.
+    wait_sent(&run.app, ids.len() * 3 / 5).await;
+    readiness[0].wait_for(200, "redis", "up").await;
+    tokio::task::block_in_place(|| {
+        redis.restart(master);
+        redis.await_healthy();
+    });
+    let mut workers = workers;
+    for worker in &mut workers {
+        assert!(
+            worker.try_wait().unwrap().is_none(),
+            "Redis failover: a worker exited"
+        );
+    }
+    let simulator = run.app.simulator.clone();
+    let mut t = rig
+        .settle_with(run, workers, "Redis master lost", &ids, async { None })
+        .await;
+    t.pause = Some(longest_pause(&simulator, killed));
     t
 }
 
@@ -982,6 +1229,15 @@ impl Rig {
 struct Readiness(String);
 
 impl Readiness {
+    /// The RabbitMQ node (`host:port`) the process says it is connected to, from its metrics.
+    async fn connected_node(&self) -> Option<String> {
+        let url = self.0.replace("/readyz", "/metrics");
+        let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        text.lines()
+            .filter(|l| l.starts_with("wa_broker_node{") && l.ends_with(" 1"))
+            .find_map(|l| Some(l.split_once("node=\"")?.1.split_once('"')?.0.to_owned()))
+    }
+
     /// The sum of a counter's series whose labels include `label` (as `"<label>"`), from the
     /// same process's `/metrics`; `None` if it does not answer.
     async fn metric(&self, name: &str, label: &str) -> Option<u64> {

@@ -143,9 +143,26 @@ struct Link {
     node: usize,
 }
 
+/// The delivery limit of the dead-letter and parked queues: no operator lists a letter this
+/// often (see [`RabbitBroker::kept_args`]).
+const KEPT_DELIVERY_LIMIT: i64 = 1_000_000;
+
 /// How long connecting to one node may take before the next one is tried (a node that is
 /// gone behind a firewall would otherwise hold the connection attempt for minutes).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A channel on `connection` in confirm mode, to publish on.
+async fn open_publisher(connection: &Connection) -> Result<Channel, String> {
+    let publisher = connection
+        .create_channel()
+        .await
+        .map_err(|e| format!("open channel: {e}"))?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| format!("confirm.select: {e}"))?;
+    Ok(publisher)
+}
 
 /// The order in which to try `count` nodes: shuffled, so replicas spread over a cluster, with
 /// `lost` (the node just lost, if any) last.
@@ -160,6 +177,13 @@ fn node_order(count: usize, lost: Option<usize>) -> Vec<usize> {
 /// At most one reconnection attempt per this long, so a broker that is down is not hammered
 /// (each request in the meantime fails fast).
 pub const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+/// The `host:port` of an AMQP URL (what the `wa_broker_node` metric names a node by).
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}
 
 /// `url` without its credentials (for logs and errors).
 pub fn redact(url: &str) -> String {
@@ -208,6 +232,8 @@ impl RabbitBroker {
                     if settings.urls.len() > 1 {
                         tracing::info!(node = %redact(url), "connected to RabbitMQ");
                     }
+                    let left = lost.map(|l| host_port(&settings.urls[l]));
+                    crate::metrics::broker_node(left.as_deref(), &host_port(url));
                     return Ok(Link {
                         connection: Arc::new(connection),
                         publisher,
@@ -231,33 +257,37 @@ impl RabbitBroker {
             .await
             .map_err(|_| format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
             .map_err(|e| e.to_string())?;
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(|e| format!("open channel: {e}"))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| format!("confirm.select: {e}"))?;
+        let publisher = open_publisher(&connection).await?;
         Ok((connection, publisher))
     }
 
     /// Opens a new connection if the current one is gone (and none was tried in the last
     /// [`RECONNECT_PAUSE`]), and declares the topology on it, in case the broker lost it.
     async fn heal(&self) {
-        if self.closed.load(std::sync::atomic::Ordering::Relaxed)
-            || self.link.read().await.connection.status().connected()
-        {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) || self.healthy().await {
             return;
         }
         let mut last = self.reconnected.lock().await;
-        if self.link.read().await.connection.status().connected()
-            || last.is_some_and(|at| at.elapsed() < RECONNECT_PAUSE)
-        {
+        if self.healthy().await || last.is_some_and(|at| at.elapsed() < RECONNECT_PAUSE) {
             return;
         }
         *last = Some(Instant::now());
-        let lost = self.link.read().await.node;
+        let (connection, lost) = {
+            let link = self.link.read().await;
+            (Arc::clone(&link.connection), link.node)
+        };
+        if connection.status().connected() {
+            // The connection lives, its publishing channel does not (the broker closed it: a
+            // refused declare, an unknown queue): a new one on the same connection.
+            match open_publisher(&connection).await {
+                Ok(publisher) => {
+                    self.link.write().await.publisher = publisher;
+                    tracing::info!("opened a new publishing channel");
+                }
+                Err(e) => tracing::warn!(error = %e, "could not open a new publishing channel"),
+            }
+            return;
+        }
         match Self::open(&self.settings, Some(lost)).await {
             Ok(link) => {
                 *self.link.write().await = link;
@@ -270,6 +300,12 @@ impl RabbitBroker {
             }
             Err(e) => tracing::warn!(error = %e, "RabbitMQ is still unreachable"),
         }
+    }
+
+    /// Whether the connection and its publishing channel are both open.
+    async fn healthy(&self) -> bool {
+        let link = self.link.read().await;
+        link.connection.status().connected() && link.publisher.status().connected()
     }
 
     /// A new channel on the current connection (healed first if it was lost).
@@ -335,6 +371,31 @@ impl RabbitBroker {
         ))
     }
 
+    /// A queue that keeps what nobody consumes automatically (dead letters, parked webhooks):
+    /// the configured type.
+    ///
+    /// CORRECTNESS: operators read these queues by taking messages and giving them back (the
+    /// channel closes), which a quorum queue counts as a return; RabbitMQ 4 gives every quorum
+    /// queue a delivery limit of 20, so without a limit of its own a letter listed twenty times
+    /// would be dropped. (`-1`, "no limit" in RabbitMQ 4, drops a message at its first return
+    /// in 3.10.)
+    fn kept_args(&self) -> Vec<(&'static str, AMQPValue)> {
+        match self.settings.queue_type {
+            QueueType::Quorum => {
+                let mut pairs = vec![
+                    ("x-queue-type", long_string("quorum")),
+                    (
+                        "x-delivery-limit",
+                        AMQPValue::LongLongInt(KEPT_DELIVERY_LIMIT),
+                    ),
+                ];
+                pairs.extend(self.group_size());
+                pairs
+            }
+            QueueType::Classic => vec![("x-queue-type", long_string("classic"))],
+        }
+    }
+
     /// Where a job past its delivery limit goes: `wa.dead`, reason `delivery_limit`.
     fn job_dead_letter(&self) -> (String, &'static str) {
         (
@@ -374,8 +435,22 @@ impl RabbitBroker {
         args(&pairs)
     }
 
+    /// Declares the topology on a channel of its own: a refused declaration closes the channel
+    /// it was made on, and that must not be the publishing channel.
     async fn declare(&self) -> Result<(), BrokerError> {
-        let ch = &self.publisher().await;
+        let connection = Arc::clone(&self.link.read().await.connection);
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| BrokerError::op("open channel", e))?;
+        let declared = self.declare_on(&channel).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "topology declared".into()).await;
+        }
+        declared
+    }
+
+    async fn declare_on(&self, ch: &Channel) -> Result<(), BrokerError> {
         let n = &self.names;
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
@@ -480,11 +555,10 @@ impl RabbitBroker {
             .await
             .map_err(|e| BrokerError::op("queue.unbind", e))?;
         }
-        queue(
-            n.dead_queue(),
-            args(&[("x-queue-type", long_string("classic"))]),
-        )
-        .await?;
+        // Dead letters and parked webhooks are kept on every node like the jobs (quorum): a
+        // classic queue lives on one node, and while that node is down nothing can be
+        // dead-lettered or parked.
+        queue(n.dead_queue(), args(&self.kept_args())).await?;
         bind(
             n.dead_queue(),
             n.dead_exchange(),
@@ -494,11 +568,7 @@ impl RabbitBroker {
         .await?;
         // A webhook body past its delivery limit is parked, through the default exchange (which
         // routes by queue name and always exists). The parked queue is declared first.
-        queue(
-            n.parked_queue(),
-            args(&[("x-queue-type", long_string("classic"))]),
-        )
-        .await?;
+        queue(n.parked_queue(), args(&self.kept_args())).await?;
         let parked = n.parked_queue();
         queue(
             n.intake_queue(),
@@ -1024,20 +1094,25 @@ impl Broker for RabbitBroker {
             passive: true,
             ..Default::default()
         };
-        let publisher = self.publisher().await;
+        // Asked on a channel of its own: a queue that cannot answer (its node is down) closes
+        // the channel it was asked on.
+        let channel = self.channel().await?;
         let counts = self.settings.numbers.iter().map(|number| {
-            let publisher = publisher.clone();
+            let channel = channel.clone();
             let queue = self.names.number_queue(number.as_str(), lane);
             async move {
-                publisher
+                channel
                     .queue_declare(queue.into(), options, FieldTable::default())
                     .await
                     .map(|q| q.message_count())
                     .map_err(|e| BrokerError::op("queue.declare", e))
             }
         });
-        let counts = futures::future::try_join_all(counts).await?;
-        Ok(counts.into_iter().fold(0u32, u32::saturating_add))
+        let counts = futures::future::try_join_all(counts).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "depth read".into()).await;
+        }
+        Ok(counts?.into_iter().fold(0u32, u32::saturating_add))
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
@@ -1073,6 +1148,12 @@ mod tests {
         }
         assert_eq!(firsts.len(), 2, "replicas spread over the other nodes");
         assert_eq!(node_order(1, Some(0)), [0], "a single node is tried again");
+    }
+
+    #[test]
+    fn a_node_is_named_by_its_host_and_port() {
+        assert_eq!(host_port("amqp://u:p@rabbit-1:5672/%2f"), "rabbit-1:5672");
+        assert_eq!(host_port("amqps://rabbit-2:5671"), "rabbit-2:5671");
     }
 
     #[test]

@@ -251,6 +251,17 @@ impl TestApp {
             .env("WA_SENDER__POLICY__MESSAGING_LIMITS__DEFAULT", "unlimited")
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);
+        // A cluster's nodes, as an operator would list them.
+        let list = |urls: &[String]| serde_json::to_string(urls).unwrap();
+        if !self.settings.amqp.urls.is_empty() {
+            command.env("WA_SENDER__AMQP__URLS", list(&self.settings.amqp.urls));
+        }
+        if !self.settings.redis.cluster_urls.is_empty() {
+            command.env(
+                "WA_SENDER__REDIS__CLUSTER_URLS",
+                list(&self.settings.redis.cluster_urls),
+            );
+        }
         for (id, number) in &self.settings.numbers {
             command
                 .env(
