@@ -210,11 +210,21 @@ fn stat_fields_us(stat: &str, user: usize, system: usize) -> u64 {
     (ticks(user) + ticks(system)) * 10_000
 }
 
-/// CPU time used so far by the local RabbitMQ (`beam.smp`) and Redis (`redis-server`)
-/// processes, µs each; 0 where they cannot be seen (remote services).
-pub fn services_cpu_us() -> (u64, u64) {
+/// The service processes a bench counts: when [`count_only`] named some, the processes whose
+/// command line holds one of those names; otherwise every local `beam.smp` and `redis-server`.
+static COUNTED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Counts only the service processes whose command line holds one of `names` (a bench's own
+/// nodes), not the shared ones.
+pub fn count_only(names: Vec<String>) {
+    let _ = COUNTED.set(names);
+}
+
+/// The counted RabbitMQ (`beam.smp`) and Redis (`redis-server`) processes: `(is_rabbit, stat,
+/// status)` of each, from `/proc`.
+fn services() -> Vec<(bool, String, String)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return (0, 0);
+        return Vec::new();
     };
     dir.filter_map(Result::ok)
         .filter(|e| {
@@ -223,17 +233,49 @@ pub fn services_cpu_us() -> (u64, u64) {
                 .bytes()
                 .all(|b| b.is_ascii_digit())
         })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| stat.contains("(beam.smp)") || stat.contains("(redis-server)"))
-        .map(|stat| {
-            let us = stat_cpu_us(&stat);
-            if stat.contains("(beam.smp)") {
-                (us, 0)
-            } else {
-                (0, us)
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let rabbit = stat.contains("(beam.smp)");
+            if !rabbit && !stat.contains("(redis-server)") {
+                return None;
             }
+            if let Some(names) = COUNTED.get() {
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if !names.iter().any(|n| cmdline.contains(n.as_str())) {
+                    return None;
+                }
+            }
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            Some((rabbit, stat, status))
+        })
+        .collect()
+}
+
+/// CPU time used so far by the counted RabbitMQ and Redis processes, µs each; 0 where they
+/// cannot be seen (remote services).
+pub fn services_cpu_us() -> (u64, u64) {
+    services()
+        .iter()
+        .map(|(rabbit, stat, _)| {
+            let us = stat_cpu_us(stat);
+            if *rabbit { (us, 0) } else { (0, us) }
         })
         .fold((0, 0), |(r, d), (r2, d2)| (r + r2, d + d2))
+}
+
+/// Resident memory of the counted RabbitMQ processes, summed, bytes; `None` where none can be
+/// seen.
+pub fn broker_memory() -> Option<u64> {
+    let kib: Vec<u64> = services()
+        .iter()
+        .filter(|(rabbit, _, _)| *rabbit)
+        .filter_map(|(_, _, status)| {
+            let v = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+            v.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+        .collect();
+    (!kib.is_empty()).then(|| kib.iter().sum::<u64>() * 1024)
 }
 
 /// CPU time used so far by this process's children that have ended and been waited for

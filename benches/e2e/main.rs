@@ -15,12 +15,20 @@
 //! - `-- spans [--jobs 20000 --pairs 2]`: the worker with no tracing subscriber, with spans
 //!   recorded but not exported (the default), and with spans exported over OTLP, interleaved.
 //!
+//! `--nodes 1` or `--nodes 3` (any of the above): instead of the shared local services, nodes
+//! of the bench's own (RabbitMQ nodes joined into one cluster; one Redis, or a Redis Cluster of
+//! that many masters with a replica each; every Redis with an append-only file), and only their
+//! processes counted.
+//!
 //! Workers and bare loops run as child processes (this binary, `child …`), so their CPU time and
 //! memory are their own.
 
 mod accuracy;
 #[path = "../common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+#[path = "../../tests/common/node.rs"]
+mod node;
 mod scheduling;
 mod throughput;
 
@@ -276,6 +284,68 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The bench's own RabbitMQ and Redis nodes, stopped when dropped.
+struct OwnNodes {
+    _rabbit: node::RabbitCluster,
+    _redis: OwnRedis,
+}
+
+enum OwnRedis {
+    One(node::RedisNode),
+    Cluster(node::RedisCluster),
+}
+
+/// Starts `n` RabbitMQ nodes in one cluster and one Redis (`n` = 1) or a Redis Cluster of `n`
+/// masters with a replica each, points this process and its children at them through the
+/// environment, and counts only their processes.
+fn own_nodes(n: usize) -> OwnNodes {
+    let rabbit = node::RabbitCluster::start("bench", n);
+    let urls = rabbit.urls();
+    // SAFETY: set before the runtime and any other thread start.
+    unsafe {
+        std::env::set_var("WA_SENDER__AMQP__URL", &urls[0]);
+        std::env::set_var(
+            "WA_SENDER__AMQP__URLS",
+            serde_json::to_string(&urls).unwrap(),
+        );
+    }
+    let mut names: Vec<String> = rabbit
+        .nodes
+        .iter()
+        // A node's home directory, on its VM's command line, holds its name without the `wa-`.
+        .map(|n| n.name().trim_start_matches("wa-").replace("@localhost", ""))
+        .collect();
+    let redis = if n == 1 {
+        let redis = node::RedisNode::start("bench");
+        unsafe { std::env::set_var("WA_SENDER__REDIS__URL", redis.url()) };
+        names.push(format!("127.0.0.1:{}", redis.port));
+        OwnRedis::One(redis)
+    } else {
+        let redis = node::RedisCluster::start("bench", n);
+        let urls = redis.urls();
+        unsafe {
+            std::env::set_var(
+                "WA_SENDER__REDIS__CLUSTER_URLS",
+                serde_json::to_string(&urls).unwrap(),
+            )
+        };
+        names.extend(redis.ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        OwnRedis::Cluster(redis)
+    };
+    eprintln!(
+        "own nodes: RabbitMQ {urls:?}, Redis {}",
+        match &redis {
+            OwnRedis::One(r) => r.url(),
+            OwnRedis::Cluster(c) => format!("{:?}", c.urls()),
+        }
+    );
+    common::count_only(names);
+    OwnNodes {
+        _rabbit: rabbit,
+        _redis: redis,
+    }
+}
+
 fn main() {
     // Children log as a deployed worker does (the configuration's `info`); the rest only warns.
     let filter = if flag("child") { "info" } else { "warn" };
@@ -297,6 +367,11 @@ fn main() {
             None
         }
     };
+    // Children find the bench's own nodes in the environment their parent set.
+    let _nodes = (!flag("child"))
+        .then(|| option::<usize>("--nodes"))
+        .flatten()
+        .map(own_nodes);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -105,21 +105,6 @@ pub async fn fairness() {
     broker.close().await;
 }
 
-/// The resident memory of the local broker's Erlang VM (the `beam.smp` run by user rabbitmq),
-/// bytes; `None` where it cannot be read (a remote broker).
-fn broker_memory() -> Option<u64> {
-    let out = std::process::Command::new("ps")
-        .args(["-u", "rabbitmq", "-o", "rss=,comm="])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("beam"))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-        .max()
-        .map(|kib| kib * 1024)
-}
-
 pub async fn topology() {
     let numbers: usize = option("--numbers").unwrap_or(500);
     let replicas: usize = option("--replicas").unwrap_or(5);
@@ -130,7 +115,7 @@ pub async fn topology() {
             .insert(format!("1065403522{i:05}"), number(80));
     }
     let rabbit = settings.runtime().expect("valid settings").rabbit();
-    let before = broker_memory();
+    let before = crate::common::broker_memory();
     let mut brokers = Vec::new();
     let mut streams = Vec::new();
     for r in 0..replicas {
@@ -154,7 +139,7 @@ pub async fn topology() {
         brokers.push(broker);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = broker_memory();
+    let after = crate::common::broker_memory();
     let mib = |b: Option<u64>| b.map_or("?".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0));
     println!(
         "topology: {numbers} numbers x 3 lanes = {} queues ({:?}), {replicas} replicas x {} = {} consumers on {} channels; broker RSS {} before, {} after",
