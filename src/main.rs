@@ -25,7 +25,10 @@ use wa_sender::metrics;
 use wa_sender::policy::admission::CampaignState;
 use wa_sender::producer::file::{self as enqueue, Bar, EnqueueError, Lines, Observer};
 use wa_sender::producer::input::{Defaults, Format, HeaderType, InputError, Mapping};
-use wa_sender::simulator::{Scenario, SimNumber, Simulator};
+use wa_sender::simulator::{DelayRange, Scenario, SimNumber, SimUser, Simulator};
+
+/// The user the README's quick start writes to (`wa_id`).
+const QUICK_START_USER: &str = "16505551234";
 use wa_sender::worker::Drained;
 
 /// Exit code for configuration errors and bad arguments (EX_USAGE).
@@ -70,7 +73,8 @@ enum Command {
     /// Run the Cloud API simulator.
     Simulate {
         /// Scenario file (TOML, see scenarios/README.md); default: the configured numbers with
-        /// three approved templates.
+        /// six approved templates, and the quick start's user +16505551234, who reads what they
+        /// get; messages are delivered within 1 s and read within 2 s.
         #[arg(long)]
         scenario: Option<String>,
         /// Bearer token the simulator accepts, besides the scenario's (the worker's
@@ -95,6 +99,14 @@ enum Command {
     ///
     /// Producers can then publish before any worker ran (enqueue declares them too).
     Setup,
+    /// Delete every queue and exchange under `amqp.prefix` and every Redis key under
+    /// `redis.key_prefix`: what a trial, a demo or a quick start left behind. Jobs still queued
+    /// are deleted with their queues.
+    Teardown {
+        /// Required: the deletion cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Simulator, worker and producer in one process; prints a summary.
     Demo {
         /// Use the in-process queue and store instead of RabbitMQ and Redis.
@@ -547,6 +559,24 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Teardown { yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "teardown deletes every queue of prefix {:?} and every Redis key of prefix {:?}: pass --yes",
+                    settings.amqp.prefix,
+                    settings.redis.key_prefix
+                );
+            }
+            let (broker, store) = wa_sender::app::connect(&settings).await?;
+            broker.delete_topology().await?;
+            broker.close().await;
+            let keys = store.delete_all().await?;
+            println!(
+                "deleted the queues and exchanges of prefix {:?} and {keys} Redis keys of prefix {:?}",
+                settings.amqp.prefix, settings.redis.key_prefix
+            );
+            Ok(())
+        }
         Command::Demo { embedded, jobs } => {
             let jobs = jobs.unwrap_or(settings.demo.jobs);
             let summary = wa_sender::demo::run(&settings, embedded, jobs)
@@ -867,6 +897,22 @@ fn finished(drained: Drained) -> anyhow::Result<()> {
 fn configured_scenario(settings: &Runtime) -> Scenario {
     let mut scenario = Scenario::single("106540352242922", "102290129340398", "");
     scenario.tokens.clear();
+    // The quick start's user: reads everything (an unknown user reads with `read_share`), and
+    // writes only when told to (`POST /_sim/actions`), which opens the care window at both ends.
+    scenario.users.push(SimUser {
+        name: "Sheena Nelson".into(),
+        ..SimUser::new(QUICK_START_USER)
+    });
+    // People at a desk: delivered within a second, read within two (a scenario file sets any
+    // other pace).
+    scenario.webhooks.delivered_after = DelayRange {
+        min_ms: 100,
+        max_ms: 1_000,
+    };
+    scenario.webhooks.read_after = DelayRange {
+        min_ms: 300,
+        max_ms: 2_000,
+    };
     if !settings.numbers.is_empty() {
         scenario.numbers = settings
             .numbers
