@@ -50,6 +50,9 @@ pub enum Part {
     Up,
     /// Not usable now.
     Down,
+    /// Not connected yet: the process connects to RabbitMQ first, then to Redis, so Redis is
+    /// not said to be down while the broker is awaited.
+    Connecting,
 }
 
 impl Part {
@@ -130,17 +133,20 @@ impl Health {
             .map(|flag| Part::of(flag.load(Ordering::Relaxed)));
         let redis = match &self.0.redis {
             None => None,
-            Some(store) => Some(Part::of(match store.get() {
-                None => false,
-                Some(store) => matches!(
+            Some(store) => Some(match store.get() {
+                None => Part::Connecting,
+                Some(store) => Part::of(matches!(
                     tokio::time::timeout(REDIS_TIMEOUT, store.ping()).await,
                     Ok(Ok(()))
-                ),
-            })),
+                )),
+            }),
         };
         let draining = self.0.draining.load(Ordering::Relaxed);
         Readiness {
-            ready: !draining && broker != Some(Part::Down) && redis != Some(Part::Down),
+            ready: !draining
+                && [broker, redis]
+                    .iter()
+                    .all(|part| matches!(part, None | Some(Part::Up))),
             broker,
             redis,
             draining,
@@ -179,7 +185,11 @@ mod tests {
         let state = health.readiness().await;
         assert!(!state.ready);
         assert_eq!(state.broker, Some(Part::Down));
-        assert_eq!(state.redis, Some(Part::Down), "no store yet");
+        assert_eq!(
+            state.redis,
+            Some(Part::Connecting),
+            "no store yet: not said down while the broker is awaited"
+        );
 
         health.redis_connected(Arc::new(MemoryStore::new()));
         assert!(!health.readiness().await.ready, "not consuming yet");
@@ -216,7 +226,7 @@ mod tests {
         );
         assert_eq!(
             body(Health::of_consumer().readiness().await),
-            serde_json::json!({"ready": false, "broker": "down", "redis": "down", "draining": false})
+            serde_json::json!({"ready": false, "broker": "down", "redis": "connecting", "draining": false})
         );
     }
 }

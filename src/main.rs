@@ -745,14 +745,21 @@ async fn enqueue(settings: &Runtime, args: EnqueueArgs) -> anyhow::Result<()> {
         "published"
     };
     println!(
-        "{verb} {} jobs to lane {}, rejected {}{rejects} of {} rows{resumed}{checkpoint}, in {:.1} s ({:.0} jobs/s)",
-        summary.published,
+        "{verb} {} to lane {}, rejected {}{rejects} of {}{resumed}{checkpoint}, in {:.1} s ({:.0} jobs/s)",
+        count(summary.published, "job", "jobs"),
         options.lane.as_str(),
         summary.rejected,
-        summary.rows,
+        count(summary.rows, "row", "rows"),
         summary.elapsed.as_secs_f64(),
         summary.rate(),
     );
+    if options.dry_run && summary.published > 0 {
+        // The registry of approved templates is the worker's (Redis, synced from Meta): a dry
+        // run checks each row's schema and fields only.
+        println!(
+            "dry run: templates were not checked against the approved ones; the worker does, and dead-letters a mismatch (template_not_approved, template_params_invalid)"
+        );
+    }
     if summary.stopped {
         return Err(Unfinished::Stopped.into());
     }
@@ -766,7 +773,7 @@ async fn enqueue(settings: &Runtime, args: EnqueueArgs) -> anyhow::Result<()> {
 #[derive(Debug, thiserror::Error)]
 enum Unfinished {
     /// Some rows were refused (exit 65).
-    #[error("{0} rows were rejected")]
+    #[error("{} rejected", count(*.0, "row was", "rows were"))]
     Rejected(u64),
     /// SIGINT/SIGTERM: what was sent is confirmed and checkpointed (exit 130).
     #[error("stopped; run the same command again to continue")]
@@ -887,10 +894,16 @@ fn finished(drained: Drained) -> anyhow::Result<()> {
         return Ok(());
     }
     anyhow::bail!(
-        "{} jobs were still in flight after the grace period and {} could not be settled; they return to their queues",
-        drained.abandoned,
-        drained.unsettled
+        "{} still in flight after the grace period and {} not settled; they return to their queues",
+        count(drained.abandoned, "job was", "jobs were"),
+        count(drained.unsettled, "job", "jobs"),
     )
+}
+
+/// `n` and the noun that goes with it: `1 job`, `2 jobs`.
+fn count(n: impl TryInto<u64>, one: &str, many: &str) -> String {
+    let n = n.try_into().unwrap_or(u64::MAX);
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// The configured numbers, each with the default templates, as a scenario.

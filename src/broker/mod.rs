@@ -339,14 +339,23 @@ pub trait Acker: Send + Sync {
 pub enum BrokerError {
     /// The broker could not be reached at start-up.
     #[error(
-        "cannot reach RabbitMQ at {url}: {source}. Is it running? Start it with: rabbitmq-server -detached"
+        "cannot reach RabbitMQ at {url}: {detail}. Is it running? Start it with: rabbitmq-server -detached"
     )]
     Unreachable {
         /// The address (without credentials).
         url: String,
-        /// The cause.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// What each node answered.
+        detail: String,
+    },
+    /// The broker answered but refused the user, its password or the virtual host.
+    #[error(
+        "RabbitMQ at {url} refused the connection: {detail}. Check the user, password and virtual host in amqp.url (or amqp.urls)"
+    )]
+    Refused {
+        /// The address (without credentials).
+        url: String,
+        /// The broker's words.
+        detail: String,
     },
     /// An operation failed after connecting.
     #[error("broker {operation} failed: {detail}")]

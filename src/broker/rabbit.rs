@@ -224,7 +224,7 @@ impl RabbitBroker {
 
     /// Connects to one of the broker's nodes, trying them in [`node_order`].
     async fn open(settings: &RabbitSettings, lost: Option<usize>) -> Result<Link, BrokerError> {
-        let mut failures = Vec::new();
+        let (mut failures, mut refused) = (Vec::new(), false);
         for node in node_order(settings.urls.len(), lost) {
             let url = &settings.urls[node];
             match Self::open_node(url).await {
@@ -240,24 +240,39 @@ impl RabbitBroker {
                         node,
                     });
                 }
-                Err(e) => failures.push(format!("{}: {e}", redact(url))),
+                Err((e, refusal)) => {
+                    refused |= refusal;
+                    failures.push(format!("{}: {e}", redact(url)));
+                }
             }
         }
         let urls: Vec<String> = settings.urls.iter().map(|u| redact(u)).collect();
-        Err(BrokerError::Unreachable {
-            url: urls.join(", "),
-            source: failures.join("; ").into(),
+        let url = urls.join(", ");
+        let detail = failures.join("; ").trim_end_matches('.').to_owned();
+        Err(if refused {
+            BrokerError::Refused { url, detail }
+        } else {
+            BrokerError::Unreachable { url, detail }
         })
     }
 
-    /// A connection to the node at `url` and its publishing channel, in confirm mode.
-    async fn open_node(url: &str) -> Result<(Connection, Channel), String> {
+    /// A connection to the node at `url` and its publishing channel, in confirm mode; or why
+    /// not, and whether the broker refused the login or virtual host (a node that answers).
+    async fn open_node(url: &str) -> Result<(Connection, Channel), (String, bool)> {
         let connecting = Connection::connect(url, ConnectionProperties::default());
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| e.to_string())?;
-        let publisher = open_publisher(&connection).await?;
+            .map_err(|_| (format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()), false))?
+            .map_err(|e| {
+                let refused = matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+                    if matches!(amqp.kind(),
+                        lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED)
+                        | lapin::protocol::AMQPErrorKind::Hard(lapin::protocol::AMQPHardError::NOTALLOWED)));
+                (e.to_string(), refused)
+            })?;
+        let publisher = open_publisher(&connection)
+            .await
+            .map_err(|e| (e, false))?;
         Ok((connection, publisher))
     }
 
