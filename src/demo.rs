@@ -71,7 +71,15 @@ type RealParts = (
 );
 
 /// Runs the demo; `embedded` uses the in-process broker and store instead of RabbitMQ/Redis.
-pub async fn run(settings: &Runtime, embedded: bool, jobs: usize) -> anyhow::Result<Summary> {
+///
+/// `stop` (SIGINT, SIGTERM) ends it early: its queues and keys are deleted all the same, and it
+/// fails with [`Stopped`].
+pub async fn run(
+    settings: &Runtime,
+    embedded: bool,
+    jobs: usize,
+    stop: CancellationToken,
+) -> anyhow::Result<Summary> {
     let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
     let mut scenario = Scenario::single(DEMO_NUMBER, DEMO_WABA, &token);
     scenario.numbers[0].throughput_mps = Some(DEMO_MPS);
@@ -205,9 +213,27 @@ pub async fn run(settings: &Runtime, embedded: bool, jobs: usize) -> anyhow::Res
             .map(HashSet::len)
             .sum::<usize>()
     };
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.tick().await;
     // Every job finished (accepted or dead-lettered), and every accepted message read or failed.
     while finished.len() + anonymous_dead < jobs || settled(&reached) < summary.accepted {
-        let Ok(Some(tapped)) = tokio::time::timeout_at(deadline.into(), events.next()).await else {
+        let next = tokio::select! {
+            _ = stop.cancelled() => {
+                eprintln!("demo: stopped; deleting its queues and keys");
+                break;
+            }
+            _ = progress.tick() => {
+                eprintln!(
+                    "demo: {} of {jobs} jobs finished (accepted or dead-lettered), {} of {} messages read or failed",
+                    finished.len() + anonymous_dead,
+                    settled(&reached),
+                    summary.accepted
+                );
+                continue;
+            }
+            next = tokio::time::timeout_at(deadline.into(), events.next()) => next,
+        };
+        let Ok(Some(tapped)) = next else {
             eprintln!(
                 "demo: gave up waiting after 180 s with {} of {jobs} jobs finished, {} of {} messages read or failed",
                 finished.len() + anonymous_dead,
@@ -299,8 +325,19 @@ pub async fn run(settings: &Runtime, embedded: bool, jobs: usize) -> anyhow::Res
         s.delete_all().await?;
         b.close().await;
     }
+    if stop.is_cancelled() {
+        return Err(Stopped.into());
+    }
     Ok(summary)
 }
+
+/// How often the demo says how far it got while it waits.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The demo was stopped by a signal before it finished (its queues and keys are deleted).
+#[derive(Debug, thiserror::Error)]
+#[error("the demo was stopped before it finished; its queues and keys were deleted")]
+pub struct Stopped;
 
 /// What the demo's user number `i` has done: most wrote recently (replies may go), most opted
 /// in (templates may go outside the window), a few stopped marketing.

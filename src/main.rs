@@ -443,7 +443,10 @@ fn main() -> ExitCode {
     drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if matches!(e.downcast_ref::<Unfinished>(), Some(Unfinished::Stopped)) => {
+        Err(e)
+            if matches!(e.downcast_ref::<Unfinished>(), Some(Unfinished::Stopped))
+                || e.downcast_ref::<wa_sender::demo::Stopped>().is_some() =>
+        {
             eprintln!("wa-sender: {e}");
             ExitCode::from(EXIT_STOPPED)
         }
@@ -579,9 +582,13 @@ async fn run(command: Command, settings: Runtime) -> anyhow::Result<()> {
         }
         Command::Demo { embedded, jobs } => {
             let jobs = jobs.unwrap_or(settings.demo.jobs);
-            let summary = wa_sender::demo::run(&settings, embedded, jobs)
+            let summary = wa_sender::demo::run(&settings, embedded, jobs, shutdown_on_signal())
                 .await
-                .inspect_err(|e| error!(error = %e, "demo failed"))?;
+                .inspect_err(|e| {
+                    if e.downcast_ref::<wa_sender::demo::Stopped>().is_none() {
+                        error!(error = %e, "demo failed");
+                    }
+                })?;
             println!("{}", wa_sender::demo::render(&summary));
             Ok(())
         }

@@ -1134,13 +1134,19 @@ impl Broker for RabbitBroker {
         let mut consumers = self.consumers.lock().await;
         // Channels closed since (a dropped consumer, a lost connection) have nothing to cancel.
         consumers.retain(|(channel, _)| channel.status().connected());
+        let mut failed = None;
         for (channel, tag) in consumers.iter() {
-            channel
+            let cancelled = channel
                 .basic_cancel(tag.clone(), BasicCancelOptions::default())
-                .await
-                .map_err(|e| BrokerError::op("basic.cancel", e))?;
+                .await;
+            // A channel that began closing meanwhile (its stream dropped) has nothing to cancel.
+            if let Err(e) = cancelled
+                && channel.status().connected()
+            {
+                failed.get_or_insert(BrokerError::op("basic.cancel", e));
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
