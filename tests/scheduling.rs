@@ -178,3 +178,41 @@ async fn a_deferred_job_waits_in_exactly_one_delay_queue() {
     app.stop_worker().await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_job_view_tells_a_deferred_job_from_one_never_seen() {
+    let mut app = spawn_app("job-view", |_, _| {}).await;
+    let not_before = chrono::Utc::now() + chrono::TimeDelta::seconds(30);
+    let mut scheduled = job(
+        "job-waiting",
+        json!({"type": "text", "text": {"body": "Your table is ready"}}),
+    );
+    scheduled["not_before"] = json!(not_before.to_rfc3339());
+    app.enqueue_reply(Lane::Transactional, &scheduled).await;
+    app.start_worker();
+    app.wait_job_event("job-waiting", "job.deferred").await;
+
+    let admin = wa_sender::app::admin(&app.runtime()).await.unwrap();
+    // The deferral is noted just after its event is published.
+    let mut status = admin.job("job-waiting", None).await.unwrap();
+    for _ in 0..50 {
+        if status.state == "deferred" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        status = admin.job("job-waiting", None).await.unwrap();
+    }
+    assert_eq!(status.state, "deferred", "{status:?}");
+    let deferred = status.deferred.expect("since, until and why");
+    assert_eq!(deferred.cause, "not_before");
+    assert!(
+        (deferred.until - not_before).num_milliseconds().abs() < 1_000,
+        "until its not_before: {deferred:?}"
+    );
+
+    let never = admin.job("job-never-published", None).await.unwrap();
+    assert_eq!(never.state, "not_seen");
+    assert!(never.deferred.is_none());
+    app.stop_worker().await;
+    app.cleanup().await;
+}

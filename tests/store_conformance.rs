@@ -19,7 +19,7 @@ use wa_sender::policy::template::TemplateDefinition;
 use wa_sender::store::memory::MemoryStore;
 use wa_sender::store::redis::{Deployment, RedisStore};
 use wa_sender::store::{
-    Booked, Cost, Heartbeat, JobKey, Message, Report, SlotAsk, Store, Subject, Tally, WamidRecord,
+    Booked, Cost, Deferral, Heartbeat, JobKey, Message, Report, SlotAsk, Store, Subject, Tally, WamidRecord,
 };
 
 const WABA: &str = "102290129340398";
@@ -904,7 +904,51 @@ async fn halts(store: &dyn Store) {
     assert_eq!(HaltScope::parse("everything"), None);
 }
 
+/// A job's latest deferral is kept beside its record, and outlives a released claim (which
+/// drops the record).
+async fn deferrals(store: &dyn Store) {
+    let t = now();
+    let to = "4915100000060";
+    store
+        .record_inbound(
+            &waba(),
+            &subject("x", to, None).number,
+            &WaId::parse(to).unwrap(),
+            t - secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.deferral(&key("d")).await.unwrap(), None);
+    let first = Deferral {
+        at: t,
+        until: t + secs(6),
+        cause: "pair rate to this recipient".into(),
+    };
+    store.note_deferral(&key("d"), &first).await.unwrap();
+    assert_eq!(store.deferral(&key("d")).await.unwrap(), Some(first));
+
+    assert_eq!(
+        admit(store, &subject("d", to, None), &request(t, false)).await,
+        Verdict::Send { fallback: false }
+    );
+    store.release(&key("d"), "w1").await.unwrap();
+    assert_eq!(store.job(&key("d")).await.unwrap(), None, "claim released");
+    let second = Deferral {
+        at: t + secs(1),
+        until: t + secs(61),
+        cause: "retry after 131016".into(),
+    };
+    store.note_deferral(&key("d"), &second).await.unwrap();
+    assert_eq!(
+        store.deferral(&key("d")).await.unwrap(),
+        Some(second),
+        "the latest deferral replaces the one before"
+    );
+    assert_eq!(store.deferral(&key("other")).await.unwrap(), None);
+}
+
 async fn conformance(fresh: impl AsyncFn() -> Arc<dyn Store>) {
+    deferrals(fresh().await.as_ref()).await;
     halts(fresh().await.as_ref()).await;
     messages(fresh().await.as_ref()).await;
     idempotency(fresh().await.as_ref()).await;

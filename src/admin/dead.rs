@@ -20,7 +20,7 @@ use crate::broker::{
 use crate::ids::{JobId, PhoneNumberId, WabaId, Wamid};
 use crate::job::Lane;
 use crate::policy::admission::JobState;
-use crate::store::JobKey;
+use crate::store::{Deferral, JobKey};
 use crate::vocab::DeadReason;
 
 /// The most dead letters one read holds: a bound on the admin's memory and on how long the
@@ -164,13 +164,18 @@ pub struct JobStatus {
     pub job_id: JobId,
     /// Its portfolio.
     pub waba_id: WabaId,
-    /// `claimed`, `ambiguous`, `sent`, `dead`, or `unknown` (no record: never admitted, or
-    /// older than its 8-day record).
+    /// `sent`, `dead`, `ambiguous` (the Cloud API may have sent it; not retried), `claimed`
+    /// (a worker is sending it now), `deferred` (in a delay queue until `deferred.until`),
+    /// `queued` (deferred before and due again: back in its lane queue), or `not_seen`: no
+    /// worker has taken it yet, so it waits in its lane queue behind others, or it was never
+    /// published, or its record (kept 8 days) has expired.
     pub state: &'static str,
     /// Meta's id for the message, once sent.
     pub wamid: Option<Wamid>,
     /// The last delivery status a webhook reported for it.
     pub status: Option<String>,
+    /// Its latest deferral (when, until when, why), if it was ever put off.
+    pub deferred: Option<Deferral>,
     /// Its dead letter, while one is in the dead queue.
     pub dead_letter: Option<DeadSummary>,
 }
@@ -461,12 +466,17 @@ impl Admin {
             job_id: job_id.clone(),
         };
         let record = self.store.job(&key).await?;
+        let deferred = self.store.deferral(&key).await?;
+        let waiting = deferred.as_ref().is_some_and(|d| d.until > chrono::Utc::now());
         let (state, wamid) = match record {
-            None => ("unknown", None),
-            Some(JobState::Claimed { .. }) => ("claimed", None),
             Some(JobState::Ambiguous { .. }) => ("ambiguous", None),
             Some(JobState::Sent(wamid)) => ("sent", Some(wamid)),
             Some(JobState::Dead) => ("dead", None),
+            _ if waiting => ("deferred", None),
+            Some(JobState::Claimed { .. }) => ("claimed", None),
+            // Due again: back in its lane queue, or being taken.
+            None if deferred.is_some() => ("queued", None),
+            None => ("not_seen", None),
         };
         let status = match &wamid {
             Some(wamid) => self.store.message(&waba, wamid).await?.status,
@@ -485,6 +495,7 @@ impl Admin {
             state,
             wamid,
             status,
+            deferred,
             dead_letter,
         })
     }

@@ -14,7 +14,7 @@ use crate::event::{ErrorSource, Event, EventError};
 use crate::job::Lane;
 use crate::policy::DelayTiers;
 use crate::settlement::{self, DeadLetter, Trace};
-use crate::store::JobKey;
+use crate::store::{Deferral, JobKey};
 
 impl Pipeline {
     /// Applies an outcome: the one place a delivery is acked.
@@ -76,9 +76,32 @@ impl Pipeline {
                 },
             )
             .await?;
-        match deferred_event(later) {
-            Some(event) => self.publish_event(&event).await,
-            None => Ok(()),
+        let Some(event) = deferred_event(later) else {
+            return Ok(());
+        };
+        self.publish_event(&event).await?;
+        self.note_deferral(later).await;
+        Ok(())
+    }
+
+    /// Notes an announced deferral with the job's record, for `wa-sender job`; a failure only
+    /// costs that view, so it is logged, not returned.
+    async fn note_deferral(&self, later: &Later) {
+        let Some(job) = &later.job else { return };
+        let Some(number) = self.numbers.get(&job.phone_number_id) else {
+            return;
+        };
+        let key = JobKey {
+            waba: number.waba.clone(),
+            job_id: job.job_id.clone(),
+        };
+        let deferral = Deferral {
+            at: Utc::now(),
+            until: later.due,
+            cause: later.why.clone(),
+        };
+        if let Err(e) = self.store.note_deferral(&key, &deferral).await {
+            warn!(error = %e, "could not note the deferral");
         }
     }
 

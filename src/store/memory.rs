@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::{
-    Halt, HaltScope, Heartbeat, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally,
+    Deferral, Halt, HaltScope, Heartbeat, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally,
     WamidRecord,
 };
 use crate::event::DeadReason;
@@ -37,6 +37,7 @@ struct Portfolio {
 #[derive(Default)]
 struct State {
     jobs: HashMap<JobKey, JobState>,
+    deferrals: HashMap<JobKey, Deferral>,
     messages: HashMap<(WabaId, Wamid), Message>,
     reports: HashMap<(WabaId, Option<CampaignId>), Report>,
     portfolios: HashMap<WabaId, Portfolio>,
@@ -185,6 +186,16 @@ impl Store for MemoryStore {
 
     async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError> {
         self.with(|s| s.jobs.get(key).cloned())
+    }
+
+    async fn note_deferral(&self, key: &JobKey, deferral: &Deferral) -> Result<(), StoreError> {
+        self.with(|s| {
+            s.deferrals.insert(key.clone(), deferral.clone());
+        })
+    }
+
+    async fn deferral(&self, key: &JobKey) -> Result<Option<Deferral>, StoreError> {
+        self.with(|s| s.deferrals.get(key).cloned())
     }
 
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError> {

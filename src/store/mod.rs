@@ -33,6 +33,17 @@ pub struct JobKey {
     pub job_id: JobId,
 }
 
+/// A job put off: when, until when, and why (the `job.deferred` event's cause).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Deferral {
+    /// When it was put off.
+    pub at: DateTime<Utc>,
+    /// When it is due again.
+    pub until: DateTime<Utc>,
+    /// Why, e.g. `pair rate to this recipient`.
+    pub cause: String,
+}
+
 /// What the webhook processor needs to find a job from a wamid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WamidRecord {
@@ -350,6 +361,11 @@ pub trait Store: Send + Sync {
     async fn reopen_dead(&self, key: &JobKey) -> Result<bool, StoreError>;
     /// The job's record, if any (`None`: never admitted, or expired).
     async fn job(&self, key: &JobKey) -> Result<Option<JobState>, StoreError>;
+    /// Notes the job's latest deferral (why, until when), kept with its record for as long,
+    /// so `wa-sender job` can tell a job waiting in a delay queue from one never seen.
+    async fn note_deferral(&self, key: &JobKey, deferral: &Deferral) -> Result<(), StoreError>;
+    /// The job's latest deferral, if one was noted.
+    async fn deferral(&self, key: &JobKey) -> Result<Option<Deferral>, StoreError>;
     /// Drops this worker's claim after a definitive failure, so a retry may claim it again.
     async fn release(&self, key: &JobKey, owner: &str) -> Result<(), StoreError>;
     /// Records that the job was dead-lettered, and counts it in its reports (once: a job already

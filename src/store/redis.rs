@@ -7,6 +7,7 @@
 //! | key | holds | expires |
 //! |---|---|---|
 //! | `<p>:{<waba>}:job:<job_id>` | hash `state` (claimed/ambiguous/sent/dead), `owner`, `at`, `wamid`, `reason` | 8 days |
+//! | `<p>:{<waba>}:deferred:<job_id>` | hash `at`, `until` (ms), `cause`: the job's latest deferral | 8 days |
 //! | `<p>:{<waba>}:wamid:<wamid>` | hash `record` (JSON: job_id, campaign_id, traceparent, metadata), `status` (last applied, monotonic, compare-and-set), `priced` | 30 days after the last status |
 //! | `<p>:{<waba>}:report` | hash of counters over every job: `accepted`, `status:<s>`, `dead:<reason>`, `billable:<category>`, `cost:<category>` (millionths) | durable |
 //! | `<p>:{<waba>}:report:<campaign>` | the same counters for one campaign | durable |
@@ -36,7 +37,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    Booked, Halt, HaltScope, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, SlotAsk,
+    Booked, Deferral, Halt, HaltScope, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, SlotAsk,
     Store, StoreError, Subject, Tally, WAMID_TTL, WamidRecord,
 };
 use crate::event::DeadReason;
@@ -235,6 +236,11 @@ impl Keys {
 
     fn job_key(&self, key: &JobKey) -> String {
         self.tagged(&key.waba, format_args!("job:{}", key.job_id))
+    }
+
+    /// The job's latest deferral: a key of its own, as releasing a claim deletes the record.
+    fn deferral_key(&self, key: &JobKey) -> String {
+        self.tagged(&key.waba, format_args!("deferred:{}", key.job_id))
     }
 
     fn message_key(&self, waba: &WabaId, wamid: &Wamid) -> String {
@@ -738,6 +744,43 @@ impl Store for RedisStore {
             ),
             "dead" => JobState::Dead,
             other => return Err(bad_reply(OP, format!("job state {other:?}"))),
+        }))
+    }
+
+    async fn note_deferral(&self, key: &JobKey, deferral: &Deferral) -> Result<(), StoreError> {
+        let key = self.keys.deferral_key(key);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset_multiple(
+                &key,
+                &[
+                    ("at", millis(deferral.at).to_string()),
+                    ("until", millis(deferral.until).to_string()),
+                    ("cause", deferral.cause.clone()),
+                ],
+            )
+            .ignore()
+            .expire(&key, JOB_RECORD_TTL.as_secs() as i64)
+            .ignore();
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .map_err(command_error("note_deferral"))
+    }
+
+    async fn deferral(&self, key: &JobKey) -> Result<Option<Deferral>, StoreError> {
+        const OP: &str = "deferral";
+        let fields: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(self.keys.deferral_key(key))
+            .await
+            .map_err(command_error(OP))?;
+        let (Some(at), Some(until)) = (fields.get("at"), fields.get("until")) else {
+            return Ok(None);
+        };
+        Ok(Some(Deferral {
+            at: from_millis(OP, at)?,
+            until: from_millis(OP, until)?,
+            cause: fields.get("cause").cloned().unwrap_or_default(),
         }))
     }
 
