@@ -5,7 +5,9 @@
 //!
 //! Labels come from closed sets only (lanes, configured numbers, dead-letter reasons, known
 //! error codes, deferral causes, status values): a job id or a recipient would give every job
-//! its own series.
+//! its own series. Every label value is a snake_case token; the human phrase stays in the logs.
+//! [`install`] puts every series of a closed set on the page at 0, so `rate()` and absence
+//! alerts see a quiet process, not a missing one.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -73,6 +75,32 @@ pub const WEBHOOK_STATUS_LAG: &str = "wa_webhook_status_lag_seconds";
 pub const ESTIMATED_COST: &str = "wa_estimated_cost_micros_total";
 /// HTTP requests answered, by route and status.
 pub const HTTP_REQUESTS: &str = "wa_http_requests_total";
+/// 1, labelled with this build's version (the Prometheus `*_build_info` convention).
+pub const BUILD_INFO: &str = "wa_build_info";
+
+/// The `scope` values of [`HALTS`]: `store::HaltScope::kind` of each scope (a unit test holds
+/// the two together; the store's scopes carry ids, so there is no list of them to borrow).
+pub const HALT_SCOPES: [&str; 4] = ["number", "waba", "token", "app"];
+
+/// The `status` values of [`WEBHOOK_STATUSES`]: the webhook's `MessageStatus::label` of each
+/// status Meta sends, and `other` (a unit test holds the two together).
+pub const STATUSES: [&str; 8] = [
+    "sent",
+    "delivered",
+    "read",
+    "played",
+    "failed",
+    "deleted",
+    "warning",
+    "other",
+];
+
+/// The `code` of [`CLOUD_API_ERRORS`] for a code this build does not know.
+const CODE_OTHER: &str = "other";
+/// The `code` of [`CLOUD_API_ERRORS`] for a request that did not reach Meta.
+const CODE_NOT_SENT: &str = "not_sent";
+/// The `code` of [`CLOUD_API_ERRORS`] for a request that left without an answer.
+const CODE_AMBIGUOUS: &str = "ambiguous";
 
 /// How often histogram samples are folded into their buckets when nobody scrapes: without it
 /// they would pile up in memory.
@@ -82,15 +110,17 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// every server merges the same [`router`] without the handle threaded through its builder.
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the Prometheus recorder for this process (once; later calls do nothing) and
-/// describes every metric. Before it, and in processes that never call it (tests, the demo),
-/// recording costs next to nothing and `/metrics` answers 404.
+/// Installs the Prometheus recorder for this process (once; later calls do nothing), describes
+/// every metric and puts each series of a closed label set at 0. Before it, and in processes
+/// that never call it (tests, the demo), recording costs next to nothing and `/metrics`
+/// answers 404.
 pub fn install() {
     HANDLE.get_or_init(|| {
         let handle = builder()
             .install_recorder()
             .expect("the metrics recorder is installed once per process");
         describe();
+        initialise();
         let upkeep = handle.clone();
         std::thread::Builder::new()
             .name("metrics-upkeep".into())
@@ -221,6 +251,54 @@ fn describe() {
         "Estimated cost of billable messages in millionths of the currency, by pricing category"
     );
     describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status");
+    describe_gauge!(BUILD_INFO, "1, labelled with the version of this build");
+}
+
+/// [`BUILD_INFO`] at 1, and every series whose labels come from a closed set at 0: a series is
+/// otherwise absent until its first event, and `rate()` or an absence alert cannot tell a
+/// quiet process from one that never counts. Every process gets them all, as it gets one
+/// recorder whatever it runs. Left out: series per configured number (not known here; the
+/// worker's pacer sets its gauges at start), per known error code (no list of them), per
+/// rate-card category, and sampled gauges, where a 0 before the first sample would be a
+/// claim nobody measured.
+fn initialise() {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // The worker's.
+    for outcome in JobOutcome::ALL {
+        for lane in Lane::ALL {
+            counter!(JOBS, "outcome" => outcome.label(), "lane" => lane.as_str()).increment(0);
+        }
+    }
+    for reason in DeadReason::ALL {
+        counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
+    }
+    for cause in DeferCause::ALL {
+        counter!(DEFERRALS, "cause" => cause.as_str()).increment(0);
+    }
+    for code in [CODE_OTHER, CODE_NOT_SENT, CODE_AMBIGUOUS] {
+        counter!(CLOUD_API_ERRORS, "code" => code).increment(0);
+    }
+    for scope in HALT_SCOPES {
+        counter!(HALTS, "scope" => scope).increment(0);
+    }
+    gauge!(JOBS_IN_FLIGHT).increment(0.0);
+    // The webhook process's.
+    for status in STATUSES {
+        counter!(WEBHOOK_STATUSES, "status" => status).increment(0);
+    }
+    for name in [
+        WEBHOOK_BODIES,
+        WEBHOOK_DUPLICATES,
+        WEBHOOK_STALE,
+        WEBHOOK_PARKED,
+        WEBHOOK_REQUEUED,
+    ] {
+        counter!(name).increment(0);
+    }
+    // A histogram is on the page, empty, once registered.
+    for name in [CLOUD_API_DURATION, PACING_WAIT, WEBHOOK_STATUS_LAG] {
+        let _registered = histogram!(name);
+    }
 }
 
 /// `GET /metrics`: the Prometheus text format. Merge it outside any authentication, like the
@@ -275,7 +353,17 @@ pub enum JobOutcome {
 }
 
 impl JobOutcome {
-    fn label(self) -> &'static str {
+    /// Every outcome.
+    pub const ALL: [JobOutcome; 5] = [
+        JobOutcome::Sent,
+        JobOutcome::AlreadyDone,
+        JobOutcome::Deferred,
+        JobOutcome::DeadLettered,
+        JobOutcome::Requeued,
+    ];
+
+    /// The `outcome` label.
+    pub fn label(self) -> &'static str {
         match self {
             JobOutcome::Sent => "sent",
             JobOutcome::AlreadyDone => "already_done",
@@ -296,9 +384,112 @@ pub fn dead_lettered(reason: DeadReason) {
     counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
 }
 
-/// A job was deferred for `cause` (the pipeline's short causes, a closed set of phrases).
-pub fn deferred(cause: &str) {
-    counter!(DEFERRALS, "cause" => cause.to_owned()).increment(1);
+/// A job was deferred for `why`, the pipeline's short cause (a phrase or a token), counted
+/// under its [`DeferCause`].
+pub fn deferred(why: &str) {
+    counter!(DEFERRALS, "cause" => DeferCause::of(why).as_str()).increment(1);
+}
+
+/// Why a job was deferred, as the `cause` label of [`DEFERRALS`]. The pipeline says it in
+/// words for the logs and the `job.deferred` event (`sending halted`); the label is a token
+/// (`sending_halted`), and a cause this list does not know is `other`, so that a new phrase
+/// can neither put a space in a label nor make series without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeferCause {
+    /// A transient failure: tried again after a backoff.
+    Retry,
+    /// A Meta rate limit (130429, 131056, 4, 80007): waits without spending an attempt.
+    Throttled,
+    /// A halt of its number, portfolio, token or app: waits for the cool-down.
+    SendingHalted,
+    /// Its template is paused (by admission, or by Meta's 132015).
+    TemplatePaused,
+    /// Meta asked for a pause before this user is written to again (131049).
+    RecipientCooldown,
+    /// Its send got no answer; the at-most-once job waits for a status webhook.
+    AmbiguousSend,
+    /// Still waiting for the status webhook of an earlier ambiguous send.
+    AwaitingWebhook,
+    /// Redis did not answer: nothing claimed, nothing sent.
+    StoreUnavailable,
+    /// Its `not_before` lies ahead (the first deferral of a scheduled job).
+    NotBefore,
+    /// One more hop through a shorter delay queue of a wait already announced.
+    NotYetDue,
+    /// Another live worker holds its claim.
+    ClaimedElsewhere,
+    /// Its campaign is paused.
+    CampaignPaused,
+    /// The template registry has not been synced yet.
+    RegistryNotSynced,
+    /// The portfolio's messaging tier is used up.
+    TierExhausted,
+    /// The pair rate to this recipient is used up.
+    PairRate,
+    /// A cause this build's list does not know.
+    Other,
+}
+
+impl DeferCause {
+    /// Every cause, `other` last.
+    pub const ALL: [DeferCause; 16] = [
+        DeferCause::Retry,
+        DeferCause::Throttled,
+        DeferCause::SendingHalted,
+        DeferCause::TemplatePaused,
+        DeferCause::RecipientCooldown,
+        DeferCause::AmbiguousSend,
+        DeferCause::AwaitingWebhook,
+        DeferCause::StoreUnavailable,
+        DeferCause::NotBefore,
+        DeferCause::NotYetDue,
+        DeferCause::ClaimedElsewhere,
+        DeferCause::CampaignPaused,
+        DeferCause::RegistryNotSynced,
+        DeferCause::TierExhausted,
+        DeferCause::PairRate,
+        DeferCause::Other,
+    ];
+
+    /// The `cause` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferCause::Retry => "retry",
+            DeferCause::Throttled => "throttled",
+            DeferCause::SendingHalted => "sending_halted",
+            DeferCause::TemplatePaused => "template_paused",
+            DeferCause::RecipientCooldown => "recipient_cooldown",
+            DeferCause::AmbiguousSend => "ambiguous_send",
+            DeferCause::AwaitingWebhook => "awaiting_webhook",
+            DeferCause::StoreUnavailable => "store_unavailable",
+            DeferCause::NotBefore => "not_before",
+            DeferCause::NotYetDue => "not_yet_due",
+            DeferCause::ClaimedElsewhere => "claimed_elsewhere",
+            DeferCause::CampaignPaused => "campaign_paused",
+            DeferCause::RegistryNotSynced => "registry_not_synced",
+            DeferCause::TierExhausted => "tier_exhausted",
+            DeferCause::PairRate => "pair_rate",
+            DeferCause::Other => "other",
+        }
+    }
+
+    /// The cause of the pipeline's `why`: its phrases (the pipeline's stages), or a token
+    /// already (admission's `DeferReason::label`, `retry`, `throttled`).
+    pub fn of(why: &str) -> DeferCause {
+        match why {
+            "sending halted" => DeferCause::SendingHalted,
+            "template paused" => DeferCause::TemplatePaused,
+            "recipient cool-down" => DeferCause::RecipientCooldown,
+            "ambiguous send" => DeferCause::AmbiguousSend,
+            "waiting for a webhook after an ambiguous send" => DeferCause::AwaitingWebhook,
+            "store unavailable" => DeferCause::StoreUnavailable,
+            "not yet due" => DeferCause::NotYetDue,
+            token => DeferCause::ALL
+                .into_iter()
+                .find(|cause| cause.as_str() == token)
+                .unwrap_or(DeferCause::Other),
+        }
+    }
 }
 
 /// Meta accepted a send from `phone_number_id` (a configured number).
@@ -314,7 +505,7 @@ pub fn cloud_api_call(took: Duration) {
 /// Meta answered a send with error `code`.
 pub fn cloud_api_error(code: i64) {
     let label = match ErrorCode::from(code) {
-        ErrorCode::Unknown(_) => "other".to_owned(),
+        ErrorCode::Unknown(_) => CODE_OTHER.to_owned(),
         known => known.as_i64().to_string(),
     };
     counter!(CLOUD_API_ERRORS, "code" => label).increment(1);
@@ -322,7 +513,11 @@ pub fn cloud_api_error(code: i64) {
 
 /// A send failed without Meta's answer: `ambiguous` when it may have arrived, else not sent.
 pub fn cloud_api_unanswered(ambiguous: bool) {
-    let label = if ambiguous { "ambiguous" } else { "not_sent" };
+    let label = if ambiguous {
+        CODE_AMBIGUOUS
+    } else {
+        CODE_NOT_SENT
+    };
     counter!(CLOUD_API_ERRORS, "code" => label).increment(1);
 }
 
@@ -368,7 +563,7 @@ pub fn broker_node(left: Option<&str>, node: &str) {
     gauge!(BROKER_NODE, "node" => node.to_owned()).set(1.0);
 }
 
-/// Sending was halted for `scope` (`number`, `waba`, `token`, `app`).
+/// Sending was halted for `scope`, one of [`HALT_SCOPES`].
 pub fn halted(scope: &'static str) {
     counter!(HALTS, "scope" => scope).increment(1);
 }
@@ -433,6 +628,154 @@ mod tests {
         let handle = recorder.handle();
         handle.run_upkeep();
         handle.render()
+    }
+
+    /// Each label of a scrape as (series, label, value).
+    fn labels(text: &str) -> Vec<(&str, &str, &str)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('{'))
+            .flat_map(|(series, rest)| {
+                let labels = rest.rsplit_once("\"}").map_or(rest, |(labels, _)| labels);
+                labels
+                    .split("\",")
+                    .filter_map(|pair| pair.split_once("=\""))
+                    .map(move |(label, value)| (series, label, value))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn installing_shows_every_closed_series_at_zero_and_the_build_at_one() {
+        let text = scraped(initialise);
+        let version = env!("CARGO_PKG_VERSION");
+        let mut lines = vec![
+            format!(r#"wa_build_info{{version="{version}"}} 1"#),
+            r#"wa_jobs_total{outcome="requeued",lane="otp"} 0"#.to_owned(),
+            r#"wa_cloud_api_errors_total{code="ambiguous"} 0"#.to_owned(),
+            r#"wa_webhook_statuses_total{status="other"} 0"#.to_owned(),
+            "wa_webhook_requeued_total 0".to_owned(),
+            "wa_jobs_in_flight 0".to_owned(),
+            "wa_cloud_api_duration_seconds_count 0".to_owned(),
+        ];
+        lines
+            .extend(DeadReason::ALL.map(|r| format!(r#"wa_dead_letters_total{{reason="{r}"}} 0"#)));
+        lines.extend(
+            DeferCause::ALL.map(|c| format!(r#"wa_deferrals_total{{cause="{}"}} 0"#, c.as_str())),
+        );
+        lines.extend(HALT_SCOPES.map(|s| format!(r#"wa_halts_total{{scope="{s}"}} 0"#)));
+        for line in lines {
+            assert!(text.contains(&format!("{line}\n")), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_label_value_is_a_token() {
+        let text = scraped(|| {
+            initialise();
+            for (why, _) in PIPELINE_PHRASES {
+                deferred(why);
+            }
+            deferred("a phrase nobody listed");
+            halted("waba");
+            cloud_api_error(131_026);
+        });
+        let labels = labels(&text);
+        assert!(labels.len() > 60, "{labels:?}");
+        for (series, label, value) in labels {
+            assert!(!value.contains(' '), "{series}: {label}={value:?}");
+            // A version and a bucket's bound are numbers, not tokens.
+            if matches!(label, "version" | "le") {
+                continue;
+            }
+            let token = !value.is_empty()
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            assert!(
+                token,
+                "{series}: {label}={value:?} is not a snake_case token"
+            );
+        }
+        assert!(
+            text.contains("wa_deferrals_total{cause=\"other\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    /// The phrases the pipeline's stages defer with (`Outcome::later`'s `why`).
+    const PIPELINE_PHRASES: [(&str, DeferCause); 11] = [
+        ("retry", DeferCause::Retry),
+        ("throttled", DeferCause::Throttled),
+        ("sending halted", DeferCause::SendingHalted),
+        ("template paused", DeferCause::TemplatePaused),
+        ("recipient cool-down", DeferCause::RecipientCooldown),
+        ("ambiguous send", DeferCause::AmbiguousSend),
+        (
+            "waiting for a webhook after an ambiguous send",
+            DeferCause::AwaitingWebhook,
+        ),
+        ("store unavailable", DeferCause::StoreUnavailable),
+        ("not_before", DeferCause::NotBefore),
+        ("not yet due", DeferCause::NotYetDue),
+        ("claimed_elsewhere", DeferCause::ClaimedElsewhere),
+    ];
+
+    #[test]
+    fn every_deferral_has_a_cause_of_its_own() {
+        for (why, cause) in PIPELINE_PHRASES {
+            assert_eq!(DeferCause::of(why), cause, "{why}");
+        }
+        use crate::policy::admission::DeferReason;
+        let reasons = [
+            DeferReason::NotBefore,
+            DeferReason::ClaimedElsewhere,
+            DeferReason::CampaignPaused,
+            DeferReason::TemplatePaused,
+            DeferReason::RegistryNotSynced,
+            DeferReason::TierExhausted { used: 1, limit: 1 },
+            DeferReason::PairRate,
+        ];
+        for reason in &reasons {
+            // Exhaustive: a new reason does not compile until it is listed above.
+            match reason {
+                DeferReason::NotBefore
+                | DeferReason::ClaimedElsewhere
+                | DeferReason::CampaignPaused
+                | DeferReason::TemplatePaused
+                | DeferReason::RegistryNotSynced
+                | DeferReason::TierExhausted { .. }
+                | DeferReason::PairRate => {}
+            }
+            assert_eq!(DeferCause::of(reason.label()).as_str(), reason.label());
+        }
+        assert_eq!(DeferCause::of("anything else"), DeferCause::Other);
+    }
+
+    #[test]
+    fn the_halt_scopes_and_statuses_are_those_their_owners_label() {
+        use crate::ids::{PhoneNumberId, WabaId};
+        use crate::store::HaltScope;
+        use crate::webhook::payload::{KNOWN_STATUSES, MessageStatus};
+        let scopes = [
+            HaltScope::Number(PhoneNumberId::parse("106540352242922").unwrap()),
+            HaltScope::Waba(WabaId::parse("102290129340398").unwrap()),
+            HaltScope::Token,
+            HaltScope::App,
+        ];
+        for scope in &scopes {
+            // Exhaustive: a new scope does not compile until it is listed above.
+            match scope {
+                HaltScope::Number(_) | HaltScope::Waba(_) | HaltScope::Token | HaltScope::App => {}
+            }
+        }
+        assert_eq!(scopes.map(|s| s.kind()), HALT_SCOPES);
+        let statuses: Vec<&str> = KNOWN_STATUSES
+            .split(", ")
+            .map(|s| MessageStatus::from(s).label())
+            .chain([MessageStatus::Other("new".into()).label()])
+            .collect();
+        assert_eq!(statuses, STATUSES);
     }
 
     #[test]

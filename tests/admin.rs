@@ -1,5 +1,5 @@
 //! The admin surface: the HTTP API (against Redis and the in-memory store), the CSV opt-in
-//! import, and the `wa-sender` binary's admin commands. Redis must run on 127.0.0.1:6379:
+//! import, campaign reports, and the `wa-sender` binary's admin commands. Redis must run on 127.0.0.1:6379:
 //! `redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no`.
 
 use std::collections::BTreeMap;
@@ -13,12 +13,13 @@ use tokio_util::sync::CancellationToken;
 use wa_sender::admin::Admin;
 use wa_sender::admin::http::AdminServer;
 use wa_sender::admin::import::{self, LineError, Observer, Rows};
-use wa_sender::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId};
+use wa_sender::event::DeadReason;
+use wa_sender::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId, Wamid};
 use wa_sender::policy::admission::{
     CampaignState, Consent, DeadWhy, OptInPolicy, PairRate, Request, Verdict,
 };
 use wa_sender::store::redis::RedisStore;
-use wa_sender::store::{JobKey, Store, Subject};
+use wa_sender::store::{Cost, JobKey, Store, Subject, Tally, WamidRecord};
 
 const TOKEN: &str = "test-admin-token-5f1c";
 const NUMBER: &str = "106540352242922";
@@ -26,6 +27,8 @@ const WABA: &str = "102290129340398";
 const NUMBER_2: &str = "106540352242923";
 const WABA_2: &str = "102290129340399";
 const USER: &str = "16505551234";
+/// The rate card's currency in `config/default.toml`, which the CLI reports in.
+const CURRENCY: &str = "USD";
 
 /// A Redis store under a key prefix of its own, and the prefix.
 async fn redis_with_prefix(test: &str) -> (Arc<RedisStore>, String) {
@@ -74,7 +77,9 @@ impl Drop for Api {
 }
 
 async fn serve(store: Arc<dyn Store>, pairs: &[(&str, &str)]) -> Api {
-    let admin = Admin::new(store, numbers(pairs)).unwrap();
+    let admin = Admin::new(store, numbers(pairs))
+        .unwrap()
+        .with_currency(CURRENCY);
     let server = AdminServer::bind("127.0.0.1:0", admin, &SecretString::from(TOKEN))
         .await
         .unwrap();
@@ -158,6 +163,12 @@ async fn a_missing_or_wrong_token_is_refused_and_changes_nothing(store: Arc<dyn 
             .json(&json!({ "wa_id": USER })),
         api.client.get(format!("{}/v1/no-such-route", api.base)),
     ];
+    let report = format!("{}/v1/campaigns/spring/report", api.base);
+    let attempts = attempts.into_iter().chain([
+        api.client.get(&report),
+        api.client.get(&report).bearer_auth("wrong"),
+        api.client.get(format!("{}/v1/report", api.base)),
+    ]);
     for attempt in attempts {
         let (status, body) = api.call(attempt).await;
         assert_eq!(status, 401, "{body}");
@@ -383,6 +394,190 @@ async fn bad_input_is_a_400_naming_the_field_and_changes_nothing(store: Arc<dyn 
             Consent::default()
         );
     }
+}
+
+/// Records in `waba` what the worker and the webhook processor would for one job of
+/// `campaign` (`None`: no campaign): accepted, then its `statuses` reached one by one, the
+/// first priced `marketing` at `micros`.
+async fn sent(
+    store: &dyn Store,
+    waba_id: &str,
+    job: &str,
+    campaign: Option<&str>,
+    statuses: &[&'static str],
+    micros: i64,
+) {
+    let key = JobKey {
+        waba: waba(waba_id),
+        job_id: JobId::parse(job).unwrap(),
+    };
+    let wamid = Wamid::parse(format!("wamid.{job}")).unwrap();
+    let record = WamidRecord {
+        job_id: job.into(),
+        campaign_id: campaign.map(Into::into),
+        traceparent: None,
+        metadata: Value::Null,
+        resend: None,
+    };
+    store.mark_sent(&key, &wamid, &record).await.unwrap();
+    let mut expected = None;
+    for (i, status) in statuses.iter().enumerate() {
+        let tally = Tally {
+            report: true,
+            campaign: campaign.map(|c| CampaignId::parse(c).unwrap()),
+            reached: vec![*status],
+            cost: (i == 0).then(|| Cost {
+                category: "marketing".into(),
+                micros,
+            }),
+        };
+        let applied = store
+            .apply_status(&waba(waba_id), &wamid, expected, status, &tally)
+            .await
+            .unwrap();
+        assert!(applied, "{job} {status}");
+        expected = Some(status);
+    }
+}
+
+/// A job of `campaign` dead-lettered for `reason` in `waba`.
+async fn dead(
+    store: &dyn Store,
+    waba_id: &str,
+    job: &str,
+    campaign: Option<&str>,
+    reason: DeadReason,
+) {
+    let key = JobKey {
+        waba: waba(waba_id),
+        job_id: JobId::parse(job).unwrap(),
+    };
+    let campaign = campaign.map(|c| CampaignId::parse(c).unwrap());
+    store
+        .mark_dead(&key, reason, campaign.as_ref())
+        .await
+        .unwrap();
+}
+
+/// Spring: four jobs accepted over two portfolios (two delivered, one of them read, one
+/// failed) and one dead-lettered; outside it, one more accepted and one more dead-lettered.
+async fn spring_and_more(store: &dyn Store) {
+    sent(
+        store,
+        WABA,
+        "s1",
+        Some("spring"),
+        &["sent", "delivered", "read"],
+        150_200,
+    )
+    .await;
+    sent(
+        store,
+        WABA,
+        "s2",
+        Some("spring"),
+        &["sent", "delivered"],
+        150_200,
+    )
+    .await;
+    sent(store, WABA_2, "s3", Some("spring"), &["sent"], 27_500).await;
+    sent(
+        store,
+        WABA_2,
+        "s4",
+        Some("spring"),
+        &["sent", "failed"],
+        27_500,
+    )
+    .await;
+    dead(store, WABA_2, "s5", Some("spring"), DeadReason::NoOptIn).await;
+    sent(store, WABA, "o1", None, &["sent", "delivered"], 4_400).await;
+    dead(store, WABA, "o2", Some("autumn"), DeadReason::Expired).await;
+}
+
+on_both_stores!(reports_sum_a_campaign_and_the_portfolios_over_every_waba);
+async fn reports_sum_a_campaign_and_the_portfolios_over_every_waba(store: Arc<dyn Store>) {
+    let api = serve(store.clone(), &[(NUMBER, WABA), (NUMBER_2, WABA_2)]).await;
+    spring_and_more(store.as_ref()).await;
+
+    let (status, spring) = api.get("/v1/campaigns/spring/report").await;
+    assert_eq!(status, 200, "{spring}");
+    assert_eq!(
+        spring,
+        json!({
+            "campaign_id": "spring",
+            "accepted": 4,
+            "statuses": {"sent": 4, "delivered": 2, "read": 1, "failed": 1},
+            "dead_lettered": {"no_opt_in": 1},
+            "delivery_rate": 0.5,
+            "read_rate": 0.5,
+            "cost": {
+                "currency": CURRENCY,
+                "total": "0.3554",
+                "categories": {"marketing": {"messages": 4, "cost": "0.3554"}},
+            },
+        })
+    );
+
+    let (status, all) = api.get("/v1/report").await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["campaign_id"], Value::Null);
+    assert_eq!(all["accepted"], 5, "{all}");
+    assert_eq!(all["statuses"]["delivered"], 3, "{all}");
+    assert_eq!(
+        all["dead_lettered"],
+        json!({"no_opt_in": 1, "expired": 1}),
+        "{all}"
+    );
+    assert_eq!(all["delivery_rate"], 0.6, "{all}");
+    assert_eq!(all["cost"]["total"], "0.3598", "{all}");
+
+    // A campaign nothing was recorded for is all zeros, its rates unknown.
+    let (status, winter) = api.get("/v1/campaigns/winter/report").await;
+    assert_eq!(status, 200, "{winter}");
+    assert_eq!(
+        (winter["accepted"].clone(), winter["delivery_rate"].clone()),
+        (json!(0), Value::Null),
+        "{winter}"
+    );
+    let (status, body) = api
+        .get(&format!("/v1/campaigns/{}/report", "x".repeat(129)))
+        .await;
+    assert_eq!((status, body["field"].clone()), (400, json!("campaign_id")));
+}
+
+/// The HTTP API's reports are the CLI's `--json` reports, figure for figure.
+#[tokio::test]
+async fn http_reports_are_the_cli_reports() {
+    let (store, prefix) = redis_with_prefix("report-cli").await;
+    spring_and_more(store.as_ref()).await;
+    let api = serve(store.clone(), &[(NUMBER, WABA)]).await;
+    let number_waba = format!("WA_SENDER__NUMBERS__{NUMBER}__WABA_ID");
+    let env = [
+        ("WA_SENDER__REDIS__KEY_PREFIX", prefix.as_str()),
+        (number_waba.as_str(), WABA),
+    ];
+    for (args, path) in [
+        (
+            &["campaign", "report", "spring", "--json"][..],
+            "/v1/campaigns/spring/report",
+        ),
+        (&["campaign", "report", "--all", "--json"][..], "/v1/report"),
+    ] {
+        let output = wa_sender(args, &env).output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cli: Value = serde_json::from_str(&stdout).unwrap();
+        let (status, http) = api.get(path).await;
+        assert_eq!(status, 200, "{http}");
+        assert_eq!(http, cli, "{path} against {args:?}");
+        assert!(http["accepted"].as_u64().unwrap() > 0, "{http}");
+    }
+    store.delete_all().await.unwrap();
 }
 
 /// A free-form message to `USER` from `NUMBER`, as admission sees it.

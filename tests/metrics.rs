@@ -1,6 +1,7 @@
-//! `/metrics` of the real binary: the worker's series after jobs were sent, deferred and
-//! dead-lettered, and the webhook process's after signed bodies were posted, each with the
-//! counts the jobs and bodies must have produced.
+//! `/metrics` of the real binary: every series of a closed label set at 0 before anything
+//! happened, the worker's series after jobs were sent, deferred and dead-lettered, and the
+//! webhook process's after signed bodies were posted, each with the counts the jobs and bodies
+//! must have produced.
 
 mod common;
 
@@ -11,7 +12,9 @@ use std::time::Duration;
 use common::node::free_port;
 use common::{NUMBER, WABA, spawn_app, text_job};
 use serde_json::{Value, json};
+use wa_sender::event::DeadReason;
 use wa_sender::job::Lane;
+use wa_sender::metrics::{DeferCause, HALT_SCOPES, JobOutcome, STATUSES};
 
 /// A scrape: each sample line `name{labels} value`, keyed by `name{labels}` with the labels
 /// sorted, so a query need not know the order the exporter prints them in.
@@ -59,9 +62,14 @@ impl Scrape {
 }
 
 async fn scrape(base: &str) -> Option<Scrape> {
+    Some(Scrape::parse(&scrape_text(base).await?))
+}
+
+/// `/metrics` as served; `None` while the process does not answer yet.
+async fn scrape_text(base: &str) -> Option<String> {
     let answer = reqwest::get(format!("{base}/metrics")).await.ok()?;
     assert_eq!(answer.status(), 200, "/metrics answers 200");
-    Some(Scrape::parse(&answer.text().await.ok()?))
+    answer.text().await.ok()
 }
 
 /// Scrapes until `until` holds; panics with the last scrape after `timeout`.
@@ -94,6 +102,91 @@ fn spawn_worker(app: &common::TestApp) -> (tokio::process::Child, String) {
         .spawn()
         .expect("the wa-sender binary starts");
     (worker, format!("http://127.0.0.1:{port}"))
+}
+
+/// The label values of a scrape's sample lines, each with its line.
+fn label_values(text: &str) -> Vec<(&str, &str)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| Some((l, l.split_once('{')?.1.rsplit_once("\"}")?.0)))
+        .flat_map(|(line, labels)| {
+            labels
+                .split("\",")
+                .filter_map(|pair| pair.split_once("=\""))
+                .map(move |(_, value)| (line, value))
+        })
+        .collect()
+}
+
+/// Before its first job, a worker already shows every series an SRE alerts on, at 0: a quiet
+/// worker is not a missing one to `rate()` or to an absence alert. Its build is at 1, and no
+/// label value holds a space.
+#[tokio::test]
+async fn a_worker_shows_every_series_at_zero_before_its_first_job() {
+    let app = spawn_app("metrics-zero", |_, _| {}).await;
+    let (_worker, base) = spawn_worker(&app);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        if let Some(text) = scrape_text(&base).await {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/metrics never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let m = Scrape::parse(&text);
+
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        m.0.get(&key(&format!(r#"wa_build_info{{version="{version}"}}"#))),
+        Some(&1.0),
+        "{m:#?}"
+    );
+    let mut zeros: Vec<String> = [
+        "wa_webhook_bodies_total",
+        "wa_webhook_duplicates_total",
+        "wa_webhook_stale_total",
+        "wa_webhook_parked_total",
+        "wa_webhook_requeued_total",
+        "wa_jobs_in_flight",
+        "wa_cloud_api_duration_seconds_count",
+        "wa_pacing_wait_seconds_count",
+        "wa_webhook_status_lag_seconds_count",
+    ]
+    .map(str::to_owned)
+    .into();
+    for outcome in JobOutcome::ALL {
+        for lane in Lane::ALL {
+            let (outcome, lane) = (outcome.label(), lane.as_str());
+            zeros.push(format!(
+                r#"wa_jobs_total{{outcome="{outcome}",lane="{lane}"}}"#
+            ));
+        }
+    }
+    zeros.extend(DeadReason::ALL.map(|r| format!(r#"wa_dead_letters_total{{reason="{r}"}}"#)));
+    zeros.extend(
+        DeferCause::ALL.map(|c| format!(r#"wa_deferrals_total{{cause="{}"}}"#, c.as_str())),
+    );
+    zeros.extend(
+        ["other", "not_sent", "ambiguous"]
+            .map(|c| format!(r#"wa_cloud_api_errors_total{{code="{c}"}}"#)),
+    );
+    zeros.extend(HALT_SCOPES.map(|s| format!(r#"wa_halts_total{{scope="{s}"}}"#)));
+    zeros.extend(STATUSES.map(|s| format!(r#"wa_webhook_statuses_total{{status="{s}"}}"#)));
+    let missing: Vec<&String> = zeros
+        .iter()
+        .filter(|series| m.0.get(&key(series)) != Some(&0.0))
+        .collect();
+    assert!(missing.is_empty(), "not at 0: {missing:#?}\nin {m:#?}");
+
+    let spaced: Vec<_> = label_values(&text)
+        .into_iter()
+        .filter(|(_, value)| value.contains(' '))
+        .collect();
+    assert!(spaced.is_empty(), "label values with a space: {spaced:#?}");
+    app.cleanup().await;
 }
 
 #[tokio::test]

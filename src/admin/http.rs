@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq;
 use tracing::warn;
 
 use super::dead::{DeadLetterView, DeadQuery, DeadSummary, JobStatus, ReplayReport};
+use super::report::CampaignReport;
 use super::{Admin, AdminError, ConsentChange};
 use crate::health::Health;
 use crate::job::Lane;
@@ -60,6 +61,8 @@ pub fn router(admin: Admin, token: &SecretString) -> Router {
         .route("/v1/campaigns/{id}/pause", post(pause))
         .route("/v1/campaigns/{id}/resume", post(resume))
         .route("/v1/campaigns/{id}/cancel", post(cancel))
+        .route("/v1/campaigns/{id}/report", get(campaign_report))
+        .route("/v1/report", get(portfolio_report))
         .route("/v1/consent/opt-in", post(opt_in))
         .route("/v1/consent/opt-out", post(opt_out))
         .route("/v1/consent/{waba_id}/{wa_id}", get(consent))
@@ -192,6 +195,19 @@ async fn campaign(
     Path(id): Path<String>,
 ) -> Answer<super::CampaignStatus> {
     Ok(Json(s.admin.campaign(&id).await?))
+}
+
+/// `wa-sender campaign report <id> --json`.
+async fn campaign_report(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Answer<CampaignReport> {
+    Ok(Json(s.admin.report(Some(&id), s.admin.currency()).await?))
+}
+
+/// `wa-sender campaign report --all --json`: every job of the configured portfolios.
+async fn portfolio_report(State(s): State<AppState>) -> Answer<CampaignReport> {
+    Ok(Json(s.admin.report(None, s.admin.currency()).await?))
 }
 
 async fn halts(State(s): State<AppState>) -> Answer<Vec<crate::store::Halt>> {

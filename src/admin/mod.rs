@@ -118,6 +118,8 @@ pub struct Admin {
     numbers: Arc<BTreeMap<PhoneNumberId, WabaId>>,
     /// The queues, for the dead-letter operations ([`dead`]); the others need only the store.
     broker: Option<Arc<RabbitBroker>>,
+    /// The rate card's currency, which the HTTP API's reports show their costs in.
+    currency: Option<Arc<str>>,
 }
 
 impl Admin {
@@ -136,6 +138,7 @@ impl Admin {
             store,
             numbers: Arc::new(numbers),
             broker: None,
+            currency: None,
         })
     }
 
@@ -143,6 +146,15 @@ impl Admin {
     pub fn with_broker(self, broker: Arc<RabbitBroker>) -> Self {
         Self {
             broker: Some(broker),
+            ..self
+        }
+    }
+
+    /// The same operations, with the rate card's `currency` (`pricing.currency`) for the
+    /// reports the HTTP API serves.
+    pub fn with_currency(self, currency: &str) -> Self {
+        Self {
+            currency: Some(currency.into()),
             ..self
         }
     }

@@ -1,5 +1,6 @@
-//! `wa-sender campaign report`: a campaign's outcomes, rates and estimated cost, summed over
-//! every configured portfolio (a campaign may send from numbers of several).
+//! `wa-sender campaign report` and `GET /v1/campaigns/{id}/report`: a campaign's outcomes,
+//! rates and estimated cost, summed over every configured portfolio (a campaign may send from
+//! numbers of several).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -51,6 +52,12 @@ pub struct CategoryCost {
 }
 
 impl Admin {
+    /// The rate card's currency given with [`Admin::with_currency`]; empty without it (the
+    /// CLI passes its own to [`Admin::report`]).
+    pub fn currency(&self) -> &str {
+        self.currency.as_deref().unwrap_or_default()
+    }
+
     /// A campaign's report (`None`: every job's), with costs in `currency`.
     pub async fn report(
         &self,

@@ -153,7 +153,7 @@ pub async fn connect_store(settings: &Runtime) -> Result<Arc<RedisStore>, StoreE
 pub async fn admin(settings: &Runtime) -> anyhow::Result<Admin> {
     let numbers = settings.number_wabas()?;
     let store = connect_store(settings).await?;
-    Ok(Admin::new(store, numbers)?)
+    Ok(Admin::new(store, numbers)?.with_currency(&settings.pricing.currency))
 }
 
 /// The admin operations with the queues too: the dead-letter commands and the admin API.
