@@ -19,7 +19,8 @@ use wa_sender::policy::template::TemplateDefinition;
 use wa_sender::store::memory::MemoryStore;
 use wa_sender::store::redis::{Deployment, RedisStore};
 use wa_sender::store::{
-    Booked, Cost, Deferral, Heartbeat, JobKey, Message, Report, SlotAsk, Store, Subject, Tally, WamidRecord,
+    Booked, Cost, Deferral, Heartbeat, JobKey, Message, Report, SlotAsk, Store, Subject, Tally,
+    WamidRecord,
 };
 
 const WABA: &str = "102290129340398";
@@ -692,6 +693,48 @@ async fn booked_admission(store: &dyn Store) {
         store.book_slot(&waba(), &number, t, ms(100)).await.unwrap(),
         ms(200)
     );
+    // A refusal (free-form outside the window) and a deferral (the pair rate of a recipient
+    // just written to, burst spent) are answered at once and take no slot from the jobs that
+    // can go: the next slot is still the one after the 200 ms booked above.
+    let closed = subject("refused", "4915100000063", None);
+    let refused = store.book_and_admit(&closed, &req, &ask).await.unwrap();
+    assert!(
+        matches!(
+            refused,
+            Booked::Admitted {
+                wait: Duration::ZERO,
+                verdict: Verdict::Dead { .. }
+            }
+        ),
+        "{refused:?}"
+    );
+    let mut spent = request(t, false);
+    spent.pair.burst = 1;
+    let again = subject("slot-3", b, None);
+    let deferred = store.book_and_admit(&again, &spent, &ask).await.unwrap();
+    assert!(
+        matches!(
+            deferred,
+            Booked::Admitted {
+                wait: Duration::ZERO,
+                verdict: Verdict::Defer {
+                    why: DeferReason::PairRate,
+                    ..
+                }
+            }
+        ),
+        "{deferred:?}"
+    );
+    assert_eq!(
+        store.job(&key("refused")).await.unwrap(),
+        None,
+        "nothing claimed"
+    );
+    assert_eq!(
+        store.book_slot(&waba(), &number, t, ms(100)).await.unwrap(),
+        ms(300),
+        "neither took a slot"
+    );
 }
 
 /// Consent, campaigns, heartbeats and locks read back what was written.
@@ -1070,4 +1113,226 @@ async fn redis_admission_is_one_round_trip() {
         "slot and admission in one request"
     );
     store.delete_all().await.unwrap();
+}
+
+/// What Meta's account webhooks record, read back as admission and the worker read it: a
+/// template's new category (marketing opt-outs now apply), the portfolio's messaging limit,
+/// display numbers paired with their ids, and account halts, kept apart from the halts errors
+/// raise, reported at most ten minutes ahead, lifted by their own end or by an operator.
+async fn account_webhook_state(store: &dyn Store) {
+    use wa_sender::store::{ACCOUNT_HALT_RECHECK, Halt, HaltScope, UNTIL_LIFTED};
+    let t = now();
+    let w = waba();
+    let no_opt_in = |t| Request {
+        opt_in: OptInPolicy {
+            marketing: false,
+            utility: false,
+            authentication: false,
+        },
+        ..request(t, true)
+    };
+    store
+        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
+        .await
+        .unwrap();
+    let user = "4915100000070";
+    store
+        .record_opt_out(&w, &WaId::parse(user).unwrap(), Some(mark(t, "test")))
+        .await
+        .unwrap();
+    let send = |id: &'static str| {
+        let s = subject(id, user, Some("order_update"));
+        async move { admit(store, &s, &no_opt_in(t)).await }
+    };
+    assert_eq!(
+        send("c1").await,
+        Verdict::Send { fallback: false },
+        "a utility template"
+    );
+    assert!(
+        store
+            .set_template_category(&w, "order_update", "en_US", Category::Marketing)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        dead_reason(&send("c2").await),
+        Some(DeadReason::OptedOutMarketing),
+        "marketing now: the opt-out applies"
+    );
+    let registry = store.templates(&w).await.unwrap();
+    assert_eq!(registry[0].category(), Some(Category::Marketing));
+    assert_eq!(
+        registry[0].status, "APPROVED",
+        "the rest of the definition stays"
+    );
+    assert!(
+        !store
+            .set_template_category(&w, "unknown", "en_US", Category::Marketing)
+            .await
+            .unwrap(),
+        "a template not in the registry waits for a sync"
+    );
+
+    assert_eq!(store.tier_limit(&w).await.unwrap(), None);
+    // "c1" reached one user outside the window: one of the 2.
+    store.set_tier_limit(&w, Some(2)).await.unwrap();
+    assert_eq!(store.tier_limit(&w).await.unwrap(), Some(Some(2)));
+    store
+        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
+        .await
+        .unwrap();
+    let tier_send = |id: &'static str, to: &'static str| {
+        let s = subject(id, to, Some("order_update"));
+        async move { admit(store, &s, &no_opt_in(t)).await }
+    };
+    assert_eq!(
+        tier_send("l1", "4915100000071").await,
+        Verdict::Send { fallback: false }
+    );
+    assert!(matches!(
+        tier_send("l2", "4915100000072").await,
+        Verdict::Defer {
+            why: DeferReason::TierExhausted { used: 2, limit: 2 },
+            ..
+        }
+    ));
+    store.set_tier_limit(&w, None).await.unwrap();
+    assert_eq!(store.tier_limit(&w).await.unwrap(), Some(None), "unlimited");
+
+    let (a, b) = (
+        PhoneNumberId::parse(NUMBER).unwrap(),
+        PhoneNumberId::parse("106540352242923").unwrap(),
+    );
+    assert!(store.display_numbers(&w).await.unwrap().is_empty());
+    store
+        .record_display_number(&w, "15550783881", &a)
+        .await
+        .unwrap();
+    store
+        .record_display_number(&w, "15550783882", &a)
+        .await
+        .unwrap();
+    store
+        .record_display_number(&w, "15550783882", &b)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.display_numbers(&w).await.unwrap(),
+        std::collections::BTreeMap::from([
+            ("15550783881".to_owned(), a.clone()),
+            ("15550783882".to_owned(), b.clone()),
+        ])
+    );
+    assert!(
+        store
+            .display_numbers(&WabaId::parse("102290129340399").unwrap())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let scope = HaltScope::Waba(w.clone());
+    let halt = |code: i64, until: DateTime<Utc>| Halt {
+        scope: scope.to_string(),
+        code,
+        cause: "test".into(),
+        at: t,
+        until,
+    };
+    let recheck = TimeDelta::from_std(ACCOUNT_HALT_RECHECK).unwrap();
+    let ends = |halts: Vec<Halt>| {
+        halts
+            .into_iter()
+            .map(|h| (h.scope, h.code, h.until))
+            .collect::<Vec<_>>()
+    };
+    let waba_scope = scope.to_string();
+    store
+        .raise_account_halt("disabled", &halt(0, UNTIL_LIFTED))
+        .await
+        .unwrap();
+    assert_eq!(
+        ends(store.halts(t).await.unwrap()),
+        [(waba_scope.clone(), 0, t + recheck)],
+        "no end, reported ten minutes ahead"
+    );
+    let month = t + secs(30 * 86_400);
+    assert_eq!(
+        ends(store.halts(month).await.unwrap()),
+        [(waba_scope.clone(), 0, month + recheck)],
+        "still in force a month later"
+    );
+    // A 368 and its cool-down on the same scope shorten nothing.
+    store.raise_halt(&halt(368, t + secs(60))).await.unwrap();
+    assert_eq!(
+        ends(store.halts(t + secs(120)).await.unwrap()),
+        [(waba_scope.clone(), 0, t + secs(120) + recheck)]
+    );
+    store
+        .raise_account_halt("restricted_business_initiated", &halt(0, t + secs(300)))
+        .await
+        .unwrap();
+    let number = HaltScope::Number(a.clone());
+    store
+        .raise_halt(&Halt {
+            scope: number.to_string(),
+            ..halt(131048, t + secs(600))
+        })
+        .await
+        .unwrap();
+    // Reinstated: the disabled halt goes; the restriction (until its end) and the number's
+    // halt stay.
+    assert!(store.lift_account_halt("disabled", &scope).await.unwrap());
+    assert!(!store.lift_account_halt("disabled", &scope).await.unwrap());
+    assert_eq!(
+        ends(store.halts(t).await.unwrap()),
+        [
+            (number.to_string(), 131048, t + secs(600)),
+            (waba_scope.clone(), 0, t + secs(300)),
+        ]
+    );
+    assert_eq!(
+        ends(store.halts(t + secs(301)).await.unwrap()),
+        [(number.to_string(), 131048, t + secs(600))],
+        "the restriction ended"
+    );
+    // An operator's resume lifts every halt of the scope, and only of that scope.
+    store
+        .raise_account_halt("deleted", &halt(0, UNTIL_LIFTED))
+        .await
+        .unwrap();
+    store.raise_halt(&halt(131031, t + secs(60))).await.unwrap();
+    assert!(store.lift_halt(&scope).await.unwrap());
+    assert_eq!(
+        ends(store.halts(t).await.unwrap()),
+        [(number.to_string(), 131048, t + secs(600))]
+    );
+    assert!(!store.lift_halt(&scope).await.unwrap());
+}
+
+#[tokio::test]
+async fn memory_store_keeps_account_webhook_state() {
+    account_webhook_state(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_account_webhook_state() {
+    let prefix = format!("t-account-{}", uuid::Uuid::new_v4().simple());
+    let store = RedisStore::connect("redis://127.0.0.1:6379/0", &prefix)
+        .await
+        .unwrap_or_else(|e| panic!("integration tests need Redis: {e}"));
+    account_webhook_state(&store).await;
+    store.delete_all().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_cluster_store_keeps_account_webhook_state() {
+    let cluster = common::node::RedisCluster::start("account", 3);
+    let urls = cluster.urls();
+    let prefix = format!("t-cluster-account-{}", uuid::Uuid::new_v4().simple());
+    let store = RedisStore::connect_to(Deployment::Cluster(&urls), &prefix)
+        .await
+        .unwrap_or_else(|e| panic!("the test's Redis Cluster: {e}"));
+    account_webhook_state(&store).await;
 }

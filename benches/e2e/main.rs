@@ -10,6 +10,8 @@
 //!   and another started mid-run.
 //! - `-- fairness [--backlog 6000 --others 80 --mps 80]`: a backlog on one number, a few jobs on
 //!   another; how soon the few are sent.
+//! - `-- refusals [--refused 2000 --sendable 2000 --mps 80]`: refused and sendable jobs of one
+//!   number interleaved; how soon each kind is done.
 //! - `-- topology [--numbers 500 --replicas 5 --queue quorum]`: what per-number queues cost the
 //!   broker.
 //! - `-- spans [--jobs 20000 --pairs 2]`: the worker with no tracing subscriber, with spans
@@ -384,6 +386,8 @@ fn main() {
         runtime.block_on(accuracy::run());
     } else if flag("fairness") {
         runtime.block_on(scheduling::fairness());
+    } else if flag("refusals") {
+        runtime.block_on(scheduling::refusals());
     } else if flag("topology") {
         runtime.block_on(scheduling::topology());
     } else if flag("spans") {

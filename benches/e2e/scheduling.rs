@@ -105,6 +105,93 @@ pub async fn fairness() {
     broker.close().await;
 }
 
+/// Refused and sendable jobs of one number, interleaved in its queue: how soon the sendable ones
+/// are all accepted (at `--mps`, 2,000 take 25 s if refusals cost no send slot, 50 s if each
+/// refusal waits for one), and how soon the refused ones are all dead-lettered.
+pub async fn refusals() {
+    let refused: usize = option("--refused").unwrap_or(2000);
+    let sendable: usize = option("--sendable").unwrap_or(2000);
+    let mps: u32 = option("--mps").unwrap_or(80);
+    let mut settings = settings("refusals");
+    settings.numbers.insert(A.into(), number(mps));
+    let mut scenario = Scenario::single(A, WABA, TOKEN);
+    scenario.numbers[0].throughput_mps = Some(mps);
+    let simulator = Simulator::start(scenario, "127.0.0.1:0")
+        .await
+        .expect("simulator");
+    settings.cloud.base_url = simulator.base_url();
+    let runtime = settings.runtime().expect("valid settings");
+    let (broker, store) = wa_sender::app::connect(&runtime)
+        .await
+        .expect("RabbitMQ and Redis");
+    let waba = WabaId::parse(WABA).unwrap();
+    let pnid = PhoneNumberId::parse(A).unwrap();
+    // Every other job a free-form text to a user whose care window is closed: dead-lettered
+    // outside_care_window by admission, before any call to Meta.
+    let total = refused + sendable;
+    let (mut refused_left, mut sendable_left) = (refused, sendable);
+    for i in 0..total {
+        let job = text_job(&format!("r-{i}"), A, i);
+        let refuse = refused_left > 0 && (sendable_left == 0 || i % 2 == 1);
+        if refuse {
+            refused_left -= 1;
+        } else {
+            sendable_left -= 1;
+            let to = WaId::parse(job["to"].as_str().unwrap()).unwrap();
+            store
+                .record_inbound(&waba, &pnid, &to, chrono::Utc::now())
+                .await
+                .unwrap();
+        }
+        wa_sender::app::enqueue(
+            broker.as_ref(),
+            Lane::Bulk,
+            serde_json::to_vec(&job).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut events = broker.tap(Tap::Events).await.unwrap();
+    let worker =
+        wa_sender::app::WorkerApp::with_parts(&runtime, broker.clone(), store.clone()).unwrap();
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
+    let (mut accepted, mut dead) = (0, 0);
+    let (mut accepted_at, mut dead_at) = (Duration::ZERO, Duration::ZERO);
+    while accepted + dead < total {
+        let tapped = tokio::time::timeout(Duration::from_secs(600), events.next())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .unwrap();
+        let event: Event = serde_json::from_slice(&tapped.envelope.body).unwrap();
+        match event.event.as_str() {
+            "message.accepted" => {
+                accepted += 1;
+                accepted_at = started.elapsed();
+            }
+            "job.dead_lettered" => {
+                dead += 1;
+                dead_at = started.elapsed();
+            }
+            _ => {}
+        }
+    }
+    println!(
+        "refusals: {dead} refused and {accepted} sendable jobs of one number at {mps} msg/s, interleaved: the sendable ones all accepted {:.1} s after the worker started ({:.1} s at the number's pace), the refused ones all dead-lettered after {:.1} s",
+        accepted_at.as_secs_f64(),
+        accepted as f64 / f64::from(mps),
+        dead_at.as_secs_f64()
+    );
+    shutdown.cancel();
+    let _ = worker.await;
+    simulator.stop();
+    broker.delete_topology().await.unwrap();
+    store.delete_all().await.unwrap();
+    broker.close().await;
+}
+
 pub async fn topology() {
     let numbers: usize = option("--numbers").unwrap_or(500);
     let replicas: usize = option("--replicas").unwrap_or(5);

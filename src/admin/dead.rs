@@ -467,7 +467,9 @@ impl Admin {
         };
         let record = self.store.job(&key).await?;
         let deferred = self.store.deferral(&key).await?;
-        let waiting = deferred.as_ref().is_some_and(|d| d.until > chrono::Utc::now());
+        let waiting = deferred
+            .as_ref()
+            .is_some_and(|d| d.until > chrono::Utc::now());
         let (state, wamid) = match record {
             Some(JobState::Ambiguous { .. }) => ("ambiguous", None),
             Some(JobState::Sent(wamid)) => ("sent", Some(wamid)),

@@ -270,9 +270,7 @@ impl RabbitBroker {
                         | lapin::protocol::AMQPErrorKind::Hard(lapin::protocol::AMQPHardError::NOTALLOWED)));
                 (e.to_string(), refused)
             })?;
-        let publisher = open_publisher(&connection)
-            .await
-            .map_err(|e| (e, false))?;
+        let publisher = open_publisher(&connection).await.map_err(|e| (e, false))?;
         Ok((connection, publisher))
     }
 

@@ -193,8 +193,10 @@ impl Pipeline {
         // rate admitted at one time would be spent at another, and a worker that dies between
         // claim and send leaves an ambiguous claim), so a job whose slot is not close waits for
         // it with nothing claimed, and is admitted after the wait. Only a slot close enough
-        // (ADMIT_WITH_SLOT) is admitted in the same request. A slot taken by a job admission
-        // then refuses is lost; that only slows a number whose jobs are being refused.
+        // (ADMIT_WITH_SLOT) is admitted in the same request. The request decides admission
+        // first: a job refused or deferred takes no slot and waits for none, so refusals never
+        // slow a number's sendable jobs (a slot is lost only when admission refuses after the
+        // wait, because something changed meanwhile).
         let number_id = decoded.job.phone_number_id.clone();
         let pacing = Instant::now();
         let Some(interval) = self.pacer.interval(&number_id) else {

@@ -11,6 +11,9 @@
 --       13 pair period ms, 14 pair burst, 15 care window ms, 16 tier window ms, 17 has campaign (0/1),
 --       18 recipient wa_id, 19 busy recheck ms, 20 campaign recheck ms, 21 template recheck ms,
 --       22 registry recheck ms, 23 pair margin ms
+-- `check_only` (a local the caller defines): decide, but on 'send' return the reply and the
+-- function that claims and charges, without calling it. A refusal or deferral is final either
+-- way (a stale claim it finds is marked ambiguous).
 -- Reply: {'send', fallback 0/1} | {'sent', wamid} | {'done'} | {'ambiguous', since}
 --        | {'defer', why, until[, used, limit]} | {'dead', why[, detail...]}
 local function ms(x) return string.format('%.0f', x) end
@@ -106,14 +109,20 @@ if p[1] and now < tonumber(p[1]) then
   end
 end
 
--- Admitted: claim, charge the pair and the tier.
-redis.call('HSET', KEYS[9], 'next', ms(nxt), 'start', ms(start), 'count', count)
-redis.call('PEXPIREAT', KEYS[9], ms(nxt))
-if not open then
-  redis.call('ZADD', KEYS[7], ARGV[2], ARGV[18])
-  redis.call('PEXPIRE', KEYS[7], tier_window)
+-- Admitted: claim, charge the pair and the tier; when only checking (`check_only`, set by the
+-- caller), that is left to the caller, which books a send slot first.
+local function charge()
+  redis.call('HSET', KEYS[9], 'next', ms(nxt), 'start', ms(start), 'count', count)
+  redis.call('PEXPIREAT', KEYS[9], ms(nxt))
+  if not open then
+    redis.call('ZADD', KEYS[7], ARGV[2], ARGV[18])
+    redis.call('PEXPIRE', KEYS[7], tier_window)
+  end
+  redis.call('HSET', KEYS[1], 'state', 'claimed', 'owner', ARGV[1], 'at', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
-redis.call('HSET', KEYS[1], 'state', 'claimed', 'owner', ARGV[1], 'at', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if template == 'fallback' then return {'send', '1'} end
-return {'send', '0'}
+local reply = {'send', '0'}
+if template == 'fallback' then reply = {'send', '1'} end
+if check_only then return reply, charge end
+charge()
+return reply

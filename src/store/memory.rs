@@ -8,15 +8,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::{
-    Deferral, Halt, HaltScope, Heartbeat, JobKey, Live, Message, Report, Store, StoreError, Subject, Tally,
-    WamidRecord,
+    Booked, Deferral, Halt, HaltScope, Heartbeat, JobKey, Live, Message, Report, SlotAsk, Store,
+    StoreError, Subject, Tally, WamidRecord,
 };
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
 use crate::job::Category;
 use crate::policy::admission::{
-    self, CampaignState, Consent, JobState, Mark, PairState, Request, Snapshot, TemplateState,
-    TierState, Verdict,
+    self, CampaignState, Consent, Effects, JobState, Mark, PairState, Request, Snapshot,
+    TemplateState, TierState, Verdict,
 };
 use crate::policy::pace::PaceState;
 use crate::policy::template::TemplateDefinition;
@@ -30,6 +30,7 @@ struct Portfolio {
     synced: bool,
     tier: HashMap<WaId, DateTime<Utc>>,
     tier_limit: Option<Option<u32>>,
+    displays: BTreeMap<String, PhoneNumberId>,
     pairs: HashMap<(PhoneNumberId, WaId), PairState>,
     paces: HashMap<PhoneNumberId, PaceState>,
 }
@@ -44,6 +45,7 @@ struct State {
     replicas: HashMap<String, HashMap<String, DateTime<Utc>>>,
     throughput: HashMap<PhoneNumberId, u32>,
     locks: HashMap<String, (String, DateTime<Utc>)>,
+    /// By scope, and account halts by [`super::account_halt_field`], as Redis keeps them.
     halts: BTreeMap<String, Halt>,
 }
 
@@ -81,53 +83,99 @@ fn since(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     now - TimeDelta::from_std(d).expect("small duration")
 }
 
+/// Admission's verdict on the state now, and what it would change (nothing is changed yet).
+fn decide(state: &mut State, subject: &Subject, req: &Request) -> (Verdict, Effects) {
+    let now = req.now;
+    let job = state.jobs.get(&subject.job).cloned();
+    let p = state
+        .portfolios
+        .entry(subject.job.waba.clone())
+        .or_default();
+    let pair_key = (subject.number.clone(), subject.to.clone());
+    let cutoff = since(now, admission::TIER_WINDOW);
+    p.tier.retain(|_, at| *at > cutoff);
+    let snapshot = Snapshot {
+        job,
+        last_inbound: p.windows.get(&pair_key).copied(),
+        consent: p.consent.get(&subject.to).cloned().unwrap_or_default(),
+        campaign: subject
+            .campaign
+            .as_ref()
+            .and_then(|c| p.campaigns.get(c).copied()),
+        template: subject.template.as_ref().and_then(|k| {
+            p.templates.get(k).map(|d| TemplateState {
+                status: d.status.clone(),
+                category: d.category().unwrap_or(Category::Marketing),
+            })
+        }),
+        registry_synced: p.synced,
+        tier: TierState {
+            counted: p.tier.contains_key(&subject.to),
+            used: p.tier.len() as u32,
+            oldest: p.tier.values().min().copied(),
+            limit: p.tier_limit,
+        },
+        pair: p.pairs.get(&pair_key).copied(),
+    };
+    admission::admit(req, &snapshot)
+}
+
+/// Makes admission's `effects` so: the claim, the pair rate and the tier charged.
+fn apply(state: &mut State, subject: &Subject, req: &Request, effects: Effects) {
+    let p = state
+        .portfolios
+        .entry(subject.job.waba.clone())
+        .or_default();
+    if let Some(pair) = effects.pair {
+        p.pairs
+            .insert((subject.number.clone(), subject.to.clone()), pair);
+    }
+    if effects.tier {
+        p.tier.insert(subject.to.clone(), req.now);
+    }
+    if let Some(job) = effects.job {
+        state.jobs.insert(subject.job.clone(), job);
+    }
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn admit(&self, subject: &Subject, req: &Request) -> Result<Verdict, StoreError> {
         self.with(|state| {
-            let now = req.now;
-            let job = state.jobs.get(&subject.job).cloned();
+            let (verdict, effects) = decide(state, subject, req);
+            apply(state, subject, req, effects);
+            verdict
+        })
+    }
+
+    async fn book_and_admit(
+        &self,
+        subject: &Subject,
+        req: &Request,
+        ask: &SlotAsk,
+    ) -> Result<Booked, StoreError> {
+        self.with(|state| {
+            let (verdict, effects) = decide(state, subject, req);
+            if !matches!(verdict, Verdict::Send { .. }) {
+                apply(state, subject, req, effects);
+                return Booked::Admitted {
+                    wait: Duration::ZERO,
+                    verdict,
+                };
+            }
             let p = state
                 .portfolios
                 .entry(subject.job.waba.clone())
                 .or_default();
-            let pair_key = (subject.number.clone(), subject.to.clone());
-            let cutoff = since(now, admission::TIER_WINDOW);
-            p.tier.retain(|_, at| *at > cutoff);
-            let snapshot = Snapshot {
-                job,
-                last_inbound: p.windows.get(&pair_key).copied(),
-                consent: p.consent.get(&subject.to).cloned().unwrap_or_default(),
-                campaign: subject
-                    .campaign
-                    .as_ref()
-                    .and_then(|c| p.campaigns.get(c).copied()),
-                template: subject.template.as_ref().and_then(|k| {
-                    p.templates.get(k).map(|d| TemplateState {
-                        status: d.status.clone(),
-                        category: d.category().unwrap_or(Category::Marketing),
-                    })
-                }),
-                registry_synced: p.synced,
-                tier: TierState {
-                    counted: p.tier.contains_key(&subject.to),
-                    used: p.tier.len() as u32,
-                    oldest: p.tier.values().min().copied(),
-                    limit: p.tier_limit,
-                },
-                pair: p.pairs.get(&pair_key).copied(),
-            };
-            let (verdict, effects) = admission::admit(req, &snapshot);
-            if let Some(pair) = effects.pair {
-                p.pairs.insert(pair_key, pair);
+            let pace = p.paces.entry(subject.number.clone()).or_default();
+            let (at, next) = pace.book(ask.now, ask.interval);
+            *pace = next;
+            let wait = (at - ask.now).to_std().unwrap_or_default();
+            if wait > ask.within {
+                return Booked::Later(wait);
             }
-            if effects.tier {
-                p.tier.insert(subject.to.clone(), now);
-            }
-            if let Some(job) = effects.job {
-                state.jobs.insert(subject.job.clone(), job);
-            }
-            verdict
+            apply(state, subject, req, effects);
+            Booked::Admitted { wait, verdict }
         })
     }
 
@@ -387,8 +435,54 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn set_template_category(
+        &self,
+        waba: &WabaId,
+        name: &str,
+        language: &str,
+        category: Category,
+    ) -> Result<bool, StoreError> {
+        self.with(|s| {
+            let template = s
+                .portfolios
+                .get_mut(waba)
+                .and_then(|p| p.templates.get_mut(&(name.to_owned(), language.to_owned())));
+            template
+                .map(|t| t.category = category.as_str().to_ascii_uppercase())
+                .is_some()
+        })
+    }
+
     async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError> {
         self.with(|s| s.portfolios.entry(waba.clone()).or_default().tier_limit = Some(limit))
+    }
+
+    async fn tier_limit(&self, waba: &WabaId) -> Result<Option<Option<u32>>, StoreError> {
+        self.with(|s| s.portfolios.get(waba).and_then(|p| p.tier_limit))
+    }
+
+    async fn record_display_number(
+        &self,
+        waba: &WabaId,
+        display: &str,
+        number: &PhoneNumberId,
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            let displays = &mut s.portfolios.entry(waba.clone()).or_default().displays;
+            displays.insert(display.to_owned(), number.clone());
+        })
+    }
+
+    async fn display_numbers(
+        &self,
+        waba: &WabaId,
+    ) -> Result<BTreeMap<String, PhoneNumberId>, StoreError> {
+        self.with(|s| {
+            s.portfolios
+                .get(waba)
+                .map(|p| p.displays.clone())
+                .unwrap_or_default()
+        })
     }
 
     async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError> {
@@ -484,14 +578,39 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn raise_account_halt(&self, condition: &str, halt: &Halt) -> Result<(), StoreError> {
+        let field = super::account_halt_field(condition, &halt.scope);
+        self.with(|s| {
+            s.halts.insert(field, halt.clone());
+        })
+    }
+
+    async fn lift_account_halt(
+        &self,
+        condition: &str,
+        scope: &HaltScope,
+    ) -> Result<bool, StoreError> {
+        let field = super::account_halt_field(condition, &scope.to_string());
+        self.with(|s| s.halts.remove(&field).is_some())
+    }
+
     async fn halts(&self, now: DateTime<Utc>) -> Result<Vec<Halt>, StoreError> {
         let mut state = self.state.lock().expect("store lock");
         state.halts.retain(|_, h| h.until > now);
-        Ok(state.halts.values().cloned().collect())
+        let recorded = state
+            .halts
+            .iter()
+            .map(|(field, h)| (*field != h.scope, h.clone()));
+        Ok(super::in_force(recorded, now))
     }
 
     async fn lift_halt(&self, scope: &HaltScope) -> Result<bool, StoreError> {
+        let scope = scope.to_string();
         let mut state = self.state.lock().expect("store lock");
-        Ok(state.halts.remove(&scope.to_string()).is_some())
+        let before = state.halts.len();
+        state
+            .halts
+            .retain(|field, _| *field != scope && !super::is_account_halt_of(field, &scope));
+        Ok(state.halts.len() < before)
     }
 }

@@ -18,6 +18,7 @@ use crate::event::DeadReason;
 use crate::ids::{CampaignId, JobId, PhoneNumberId, WaId, WabaId, Wamid};
 use crate::policy::admission::{CampaignState, Consent, JobState, Mark, Request, Verdict};
 use crate::policy::template::TemplateDefinition;
+use crate::vocab::Category;
 
 /// How long an idempotency record outlives its job (Meta retries webhooks for 7 days).
 pub const JOB_RECORD_TTL: Duration = Duration::from_secs(8 * 24 * 3600);
@@ -297,13 +298,15 @@ impl std::fmt::Display for HaltScope {
     }
 }
 
-/// A halt raised by a Cloud API error that no retry can fix, shared by every replica: jobs of
-/// its scope wait (without spending attempts) until it ends or an operator lifts it.
+/// A halt raised by a Cloud API error that no retry can fix, or by one of Meta's account
+/// webhooks ([`Store::raise_account_halt`]), shared by every replica: jobs of its scope wait
+/// (without spending attempts) until it ends or an operator lifts it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Halt {
     /// What it stops, as [`HaltScope`] writes it (`number:<id>`, `waba:<id>`, `token`, `app`).
     pub scope: String,
-    /// The Cloud API error code that raised it.
+    /// The Cloud API error code that raised it; 0 for a halt an account webhook raised (its
+    /// `cause` names the webhook).
     pub code: i64,
     /// Meta's message for it.
     pub cause: String,
@@ -313,30 +316,72 @@ pub struct Halt {
     pub until: DateTime<Utc>,
 }
 
+/// The end of an account halt Meta gave no end for (a disabled or deleted WABA): it holds until
+/// a webhook or an operator lifts it.
+pub const UNTIL_LIFTED: DateTime<Utc> =
+    DateTime::from_timestamp(253_402_300_799, 0).expect("9999-12-31T23:59:59Z is a time");
+
+/// How far ahead [`Store::halts`] reports an account halt's end: jobs halted by one wait this
+/// long at most, then look again, so a halt lifted early (a reinstated WABA) frees them within
+/// it, while one that holds for days keeps them waiting hop by hop. The worker's own halts
+/// wait their cool-down (10 min by default) the same way.
+pub const ACCOUNT_HALT_RECHECK: Duration = Duration::from_secs(600);
+
+/// Where a store keeps an account halt among the halts of errors (kept by scope alone):
+/// `<scope>|<condition>`, so the halts of one scope are found by the prefix `<scope>|`.
+fn account_halt_field(condition: &str, scope: &str) -> String {
+    format!("{scope}|{condition}")
+}
+
+/// Whether `field` ([`account_halt_field`]) holds an account halt of `scope`.
+fn is_account_halt_of(field: &str, scope: &str) -> bool {
+    field
+        .strip_prefix(scope)
+        .is_some_and(|rest| rest.starts_with('|'))
+}
+
+/// The halts in force at `now` among `recorded` (each with whether an account webhook raised
+/// it), one per scope, by scope: the one that ends last, an account halt ending at most
+/// [`ACCOUNT_HALT_RECHECK`] after `now`. Both stores answer [`Store::halts`] with it.
+fn in_force(recorded: impl IntoIterator<Item = (bool, Halt)>, now: DateTime<Utc>) -> Vec<Halt> {
+    let horizon = now + ACCOUNT_HALT_RECHECK;
+    let mut by_scope: BTreeMap<String, Halt> = BTreeMap::new();
+    for (account, mut halt) in recorded {
+        if halt.until <= now {
+            continue;
+        }
+        if account {
+            halt.until = halt.until.min(horizon);
+        }
+        if by_scope
+            .get(&halt.scope)
+            .is_none_or(|kept| kept.until < halt.until)
+        {
+            by_scope.insert(halt.scope.clone(), halt);
+        }
+    }
+    by_scope.into_values().collect()
+}
+
 /// Shared state as the pipeline, the admin commands and the webhook processor see it.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Decides whether a job may be sent now and, if so, claims it
     /// and charges its pair rate and tier: one round trip, atomic across replicas.
     async fn admit(&self, subject: &Subject, request: &Request) -> Result<Verdict, StoreError>;
-    /// Books the job's send slot ([`Store::book_slot`]) and, when it comes within
-    /// `ask.within`, decides admission ([`Store::admit`]) at once: for a number below its limit,
-    /// the slot and the claim cost one round trip. A slot admission refuses is lost, as it is
-    /// when the two are asked apart.
+    /// Decides admission first, atomically with the rest: a job refused or deferred is answered
+    /// at once ([`Booked::Admitted`] with no wait) and books no send slot, so refusals never
+    /// slow the jobs that can go. A job that may go books its slot ([`Store::book_slot`]) and,
+    /// when the slot comes within `ask.within`, is claimed and charged as [`Store::admit`]
+    /// would: for a number below its limit, the slot and the claim cost one round trip.
+    /// Otherwise nothing is claimed ([`Booked::Later`]): it is admitted again after the wait,
+    /// and a slot that admission then refuses is lost.
     async fn book_and_admit(
         &self,
         subject: &Subject,
         request: &Request,
         ask: &SlotAsk,
-    ) -> Result<Booked, StoreError> {
-        let (waba, number) = (&subject.job.waba, &subject.number);
-        let wait = self.book_slot(waba, number, ask.now, ask.interval).await?;
-        if wait > ask.within {
-            return Ok(Booked::Later(wait));
-        }
-        let verdict = self.admit(subject, request).await?;
-        Ok(Booked::Admitted { wait, verdict })
-    }
+    ) -> Result<Booked, StoreError>;
     /// Records that Meta accepted the job, indexes the wamid for webhook correlation and counts
     /// it as accepted in its reports.
     async fn mark_sent(
@@ -450,8 +495,37 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The portfolio's registry, with the statuses in force.
     async fn templates(&self, waba: &WabaId) -> Result<Vec<TemplateDefinition>, StoreError>;
+    /// Records a template's new category (a `template_category_update` webhook), where
+    /// admission reads it (marketing opt-outs and opt-in rules) and in its definition (the
+    /// registry every replica loads); `false`: the template is not in the registry, and the
+    /// next sync brings it with its category.
+    async fn set_template_category(
+        &self,
+        waba: &WabaId,
+        name: &str,
+        language: &str,
+        category: Category,
+    ) -> Result<bool, StoreError>;
     /// Records the portfolio's messaging tier (`None`: unlimited), winning over configuration.
     async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError>;
+    /// The portfolio's recorded messaging tier, which admission uses instead of configuration:
+    /// `None` when none was recorded, `Some(None)` when it is unlimited.
+    async fn tier_limit(&self, waba: &WabaId) -> Result<Option<Option<u32>>, StoreError>;
+    /// Records that `number` of the portfolio shows as `display` (digits only), as Meta pairs
+    /// them in `messages` webhooks, so that a webhook naming a number by its display number only
+    /// (`phone_number_quality_update`) is applied to it. A later pairing of the same display
+    /// number replaces it.
+    async fn record_display_number(
+        &self,
+        waba: &WabaId,
+        display: &str,
+        number: &PhoneNumberId,
+    ) -> Result<(), StoreError>;
+    /// The portfolio's recorded display numbers (digits only), each with its number's id.
+    async fn display_numbers(
+        &self,
+        waba: &WabaId,
+    ) -> Result<BTreeMap<String, PhoneNumberId>, StoreError>;
     /// Records a number's throughput (messages per second), winning over configuration.
     async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError>;
     /// Books `number`'s next send slot in its schedule, shared by every replica: one `interval`
@@ -485,8 +559,24 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Records a halt for every replica (replacing one of the same scope).
     async fn raise_halt(&self, halt: &Halt) -> Result<(), StoreError>;
-    /// The halts in force at `now`, by scope.
+    /// Records a halt one of Meta's account webhooks raised, for every replica: `condition`
+    /// says which (`disabled`, `restricted_business_initiated`, …), and `halt.until` is when
+    /// Meta said it ends ([`UNTIL_LIFTED`] when it gave no end). It is kept beside the halt an
+    /// error raises for the same scope and beside the other conditions: a 368 and its
+    /// cool-down do not shorten a disabled WABA's halt. A later one of the same condition and
+    /// scope replaces it.
+    async fn raise_account_halt(&self, condition: &str, halt: &Halt) -> Result<(), StoreError>;
+    /// Lifts the account halt of `condition` on `scope` (a reinstated WABA); whether there was
+    /// one. The scope's other halts stay.
+    async fn lift_account_halt(
+        &self,
+        condition: &str,
+        scope: &HaltScope,
+    ) -> Result<bool, StoreError>;
+    /// The halts in force at `now`, one per scope (the one that ends last). An account halt
+    /// ends, in this answer, at most [`ACCOUNT_HALT_RECHECK`] after `now`.
     async fn halts(&self, now: DateTime<Utc>) -> Result<Vec<Halt>, StoreError>;
-    /// Lifts the halt of `scope` before its end; whether there was one.
+    /// Lifts every halt of `scope` (an error's and the account webhooks') before its end;
+    /// whether there was one.
     async fn lift_halt(&self, scope: &HaltScope) -> Result<bool, StoreError>;
 }

@@ -19,11 +19,12 @@
 //! | `<p>:{<waba>}:templates:synced` | time of the last sync, ms | durable |
 //! | `<p>:{<waba>}:tier` | sorted set wa_id → last send outside the window, ms | 24 h after the last |
 //! | `<p>:{<waba>}:tier:limit` | the portfolio's tier (`unlimited` or a number), from a webhook | durable |
+//! | `<p>:{<waba>}:displays` | hash display number (digits) → phone_number_id, as `messages` webhooks pair them | durable |
 //! | `<p>:{<waba>}:pair:<pnid>:<wa_id>` | hash `next`, `start`, `count` (pair-rate burst) | at `next` |
 //! | `<p>:{<waba>}:pace:<pnid>` | hash `next` (the number's next free send slot, µs), `speed` (permille) and `slow_until` (ms) after a 130429 | a day |
 //! | `<p>:{global}:throughput:<pnid>` | the number's throughput, msg/s, from a webhook | durable |
 //! | `<p>:{global}:replicas:<group>` | sorted set replica → last heartbeat, ms | 10 × heartbeat ttl |
-//! | `<p>:halts` | hash scope → the halt in force (JSON) | durable, lifted by hand or when it ends |
+//! | `<p>:halts` | hash scope → the halt an error raised (JSON); `<scope>\|<condition>` → the halt an account webhook raised | durable, lifted by hand, by a webhook, or when it ends |
 //! | `<p>:lock:<name>` | owner (e.g. the replica syncing templates) | its ttl |
 
 use std::sync::Arc;
@@ -37,8 +38,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{
-    Booked, Deferral, Halt, HaltScope, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report, SlotAsk,
-    Store, StoreError, Subject, Tally, WAMID_TTL, WamidRecord,
+    Booked, Deferral, Halt, HaltScope, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report,
+    SlotAsk, Store, StoreError, Subject, Tally, WAMID_TTL, WamidRecord,
 };
 use crate::event::DeadReason;
 use crate::ids::{CampaignId, PhoneNumberId, WaId, WabaId, Wamid};
@@ -70,13 +71,20 @@ end
 const BOOK_SLOT: &str =
     "return string.format('%.0f', book_slot(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])))";
 
-/// Books a slot, then admits when it comes within ARGV[26] µs. KEYS: 1-9 as admit.lua, 10 the
+/// Decides admission first: a refusal or deferral is returned at once, with no slot booked (it
+/// would take a send slot from a job that can go). A job that may go books its slot, and is
+/// claimed and charged when the slot comes within ARGV[26] µs. KEYS: 1-9 as admit.lua, 10 the
 /// schedule. ARGV: 1-23 as admit.lua, 24 now µs, 25 interval µs, 26 within µs.
-/// Reply: {'later', wait µs} | {wait µs, admit.lua's reply...}.
+/// Reply: {'later', wait µs} | {wait µs, admit.lua's reply...} (wait 0 for a refusal).
 const BOOK_AND_ADMIT: &str = r#"
+local reply, charge = admit()
+if reply[1] ~= 'send' then
+  table.insert(reply, 1, '0')
+  return reply
+end
 local wait = book_slot(KEYS[10], tonumber(ARGV[24]), tonumber(ARGV[25]))
 if wait > tonumber(ARGV[26]) then return {'later', string.format('%.0f', wait)} end
-local reply = admit()
+charge()
 table.insert(reply, 1, string.format('%.0f', wait))
 return reply
 "#;
@@ -125,6 +133,27 @@ return 1
 
 /// Set a known template's status. KEYS[1] template; ARGV status.
 const TEMPLATE_STATUS: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[1], 'status', ARGV[1]) end return 0";
+
+/// Set a template's category if its definition is still the one read. KEYS[1] template; ARGV:
+/// 1 the definition read, 2 the category as admission reads it, 3 the definition with it.
+/// Reply: 1 set, 0 the definition changed meanwhile (a sync), -1 no such template.
+const TEMPLATE_CATEGORY: &str = r#"
+local def = redis.call('HGET', KEYS[1], 'def')
+if not def then return -1 end
+if def ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'category', ARGV[2], 'def', ARGV[3])
+return 1
+"#;
+
+/// Lift every halt of scope ARGV[1]: its field, and each `<scope>|<condition>`. KEYS[1] halts.
+const LIFT_HALTS: &str = r#"
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+local prefix = ARGV[1] .. '|'
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, #prefix) == prefix then n = n + redis.call('HDEL', KEYS[1], field) end
+end
+return n
+"#;
 
 /// Record a job dead once and count it. KEYS[1] job, KEYS[2..] reports; ARGV reason, ttl s.
 const MARK_DEAD: &str = r#"
@@ -274,6 +303,14 @@ impl Keys {
         self.tagged(waba, format_args!("tpl:{name}:{language}"))
     }
 
+    fn tier_limit_key(&self, waba: &WabaId) -> String {
+        self.tagged(waba, format_args!("tier:limit"))
+    }
+
+    fn displays_key(&self, waba: &WabaId) -> String {
+        self.tagged(waba, format_args!("displays"))
+    }
+
     /// admit.lua's keys (KEYS[1..9]) for a job's admission, all under its portfolio's tag.
     fn admission(&self, subject: &Subject) -> [String; 9] {
         let waba = &subject.job.waba;
@@ -291,7 +328,7 @@ impl Keys {
             self.template_key(waba, name, language),
             self.tagged(waba, format_args!("templates:synced")),
             self.tagged(waba, format_args!("tier")),
-            self.tagged(waba, format_args!("tier:limit")),
+            self.tier_limit_key(waba),
             self.tagged(waba, format_args!("pair:{}:{}", subject.number, subject.to)),
         ]
     }
@@ -339,6 +376,8 @@ pub struct RedisStore {
     settle: Script,
     inbound: Script,
     template_status: Script,
+    template_category: Script,
+    lift_halts: Script,
     unlock: Script,
     mark_dead: Script,
     reopen: Script,
@@ -431,10 +470,13 @@ impl RedisStore {
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
-            admit: Script::new(include_str!("admit.lua")),
+            admit: Script::new(&format!(
+                "local check_only = false\n{}",
+                include_str!("admit.lua")
+            )),
             book_slot: Script::new(&format!("{BOOK_SLOT_FN}\n{BOOK_SLOT}")),
             book_and_admit: Script::new(&format!(
-                "{BOOK_SLOT_FN}\nlocal function admit()\n{}\nend\n{BOOK_AND_ADMIT}",
+                "{BOOK_SLOT_FN}\nlocal check_only = true\nlocal function admit()\n{}\nend\n{BOOK_AND_ADMIT}",
                 include_str!("admit.lua")
             )),
             mark_sent: Script::new(MARK_SENT),
@@ -442,6 +484,8 @@ impl RedisStore {
             settle: Script::new(SETTLE_CLAIM),
             inbound: Script::new(INBOUND),
             template_status: Script::new(TEMPLATE_STATUS),
+            template_category: Script::new(TEMPLATE_CATEGORY),
+            lift_halts: Script::new(LIFT_HALTS),
             unlock: Script::new(UNLOCK),
             mark_dead: Script::new(MARK_DEAD),
             reopen: Script::new(REOPEN),
@@ -1111,12 +1155,100 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn set_template_category(
+        &self,
+        waba: &WabaId,
+        name: &str,
+        language: &str,
+        category: Category,
+    ) -> Result<bool, StoreError> {
+        const OP: &str = "set_template_category";
+        let key = self.keys.template_key(waba, name, language);
+        // The definition is read, changed and written back only if no sync replaced it in
+        // between (compare and set), so a sync's newer definition is never overwritten.
+        loop {
+            let read: Option<String> = self
+                .conn()
+                .hget(&key, "def")
+                .await
+                .map_err(command_error(OP))?;
+            let Some(read) = read else {
+                return Ok(false);
+            };
+            let mut def: TemplateDefinition =
+                serde_json::from_str(&read).map_err(|e| bad_reply(OP, e.to_string()))?;
+            def.category = category.as_str().to_ascii_uppercase();
+            let written = serde_json::to_string(&def).expect("a definition always serialises");
+            let set: i64 = self
+                .template_category
+                .key(&key)
+                .arg(&read)
+                .arg(category.as_str())
+                .arg(written)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(command_error(OP))?;
+            match set {
+                1 => return Ok(true),
+                -1 => return Ok(false),
+                _ => continue,
+            }
+        }
+    }
+
     async fn set_tier_limit(&self, waba: &WabaId, limit: Option<u32>) -> Result<(), StoreError> {
         let value = limit.map_or("unlimited".to_owned(), |l| l.to_string());
         self.conn()
-            .set::<_, _, ()>(self.keys.tagged(waba, format_args!("tier:limit")), value)
+            .set::<_, _, ()>(self.keys.tier_limit_key(waba), value)
             .await
             .map_err(command_error("set_tier_limit"))
+    }
+
+    async fn tier_limit(&self, waba: &WabaId) -> Result<Option<Option<u32>>, StoreError> {
+        let value: Option<String> = self
+            .conn()
+            .get(self.keys.tier_limit_key(waba))
+            .await
+            .map_err(command_error("tier_limit"))?;
+        value
+            .map(|v| match v.as_str() {
+                "unlimited" => Ok(None),
+                n => n
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| bad_reply("tier_limit", format!("tier limit {v:?}"))),
+            })
+            .transpose()
+    }
+
+    async fn record_display_number(
+        &self,
+        waba: &WabaId,
+        display: &str,
+        number: &PhoneNumberId,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .hset::<_, _, _, ()>(self.keys.displays_key(waba), display, number.as_str())
+            .await
+            .map_err(command_error("record_display_number"))
+    }
+
+    async fn display_numbers(
+        &self,
+        waba: &WabaId,
+    ) -> Result<std::collections::BTreeMap<String, PhoneNumberId>, StoreError> {
+        let all: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(self.keys.displays_key(waba))
+            .await
+            .map_err(command_error("display_numbers"))?;
+        all.into_iter()
+            .map(|(display, number)| {
+                PhoneNumberId::parse(number)
+                    .map(|n| (display, n))
+                    .map_err(|e| bad_reply("display_numbers", e.to_string()))
+            })
+            .collect()
     }
 
     async fn set_throughput(&self, number: &PhoneNumberId, mps: u32) -> Result<(), StoreError> {
@@ -1258,6 +1390,32 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn raise_account_halt(&self, condition: &str, halt: &Halt) -> Result<(), StoreError> {
+        let value = serde_json::to_string(halt).expect("a halt serialises");
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.keys.halts_key())
+            .arg(super::account_halt_field(condition, &halt.scope))
+            .arg(value)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("raise_account_halt"))?;
+        Ok(())
+    }
+
+    async fn lift_account_halt(
+        &self,
+        condition: &str,
+        scope: &HaltScope,
+    ) -> Result<bool, StoreError> {
+        let removed: i64 = redis::cmd("HDEL")
+            .arg(self.keys.halts_key())
+            .arg(super::account_halt_field(condition, &scope.to_string()))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(command_error("lift_account_halt"))?;
+        Ok(removed > 0)
+    }
+
     async fn halts(&self, now: DateTime<Utc>) -> Result<Vec<Halt>, StoreError> {
         let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.keys.halts_key())
@@ -1266,20 +1424,19 @@ impl Store for RedisStore {
             .map_err(command_error("halts"))?;
         // Ended halts stay in the hash until the next one of their scope replaces them: a few
         // entries at most, so reading past them costs nothing worth a cleanup.
-        let mut halts: Vec<Halt> = all
-            .values()
-            .filter_map(|v| serde_json::from_str::<Halt>(v).ok())
-            .filter(|h| h.until > now)
-            .collect();
-        halts.sort_by(|a, b| a.scope.cmp(&b.scope));
-        Ok(halts)
+        let recorded = all.iter().filter_map(|(field, v)| {
+            let halt = serde_json::from_str::<Halt>(v).ok()?;
+            Some((*field != halt.scope, halt))
+        });
+        Ok(super::in_force(recorded, now))
     }
 
     async fn lift_halt(&self, scope: &HaltScope) -> Result<bool, StoreError> {
-        let removed: i64 = redis::cmd("HDEL")
-            .arg(self.keys.halts_key())
+        let removed: i64 = self
+            .lift_halts
+            .key(self.keys.halts_key())
             .arg(scope.to_string())
-            .query_async(&mut self.conn())
+            .invoke_async(&mut self.conn())
             .await
             .map_err(command_error("lift_halt"))?;
         Ok(removed > 0)
@@ -1343,6 +1500,16 @@ mod tests {
                 keys.replicas_key("wa-sender"),
                 keys.throughput_key(&number),
                 keys.throughput_key(&other),
+            ],
+        );
+        // The scripts of one key (a template's category, the halts) need no check; the keys the
+        // webhook processor writes beside admission's are under the portfolio's tag all the same.
+        one_slot(
+            "portfolio",
+            &[
+                keys.tier_limit_key(&waba),
+                keys.displays_key(&waba),
+                keys.template_key(&waba, "order_update", "en_US"),
             ],
         );
         // Another portfolio's keys live elsewhere: the tag is the portfolio, not the prefix.

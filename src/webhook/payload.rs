@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use crate::ids::{PhoneNumberId, WaId, WabaId, Wamid};
+use crate::vocab::Category;
 pub use crate::vocab::Pricing;
 
 /// Why a body is not a webhook at all.
@@ -73,6 +74,9 @@ pub const KNOWN_STATUSES: &str = "sent, delivered, read, played, failed, deleted
 pub struct Parsed {
     /// The typed updates.
     pub updates: Vec<Update>,
+    /// The business numbers a `messages` value named with both their id and their display
+    /// number (`metadata`), once each.
+    pub numbers: Vec<DisplayNumber>,
     /// Parts left out on purpose ([`IGNORED_FIELDS`]): where each was and why.
     pub ignored: Vec<String>,
     /// Parts that could not be understood, each to be parked with its reason.
@@ -94,6 +98,115 @@ impl fmt::Display for Unreadable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.at, self.reason)
     }
+}
+
+/// A business number as a `messages` value's `metadata` names it: Meta's own pairing of its id
+/// and its display number, the only name some webhooks give it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DisplayNumber {
+    /// `entry[].id`.
+    pub waba_id: Option<WabaId>,
+    /// `metadata.phone_number_id`.
+    pub phone_number_id: PhoneNumberId,
+    /// `metadata.display_phone_number`, digits only.
+    pub display: String,
+}
+
+/// The digits of a display number: Meta's are digits only, a BSP's may carry `+`, spaces or
+/// dashes.
+pub fn digits(display: &str) -> String {
+    display.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// A portfolio's messaging limit: how many users it may reach a day outside the care window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessagingLimit {
+    /// At most this many users.
+    Users(u32),
+    /// No limit (`-1`, `TIER_UNLIMITED`).
+    Unlimited,
+    /// Meta has not set one (`TIER_NOT_SET`): nothing to record.
+    NotSet,
+}
+
+impl MessagingLimit {
+    /// The limit a tier name means (`TIER_2K`: 2,000 users); `None` for a name Meta does not use.
+    pub fn from_tier(name: &str) -> Option<MessagingLimit> {
+        Some(match name.trim() {
+            "TIER_50" => MessagingLimit::Users(50),
+            "TIER_250" => MessagingLimit::Users(250),
+            "TIER_1K" => MessagingLimit::Users(1000),
+            "TIER_2K" => MessagingLimit::Users(2000),
+            "TIER_10K" => MessagingLimit::Users(10_000),
+            "TIER_100K" => MessagingLimit::Users(100_000),
+            "TIER_UNLIMITED" => MessagingLimit::Unlimited,
+            "TIER_NOT_SET" => MessagingLimit::NotSet,
+            _ => return None,
+        })
+    }
+
+    /// A `business_capability_update` limit: an integer (`2000`; `-1` is unlimited), the same
+    /// as a string of digits, or a tier name (some BSPs forward `"TIER_2K"`).
+    fn from_value(value: &Value) -> Option<MessagingLimit> {
+        let number = match value {
+            Value::Number(n) => n.as_i64()?,
+            Value::String(s) if s.trim().starts_with("TIER_") => return Self::from_tier(s),
+            Value::String(s) => s.trim().parse().ok()?,
+            _ => return None,
+        };
+        match number {
+            -1 => Some(MessagingLimit::Unlimited),
+            n if n > 0 => Some(MessagingLimit::Users(u32::try_from(n).unwrap_or(u32::MAX))),
+            _ => None,
+        }
+    }
+}
+
+/// A restriction Meta put on a WABA (`account_update` `ACCOUNT_RESTRICTION`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restriction {
+    /// `RESTRICTED_BIZ_INITIATED_MESSAGING`, `RESTRICTED_CUSTOMER_INITIATED_MESSAGING`,
+    /// `RESTRICTED_ADD_PHONE_NUMBER_ACTION`, …
+    pub kind: String,
+    /// When it ends (`expiration`); `None` when Meta gave no end, or one that does not read.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Something that happened to a WABA (`account_update`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountUpdate {
+    /// `entry[].id`.
+    pub waba_id: Option<WabaId>,
+    /// `ACCOUNT_VIOLATION`, `ACCOUNT_RESTRICTION`, `DISABLED_UPDATE`, `ACCOUNT_DELETED`, …
+    pub event: String,
+    /// `restriction_info[]` (of `ACCOUNT_RESTRICTION`).
+    pub restrictions: Vec<Restriction>,
+    /// `ban_info.waba_ban_state` (of `DISABLED_UPDATE`): `DISABLE`, `REINSTATE`,
+    /// `SCHEDULE_FOR_DISABLE`.
+    pub ban_state: Option<String>,
+    /// `ban_info.waba_ban_date`, as Meta wrote it.
+    pub ban_date: Option<String>,
+}
+
+/// A template's category changed, or is about to (`template_category_update`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CategoryChange {
+    /// `entry[].id`.
+    pub waba_id: Option<WabaId>,
+    /// `message_template_name`.
+    pub name: String,
+    /// `message_template_language`, e.g. `en_US`.
+    pub language: String,
+    /// `new_category`: the template's category now. Meta sends it in both variants: after a
+    /// change (beside `previous_category`) and before one (beside `correct_category`, when it is
+    /// still the current category).
+    pub category: Category,
+    /// `previous_category`, after a change.
+    pub previous: Option<String>,
+    /// `correct_category`: the category it will get at `due`, before a change.
+    pub upcoming: Option<String>,
+    /// `category_update_timestamp`: when the upcoming change happens.
+    pub due: Option<DateTime<Utc>>,
 }
 
 /// One thing a webhook told us.
@@ -140,7 +253,7 @@ pub enum Update {
     NumberQuality {
         /// `entry[].id`.
         waba_id: Option<WabaId>,
-        /// The number, digits only.
+        /// The number's display number, as sent (Meta's are digits only; compare [`digits`]).
         display_phone_number: Option<String>,
         /// `THROUGHPUT_UPGRADE`, `ONBOARDING`, legacy `FLAGGED`/`UNFLAGGED`/`UPGRADE`/`DOWNGRADE`.
         event: String,
@@ -148,12 +261,21 @@ pub enum Update {
         limit: Option<String>,
     },
     /// Something happened to the WABA (`account_update`): violations, restrictions, deletion.
-    AccountUpdate {
+    Account(AccountUpdate),
+    /// The portfolio's capabilities changed (`business_capability_update`): its messaging limit.
+    BusinessCapability {
         /// `entry[].id`.
         waba_id: Option<WabaId>,
-        /// `ACCOUNT_VIOLATION`, `ACCOUNT_RESTRICTION`, `DISABLED_UPDATE`, …
-        event: String,
+        /// `max_daily_conversations_per_business`, else the deprecated
+        /// `max_daily_conversation_per_phone`; `None` when neither is given.
+        limit: Option<MessagingLimit>,
+        /// `max_phone_numbers_per_waba`, as given.
+        max_phone_numbers_per_waba: Option<Value>,
+        /// `max_phone_numbers_per_business`, as given.
+        max_phone_numbers_per_business: Option<Value>,
     },
+    /// A template's category changed (`template_category_update`).
+    TemplateCategory(CategoryChange),
 }
 
 /// A status webhook for one message we sent.
@@ -336,6 +458,9 @@ struct Source {
     phone_number_id: Option<PhoneNumberId>,
 }
 
+/// The template categories Meta gives (`SERVICE` is a pricing category, not a template's).
+const TEMPLATE_CATEGORIES: &str = "MARKETING, UTILITY, AUTHENTICATION";
+
 impl Parsed {
     /// Notes `part`, found `at`, as unreadable for `why`.
     fn skip(&mut self, at: impl fmt::Display, why: impl fmt::Display, part: &Value) {
@@ -398,6 +523,21 @@ impl Parsed {
                     PhoneNumberId::parse,
                 )
             });
+            let display = value
+                .pointer("/metadata/display_phone_number")
+                .and_then(Value::as_str)
+                .map(digits)
+                .filter(|d| !d.is_empty());
+            if let (Some(phone_number_id), Some(display)) = (&phone_number_id, display) {
+                let seen = DisplayNumber {
+                    waba_id: waba_id.clone(),
+                    phone_number_id: phone_number_id.clone(),
+                    display,
+                };
+                if !self.numbers.contains(&seen) {
+                    self.numbers.push(seen);
+                }
+            }
             let source = Source {
                 waba_id,
                 phone_number_id,
@@ -436,13 +576,9 @@ impl Parsed {
                         limit: q.max_daily_conversations_per_business.or(q.current_limit),
                     })
             }
-            "account_update" => {
-                self.decode(at, value)
-                    .map(|a: RawAccountUpdate| Update::AccountUpdate {
-                        waba_id,
-                        event: a.event,
-                    })
-            }
+            "account_update" => self.account_update(at, waba_id, value),
+            "business_capability_update" => self.business_capability(at, waba_id, value),
+            "template_category_update" => self.template_category(at, waba_id, value),
             "messages" | "user_preferences" => {
                 self.skip(at, format_args!("a {field} value without its list"), change);
                 None
@@ -632,6 +768,117 @@ impl Parsed {
         })
     }
 
+    fn account_update(
+        &mut self,
+        at: &str,
+        waba_id: Option<WabaId>,
+        value: &Value,
+    ) -> Option<Update> {
+        let raw: RawAccountUpdate = self.decode(at, value)?;
+        let mut restrictions = Vec::new();
+        for (i, item) in raw.restriction_info.iter().enumerate() {
+            let at = format!("{at}.restriction_info[{i}]");
+            let Some(r) = self.decode::<RawRestriction>(&at, item) else {
+                continue;
+            };
+            // An end that does not read must not cost us the restriction: it holds until
+            // lifted, and the part is parked so that someone reads the end.
+            let until = r.expiration.as_ref().and_then(|e| {
+                let until = time(e);
+                if until.is_none() {
+                    let why = format!("expiration {e} is neither unix seconds nor a date and time");
+                    self.skip(format_args!("{at}.expiration (ignored)"), why, item);
+                }
+                until
+            });
+            restrictions.push(Restriction {
+                kind: r.restriction_type,
+                until,
+            });
+        }
+        let (ban_state, ban_date) = raw
+            .ban_info
+            .map_or((None, None), |b| (b.waba_ban_state, b.waba_ban_date));
+        Some(Update::Account(AccountUpdate {
+            waba_id,
+            event: raw.event,
+            restrictions,
+            ban_state,
+            ban_date,
+        }))
+    }
+
+    fn business_capability(
+        &mut self,
+        at: &str,
+        waba_id: Option<WabaId>,
+        value: &Value,
+    ) -> Option<Update> {
+        let raw: RawBusinessCapability = self.decode(at, value)?;
+        // `max_daily_conversation_per_phone` is deprecated (removed 2026-02): the business's
+        // limit wins when both are given.
+        let stated = [
+            (
+                "max_daily_conversations_per_business",
+                &raw.max_daily_conversations_per_business,
+            ),
+            (
+                "max_daily_conversation_per_phone",
+                &raw.max_daily_conversation_per_phone,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(name, v)| v.as_ref().filter(|v| !v.is_null()).map(|v| (name, v)));
+        let limit = match stated {
+            None => None,
+            Some((name, v)) => match MessagingLimit::from_value(v) {
+                Some(limit) => Some(limit),
+                None => {
+                    let why = format!(
+                        "{name} {v} is not a messaging limit (250, 2000, 10000, 100000, -1 for \
+                         unlimited, or a TIER_* name)"
+                    );
+                    self.skip(at, why, value);
+                    return None;
+                }
+            },
+        };
+        Some(Update::BusinessCapability {
+            waba_id,
+            limit,
+            max_phone_numbers_per_waba: raw.max_phone_numbers_per_waba,
+            max_phone_numbers_per_business: raw.max_phone_numbers_per_business,
+        })
+    }
+
+    fn template_category(
+        &mut self,
+        at: &str,
+        waba_id: Option<WabaId>,
+        value: &Value,
+    ) -> Option<Update> {
+        let raw: RawTemplateCategory = self.decode(at, value)?;
+        let Some(category) = Category::parse(&raw.new_category).filter(|c| *c != Category::Service)
+        else {
+            let why = format!(
+                "new_category {:?} is not a template category ({TEMPLATE_CATEGORIES})",
+                raw.new_category
+            );
+            self.skip(at, why, value);
+            return None;
+        };
+        let due = raw.category_update_timestamp.as_ref().and_then(time);
+        Some(Update::TemplateCategory(CategoryChange {
+            waba_id,
+            name: raw.message_template_name,
+            language: raw.message_template_language,
+            category,
+            previous: raw.previous_category,
+            upcoming: raw.correct_category,
+            due,
+        }))
+    }
+
     /// An id beside the items (WABA, phone number): a bad one is noted and left out, and the
     /// items are still parsed.
     fn id<T, E: fmt::Display>(
@@ -688,6 +935,23 @@ fn unix_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<U
     seconds
         .and_then(|s| DateTime::from_timestamp(s, 0))
         .ok_or_else(|| D::Error::custom(format!("timestamp {value} is not unix seconds")))
+}
+
+/// A time Meta gives as unix seconds (a number or a string of digits) or as a date and time
+/// (`2026-04-19T13:59:20+0000`, RFC 3339).
+fn time(value: &Value) -> Option<DateTime<Utc>> {
+    let text = match value {
+        Value::Number(n) => return DateTime::from_timestamp(n.as_i64()?, 0),
+        Value::String(s) => s.trim(),
+        _ => return None,
+    };
+    if let Ok(seconds) = text.parse::<i64>() {
+        return DateTime::from_timestamp(seconds, 0);
+    }
+    DateTime::parse_from_rfc3339(text)
+        .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%z"))
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// An error code, as a number or (from some BSPs) a string of digits.
@@ -827,6 +1091,51 @@ struct RawNumberQuality {
 #[derive(Deserialize)]
 struct RawAccountUpdate {
     event: String,
+    /// Decoded one by one: a restriction that does not read must not cost us the others.
+    #[serde(default)]
+    restriction_info: Vec<Value>,
+    #[serde(default)]
+    ban_info: Option<RawBanInfo>,
+}
+
+#[derive(Deserialize)]
+struct RawRestriction {
+    restriction_type: String,
+    #[serde(default)]
+    expiration: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawBanInfo {
+    #[serde(default)]
+    waba_ban_state: Option<String>,
+    #[serde(default)]
+    waba_ban_date: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawBusinessCapability {
+    #[serde(default)]
+    max_daily_conversations_per_business: Option<Value>,
+    #[serde(default)]
+    max_daily_conversation_per_phone: Option<Value>,
+    #[serde(default)]
+    max_phone_numbers_per_waba: Option<Value>,
+    #[serde(default)]
+    max_phone_numbers_per_business: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawTemplateCategory {
+    message_template_name: String,
+    message_template_language: String,
+    new_category: String,
+    #[serde(default)]
+    previous_category: Option<String>,
+    #[serde(default)]
+    correct_category: Option<String>,
+    #[serde(default)]
+    category_update_timestamp: Option<Value>,
 }
 
 #[cfg(test)]
@@ -1042,10 +1351,260 @@ mod tests {
         ));
         assert_eq!(
             update,
-            Update::AccountUpdate {
+            Update::Account(AccountUpdate {
                 waba_id: waba(WABA),
                 event: "ACCOUNT_VIOLATION".into(),
+                restrictions: vec![],
+                ban_state: None,
+                ban_date: None,
+            })
+        );
+    }
+
+    /// The only change of a body built around `value` for `field`, parsed.
+    fn change(field: &str, value: Value) -> Parsed {
+        let body = serde_json::json!({"object": "whatsapp_business_account",
+            "entry": [{"id": WABA, "changes": [{"field": field, "value": value}]}]});
+        parse(&serde_json::to_vec(&body).unwrap()).expect("a webhook")
+    }
+
+    #[test]
+    fn business_capability_update_states_the_portfolios_messaging_limit() {
+        let update = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/business-capability-update.json"
+        ));
+        assert_eq!(
+            update,
+            Update::BusinessCapability {
+                waba_id: waba(WABA),
+                limit: Some(MessagingLimit::Users(2000)),
+                max_phone_numbers_per_waba: Some(2.into()),
+                max_phone_numbers_per_business: Some(2.into()),
             }
+        );
+        let per_business = "max_daily_conversations_per_business";
+        let per_phone = "max_daily_conversation_per_phone";
+        let cases = [
+            (
+                serde_json::json!({per_business: -1}),
+                Some(MessagingLimit::Unlimited),
+            ),
+            (
+                serde_json::json!({per_business: 100_000}),
+                Some(MessagingLimit::Users(100_000)),
+            ),
+            // Some senders forward Meta's tier names, or the number as a string.
+            (
+                serde_json::json!({per_business: "TIER_2K"}),
+                Some(MessagingLimit::Users(2000)),
+            ),
+            (
+                serde_json::json!({per_business: "TIER_UNLIMITED"}),
+                Some(MessagingLimit::Unlimited),
+            ),
+            (
+                serde_json::json!({per_business: "TIER_NOT_SET"}),
+                Some(MessagingLimit::NotSet),
+            ),
+            (
+                serde_json::json!({per_business: "10000"}),
+                Some(MessagingLimit::Users(10_000)),
+            ),
+            // The deprecated per-phone field counts only without the business's.
+            (
+                serde_json::json!({per_phone: 250}),
+                Some(MessagingLimit::Users(250)),
+            ),
+            (
+                serde_json::json!({per_phone: 2000, per_business: 10_000}),
+                Some(MessagingLimit::Users(10_000)),
+            ),
+            (
+                serde_json::json!({per_business: null, per_phone: -1}),
+                Some(MessagingLimit::Unlimited),
+            ),
+            (serde_json::json!({"max_phone_numbers_per_waba": 20}), None),
+        ];
+        for (value, expected) in cases {
+            let parsed = change("business_capability_update", value.clone());
+            assert_eq!(parsed.unreadable, [], "{value}");
+            let [Update::BusinessCapability { limit, .. }] = parsed.updates.as_slice() else {
+                panic!("{value}: {:?}", parsed.updates);
+            };
+            assert_eq!(*limit, expected, "{value}");
+        }
+        for (value, shown) in [
+            (serde_json::json!(0), "0"),
+            (serde_json::json!(-2), "-2"),
+            (serde_json::json!("TIER_3K"), "\"TIER_3K\""),
+            (serde_json::json!("lots"), "\"lots\""),
+            (serde_json::json!(true), "true"),
+        ] {
+            let parsed = change(
+                "business_capability_update",
+                serde_json::json!({per_business: value}),
+            );
+            assert_eq!(parsed.updates, [], "{value}: never a guessed limit");
+            let reasons: Vec<String> = parsed.unreadable.iter().map(ToString::to_string).collect();
+            assert_eq!(
+                reasons,
+                [format!(
+                    "entry[0].changes[0].value: max_daily_conversations_per_business {shown} \
+                          is not a messaging limit (250, 2000, 10000, 100000, -1 for unlimited, or a \
+                          TIER_* name)"
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn template_category_update_after_and_before_the_change() {
+        let done = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/template-category-update.json"
+        ));
+        assert_eq!(
+            done,
+            Update::TemplateCategory(CategoryChange {
+                waba_id: waba(WABA),
+                name: "order_update".into(),
+                language: "en_US".into(),
+                category: Category::Marketing,
+                previous: Some("UTILITY".into()),
+                upcoming: None,
+                due: None,
+            })
+        );
+        // Before an automated change, new_category is still the current one.
+        let impending = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/template-category-update-impending.json"
+        ));
+        assert_eq!(
+            impending,
+            Update::TemplateCategory(CategoryChange {
+                waba_id: waba(WABA),
+                name: "order_update".into(),
+                language: "en_US".into(),
+                category: Category::Utility,
+                previous: None,
+                upcoming: Some("MARKETING".into()),
+                due: Some(at(1_751_852_348)),
+            })
+        );
+        let base = serde_json::json!({"message_template_id": 1, "message_template_name": "order_update",
+                                      "message_template_language": "en_US"});
+        let with = |key: &str, v: &str| {
+            let mut value = base.clone();
+            value[key] = serde_json::json!(v);
+            value
+        };
+        for (value, reason) in [
+            (
+                with("new_category", "SERVICE"),
+                "new_category \"SERVICE\" is not a template category (MARKETING, UTILITY, AUTHENTICATION)",
+            ),
+            (
+                with("new_category", "PROMO"),
+                "new_category \"PROMO\" is not a template category (MARKETING, UTILITY, AUTHENTICATION)",
+            ),
+            (
+                with("previous_category", "UTILITY"),
+                "missing field `new_category`",
+            ),
+        ] {
+            let parsed = change("template_category_update", value);
+            assert_eq!(parsed.updates, []);
+            assert_eq!(parsed.unreadable.len(), 1);
+            assert!(
+                parsed.unreadable[0].reason.starts_with(reason),
+                "{}",
+                parsed.unreadable[0]
+            );
+        }
+    }
+
+    #[test]
+    fn account_restrictions_and_bans_are_read_with_their_ends() {
+        let Update::Account(restricted) = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/account-update-restriction.json"
+        )) else {
+            panic!("not an account update");
+        };
+        assert_eq!(restricted.event, "ACCOUNT_RESTRICTION");
+        assert_eq!(
+            restricted.restrictions,
+            [
+                Restriction {
+                    kind: "RESTRICTED_ADD_PHONE_NUMBER_ACTION".into(),
+                    until: Some(at(1_739_491_200))
+                },
+                Restriction {
+                    kind: "RESTRICTED_BIZ_INITIATED_MESSAGING".into(),
+                    until: Some(at(1_739_491_200))
+                },
+            ]
+        );
+        let Update::Account(disabled) = only(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/account-update-disabled.json"
+        )) else {
+            panic!("not an account update");
+        };
+        assert_eq!(
+            (disabled.ban_state.as_deref(), disabled.ban_date.as_deref()),
+            (Some("DISABLE"), Some("2025-02-12"))
+        );
+        // BSPs forward the end as a date and time; one that does not read is parked, and the
+        // restriction holds until lifted rather than not at all.
+        let parsed = change(
+            "account_update",
+            serde_json::json!({"event": "ACCOUNT_RESTRICTION", "restriction_info": [
+            {"restriction_type": "RESTRICTED_BIZ_INITIATED_MESSAGING", "expiration": "2026-04-19T13:59:20+0000"},
+            {"restriction_type": "RESTRICTED_CUSTOMER_INITIATED_MESSAGING", "expiration": "2026-04-19T13:59:20Z"},
+            {"restriction_type": "RESTRICTED_CUSTOMER_INITIATED_MESSAGING", "expiration": "1776607160"},
+            {"restriction_type": "RESTRICTED_BIZ_INITIATED_MESSAGING", "expiration": "next week"},
+            {"expiration": 1}]}),
+        );
+        let [Update::Account(update)] = parsed.updates.as_slice() else {
+            panic!("{:?}", parsed.updates);
+        };
+        let ends: Vec<Option<DateTime<Utc>>> =
+            update.restrictions.iter().map(|r| r.until).collect();
+        let april = Some(at(1_776_607_160));
+        assert_eq!(ends, [april, april, april, None]);
+        let reasons: Vec<String> = parsed.unreadable.iter().map(ToString::to_string).collect();
+        assert_eq!(reasons.len(), 2, "{reasons:#?}");
+        assert_eq!(
+            reasons[0],
+            "entry[0].changes[0].value.restriction_info[3].expiration (ignored): expiration \
+             \"next week\" is neither unix seconds nor a date and time"
+        );
+        assert!(reasons[1].starts_with(
+            "entry[0].changes[0].value.restriction_info[4]: missing field `restriction_type`"
+        ));
+    }
+
+    #[test]
+    fn messages_values_pair_each_number_with_its_display_number_once() {
+        let parsed = parse(include_bytes!(
+            "../../tests/fixtures/cloud/webhook/batched-two-entries.json"
+        ))
+        .unwrap();
+        assert!(!parsed.numbers.is_empty(), "{parsed:#?}");
+        let formatted = serde_json::json!({"object": "whatsapp_business_account", "entry": [{"id": WABA, "changes": [
+            {"field": "messages", "value": {"metadata": {"display_phone_number": "+1 555-078-3882", "phone_number_id": "106540352242923"},
+             "statuses": [{"id": "wamid.A", "status": "sent", "timestamp": "1"}, {"id": "wamid.B", "status": "sent", "timestamp": "1"}]}},
+            {"field": "messages", "value": {"metadata": {"display_phone_number": "15550783882", "phone_number_id": "106540352242923"},
+             "statuses": [{"id": "wamid.C", "status": "sent", "timestamp": "1"}]}},
+            {"field": "messages", "value": {"metadata": {"display_phone_number": "", "phone_number_id": NUMBER},
+             "statuses": [{"id": "wamid.D", "status": "sent", "timestamp": "1"}]}}]}]});
+        let parsed = parse(&serde_json::to_vec(&formatted).unwrap()).unwrap();
+        assert_eq!(
+            parsed.numbers,
+            [DisplayNumber {
+                waba_id: waba(WABA),
+                phone_number_id: number("106540352242923").unwrap(),
+                display: "15550783882".into(),
+            }],
+            "digits only, once, and none without a display number"
         );
     }
 

@@ -2,11 +2,14 @@
 //! into store changes and events. Statuses are correlated to their job (wamid, else
 //! `biz_opaque_callback_data`), applied as a monotonic state machine per wamid (duplicates and
 //! regressions are recognised and produce nothing), and failures go through the same error
-//! classification as synchronous errors. A body that cannot be parsed is parked whole, and each
-//! unreadable part of one (see [`super::payload`]) is parked on its own with its reason, never
-//! acked in silence; a store or broker failure leaves the body in the intake for another try.
+//! classification as synchronous errors. Meta's account webhooks (the portfolio's messaging
+//! limit, a template's category, a number's throughput, restrictions of the WABA) are applied to
+//! the store, where every replica reads them. A body that cannot be parsed is parked whole, and
+//! each unreadable part of one (see [`super::payload`]) is parked on its own with its reason,
+//! never acked in silence; a store or broker failure leaves the body in the intake for another
+//! try.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,9 +18,13 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
-use super::payload::{self, InboundMessage, MessageStatus, StatusUpdate, Update, WebhookError};
+use super::account::{self, Effect};
+use super::payload::{
+    self, AccountUpdate, CategoryChange, DisplayNumber, InboundMessage, MessageStatus,
+    MessagingLimit, StatusUpdate, Update, WebhookError,
+};
 use super::status::{self, Transition};
 use crate::broker::{
     Broker, BrokerError, Delivery, Envelope, H_DUE, H_REASON, Headers, Intake, Route, Target,
@@ -30,7 +37,9 @@ use crate::policy::admission::Mark;
 use crate::policy::{self, Action, DelayTiers};
 use crate::pricing::{Estimate, RateCard};
 use crate::settlement::{self, DeadLetter, Trace, Unsettled};
-use crate::store::{Cost, JobKey, Message, Store, StoreError, Tally, WamidRecord};
+use crate::store::{
+    Cost, Halt, HaltScope, JobKey, Message, Store, StoreError, Tally, UNTIL_LIFTED, WamidRecord,
+};
 use crate::telemetry;
 use crate::vocab::{DeadReason, ErrorCode, ErrorSource};
 
@@ -86,6 +95,9 @@ pub struct Processor {
     /// Statuses of one wamid are applied one at a time in this process (bodies are processed
     /// concurrently), so two copies of a status never both publish an event here.
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Display numbers this process has recorded with their number's id: each pairing is
+    /// written to the store once per process, not once per status body.
+    displays: std::sync::Mutex<HashSet<DisplayNumber>>,
     stats: ProcessorStats,
     /// The webhook process's readiness: consuming the intake and Redis answering. The intake
     /// consumer stands for the receiver too: both use one connection, so while the consumer
@@ -132,6 +144,7 @@ impl Processor {
             settings,
             health,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            displays: std::sync::Mutex::new(HashSet::new()),
             stats: ProcessorStats::default(),
         }
     }
@@ -250,6 +263,9 @@ impl Processor {
             self.park(&raw, &part.to_string()).await?;
             handled.parked = true;
         }
+        for seen in parsed.numbers {
+            self.learn_display(seen).await?;
+        }
         for update in parsed.updates {
             match update {
                 Update::Status(s) => {
@@ -308,17 +324,42 @@ impl Processor {
                     event,
                     limit,
                 } => {
-                    self.number_quality(waba_id, &event, limit.as_deref())
+                    let number = self
+                        .number_quality(
+                            waba_id,
+                            display_phone_number.as_deref(),
+                            &event,
+                            limit.as_deref(),
+                        )
                         .await?;
                     let mut e = Event::new("number.throughput_changed");
+                    e.phone_number_id = number.map(|n| n.to_string());
                     e.metadata = json!({"event": event, "limit": limit, "display_phone_number": display_phone_number});
                     self.publish(&e, None, &mut handled).await?;
                 }
-                Update::AccountUpdate { waba_id, event } => {
-                    let mut e = Event::new("account.updated");
-                    e.metadata = json!({"event": event, "waba_id": waba_id.map(|w| w.to_string())});
+                Update::BusinessCapability {
+                    waba_id,
+                    limit,
+                    max_phone_numbers_per_waba,
+                    max_phone_numbers_per_business,
+                } => {
+                    let waba = self.waba(waba_id, None);
+                    self.messaging_limit(waba.as_ref(), limit).await?;
+                    let limit = match limit {
+                        Some(MessagingLimit::Users(n)) => json!(n),
+                        Some(MessagingLimit::Unlimited) => json!("unlimited"),
+                        Some(MessagingLimit::NotSet) | None => Value::Null,
+                    };
+                    let mut e = Event::new("portfolio.limit_changed");
+                    e.metadata = json!({"waba_id": waba.map(|w| w.to_string()), "messaging_limit": limit,
+                                        "max_phone_numbers_per_waba": max_phone_numbers_per_waba,
+                                        "max_phone_numbers_per_business": max_phone_numbers_per_business});
                     self.publish(&e, None, &mut handled).await?;
                 }
+                Update::TemplateCategory(change) => {
+                    self.template_category(change, &mut handled).await?;
+                }
+                Update::Account(update) => self.account(update, &mut handled).await?,
                 Update::Error {
                     phone_number_id,
                     error,
@@ -699,36 +740,185 @@ impl Processor {
         self.publish(&event, None, handled).await
     }
 
+    /// Records the pairing of a number's id and display number that a `messages` value showed,
+    /// once per process: the webhooks that name a number by display number only find it there.
+    async fn learn_display(&self, seen: DisplayNumber) -> Result<(), ProcessError> {
+        if self.displays.lock().expect("displays lock").contains(&seen) {
+            return Ok(());
+        }
+        let Some(waba) = self.waba(seen.waba_id.clone(), Some(&seen.phone_number_id)) else {
+            return Ok(());
+        };
+        self.store
+            .record_display_number(&waba, &seen.display, &seen.phone_number_id)
+            .await?;
+        let shown = crate::ids::mask(&seen.display);
+        debug!(number = %seen.phone_number_id, display = %shown, "display number recorded");
+        self.displays.lock().expect("displays lock").insert(seen);
+        Ok(())
+    }
+
+    /// A portfolio's messaging limit from a webhook: recorded where admission reads it, for
+    /// every replica.
+    async fn messaging_limit(
+        &self,
+        waba: Option<&WabaId>,
+        limit: Option<MessagingLimit>,
+    ) -> Result<(), ProcessError> {
+        let limit = match limit {
+            Some(MessagingLimit::Users(n)) => Some(n),
+            Some(MessagingLimit::Unlimited) => None,
+            Some(MessagingLimit::NotSet) | None => return Ok(()),
+        };
+        let Some(waba) = waba else {
+            warn!("messaging limit for an unknown portfolio; not recorded");
+            return Ok(());
+        };
+        self.store.set_tier_limit(waba, limit).await?;
+        info!(%waba, limit = limit.map_or("unlimited".to_owned(), |l| l.to_string()), "messaging limit recorded");
+        Ok(())
+    }
+
+    /// `phone_number_quality_update`: the portfolio's limit, and after a `THROUGHPUT_UPGRADE`
+    /// the number's throughput (1,000 msg/s), for the number the display number names; the
+    /// number it was applied to, if any.
     async fn number_quality(
         &self,
         waba: Option<WabaId>,
+        display: Option<&str>,
         event: &str,
         limit: Option<&str>,
-    ) -> Result<(), ProcessError> {
+    ) -> Result<Option<PhoneNumberId>, ProcessError> {
         let Some(waba) = self.waba(waba, None) else {
-            return Ok(());
+            warn!(
+                event,
+                "phone_number_quality_update for an unknown portfolio; not applied"
+            );
+            return Ok(None);
         };
-        if let Some(limit) = limit.and_then(tier_limit) {
-            self.store.set_tier_limit(&waba, limit).await?;
+        if let Some(tier) = limit {
+            match MessagingLimit::from_tier(tier) {
+                Some(limit) => self.messaging_limit(Some(&waba), Some(limit)).await?,
+                None => warn!(
+                    tier,
+                    "messaging limit this build does not know; not recorded"
+                ),
+            }
         }
-        if event == "THROUGHPUT_UPGRADE" {
-            // The webhook names the number by display number only: applied when the portfolio
-            // has exactly one configured number, else left to the operator.
-            let numbers: Vec<&PhoneNumberId> = self
-                .settings
-                .numbers
-                .iter()
-                .filter(|(_, w)| **w == waba)
-                .map(|(n, _)| n)
-                .collect();
-            match numbers.as_slice() {
-                [number] => self.store.set_throughput(number, 1000).await?,
-                _ => {
-                    warn!(%waba, "throughput upgrade for a portfolio with several numbers; set it per number")
+        if event != "THROUGHPUT_UPGRADE" {
+            return Ok(None);
+        }
+        let shown = display.map(payload::digits).unwrap_or_default();
+        let recorded = self.store.display_numbers(&waba).await?;
+        let configured: Vec<&PhoneNumberId> = self
+            .settings
+            .numbers
+            .iter()
+            .filter(|(_, w)| **w == waba)
+            .map(|(n, _)| n)
+            .collect();
+        match number_for_display(&shown, &recorded, &configured) {
+            Ok(number) => {
+                self.store.set_throughput(&number, 1000).await?;
+                info!(%number, "throughput upgrade recorded: 1,000 msg/s");
+                Ok(Some(number))
+            }
+            Err(why) => {
+                warn!(%waba, display = %crate::ids::mask(&shown), why, "throughput upgrade not applied; set it per number");
+                Ok(None)
+            }
+        }
+    }
+
+    /// `template_category_update`: the template's category now, in the registry admission and
+    /// every replica read; `template.category_changed`.
+    async fn template_category(
+        &self,
+        change: CategoryChange,
+        handled: &mut Handled,
+    ) -> Result<(), ProcessError> {
+        let waba = self.waba(change.waba_id.clone(), None);
+        let recorded = match &waba {
+            Some(waba) => {
+                self.store
+                    .set_template_category(waba, &change.name, &change.language, change.category)
+                    .await?
+            }
+            None => false,
+        };
+        if !recorded {
+            info!(template = %change.name, language = %change.language, "category update for a template not in the registry; the next sync brings its category");
+        }
+        let category = change.category.as_str().to_ascii_uppercase();
+        let mut e = Event::new("template.category_changed");
+        e.metadata = json!({"template": change.name, "language": change.language,
+                            "category": category, "previous_category": change.previous,
+                            "correct_category": change.upcoming,
+                            "category_update_at": change.due.map(|t| t.to_rfc3339()),
+                            "waba_id": waba.map(|w| w.to_string())});
+        self.publish(&e, None, handled).await
+    }
+
+    /// `account_update`: the halts it raises or lifts on the WABA, through the store for every
+    /// replica ([`account::effects`]); `account.updated` as before, saying what it did.
+    async fn account(
+        &self,
+        update: AccountUpdate,
+        handled: &mut Handled,
+    ) -> Result<(), ProcessError> {
+        let waba = self.waba(update.waba_id.clone(), None);
+        let mut raised = Vec::new();
+        let mut lifted = Vec::new();
+        for effect in account::effects(&update) {
+            let (condition, raise) = match effect {
+                Effect::Unapplied(why) => {
+                    warn!(event = %update.event, why, "account update not applied");
+                    continue;
+                }
+                Effect::Raise {
+                    condition,
+                    until,
+                    cause,
+                } => (condition, Some((until, cause))),
+                Effect::Lift { condition } => (condition, None),
+            };
+            let Some(waba) = &waba else {
+                warn!(event = %update.event, condition, "account update for an unknown portfolio; no halt changed");
+                continue;
+            };
+            let scope = HaltScope::Waba(waba.clone());
+            match raise {
+                Some((until, cause)) => {
+                    let halt = Halt {
+                        scope: scope.to_string(),
+                        code: 0,
+                        cause,
+                        at: Utc::now(),
+                        until: until.unwrap_or(UNTIL_LIFTED),
+                    };
+                    self.store.raise_account_halt(condition, &halt).await?;
+                    error!(%scope, condition, cause = %halt.cause, "sending halted by Meta's account_update");
+                    raised.push(condition);
+                }
+                None => {
+                    if self.store.lift_account_halt(condition, &scope).await? {
+                        info!(%scope, condition, "account halt lifted by Meta's account_update");
+                        lifted.push(condition);
+                    }
                 }
             }
         }
-        Ok(())
+        let restrictions: Vec<Value> = update
+            .restrictions
+            .iter()
+            .map(|r| json!({"restriction_type": r.kind, "expiration": r.until.map(|t| t.to_rfc3339())}))
+            .collect();
+        let mut e = Event::new("account.updated");
+        e.metadata = json!({"event": update.event, "waba_id": waba.map(|w| w.to_string()),
+                            "restrictions": restrictions, "ban_state": update.ban_state,
+                            "ban_date": update.ban_date,
+                            "halts_raised": raised, "halts_lifted": lifted});
+        self.publish(&e, None, handled).await
     }
 
     /// Keeps `body` (a whole body, or one unreadable part of one) in `wa.webhooks.parked` with
@@ -789,17 +979,32 @@ fn registry_status(event: &str) -> Option<&str> {
     }
 }
 
-/// Meta's tier names: `Some(None)` is unlimited.
-fn tier_limit(tier: &str) -> Option<Option<u32>> {
-    match tier {
-        "TIER_50" => Some(Some(50)),
-        "TIER_250" => Some(Some(250)),
-        "TIER_1K" => Some(Some(1000)),
-        "TIER_2K" => Some(Some(2000)),
-        "TIER_10K" => Some(Some(10_000)),
-        "TIER_100K" => Some(Some(100_000)),
-        "TIER_UNLIMITED" => Some(None),
-        _ => None,
+/// The number a webhook naming it by `display` number only (digits; empty when it gave none)
+/// means: the one `messages` webhooks paired with that display number (`recorded`); failing
+/// that, as before pairings were recorded, the portfolio's only `configured` number, unless it
+/// is known to show as another. `Err` says why none: never a guess between several numbers.
+fn number_for_display(
+    display: &str,
+    recorded: &BTreeMap<String, PhoneNumberId>,
+    configured: &[&PhoneNumberId],
+) -> Result<PhoneNumberId, String> {
+    if let Some(number) = recorded.get(display).filter(|_| !display.is_empty()) {
+        return Ok(number.clone());
+    }
+    match configured {
+        [only] => match recorded.iter().find(|(_, n)| n == only) {
+            Some((shown, _)) => Err(format!(
+                "no messages webhook has paired this display number with a number, and the \
+                 portfolio's only configured number shows as {}: the upgrade is another number's",
+                crate::ids::mask(shown)
+            )),
+            None => Ok((*only).clone()),
+        },
+        several => Err(format!(
+            "no messages webhook has paired this display number with a number yet, and the \
+             portfolio has {} configured numbers",
+            several.len()
+        )),
     }
 }
 
@@ -830,7 +1035,49 @@ fn mask_digit_runs(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::mask_digit_runs;
+    use super::{BTreeMap, PhoneNumberId, mask_digit_runs, number_for_display};
+
+    /// A display number, the recorded pairings, the configured numbers, the number meant.
+    type Case<'a> = (
+        &'a str,
+        &'a BTreeMap<String, PhoneNumberId>,
+        &'a [&'a PhoneNumberId],
+        Option<&'a PhoneNumberId>,
+    );
+
+    #[test]
+    fn a_display_number_names_its_recorded_number_and_never_a_guess() {
+        let id = |n: &str| PhoneNumberId::parse(n).unwrap();
+        let (a, b) = (id("106540352242922"), id("106540352242923"));
+        let recorded = BTreeMap::from([
+            ("15550783881".to_owned(), a.clone()),
+            ("15550783882".to_owned(), b.clone()),
+        ]);
+        let nothing = BTreeMap::new();
+        let cases: [Case<'_>; 8] = [
+            // Recorded: the right one among several, configured here or not.
+            ("15550783882", &recorded, &[&a, &b], Some(&b)),
+            ("15550783881", &recorded, &[&b], Some(&a)),
+            // Not recorded: the only configured number, as before pairings were recorded...
+            ("15550783883", &nothing, &[&a], Some(&a)),
+            ("", &nothing, &[&a], Some(&a)),
+            // ...unless it is known to show as another number.
+            ("15550783883", &recorded, &[&a], None),
+            // Several numbers and no pairing: none.
+            ("15550783883", &recorded, &[&a, &b], None),
+            ("", &recorded, &[&a, &b], None),
+            ("15550783881", &nothing, &[], None),
+        ];
+        for (display, recorded, configured, expected) in cases {
+            assert_eq!(
+                number_for_display(display, recorded, configured)
+                    .ok()
+                    .as_ref(),
+                expected,
+                "{display:?} among {configured:?}"
+            );
+        }
+    }
 
     #[test]
     fn long_digit_runs_are_masked_in_logged_reasons() {
