@@ -112,6 +112,8 @@ impl Registry {
 
     /// Syncs if this replica wins the sync lock for `refresh`, then loads. Errors are logged:
     /// a failed sync keeps the registry as it was (jobs wait for a first sync, never guess).
+    /// `false` when this replica's sync failed, so the caller tries again soon rather than a
+    /// whole refresh period later.
     pub async fn refresh(
         &self,
         cloud: &dyn CloudApi,
@@ -119,12 +121,14 @@ impl Registry {
         wabas: &BTreeMap<WabaId, SecretString>,
         owner: &str,
         refresh: Duration,
-    ) {
+    ) -> bool {
+        let mut synced = true;
         match store.try_lock("templates-sync", owner, refresh).await {
             Ok(true) => {
                 if let Err(e) = Self::sync(cloud, store, wabas).await {
                     warn!(error = %e, "template registry sync failed; keeping the registry as it was");
-                    // Let the next tick (here or on another replica) try again.
+                    synced = false;
+                    // Let the next try (here or on another replica) take the lock.
                     if let Err(e) = store.unlock("templates-sync", owner).await {
                         warn!(error = %e, "could not release the template sync lock");
                     }
@@ -137,5 +141,6 @@ impl Registry {
         if let Err(e) = self.load(store, &keys).await {
             warn!(error = %e, "could not load the template registry");
         }
+        synced
     }
 }

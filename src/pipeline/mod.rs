@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
@@ -149,7 +150,7 @@ impl Pipeline {
     pub async fn start(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         self.heartbeat().await;
         self.refresh_halts().await;
-        self.refresh_templates().await;
+        let mut synced = self.refresh_templates().await;
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut beat = tokio::time::interval(this.settings.pacing.heartbeat);
@@ -158,9 +159,27 @@ impl Pipeline {
                 .admission
                 .template_refresh
                 .min(Duration::from_secs(30));
-            let mut templates = tokio::time::interval(tick);
+            // A failed sync (the Cloud API not up yet, say) is tried again within seconds,
+            // then less and less often: template jobs wait for a first sync.
+            let retries = || {
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_secs(1))
+                    .with_max_delay(tick)
+                    .without_max_times()
+                    .build()
+            };
+            let mut retry = retries();
+            let next = |synced: bool, retry: &mut dyn Iterator<Item = Duration>| {
+                tokio::time::Instant::now()
+                    + if synced {
+                        tick
+                    } else {
+                        retry.next().unwrap_or(tick)
+                    }
+            };
+            let templates = tokio::time::sleep_until(next(synced, &mut retry));
+            tokio::pin!(templates);
             beat.tick().await;
-            templates.tick().await;
             loop {
                 tokio::select! {
                     biased;
@@ -169,7 +188,13 @@ impl Pipeline {
                         this.heartbeat().await;
                         this.refresh_halts().await;
                     }
-                    _ = templates.tick() => this.refresh_templates().await,
+                    _ = &mut templates => {
+                        synced = this.refresh_templates().await;
+                        if synced {
+                            retry = retries();
+                        }
+                        templates.as_mut().reset(next(synced, &mut retry));
+                    }
                 }
             }
         })
@@ -225,8 +250,9 @@ impl Pipeline {
         }
     }
 
-    /// Syncs the template registry (one replica per refresh period) and loads it.
-    pub async fn refresh_templates(&self) {
+    /// Syncs the template registry (one replica per refresh period) and loads it; `false` when
+    /// this replica's sync failed.
+    pub async fn refresh_templates(&self) -> bool {
         let mut wabas: BTreeMap<WabaId, SecretString> = BTreeMap::new();
         for n in self.numbers.values() {
             wabas
@@ -241,7 +267,7 @@ impl Pipeline {
                 &self.settings.owner,
                 self.settings.admission.template_refresh,
             )
-            .await;
+            .await
     }
 
     /// Decides and settles one delivery. Never panics on bad input; the only error is a broker
