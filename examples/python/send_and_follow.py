@@ -37,48 +37,44 @@ TIMEOUT_S = float(os.environ.get("WA_TIMEOUT_S", "60"))
 DONE = {"message.read": 0, "message.failed": 1, "job.dead_lettered": 1}
 
 
-def reply(job_id, text):
-    """A free-form text answering the user's message: allowed only inside the care window."""
+def job(job_id, message, category, metadata):
+    """A wa.send.v1 job from this number to the recipient."""
     return {
         "schema": "wa.send.v1",
         "job_id": job_id,
         "phone_number_id": PHONE_NUMBER_ID,
         "to": TO,
-        "message": {
-            "type": "text",
-            "text": {"body": f"Thanks for writing! About \"{text}\": your order #1042 ships today."},
-        },
-        "category": "service",
-        "metadata": {"ticket": "SUP-7731", "sent_by": "examples/python"},
+        "message": message,
+        "category": category,
+        "metadata": {**metadata, "sent_by": "examples/python"},
     }
+
+
+def reply(job_id, text):
+    """A free-form text answering the user's message: allowed only inside the care window."""
+    body = f"Thanks for writing! About \"{text}\": your order #1042 ships today."
+    return job(job_id, {"type": "text", "text": {"body": body}}, "service", {"ticket": "SUP-7731"})
 
 
 def template(job_id):
     """A utility template the simulator's default scenario approves (order_update, 2 parameters)."""
-    return {
-        "schema": "wa.send.v1",
-        "job_id": job_id,
-        "phone_number_id": PHONE_NUMBER_ID,
-        "to": TO,
-        "message": {
-            "type": "template",
-            "template": {
-                "name": "order_update",
-                "language": {"code": "en_US"},
-                "components": [
-                    {
-                        "type": "body",
-                        "parameters": [
-                            {"type": "text", "text": "Jessica"},
-                            {"type": "text", "text": "#1042"},
-                        ],
-                    }
-                ],
-            },
+    message = {
+        "type": "template",
+        "template": {
+            "name": "order_update",
+            "language": {"code": "en_US"},
+            "components": [
+                {
+                    "type": "body",
+                    "parameters": [
+                        {"type": "text", "text": "Jessica"},
+                        {"type": "text", "text": "#1042"},
+                    ],
+                }
+            ],
         },
-        "category": "utility",
-        "metadata": {"order_id": 1042, "sent_by": "examples/python"},
     }
+    return job(job_id, message, "utility", {"order_id": 1042})
 
 
 def main(answer):
@@ -104,7 +100,7 @@ def main(answer):
         return None
 
     job_id = f"example-py-{uuid.uuid4().hex[:12]}"
-    job = template(job_id)
+    send = template(job_id)
     if answer:
         digits = TO.lstrip("+")
         print(f"waiting for a message from +{digits}", flush=True)
@@ -116,7 +112,7 @@ def main(answer):
             if event["event"] == "inbound.message" and event.get("to", "").lstrip("+") == digits:
                 text = (event.get("metadata") or {}).get("text") or ""
                 print(f"inbound.message      {text}", flush=True)
-                job = reply(job_id, text)
+                send = reply(job_id, text)
                 break
 
     # Publish with confirms: once basic_publish returns, the broker has the job on disk.
@@ -126,7 +122,7 @@ def main(answer):
         exchange=f"{PREFIX}.send",
         # <lane>.<phone_number_id>: lanes are otp, transactional and bulk.
         routing_key=f"transactional.{PHONE_NUMBER_ID}",
-        body=json.dumps(job).encode(),
+        body=json.dumps(send).encode(),
         properties=pika.BasicProperties(
             content_type="application/json",
             delivery_mode=pika.DeliveryMode.Persistent,
