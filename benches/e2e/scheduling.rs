@@ -19,26 +19,56 @@ use crate::{TOKEN, WABA, number, settings, text_job};
 const A: &str = "106540352242922";
 const B: &str = "106540352242923";
 
+/// A run's simulator and connections: `numbers` at `mps` each, under a fresh prefix.
+struct Rig {
+    runtime: wa_sender::config::Runtime,
+    simulator: Simulator,
+    broker: std::sync::Arc<RabbitBroker>,
+    store: std::sync::Arc<wa_sender::store::redis::RedisStore>,
+}
+
+impl Rig {
+    async fn start(tag: &str, numbers: &[&str], mps: u32) -> Rig {
+        let mut settings = settings(tag);
+        let mut scenario = Scenario::single(numbers[0], WABA, TOKEN);
+        scenario.numbers.clear();
+        for id in numbers {
+            settings.numbers.insert((*id).into(), number(mps));
+            let mut sim = SimNumber::new(id, WABA);
+            sim.throughput_mps = Some(mps);
+            scenario.numbers.push(sim);
+        }
+        let simulator = Simulator::start(scenario, "127.0.0.1:0")
+            .await
+            .expect("simulator");
+        settings.cloud.base_url = simulator.base_url();
+        let runtime = settings.runtime().expect("valid settings");
+        let (broker, store) = wa_sender::app::connect(&runtime)
+            .await
+            .expect("RabbitMQ and Redis");
+        Rig {
+            runtime,
+            simulator,
+            broker,
+            store,
+        }
+    }
+
+    /// Stops the simulator and deletes the run's queues and keys.
+    async fn finish(self) {
+        self.simulator.stop();
+        self.broker.delete_topology().await.unwrap();
+        self.store.delete_all().await.unwrap();
+        self.broker.close().await;
+    }
+}
+
 pub async fn fairness() {
     let backlog: usize = option("--backlog").unwrap_or(6000);
     let others: usize = option("--others").unwrap_or(80);
     let mps: u32 = option("--mps").unwrap_or(80);
-    let mut settings = settings("fair");
-    settings.numbers.insert(A.into(), number(mps));
-    settings.numbers.insert(B.into(), number(mps));
-    let mut scenario = Scenario::single(A, WABA, TOKEN);
-    scenario.numbers[0].throughput_mps = Some(mps);
-    let mut b = SimNumber::new(B, WABA);
-    b.throughput_mps = Some(mps);
-    scenario.numbers.push(b);
-    let simulator = Simulator::start(scenario, "127.0.0.1:0")
-        .await
-        .expect("simulator");
-    settings.cloud.base_url = simulator.base_url();
-    let runtime = settings.runtime().expect("valid settings");
-    let (broker, store) = wa_sender::app::connect(&runtime)
-        .await
-        .expect("RabbitMQ and Redis");
+    let rig = Rig::start("fair", &[A, B], mps).await;
+    let (runtime, broker, store) = (&rig.runtime, &rig.broker, &rig.store);
     let waba = WabaId::parse(WABA).unwrap();
     let mut jobs = Vec::new();
     for i in 0..backlog {
@@ -70,7 +100,7 @@ pub async fn fairness() {
 
     let mut events = broker.tap(Tap::Events).await.unwrap();
     let worker =
-        wa_sender::app::WorkerApp::with_parts(&runtime, broker.clone(), store.clone()).unwrap();
+        wa_sender::app::WorkerApp::with_parts(runtime, broker.clone(), store.clone()).unwrap();
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
@@ -99,10 +129,7 @@ pub async fn fairness() {
     );
     shutdown.cancel();
     let _ = worker.await;
-    simulator.stop();
-    broker.delete_topology().await.unwrap();
-    store.delete_all().await.unwrap();
-    broker.close().await;
+    rig.finish().await;
 }
 
 /// Refused and sendable jobs of one number, interleaved in its queue: how soon the sendable ones
@@ -112,18 +139,8 @@ pub async fn refusals() {
     let refused: usize = option("--refused").unwrap_or(2000);
     let sendable: usize = option("--sendable").unwrap_or(2000);
     let mps: u32 = option("--mps").unwrap_or(80);
-    let mut settings = settings("refusals");
-    settings.numbers.insert(A.into(), number(mps));
-    let mut scenario = Scenario::single(A, WABA, TOKEN);
-    scenario.numbers[0].throughput_mps = Some(mps);
-    let simulator = Simulator::start(scenario, "127.0.0.1:0")
-        .await
-        .expect("simulator");
-    settings.cloud.base_url = simulator.base_url();
-    let runtime = settings.runtime().expect("valid settings");
-    let (broker, store) = wa_sender::app::connect(&runtime)
-        .await
-        .expect("RabbitMQ and Redis");
+    let rig = Rig::start("refusals", &[A], mps).await;
+    let (runtime, broker, store) = (&rig.runtime, &rig.broker, &rig.store);
     let waba = WabaId::parse(WABA).unwrap();
     let pnid = PhoneNumberId::parse(A).unwrap();
     // Every other job a free-form text to a user whose care window is closed: dead-lettered
@@ -153,7 +170,7 @@ pub async fn refusals() {
     }
     let mut events = broker.tap(Tap::Events).await.unwrap();
     let worker =
-        wa_sender::app::WorkerApp::with_parts(&runtime, broker.clone(), store.clone()).unwrap();
+        wa_sender::app::WorkerApp::with_parts(runtime, broker.clone(), store.clone()).unwrap();
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let worker = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
@@ -186,10 +203,7 @@ pub async fn refusals() {
     );
     shutdown.cancel();
     let _ = worker.await;
-    simulator.stop();
-    broker.delete_topology().await.unwrap();
-    store.delete_all().await.unwrap();
-    broker.close().await;
+    rig.finish().await;
 }
 
 pub async fn topology() {
