@@ -28,8 +28,8 @@
 //!   `/metrics` (every metric's name and labels).
 //! - [`config`], [`ids`], [`telemetry`]: settings (converted once into a typed `Runtime`),
 //!   identifier newtypes, logs and trace context.
-//! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, lanes, categories, error
-//!   codes, template definitions); it imports nothing else from the crate.
+//! - [`vocab`]: the shared vocabulary at the bottom (dead-letter reasons, deferral causes, lanes,
+//!   categories, error codes, template definitions); it imports nothing else from the crate.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]

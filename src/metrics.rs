@@ -23,6 +23,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+pub use crate::vocab::DeferCause;
 use crate::vocab::{DeadReason, ErrorCode, Lane};
 
 /// Jobs settled, by outcome and lane.
@@ -384,112 +385,9 @@ pub fn dead_lettered(reason: DeadReason) {
     counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
 }
 
-/// A job was deferred for `why`, the pipeline's short cause (a phrase or a token), counted
-/// under its [`DeferCause`].
-pub fn deferred(why: &str) {
-    counter!(DEFERRALS, "cause" => DeferCause::of(why).as_str()).increment(1);
-}
-
-/// Why a job was deferred, as the `cause` label of [`DEFERRALS`]. The pipeline says it in
-/// words for the logs and the `job.deferred` event (`sending halted`); the label is a token
-/// (`sending_halted`), and a cause this list does not know is `other`, so that a new phrase
-/// can neither put a space in a label nor make series without bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeferCause {
-    /// A transient failure: tried again after a backoff.
-    Retry,
-    /// A Meta rate limit (130429, 131056, 4, 80007): waits without spending an attempt.
-    Throttled,
-    /// A halt of its number, portfolio, token or app: waits for the cool-down.
-    SendingHalted,
-    /// Its template is paused (by admission, or by Meta's 132015).
-    TemplatePaused,
-    /// Meta asked for a pause before this user is written to again (131049).
-    RecipientCooldown,
-    /// Its send got no answer; the at-most-once job waits for a status webhook.
-    AmbiguousSend,
-    /// Still waiting for the status webhook of an earlier ambiguous send.
-    AwaitingWebhook,
-    /// Redis did not answer: nothing claimed, nothing sent.
-    StoreUnavailable,
-    /// Its `not_before` lies ahead (the first deferral of a scheduled job).
-    NotBefore,
-    /// One more hop through a shorter delay queue of a wait already announced.
-    NotYetDue,
-    /// Another live worker holds its claim.
-    ClaimedElsewhere,
-    /// Its campaign is paused.
-    CampaignPaused,
-    /// The template registry has not been synced yet.
-    RegistryNotSynced,
-    /// The portfolio's messaging tier is used up.
-    TierExhausted,
-    /// The pair rate to this recipient is used up.
-    PairRate,
-    /// A cause this build's list does not know.
-    Other,
-}
-
-impl DeferCause {
-    /// Every cause, `other` last.
-    pub const ALL: [DeferCause; 16] = [
-        DeferCause::Retry,
-        DeferCause::Throttled,
-        DeferCause::SendingHalted,
-        DeferCause::TemplatePaused,
-        DeferCause::RecipientCooldown,
-        DeferCause::AmbiguousSend,
-        DeferCause::AwaitingWebhook,
-        DeferCause::StoreUnavailable,
-        DeferCause::NotBefore,
-        DeferCause::NotYetDue,
-        DeferCause::ClaimedElsewhere,
-        DeferCause::CampaignPaused,
-        DeferCause::RegistryNotSynced,
-        DeferCause::TierExhausted,
-        DeferCause::PairRate,
-        DeferCause::Other,
-    ];
-
-    /// The `cause` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeferCause::Retry => "retry",
-            DeferCause::Throttled => "throttled",
-            DeferCause::SendingHalted => "sending_halted",
-            DeferCause::TemplatePaused => "template_paused",
-            DeferCause::RecipientCooldown => "recipient_cooldown",
-            DeferCause::AmbiguousSend => "ambiguous_send",
-            DeferCause::AwaitingWebhook => "awaiting_webhook",
-            DeferCause::StoreUnavailable => "store_unavailable",
-            DeferCause::NotBefore => "not_before",
-            DeferCause::NotYetDue => "not_yet_due",
-            DeferCause::ClaimedElsewhere => "claimed_elsewhere",
-            DeferCause::CampaignPaused => "campaign_paused",
-            DeferCause::RegistryNotSynced => "registry_not_synced",
-            DeferCause::TierExhausted => "tier_exhausted",
-            DeferCause::PairRate => "pair_rate",
-            DeferCause::Other => "other",
-        }
-    }
-
-    /// The cause of the pipeline's `why`: its phrases (the pipeline's stages), or a token
-    /// already (admission's `DeferReason::label`, `retry`, `throttled`).
-    pub fn of(why: &str) -> DeferCause {
-        match why {
-            "sending halted" => DeferCause::SendingHalted,
-            "template paused" => DeferCause::TemplatePaused,
-            "recipient cool-down" => DeferCause::RecipientCooldown,
-            "ambiguous send" => DeferCause::AmbiguousSend,
-            "waiting for a webhook after an ambiguous send" => DeferCause::AwaitingWebhook,
-            "store unavailable" => DeferCause::StoreUnavailable,
-            "not yet due" => DeferCause::NotYetDue,
-            token => DeferCause::ALL
-                .into_iter()
-                .find(|cause| cause.as_str() == token)
-                .unwrap_or(DeferCause::Other),
-        }
-    }
+/// A job was deferred for `cause`.
+pub fn deferred(cause: DeferCause) {
+    counter!(DEFERRALS, "cause" => cause.as_str()).increment(1);
 }
 
 /// Meta accepted a send from `phone_number_id` (a configured number).
@@ -673,10 +571,9 @@ mod tests {
     fn every_label_value_is_a_token() {
         let text = scraped(|| {
             initialise();
-            for (why, _) in PIPELINE_PHRASES {
-                deferred(why);
+            for cause in DeferCause::ALL {
+                deferred(cause);
             }
-            deferred("a phrase nobody listed");
             halted("waba");
             cloud_api_error(131_026);
         });
@@ -698,58 +595,9 @@ mod tests {
             );
         }
         assert!(
-            text.contains("wa_deferrals_total{cause=\"other\"} 1\n"),
+            text.contains("wa_deferrals_total{cause=\"sending_halted\"} 1\n"),
             "{text}"
         );
-    }
-
-    /// The phrases the pipeline's stages defer with (`Outcome::later`'s `why`).
-    const PIPELINE_PHRASES: [(&str, DeferCause); 11] = [
-        ("retry", DeferCause::Retry),
-        ("throttled", DeferCause::Throttled),
-        ("sending halted", DeferCause::SendingHalted),
-        ("template paused", DeferCause::TemplatePaused),
-        ("recipient cool-down", DeferCause::RecipientCooldown),
-        ("ambiguous send", DeferCause::AmbiguousSend),
-        (
-            "waiting for a webhook after an ambiguous send",
-            DeferCause::AwaitingWebhook,
-        ),
-        ("store unavailable", DeferCause::StoreUnavailable),
-        ("not_before", DeferCause::NotBefore),
-        ("not yet due", DeferCause::NotYetDue),
-        ("claimed_elsewhere", DeferCause::ClaimedElsewhere),
-    ];
-
-    #[test]
-    fn every_deferral_has_a_cause_of_its_own() {
-        for (why, cause) in PIPELINE_PHRASES {
-            assert_eq!(DeferCause::of(why), cause, "{why}");
-        }
-        use crate::policy::admission::DeferReason;
-        let reasons = [
-            DeferReason::NotBefore,
-            DeferReason::ClaimedElsewhere,
-            DeferReason::CampaignPaused,
-            DeferReason::TemplatePaused,
-            DeferReason::RegistryNotSynced,
-            DeferReason::TierExhausted { used: 1, limit: 1 },
-            DeferReason::PairRate,
-        ];
-        for reason in &reasons {
-            // Exhaustive: a new reason does not compile until it is listed above.
-            match reason {
-                DeferReason::NotBefore
-                | DeferReason::ClaimedElsewhere
-                | DeferReason::CampaignPaused
-                | DeferReason::TemplatePaused
-                | DeferReason::RegistryNotSynced
-                | DeferReason::TierExhausted { .. }
-                | DeferReason::PairRate => {}
-            }
-            assert_eq!(DeferCause::of(reason.label()).as_str(), reason.label());
-        }
-        assert_eq!(DeferCause::of("anything else"), DeferCause::Other);
     }
 
     #[test]

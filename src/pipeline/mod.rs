@@ -23,6 +23,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug_span, info, warn};
 
+pub use crate::vocab::DeferCause;
 pub use outcome::{Dead, Later, Outcome};
 pub use pacer::Pacer;
 pub use stats::{Stats, StatsSnapshot};

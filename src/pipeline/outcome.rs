@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use crate::event::{DeadReason, ErrorSource, Event, EventError};
 use crate::ids::Wamid;
 use crate::job::{JobError, SendJob};
+use crate::vocab::DeferCause;
 
 /// The decision for one delivery.
 #[derive(Debug)]
@@ -22,12 +23,12 @@ pub enum Outcome {
 
 impl Outcome {
     /// The decision and its cause, as the `settle` span names them: (`sent`, none),
-    /// (`deferred`, why) or (`dead_lettered`, reason).
-    pub fn describe(&self) -> (&'static str, Option<&str>) {
+    /// (`deferred`, cause) or (`dead_lettered`, reason), each a token.
+    pub fn describe(&self) -> (&'static str, Option<&'static str>) {
         match self {
             Outcome::Accepted(_) => ("sent", None),
             Outcome::AlreadyDone(_) => ("already_done", None),
-            Outcome::Later(later) => ("deferred", Some(&later.why)),
+            Outcome::Later(later) => ("deferred", Some(later.cause.as_str())),
             Outcome::Dead(dead) => ("dead_lettered", Some(dead.reason.as_str())),
         }
     }
@@ -56,23 +57,23 @@ impl Outcome {
     pub fn later(
         due: DateTime<Utc>,
         attempts: u32,
-        why: impl Into<String>,
+        cause: DeferCause,
         error: Option<EventError>,
         job: SendJob,
     ) -> Self {
-        Outcome::Later(Box::new(Later::new(due, attempts, why, error, job)))
+        Outcome::Later(Box::new(Later::new(due, attempts, cause, error, job)))
     }
 
     /// Tried again at `due` without a `job.deferred`: one more hop of a wait already announced.
     pub fn later_silent(
         due: DateTime<Utc>,
         attempts: u32,
-        why: impl Into<String>,
+        cause: DeferCause,
         job: SendJob,
     ) -> Self {
         Outcome::Later(Box::new(Later {
             announce: false,
-            ..Later::new(due, attempts, why, None, job)
+            ..Later::new(due, attempts, cause, None, job)
         }))
     }
 
@@ -148,8 +149,8 @@ pub struct Later {
     pub due: DateTime<Utc>,
     /// Attempts after this delivery.
     pub attempts: u32,
-    /// Short cause, for logs and the `job.deferred` event.
-    pub why: String,
+    /// Why: the counters' token, and the `job.deferred` title when no error caused it.
+    pub cause: DeferCause,
     /// The error that caused it, if any.
     pub error: Option<EventError>,
     /// The job (absent only if it could not be decoded, which never defers).
@@ -163,7 +164,7 @@ impl Later {
     pub fn new(
         due: DateTime<Utc>,
         attempts: u32,
-        why: impl Into<String>,
+        cause: DeferCause,
         error: Option<EventError>,
         job: SendJob,
     ) -> Self {
@@ -171,7 +172,7 @@ impl Later {
             announce: true,
             due,
             attempts,
-            why: why.into(),
+            cause,
             error,
             job: Some(Box::new(job)),
             maybe_sent: None,
@@ -246,15 +247,16 @@ mod tests {
     #[test]
     fn a_deferral_is_announced_unless_it_is_a_silent_hop() {
         let due = Utc::now();
-        let Outcome::Later(later) = Outcome::later(due, 1, "retry", None, job()) else {
+        let Outcome::Later(later) = Outcome::later(due, 1, DeferCause::Retry, None, job()) else {
             panic!("later");
         };
         assert!(later.announce);
         assert_eq!(
-            (later.due, later.attempts, later.why.as_str()),
-            (due, 1, "retry")
+            (later.due, later.attempts, later.cause),
+            (due, 1, DeferCause::Retry)
         );
-        let Outcome::Later(hop) = Outcome::later_silent(due, 1, "not yet due", job()) else {
+        let Outcome::Later(hop) = Outcome::later_silent(due, 1, DeferCause::NotYetDue, job())
+        else {
             panic!("later");
         };
         assert!(!hop.announce);

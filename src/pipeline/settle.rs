@@ -61,7 +61,7 @@ impl Pipeline {
             .to_std()
             .unwrap_or_default();
         let tier = self.settings.tiers.tier_for(wait);
-        debug!(why = %later.why, delay_queue = %DelayTiers::name(tier), due = %later.due, "deferred");
+        debug!(cause = %later.cause, why = later.cause.title(), delay_queue = %DelayTiers::name(tier), due = %later.due, "deferred");
         // The decoded job names its number; only an undecodable body (never deferred) is probed.
         let route = match &later.job {
             Some(job) => Route::new(lane, job.phone_number_id.as_str()),
@@ -98,7 +98,7 @@ impl Pipeline {
         let deferral = Deferral {
             at: Utc::now(),
             until: later.due,
-            cause: later.why.clone(),
+            cause: later.cause.as_str().to_owned(),
         };
         if let Err(e) = self.store.note_deferral(&key, &deferral).await {
             warn!(error = %e, "could not note the deferral");
@@ -174,8 +174,8 @@ fn deferral_headers(mut headers: Headers, later: &Later) -> Headers {
     headers
 }
 
-/// The `job.deferred` event of a deferral, unless it is a silent hop: its error, or the cause
-/// and the due time as a policy error.
+/// The `job.deferred` event of a deferral, unless it is a silent hop: its error, or the cause's
+/// title and the due time as a policy error.
 fn deferred_event(later: &Later) -> Option<Event> {
     let job = later.job.as_ref().filter(|_| later.announce)?;
     let mut event = Event::for_job("job.deferred", job);
@@ -183,7 +183,7 @@ fn deferred_event(later: &Later) -> Option<Event> {
     event.error = later.error.clone().or_else(|| {
         Some(EventError {
             code: None,
-            title: later.why.clone(),
+            title: later.cause.title().to_owned(),
             details: format!("due {}", later.due),
             source: ErrorSource::Policy,
         })
@@ -199,6 +199,7 @@ mod tests {
     use crate::broker::{H_DETAIL, H_ERROR_CODE, H_REASON, H_TRACEPARENT};
     use crate::event::DeadReason;
     use crate::job::SendJob;
+    use crate::vocab::DeferCause;
 
     fn job() -> SendJob {
         crate::job::decode(
@@ -218,7 +219,8 @@ mod tests {
         original
             .set_str(H_TRACEPARENT, "00-abc-def-01")
             .set_int(H_ATTEMPTS, 1);
-        let Outcome::Later(mut later) = Outcome::later(due(), 2, "retry", None, job()) else {
+        let Outcome::Later(mut later) = Outcome::later(due(), 2, DeferCause::Retry, None, job())
+        else {
             panic!("later");
         };
         let headers = deferral_headers(original.clone(), &later);
@@ -242,7 +244,9 @@ mod tests {
 
     #[test]
     fn a_deferral_without_an_error_is_announced_with_its_cause_as_a_policy_error() {
-        let Outcome::Later(later) = Outcome::later(due(), 1, "campaign paused", None, job()) else {
+        let Outcome::Later(later) =
+            Outcome::later(due(), 1, DeferCause::CampaignPaused, None, job())
+        else {
             panic!("later");
         };
         let event = deferred_event(&later).expect("announced");
@@ -264,12 +268,13 @@ mod tests {
             source: ErrorSource::Api,
         };
         let Outcome::Later(later) =
-            Outcome::later(due(), 0, "throttled", Some(meta.clone()), job())
+            Outcome::later(due(), 0, DeferCause::Throttled, Some(meta.clone()), job())
         else {
             panic!("later");
         };
         assert_eq!(deferred_event(&later).unwrap().error, Some(meta));
-        let Outcome::Later(hop) = Outcome::later_silent(due(), 0, "not yet due", job()) else {
+        let Outcome::Later(hop) = Outcome::later_silent(due(), 0, DeferCause::NotYetDue, job())
+        else {
             panic!("later");
         };
         assert_eq!(deferred_event(&hop), None);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tracing::{debug, error, warn};
 
-use super::{Later, Outcome, Pipeline, PipelineSettings};
+use super::{DeferCause, Later, Outcome, Pipeline, PipelineSettings};
 use crate::broker::{Envelope, H_DUE, H_MAYBE_SENT, H_TRACEPARENT, Headers};
 use crate::cloud::{ApiError, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
@@ -180,11 +180,10 @@ impl Pipeline {
     pub(super) async fn pace<'a>(&self, decoded: Decoded<'a>) -> Result<Paced<'a>, Outcome> {
         let (job, number) = (&decoded.job, decoded.number);
         if let Some(until) = self.halted_until(job, number) {
-            let why = "sending halted";
             return Err(Outcome::later(
                 until,
                 decoded.attempts,
-                why,
+                DeferCause::SendingHalted,
                 None,
                 decoded.job,
             ));
@@ -469,7 +468,7 @@ impl Pipeline {
                         Err(Outcome::later(
                             now + recheck,
                             attempts,
-                            "ambiguous send",
+                            DeferCause::AmbiguousSend,
                             Some(error),
                             job,
                         ))
@@ -551,7 +550,7 @@ impl Pipeline {
         Outcome::later(
             Utc::now() + BUSY_WAIT,
             attempts,
-            "store unavailable",
+            DeferCause::StoreUnavailable,
             None,
             job,
         )
@@ -650,8 +649,8 @@ fn wait_until_due(
     match not_before(&job, due) {
         Some(not_before) if not_before > now && job.expires_at.is_none_or(|e| e > now) => {
             Err(match due.filter(|d| *d > now) {
-                Some(_) => Outcome::later_silent(not_before, attempts, "not yet due", job),
-                None => Outcome::later(not_before, attempts, "not_before", None, job),
+                Some(_) => Outcome::later_silent(not_before, attempts, DeferCause::NotYetDue, job),
+                None => Outcome::later(not_before, attempts, DeferCause::NotBefore, None, job),
             })
         }
         _ => Ok(job),
@@ -737,20 +736,15 @@ fn admitted<'a>(
         Verdict::AlreadySent(wamid) => return Err(Outcome::already_sent(job, &wamid)),
         Verdict::AlreadyDead => return Err(Outcome::already_dead()),
         Verdict::Defer { until, why } => {
+            let cause = why.cause();
             let error = EventError {
                 code: None,
-                title: why.label().into(),
+                title: cause.as_str().into(),
                 details: why.to_string(),
                 source: ErrorSource::Policy,
             };
             let job = paced.decoded.job;
-            return Err(Outcome::later(
-                until,
-                attempts,
-                why.label(),
-                Some(error),
-                job,
-            ));
+            return Err(Outcome::later(until, attempts, cause, Some(error), job));
         }
         Verdict::Dead(why) => {
             let detail = match (&why, template_sent(job)) {
@@ -781,8 +775,8 @@ fn admitted<'a>(
                 ));
             }
             let recheck = (ambiguous_wait - waited).min(AMBIGUOUS_RECHECK);
-            let why = "waiting for a webhook after an ambiguous send";
-            return Err(Outcome::later(now + recheck, attempts, why, None, job));
+            let cause = DeferCause::AwaitingWebhook;
+            return Err(Outcome::later(now + recheck, attempts, cause, None, job));
         }
     };
     Ok(Admitted {
@@ -837,8 +831,14 @@ fn after_api_error(
     retry_from: RetryFrom,
     settings: &PipelineSettings,
 ) -> Outcome {
-    let wait = |d: Duration, why: &str| {
-        Outcome::later(now + d, attempts - 1, why, Some(error.clone()), job.clone())
+    let wait = |d: Duration, cause: DeferCause| {
+        Outcome::later(
+            now + d,
+            attempts - 1,
+            cause,
+            Some(error.clone()),
+            job.clone(),
+        )
     };
     match action {
         Action::DeadLetter(reason) => {
@@ -846,10 +846,10 @@ fn after_api_error(
             Outcome::dead_after(reason, &error, detail, attempts, job)
         }
         Action::Retry => retry(&settings.retry, job, attempts, error, retry_from),
-        Action::Throttle(_) => wait(THROTTLE_WAIT, "throttled"),
-        Action::Halt(_) => wait(settings.halt_cooldown, "sending halted"),
-        Action::ParkTemplate => wait(PARKED_TEMPLATE_WAIT, "template paused"),
-        Action::Cooldown(d) => wait(d, "recipient cool-down"),
+        Action::Throttle(_) => wait(THROTTLE_WAIT, DeferCause::Throttled),
+        Action::Halt(_) => wait(settings.halt_cooldown, DeferCause::SendingHalted),
+        Action::ParkTemplate => wait(PARKED_TEMPLATE_WAIT, DeferCause::TemplatePaused),
+        Action::Cooldown(d) => wait(d, DeferCause::RecipientCooldown),
     }
 }
 
@@ -888,7 +888,8 @@ fn retry(
             }
         };
     };
-    let mut later = Later::new(from.at + delay, attempts, "retry", Some(error), job);
+    let due = from.at + delay;
+    let mut later = Later::new(due, attempts, DeferCause::Retry, Some(error), job);
     later.maybe_sent = from.maybe_sent;
     Outcome::Later(Box::new(later))
 }
@@ -1038,14 +1039,14 @@ mod tests {
         // Its not_before ahead: announced.
         let wait = later(wait_until_due(scheduled(), None, 0, at(0)).unwrap_err());
         assert_eq!(
-            (wait.due, wait.why.as_str(), wait.announce),
-            (at(60), "not_before", true)
+            (wait.due, wait.cause, wait.announce),
+            (at(60), DeferCause::NotBefore, true)
         );
         // Back from a delay queue before its due time: a silent hop, to the later of the two.
         let wait = later(wait_until_due(scheduled(), Some(at(90)), 2, at(0)).unwrap_err());
         assert_eq!(
-            (wait.due, wait.why.as_str(), wait.announce),
-            (at(90), "not yet due", false)
+            (wait.due, wait.cause, wait.announce),
+            (at(90), DeferCause::NotYetDue, false)
         );
         assert_eq!(wait.attempts, 2);
         // A due time passed but not_before ahead: announced again.
@@ -1176,9 +1177,13 @@ mod tests {
             why: DeferReason::PairRate,
         };
         let deferred = later(refuse(defer, plain()));
-        assert_eq!((deferred.due, deferred.why.as_str()), (at(6), "pair_rate"));
+        assert_eq!(
+            (deferred.due, deferred.cause),
+            (at(6), DeferCause::PairRate)
+        );
         assert_eq!(deferred.attempts, 1);
         let error = deferred.error.expect("the cause as an error");
+        assert_eq!(error.title, "pair_rate");
         assert_eq!(error.details, "pair rate to this recipient");
         assert_eq!(error.source, ErrorSource::Policy);
 
@@ -1285,26 +1290,34 @@ mod tests {
 
         // Waits count from the decision and use up no attempt.
         let cases = [
-            (Action::Throttle(Scope::Number), at(1), "throttled"),
-            (Action::Throttle(Scope::Pair), at(1), "throttled"),
-            (Action::Halt(Scope::Token), at(300), "sending halted"),
-            (Action::ParkTemplate, at(600), "template paused"),
+            (
+                Action::Throttle(Scope::Number),
+                at(1),
+                DeferCause::Throttled,
+            ),
+            (Action::Throttle(Scope::Pair), at(1), DeferCause::Throttled),
+            (
+                Action::Halt(Scope::Token),
+                at(300),
+                DeferCause::SendingHalted,
+            ),
+            (Action::ParkTemplate, at(600), DeferCause::TemplatePaused),
             (
                 Action::Cooldown(Duration::from_secs(86_400)),
                 at(86_400),
-                "recipient cool-down",
+                DeferCause::RecipientCooldown,
             ),
         ];
-        for (action, due, why) in cases {
+        for (action, due, cause) in cases {
             let wait = later(decide(action, 2));
-            assert_eq!((wait.due, wait.why.as_str()), (due, why), "{action:?}");
+            assert_eq!((wait.due, wait.cause), (due, cause), "{action:?}");
             assert_eq!(wait.attempts, 1, "{action:?}");
             assert_eq!(wait.error.expect("Meta's error").code, Some(131026));
         }
 
         // A retry counts from when the claim was released, and uses up an attempt.
         let retried = later(decide(Action::Retry, 1));
-        assert_eq!((retried.why.as_str(), retried.attempts), ("retry", 1));
+        assert_eq!((retried.cause, retried.attempts), (DeferCause::Retry, 1));
         assert!(
             retried.due >= at(5) + Duration::from_secs(2),
             "{}",

@@ -59,7 +59,7 @@ pub struct StatsSnapshot {
     pub duplicates_avoided: u64,
     /// Halting errors seen.
     pub halts: u64,
-    /// Deferrals and retries by cause.
+    /// Deferrals and retries by cause, keyed by its token (`DeferCause::as_str`).
     pub deferred: BTreeMap<String, u64>,
     /// Dead letters by reason.
     pub dead: BTreeMap<DeadReason, u64>,
@@ -88,12 +88,12 @@ impl Stats {
             }
             Outcome::Later(later) => {
                 metrics::job_settled(JobOutcome::Deferred, lane);
-                metrics::deferred(&later.why);
+                metrics::deferred(later.cause);
                 *self
                     .deferred
                     .lock()
                     .expect("stats lock")
-                    .entry(later.why.clone())
+                    .entry(later.cause.as_str().to_owned())
                     .or_default() += 1
             }
             Outcome::Dead(dead) => {
@@ -162,6 +162,7 @@ mod tests {
     use metrics_exporter_prometheus::PrometheusBuilder;
 
     use super::*;
+    use crate::vocab::DeferCause;
 
     #[test]
     fn every_count_reaches_the_metrics_as_it_reaches_the_snapshot() {
@@ -190,5 +191,38 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn deferrals_are_counted_by_their_causes_token() {
+        let stats = Stats::default();
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let job = crate::job::decode(
+            br#"{"schema": "wa.send.v1", "job_id": "j-1", "phone_number_id": "106540352242922",
+                 "to": "15551234567", "message": {"type": "text", "text": {"body": "hi"}}}"#,
+        )
+        .expect("a valid job");
+        let due = chrono::Utc::now();
+        ::metrics::with_local_recorder(&recorder, || {
+            for cause in DeferCause::ALL {
+                stats.count(
+                    &Outcome::later(due, 0, cause, None, job.clone()),
+                    Lane::Bulk,
+                );
+            }
+            let hop = Outcome::later_silent(due, 0, DeferCause::NotYetDue, job);
+            stats.count(&hop, Lane::Bulk);
+        });
+        let deferred = stats.snapshot().deferred;
+        let tokens: Vec<&str> = deferred.keys().map(String::as_str).collect();
+        let mut expected: Vec<&str> = DeferCause::ALL.map(DeferCause::as_str).to_vec();
+        expected.sort_unstable();
+        assert_eq!(tokens, expected, "one key per cause, its token");
+        assert_eq!(deferred["not_yet_due"], 2);
+        let text = recorder.handle().render();
+        assert!(
+            text.contains(r#"wa_deferrals_total{cause="not_yet_due"} 2"#),
+            "{text}"
+        );
     }
 }

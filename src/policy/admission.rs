@@ -15,7 +15,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::Wamid;
-use crate::vocab::{Category, DeadReason};
+use crate::vocab::{Category, DeadReason, DeferCause};
 
 /// The care window: 24 h from the user's last inbound message.
 pub const CARE_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -274,16 +274,16 @@ pub enum DeferReason {
 }
 
 impl DeferReason {
-    /// A short, fixed label (for counters and `job.deferred` titles).
-    pub fn label(&self) -> &'static str {
+    /// The pipeline's cause of this deferral; its token is also the `job.deferred` title.
+    pub fn cause(&self) -> DeferCause {
         match self {
-            DeferReason::NotBefore => "not_before",
-            DeferReason::ClaimedElsewhere => "claimed_elsewhere",
-            DeferReason::CampaignPaused => "campaign_paused",
-            DeferReason::TemplatePaused => "template_paused",
-            DeferReason::RegistryNotSynced => "registry_not_synced",
-            DeferReason::TierExhausted { .. } => "tier_exhausted",
-            DeferReason::PairRate => "pair_rate",
+            DeferReason::NotBefore => DeferCause::NotBefore,
+            DeferReason::ClaimedElsewhere => DeferCause::ClaimedElsewhere,
+            DeferReason::CampaignPaused => DeferCause::CampaignPaused,
+            DeferReason::TemplatePaused => DeferCause::TemplatePaused,
+            DeferReason::RegistryNotSynced => DeferCause::RegistryNotSynced,
+            DeferReason::TierExhausted { .. } => DeferCause::TierExhausted,
+            DeferReason::PairRate => DeferCause::PairRate,
         }
     }
 }
@@ -853,6 +853,28 @@ mod tests {
                 why: DeferReason::TemplatePaused
             }
         );
+    }
+
+    #[test]
+    fn every_deferral_has_a_cause_of_its_own_and_its_token_is_the_published_title() {
+        let reasons = [
+            (DeferReason::NotBefore, "not_before"),
+            (DeferReason::ClaimedElsewhere, "claimed_elsewhere"),
+            (DeferReason::CampaignPaused, "campaign_paused"),
+            (DeferReason::TemplatePaused, "template_paused"),
+            (DeferReason::RegistryNotSynced, "registry_not_synced"),
+            (
+                DeferReason::TierExhausted { used: 1, limit: 1 },
+                "tier_exhausted",
+            ),
+            (DeferReason::PairRate, "pair_rate"),
+        ];
+        let causes: std::collections::BTreeSet<DeferCause> =
+            reasons.iter().map(|(r, _)| r.cause()).collect();
+        assert_eq!(causes.len(), reasons.len());
+        for (reason, title) in &reasons {
+            assert_eq!(reason.cause().as_str(), *title, "{reason:?}");
+        }
     }
 
     #[test]

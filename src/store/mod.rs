@@ -41,7 +41,9 @@ pub struct Deferral {
     pub at: DateTime<Utc>,
     /// When it is due again.
     pub until: DateTime<Utc>,
-    /// Why, e.g. `pair rate to this recipient`.
+    /// Why: the worker notes a [`DeferCause`](crate::vocab::DeferCause) token (`pair_rate`).
+    /// Kept as text and read back as written, so a record an older worker noted with a phrase
+    /// (`sending halted`) still shows in `wa-sender job` for its [`JOB_RECORD_TTL`].
     pub cause: String,
 }
 
