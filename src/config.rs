@@ -85,6 +85,14 @@ pub struct AmqpSettings {
     /// settled (a worker died or lost its channel each time it held it) is dead-lettered
     /// `delivery_limit`; a safety net behind `retry.max_attempts`.
     pub delivery_limit: u32,
+    /// The most events `<prefix>.events.kept` (bound to `<prefix>.events`) holds unread; past
+    /// it the oldest go first. Used when the queue is first declared.
+    #[serde(default = "default_events_kept")]
+    pub events_kept: u64,
+}
+
+fn default_events_kept() -> u64 {
+    10_000_000
 }
 
 /// Redis connection.
@@ -473,6 +481,7 @@ impl Settings {
                 queue_type: self.amqp.queue_type,
                 delay_tiers: self.delay_tiers()?,
                 delivery_limit: self.amqp.delivery_limit,
+                events_kept: self.events_kept()?,
             },
             redis: self.redis.clone(),
             cloud: HttpSettings {
@@ -621,6 +630,14 @@ impl Settings {
             .collect::<Result<Vec<_>, _>>()?;
         DelayTiers::new(tiers)
             .ok_or_else(|| invalid("amqp.delay_tiers", "needs at least one tier above 0"))
+    }
+
+    /// The most events kept unread.
+    fn events_kept(&self) -> Result<u64, ConfigError> {
+        match self.amqp.events_kept {
+            0 => Err(invalid("amqp.events_kept", "must be at least 1")),
+            kept => Ok(kept),
+        }
     }
 
     /// The retry policy.
@@ -794,6 +811,8 @@ pub struct AmqpRuntime {
     pub delay_tiers: DelayTiers,
     /// `x-delivery-limit` of quorum queues.
     pub delivery_limit: u32,
+    /// The most events kept unread.
+    pub events_kept: u64,
 }
 
 /// The webhook process: the receiver's address and secrets, the processor's stop words.
@@ -909,6 +928,7 @@ impl Runtime {
             delay_tiers: amqp.delay_tiers.clone(),
             delivery_limit: amqp.delivery_limit,
             numbers: self.numbers.keys().cloned().collect(),
+            events_kept: amqp.events_kept,
         }
     }
 
@@ -1082,6 +1102,14 @@ mod tests {
         .unwrap_err();
         assert!(
             err.to_string().contains("amqp.delay_tiers: \"5x\""),
+            "{err}"
+        );
+        let err =
+            Settings::from_figment(figment().merge(Serialized::default("amqp.events_kept", 0)))
+                .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("amqp.events_kept: must be at least 1"),
             "{err}"
         );
     }

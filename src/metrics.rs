@@ -58,6 +58,10 @@ pub const HALTS_IN_FORCE: &str = "wa_halts_in_force";
 pub const QUEUE_DEPTH: &str = "wa_queue_depth";
 /// How long the oldest job of a lane has waited.
 pub const QUEUE_OLDEST_WAIT: &str = "wa_queue_oldest_wait_seconds";
+/// Events kept unread in the kept events' queue.
+pub const EVENTS_UNREAD: &str = "wa_events_unread";
+/// The most events the kept events' queue holds before it drops the oldest.
+pub const EVENTS_KEPT_LIMIT: &str = "wa_events_kept_limit";
 /// Webhook bodies processed.
 pub const WEBHOOK_BODIES: &str = "wa_webhook_bodies_total";
 /// Message statuses processed, by value.
@@ -223,6 +227,14 @@ fn describe() {
         QUEUE_OLDEST_WAIT,
         Unit::Seconds,
         "How long the oldest job of a lane had waited when this replica took it (sampled; grows while none is taken from a lane that is not empty)"
+    );
+    describe_gauge!(
+        EVENTS_UNREAD,
+        "Events kept unread in <prefix>.events.kept (sampled)"
+    );
+    describe_gauge!(
+        EVENTS_KEPT_LIMIT,
+        "The most events <prefix>.events.kept holds; past it the oldest are dropped"
     );
     describe_counter!(WEBHOOK_BODIES, "Webhook bodies processed and acked");
     describe_counter!(
@@ -469,6 +481,12 @@ pub fn halted(scope: &'static str) {
 /// `halts` halts are in force now.
 pub fn halts_in_force(halts: usize) {
     gauge!(HALTS_IN_FORCE).set(halts as f64);
+}
+
+/// `unread` events wait in the kept events' queue, which holds at most `limit`.
+pub fn events_unread(unread: u32, limit: u64) {
+    gauge!(EVENTS_UNREAD).set(f64::from(unread));
+    gauge!(EVENTS_KEPT_LIMIT).set(limit as f64);
 }
 
 /// `depth` jobs wait in `lane`'s queues.

@@ -222,8 +222,8 @@ impl Waits {
     }
 }
 
-/// Samples each lane's queue depth, how long its oldest job has waited and the halts in force
-/// until `stop`. Depth is asked of the broker (one passive declare per queue), cheap at this
+/// Samples each lane's queue depth, how long its oldest job has waited, the events kept unread
+/// and the halts in force until `stop`. Depth is asked of the broker (one passive declare per queue), cheap at this
 /// pace; a failed ask keeps the last value, since a lost broker is already in the logs and in
 /// `/readyz`.
 ///
@@ -246,6 +246,9 @@ async fn sample(
         }
         metrics::halts_in_force(pipeline.halts_in_force());
         let depths = async {
+            if let Ok(Some((unread, limit))) = broker.events_unread().await {
+                metrics::events_unread(unread, limit);
+            }
             for lane in Lane::ALL {
                 let Ok(depth) = broker.depth(lane).await else {
                     continue;

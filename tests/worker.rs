@@ -320,3 +320,96 @@ async fn an_otp_job_is_sent_promptly_while_a_campaign_saturates_its_number() {
     );
     app.cleanup().await;
 }
+
+/// The events kept in `queue` of the broker at `amqp_url`, read until the events of kind
+/// `kind` of every one of `jobs` are there.
+async fn read_kept_events(
+    amqp_url: &str,
+    queue: &str,
+    kind: &str,
+    jobs: &std::collections::BTreeSet<String>,
+) -> Vec<wa_sender::event::Event> {
+    use futures::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    let (_connection, channel) = common::amqp_channel(amqp_url).await;
+    channel
+        .basic_qos(100, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "late-reader".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{queue} can be read: {e}"));
+    let mut events = Vec::new();
+    let mut missing = jobs.clone();
+    while !missing.is_empty() {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} event kept for {missing:?}"))
+            .unwrap()
+            .unwrap();
+        let event: wa_sender::event::Event = serde_json::from_slice(&delivery.data).unwrap();
+        if event.event == kind
+            && let Some(id) = &event.job_id
+        {
+            missing.remove(id);
+        }
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        events.push(event);
+    }
+    events
+}
+
+#[tokio::test]
+async fn events_are_kept_for_a_consumer_that_comes_after_them() {
+    let mut app = spawn_app("events-kept", |_, _| {}).await;
+    let first: std::collections::BTreeSet<String> =
+        (0..5).map(|i| format!("job-kept-{i}")).collect();
+    for id in &first {
+        app.enqueue_reply(Lane::Bulk, &text_job(id)).await;
+    }
+    app.start_worker();
+    app.wait_sent_once(&first, Duration::from_secs(20)).await;
+    app.stop_worker().await;
+
+    // Nobody read them while they were published; a consumer coming now reads every one.
+    let queue = format!("{}.events.kept", app.prefix);
+    let kept = read_kept_events(&app.settings.amqp.url, &queue, "message.accepted", &first).await;
+    assert!(kept.iter().all(|e| e.wamid.is_some()), "{kept:?}");
+
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_event_finding_its_kept_queue_deleted_declares_it_again_and_is_kept() {
+    let app = spawn_app("events-healed", |_, _| {}).await;
+    // A topology of its own, with no tap bound: with its kept queue gone an event reaches none.
+    let mut rabbit = app.runtime().rabbit();
+    rabbit.prefix = format!("{}-alone", app.prefix);
+    let alone = wa_sender::broker::rabbit::RabbitBroker::connect(rabbit)
+        .await
+        .unwrap();
+    let queue = format!("{}-alone.events.kept", app.prefix);
+    let (_connection, channel) = common::amqp_channel(&app.settings.amqp.url).await;
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let event = wa_sender::event::Event {
+        job_id: Some("job-healed".into()),
+        ..wa_sender::event::Event::new("message.accepted")
+    };
+    wa_sender::broker::publish_event(&alone, &event, Default::default())
+        .await
+        .expect("the event is published once its queue is declared again");
+    let healed = std::collections::BTreeSet::from(["job-healed".to_owned()]);
+    read_kept_events(&app.settings.amqp.url, &queue, "message.accepted", &healed).await;
+    alone.delete_topology().await.unwrap();
+    alone.close().await;
+    app.cleanup().await;
+}

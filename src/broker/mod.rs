@@ -365,6 +365,9 @@ pub enum BrokerError {
         /// The cause.
         detail: String,
     },
+    /// No queue is bound for a publish (it was mandatory, so the broker returned it).
+    #[error("broker returned the publish to {0}: no queue is bound for it")]
+    Unroutable(String),
     /// The broker refused a publish (nack): it was not stored.
     #[error("broker did not confirm the publish to {0}")]
     Nacked(String),
@@ -419,6 +422,11 @@ pub trait Broker: Send + Sync {
     /// Jobs waiting in a lane, all configured numbers together (ready, not unacked), for the
     /// demo and queue-depth scaling.
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError>;
+    /// Events kept unread, and the most that are kept before the oldest are dropped (`None`:
+    /// this broker keeps no events for later readers).
+    async fn events_unread(&self) -> Result<Option<(u32, u64)>, BrokerError> {
+        Ok(None)
+    }
     /// Stops consuming: no new deliveries; unacked ones can still be settled.
     async fn stop_consuming(&self) -> Result<(), BrokerError>;
 }

@@ -53,6 +53,8 @@ pub struct RabbitSettings {
     pub delivery_limit: u32,
     /// The business numbers whose lane queues to declare (each gets one queue per lane).
     pub numbers: Vec<PhoneNumberId>,
+    /// The most events `wa.events.kept` holds unread (`x-max-length`); past it the oldest go.
+    pub events_kept: u64,
 }
 
 /// Every name in the topology, derived from one prefix.
@@ -99,6 +101,11 @@ impl Names {
     /// `wa.events` (topic).
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
+    }
+    /// `wa.events.kept`: the queue that keeps every event published to `wa.events` until it
+    /// is read.
+    pub fn events_kept(&self) -> String {
+        format!("{}.events.kept", self.prefix)
     }
     /// `wa.webhooks.intake`.
     pub fn intake_queue(&self) -> String {
@@ -409,6 +416,23 @@ impl RabbitBroker {
         }
     }
 
+    /// The kept events: the configured type like the jobs (quorum: on every node), bounded in
+    /// length, the oldest dropped past it (`drop-head`: refusing new events instead would stop
+    /// every send while nobody reads them), and a delivery limit like the other kept queues.
+    fn events_kept_args(&self) -> FieldTable {
+        let mut pairs = self.kept_args();
+        pairs.extend([
+            (
+                "x-max-length",
+                AMQPValue::LongLongInt(
+                    i64::try_from(self.settings.events_kept).unwrap_or(i64::MAX),
+                ),
+            ),
+            ("x-overflow", long_string("drop-head")),
+        ]);
+        args(&pairs)
+    }
+
     /// Where a job past its delivery limit goes: `wa.dead`, reason `delivery_limit`.
     fn job_dead_letter(&self) -> (String, &'static str) {
         (
@@ -522,6 +546,16 @@ impl RabbitBroker {
             FieldTable::default(),
         )
         .await?;
+        // Events are kept whoever listens: bound before anything is published, so a consumer
+        // that comes later reads what came before.
+        queue(n.events_kept(), self.events_kept_args()).await?;
+        bind(
+            n.events_kept(),
+            n.events_exchange(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await?;
         queue(n.unrouted(), args(&self.queue_args(self.job_dead_letter()))).await?;
         bind(
             n.unrouted(),
@@ -609,7 +643,12 @@ impl RabbitBroker {
                 .iter()
                 .map(|t| n.delay_queue(*t)),
         );
-        queues.extend([n.dead_queue(), n.intake_queue(), n.parked_queue()]);
+        queues.extend([
+            n.dead_queue(),
+            n.intake_queue(),
+            n.parked_queue(),
+            n.events_kept(),
+        ]);
         Topology {
             exchanges: vec![
                 n.send_exchange(),
@@ -748,13 +787,13 @@ impl RabbitBroker {
     /// on its way, the broker's answer is not in yet. `message_id` becomes the AMQP message id.
     async fn start_publish(
         &self,
-        target: Target,
-        envelope: Envelope,
+        target: &Target,
+        envelope: &Envelope,
         message_id: Option<&str>,
     ) -> Result<Confirm, BrokerError> {
-        let (exchange, key) = self.route(&target);
+        let (exchange, key) = self.route(target);
         let mut headers = to_table(&envelope.headers);
-        if let Target::Delay { tier, .. } = &target {
+        if let Target::Delay { tier, .. } = target {
             headers.insert(H_DELAY.into(), long_string(DelayTiers::name(*tier)));
         }
         let mut properties = BasicProperties::default()
@@ -767,10 +806,9 @@ impl RabbitBroker {
             properties = properties.with_message_id(id.into());
         }
         self.heal().await;
-        // mandatory: an unroutable job, delay or dead letter comes back instead of vanishing.
-        // Events are pub/sub: with no subscriber bound there is nobody to tell, and refusing
-        // them would hold every job and webhook hostage to a missing consumer.
-        let mandatory = !matches!(target, Target::Event(_));
+        // mandatory: an unroutable message (a job, delay, dead letter or event: the kept events'
+        // queue is bound to `wa.events`) comes back instead of vanishing.
+        let mandatory = true;
         let pending = self
             .publisher()
             .await
@@ -794,10 +832,7 @@ impl RabbitBroker {
                 return Err(BrokerError::Nacked(format!("{exchange}/{key}")));
             }
             if confirm.take_message().is_some() {
-                return Err(BrokerError::op(
-                    "basic.publish",
-                    format!("{exchange}/{key} is unroutable (no queue bound)"),
-                ));
+                return Err(BrokerError::Unroutable(format!("{exchange}/{key}")));
             }
             Ok(())
         }))
@@ -825,7 +860,7 @@ fn declare_failed(queue: &str, e: &lapin::Error) -> String {
     }
     format!(
         "{queue} exists with other arguments than this configuration declares ({e}). It was \
-         declared by another configuration (amqp.queue_type, amqp.delivery_limit) or an earlier \
+         declared by another configuration (amqp.queue_type, amqp.delivery_limit, amqp.events_kept) or an earlier \
          version: use the same settings, or move its messages elsewhere and delete it \
          (rabbitmqctl delete_queue {queue}) so that it is declared again"
     )
@@ -998,7 +1033,15 @@ impl SendAcks for ChannelAcks {
 #[async_trait]
 impl Broker for RabbitBroker {
     async fn publish(&self, target: Target, envelope: Envelope) -> Result<(), BrokerError> {
-        self.start_publish(target, envelope, None).await?.await
+        match self.start_publish(&target, &envelope, None).await?.await {
+            // The kept events' queue was deleted (by hand): declared again, the event goes to it.
+            Err(BrokerError::Unroutable(what)) if matches!(target, Target::Event(_)) => {
+                tracing::warn!(unroutable = %what, queue = %self.names.events_kept(), "no queue bound to the events exchange; declaring the kept events' queue again");
+                self.declare().await?;
+                self.start_publish(&target, &envelope, None).await?.await
+            }
+            published => published,
+        }
     }
 
     async fn send_job(
@@ -1007,7 +1050,7 @@ impl Broker for RabbitBroker {
         job_id: Option<&str>,
         envelope: Envelope,
     ) -> Result<Confirm, BrokerError> {
-        self.start_publish(Target::Job(route), envelope, job_id)
+        self.start_publish(&Target::Job(route), &envelope, job_id)
             .await
     }
 
@@ -1100,6 +1143,27 @@ impl Broker for RabbitBroker {
                 })
             })
             .boxed())
+    }
+
+    async fn events_unread(&self) -> Result<Option<(u32, u64)>, BrokerError> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let channel = self.channel().await?;
+        let unread = channel
+            .queue_declare(
+                self.names.events_kept().into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .map_err(|e| BrokerError::op("queue.declare", e));
+        if channel.status().connected() {
+            let _ = channel.close(200, "depth read".into()).await;
+        }
+        Ok(Some((unread?, self.settings.events_kept)))
     }
 
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError> {
