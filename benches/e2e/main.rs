@@ -5,9 +5,11 @@
 //!   crates, interleaved, both draining the same pre-loaded queue into a fast local Cloud API
 //!   stand-in; rates, their ratio, CPU µs per message and peak RSS of each.
 //! - `-- rss [--jobs 1000000]`: the worker's resident memory while a large backlog drains.
-//! - `-- accuracy [--numbers 10 --mps 80 --replicas 3 --jobs 20000]`: replicas sharing numbers
-//!   against the simulator (which answers 130429 past a number's limit); one replica is killed
-//!   and another started mid-run.
+//! - `-- accuracy [--numbers 10 --mps 80 --replicas 3 --jobs 20000 --bursts 1 --runs 1]`:
+//!   replicas sharing numbers against the simulator (which answers 130429 past a number's
+//!   limit), started together; then one replica is killed and another started mid-run. With
+//!   `--bursts N` the jobs come in N bursts of twice what the numbers send in a second, each
+//!   after the numbers went idle.
 //! - `-- fairness [--backlog 6000 --others 80 --mps 80]`: a backlog on one number, a few jobs on
 //!   another; how soon the few are sent.
 //! - `-- refusals [--refused 2000 --sendable 2000 --mps 80]`: refused and sendable jobs of one
@@ -16,6 +18,9 @@
 //!   broker.
 //! - `-- spans [--jobs 20000 --pairs 2]`: the worker with no tracing subscriber, with spans
 //!   recorded but not exported (the default), and with spans exported over OTLP, interleaved.
+//! - `-- events [--events 50000 --rounds 3]`: what the broker spends per event published to
+//!   `wa.events` with nothing bound, a classic queue, a quorum queue or a stream bound, and per
+//!   event read back.
 //!
 //! `--nodes 1` or `--nodes 3` (any of the above): instead of the shared local services, nodes
 //! of the bench's own (RabbitMQ nodes joined into one cluster; one Redis, or a Redis Cluster of
@@ -28,6 +33,7 @@
 mod accuracy;
 #[path = "../common/mod.rs"]
 mod common;
+mod events;
 #[allow(dead_code)]
 #[path = "../../tests/common/node.rs"]
 mod node;
@@ -39,7 +45,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{flag, option};
-use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use wa_sender::broker::rabbit::QueueType;
@@ -106,14 +111,26 @@ pub async fn queue_text_jobs(
     Arc<wa_sender::broker::rabbit::RabbitBroker>,
     Arc<wa_sender::store::redis::RedisStore>,
 ) {
-    use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
-    use wa_sender::store::Store;
     let (broker, store) = wa_sender::app::connect(&settings.runtime().expect("valid settings"))
         .await
         .expect("RabbitMQ and Redis");
+    queue_more(settings, store.as_ref(), 0..jobs, numbers).await;
+    (broker, store)
+}
+
+/// Opens the care window of the recipients of jobs `range` and queues a text job to each,
+/// job `i` on number `i % numbers`.
+pub async fn queue_more(
+    settings: &Settings,
+    store: &wa_sender::store::redis::RedisStore,
+    range: std::ops::Range<usize>,
+    numbers: usize,
+) {
+    use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
+    use wa_sender::store::Store;
     let waba = WabaId::parse(WABA).unwrap();
     let stamp = chrono::Utc::now();
-    for i in 0..jobs {
+    for i in range.clone() {
         let pnid = PhoneNumberId::parse(number_id(i % numbers)).unwrap();
         let to = WaId::parse(recipient(i)).unwrap();
         store
@@ -123,14 +140,13 @@ pub async fn queue_text_jobs(
     }
     preload(
         settings,
-        (0..jobs).map(|i| {
+        range.map(|i| {
             let pnid = number_id(i % numbers);
             let job = text_job(&format!("job-{i}"), &pnid, i);
             (pnid, serde_json::to_vec(&job).unwrap())
         }),
     )
     .await;
-    (broker, store)
 }
 
 /// Publishes `bodies` to the send exchange of `settings` with pipelined confirms (up to 4,096
@@ -139,46 +155,6 @@ pub async fn preload(settings: &Settings, bodies: impl Iterator<Item = (String, 
     let exchange = format!("{}.send", settings.amqp.prefix);
     let items = bodies.map(|(number, body)| (format!("bulk.{number}"), body));
     common::publish_raw(&settings.amqp.url, &exchange, items, 4096).await;
-}
-
-/// Declares (`bind`) or deletes a queue that keeps every event, as a deployment's event
-/// consumers would, so publishing events costs what it costs in production.
-pub async fn events_queue(settings: &Settings, bind: bool) {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::{AMQPValue, FieldTable};
-    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
-    let channel = connection.create_channel().await.expect("channel");
-    let queue = format!("{}.bench.events", settings.amqp.prefix);
-    if bind {
-        let mut args = FieldTable::default();
-        let kind = format!("{:?}", settings.amqp.queue_type).to_lowercase();
-        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), durable, args)
-            .await
-            .expect("events queue");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                format!("{}.events", settings.amqp.prefix).into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind events");
-    } else {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = connection.close(200, "done".into()).await;
 }
 
 /// A Cloud API stand-in that answers every send at once with a new wamid and every template
@@ -390,6 +366,8 @@ fn main() {
         runtime.block_on(scheduling::refusals());
     } else if flag("topology") {
         runtime.block_on(scheduling::topology());
+    } else if flag("events") {
+        runtime.block_on(events::run());
     } else if flag("spans") {
         runtime.block_on(throughput::spans());
     } else {

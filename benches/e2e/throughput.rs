@@ -41,27 +41,17 @@ async fn prepare(jobs: usize, numbers: usize, cloud: &str) -> (Vec<String>, Clea
         "--queue".into(),
         format!("{:?}", settings.amqp.queue_type).to_lowercase(),
     ];
-    crate::events_queue(&settings, true).await;
-    (
-        args,
-        Cleanup {
-            broker,
-            store,
-            settings,
-        },
-    )
+    (args, Cleanup { broker, store })
 }
 
 /// Deletes a run's queues and keys.
 struct Cleanup {
     broker: Arc<wa_sender::broker::rabbit::RabbitBroker>,
     store: Arc<wa_sender::store::redis::RedisStore>,
-    settings: wa_sender::config::Settings,
 }
 
 impl Cleanup {
     async fn run(self) {
-        crate::events_queue(&self.settings, false).await;
         self.broker.delete_topology().await.unwrap();
         if let Err(e) = self.store.delete_all().await {
             eprintln!("could not delete the run's Redis keys ({e}); delete them by prefix");
