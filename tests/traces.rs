@@ -270,4 +270,5 @@ async fn one_job_is_one_trace_from_producer_to_webhook() {
         panic!("no JSON log line carries the job's trace id; the worker logged: {lines:#?}")
     });
     assert_eq!(line["openTelemetry"]["spanId"].as_str().unwrap().len(), 16);
+    app.cleanup().await;
 }
