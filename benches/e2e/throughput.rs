@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::cpu_us;
 use crate::common::option;
-use crate::{Child, StandIn, median, memory_kib, number, number_id, settings};
+use crate::{
+    Child, StandIn, allocations, context_switches, median, memory_kib, number, number_id, settings,
+};
 
 /// Per-number in-flight jobs of both contenders (the bare loop gets the same total).
 fn concurrency() -> usize {
@@ -67,6 +69,10 @@ struct Drain {
     rabbit_us: f64,
     redis_us: f64,
     peak_mib: f64,
+    /// The child's context switches per job (its threads waiting and being woken).
+    switches: f64,
+    /// The child's allocations per job.
+    allocations: f64,
 }
 
 async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
@@ -84,6 +90,8 @@ async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
         rate: report["rate"].as_f64().unwrap(),
         cpu_us: report["cpu_us_per_job"].as_f64().unwrap(),
         peak_mib: report["peak_kib"].as_f64().unwrap() / 1024.0,
+        switches: report["switches_per_job"].as_f64().unwrap(),
+        allocations: report["allocations_per_job"].as_f64().unwrap(),
     }
 }
 
@@ -112,12 +120,14 @@ pub async fn pairs() {
             let d = drain(mode, jobs, &args).await;
             cleanup.run().await;
             println!(
-                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job (RabbitMQ {:>5.1}, Redis {:>4.1}), peak RSS {:.0} MiB",
+                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job (RabbitMQ {:>5.1}, Redis {:>4.1}), {:>4.1} context switches and {:>4.0} allocations per job, peak RSS {:.0} MiB",
                 pair + 1,
                 d.rate,
                 d.cpu_us,
                 d.rabbit_us,
                 d.redis_us,
+                d.switches,
+                d.allocations,
                 d.peak_mib
             );
             if mode == "worker" {
@@ -298,13 +308,19 @@ pub async fn child() {
 /// the first settled job to the last, and the peak RSS.
 async fn measure(done: &AtomicU64, expect: u64) {
     let samples = crate::common::flag("--samples");
-    let mut first: Option<(Instant, u64, u64)> = None;
+    let mut first: Option<(Instant, u64, u64, u64, u64)> = None;
     let mut last_sample = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let n = done.load(Ordering::Relaxed);
         if n > 0 && first.is_none() {
-            first = Some((Instant::now(), n, cpu_us()));
+            first = Some((
+                Instant::now(),
+                n,
+                cpu_us(),
+                context_switches(),
+                allocations(),
+            ));
         }
         if samples && last_sample.elapsed() >= Duration::from_secs(1) {
             last_sample = Instant::now();
@@ -314,13 +330,15 @@ async fn measure(done: &AtomicU64, expect: u64) {
             break;
         }
     }
-    let (t0, n0, cpu0) = first.expect("jobs were settled");
+    let (t0, n0, cpu0, switches0, allocations0) = first.expect("jobs were settled");
     let jobs = (expect - n0).max(1) as f64;
     println!(
         "{}",
         json!({
             "rate": jobs / t0.elapsed().as_secs_f64(),
             "cpu_us_per_job": (cpu_us() - cpu0) as f64 / jobs,
+            "switches_per_job": (context_switches() - switches0) as f64 / jobs,
+            "allocations_per_job": (allocations() - allocations0) as f64 / jobs,
             "peak_kib": memory_kib("VmHWM"),
         })
     );
