@@ -1046,6 +1046,76 @@ async fn redis_cluster_store_conforms() {
     .await;
 }
 
+/// A Redis that no longer knows the store's scripts (restarted, or a replica promoted, or its
+/// script cache flushed) is given them again: the call that finds its script missing loads it
+/// and runs. On a Redis of the test's own: flushing the shared one's scripts would reach every
+/// test running beside it.
+#[tokio::test]
+async fn a_redis_that_forgot_the_scripts_is_given_them_again() {
+    let redis = common::node::RedisNode::start("scripts");
+    let store = RedisStore::connect(&redis.url(), "t-scripts")
+        .await
+        .unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let t = now();
+    store
+        .put_templates(
+            &waba(),
+            &[definition("order_update", "APPROVED", "UTILITY")],
+            t,
+        )
+        .await
+        .unwrap();
+    let no_opt_in = Request {
+        opt_in: OptInPolicy {
+            marketing: false,
+            utility: false,
+            authentication: false,
+        },
+        ..request(t, true)
+    };
+    for i in 0..3 {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let job = subject(
+            &format!("j{i}"),
+            &format!("491510000200{i}"),
+            Some("order_update"),
+        );
+        let v = admit(&store, &job, &no_opt_in).await;
+        assert_eq!(v, Verdict::Send { fallback: false }, "admission {i}");
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let wamid = Wamid::parse(format!("wamid.scripts{i}")).unwrap();
+        let record = WamidRecord {
+            job_id: format!("j{i}"),
+            campaign_id: None,
+            traceparent: None,
+            metadata: serde_json::Value::Null,
+            resend: None,
+        };
+        store
+            .mark_sent(&job.job, &wamid, &record)
+            .await
+            .unwrap_or_else(|e| panic!("mark_sent {i}: {e}"));
+        assert_eq!(
+            store.job(&job.job).await.unwrap(),
+            Some(JobState::Sent(wamid)),
+            "job {i} recorded as sent"
+        );
+    }
+}
+
 #[tokio::test]
 async fn redis_admission_is_one_round_trip() {
     let prefix = format!("t-trips-{}", uuid::Uuid::new_v4().simple());

@@ -35,7 +35,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Value};
+
+mod call;
 
 use super::{
     Booked, Deferral, Halt, HaltScope, Heartbeat, JOB_RECORD_TTL, JobKey, Live, Message, Report,
@@ -48,6 +50,7 @@ use crate::policy::admission::{
     self, CampaignState, Consent, DeadWhy, DeferReason, JobState, Mark, Request, Verdict,
 };
 use crate::policy::template::TemplateDefinition;
+use call::{Call, Lua};
 
 /// Books the number's next send slot in the schedule at `key`: one `interval` µs (longer while
 /// slowed down) after the last one booked, or `now` µs; returns the wait in µs. The same rule
@@ -368,21 +371,21 @@ impl Keys {
 pub struct RedisStore {
     conn: Conn,
     keys: Keys,
-    admit: Script,
-    book_slot: Script,
-    book_and_admit: Script,
-    mark_sent: Script,
-    throttle: Script,
-    settle: Script,
-    inbound: Script,
-    template_status: Script,
-    template_category: Script,
-    lift_halts: Script,
-    unlock: Script,
-    mark_dead: Script,
-    reopen: Script,
-    reopen_dead: Script,
-    apply_status: Script,
+    admit: Lua,
+    book_slot: Lua,
+    book_and_admit: Lua,
+    mark_sent: Lua,
+    throttle: Lua,
+    settle: Lua,
+    inbound: Lua,
+    template_status: Lua,
+    template_category: Lua,
+    lift_halts: Lua,
+    unlock: Lua,
+    mark_dead: Lua,
+    reopen: Lua,
+    reopen_dead: Lua,
+    apply_status: Lua,
     round_trips: Arc<AtomicU64>,
 }
 
@@ -470,27 +473,27 @@ impl RedisStore {
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
-            admit: Script::new(&format!(
+            admit: Lua::new(&format!(
                 "local check_only = false\n{}",
                 include_str!("admit.lua")
             )),
-            book_slot: Script::new(&format!("{BOOK_SLOT_FN}\n{BOOK_SLOT}")),
-            book_and_admit: Script::new(&format!(
+            book_slot: Lua::new(&format!("{BOOK_SLOT_FN}\n{BOOK_SLOT}")),
+            book_and_admit: Lua::new(&format!(
                 "{BOOK_SLOT_FN}\nlocal check_only = true\nlocal function admit()\n{}\nend\n{BOOK_AND_ADMIT}",
                 include_str!("admit.lua")
             )),
-            mark_sent: Script::new(MARK_SENT),
-            throttle: Script::new(THROTTLED),
-            settle: Script::new(SETTLE_CLAIM),
-            inbound: Script::new(INBOUND),
-            template_status: Script::new(TEMPLATE_STATUS),
-            template_category: Script::new(TEMPLATE_CATEGORY),
-            lift_halts: Script::new(LIFT_HALTS),
-            unlock: Script::new(UNLOCK),
-            mark_dead: Script::new(MARK_DEAD),
-            reopen: Script::new(REOPEN),
-            reopen_dead: Script::new(REOPEN_DEAD),
-            apply_status: Script::new(APPLY_STATUS),
+            mark_sent: Lua::new(MARK_SENT),
+            throttle: Lua::new(THROTTLED),
+            settle: Lua::new(SETTLE_CLAIM),
+            inbound: Lua::new(INBOUND),
+            template_status: Lua::new(TEMPLATE_STATUS),
+            template_category: Lua::new(TEMPLATE_CATEGORY),
+            lift_halts: Lua::new(LIFT_HALTS),
+            unlock: Lua::new(UNLOCK),
+            mark_dead: Lua::new(MARK_DEAD),
+            reopen: Lua::new(REOPEN),
+            reopen_dead: Lua::new(REOPEN_DEAD),
+            apply_status: Lua::new(APPLY_STATUS),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -612,20 +615,18 @@ fn verdict(reply: &[String], req: &Request) -> Result<Verdict, StoreError> {
 
 impl RedisStore {
     /// `script` invoked with admit.lua's keys and arguments for `subject` and `req`.
-    fn admission<'a>(
-        &self,
-        script: &'a Script,
-        subject: &Subject,
-        req: &Request,
-    ) -> redis::ScriptInvocation<'a> {
-        let opt_in: String = [
+    fn admission<'a>(&self, script: &'a Lua, subject: &Subject, req: &Request) -> Call<'a> {
+        let mut opt_in = String::from(",");
+        for category in [
             Category::Marketing,
             Category::Utility,
             Category::Authentication,
-        ]
-        .into_iter()
-        .filter(|c| req.opt_in.requires(*c))
-        .fold(",".to_owned(), |acc, c| format!("{acc}{},", c.as_str()));
+        ] {
+            if req.opt_in.requires(category) {
+                opt_in.push_str(category.as_str());
+                opt_in.push(',');
+            }
+        }
         let used = match &req.template {
             None => "",
             Some(t) if t.fallback => "fallback",
