@@ -124,7 +124,7 @@ fn label_values(text: &str) -> Vec<(&str, &str)> {
 #[tokio::test]
 async fn a_worker_shows_every_series_at_zero_before_its_first_job() {
     let app = spawn_app("metrics-zero", |_, _| {}).await;
-    let (_worker, base) = spawn_worker(&app);
+    let (mut worker, base) = spawn_worker(&app);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let text = loop {
         if let Some(text) = scrape_text(&base).await {
@@ -186,6 +186,8 @@ async fn a_worker_shows_every_series_at_zero_before_its_first_job() {
         .filter(|(_, value)| value.contains(' '))
         .collect();
     assert!(spaced.is_empty(), "label values with a space: {spaced:#?}");
+    // Stopped first: a worker running while its queues are deleted declares them again.
+    let _ = worker.kill().await;
     app.cleanup().await;
 }
 
@@ -198,7 +200,7 @@ async fn the_worker_counts_sent_deferred_and_dead_lettered_jobs() {
 /// returns its last scrape.
 async fn worker_scrape() -> Scrape {
     let mut app = spawn_app("metrics-worker", |_, _| {}).await;
-    let (_worker, base) = spawn_worker(&app);
+    let (mut worker, base) = spawn_worker(&app);
 
     // Sent: two bulk replies and one transactional.
     for (id, lane) in [
@@ -297,6 +299,8 @@ async fn worker_scrape() -> Scrape {
     })
     .await;
     assert_eq!(m.sum("wa_queue_depth"), 0.0);
+    // Stopped first: a worker running while its queues are deleted declares them again.
+    let _ = worker.kill().await;
     app.cleanup().await;
     m
 }
@@ -307,7 +311,7 @@ async fn the_worker_reports_how_long_a_lanes_oldest_job_waited() {
     // Queued before any worker runs: it waits at least 3 s at the head of the bulk lane.
     app.enqueue_reply(Lane::Bulk, &text_job("m-waited")).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (_worker, base) = spawn_worker(&app);
+    let (mut worker, base) = spawn_worker(&app);
     let bulk = r#"wa_queue_oldest_wait_seconds{lane="bulk"}"#;
     let m = wait_scrape(&base, Duration::from_secs(20), |m| m.get(bulk) > 0.0).await;
     let waited = m.get(bulk);
@@ -317,6 +321,8 @@ async fn the_worker_reports_how_long_a_lanes_oldest_job_waited() {
         let series = format!(r#"wa_queue_oldest_wait_seconds{{lane="{lane}"}}"#);
         assert_eq!(m.0.get(&key(&series)), Some(&0.0), "{m:#?}");
     }
+    // Stopped first: a worker running while its queues are deleted declares them again.
+    let _ = worker.kill().await;
     app.cleanup().await;
 }
 
