@@ -85,14 +85,12 @@ pub struct AmqpSettings {
     /// settled (a worker died or lost its channel each time it held it) is dead-lettered
     /// `delivery_limit`; a safety net behind `retry.max_attempts`.
     pub delivery_limit: u32,
-    /// The most events `<prefix>.events.kept` (bound to `<prefix>.events`) holds unread; past
-    /// it the oldest go first. Used when the queue is first declared.
-    #[serde(default = "default_events_kept")]
+    /// When above 0, every process declares `<prefix>.events.kept`, bound to `<prefix>.events`,
+    /// which keeps at most this many events unread (past it the oldest go first), and publishes
+    /// events `mandatory`. 0 (the default): no such queue; an event reaches the queues
+    /// consumers bound, or nobody. Used when the queue is first declared.
+    #[serde(default)]
     pub events_kept: u64,
-}
-
-fn default_events_kept() -> u64 {
-    10_000_000
 }
 
 /// Redis connection.
@@ -481,7 +479,7 @@ impl Settings {
                 queue_type: self.amqp.queue_type,
                 delay_tiers: self.delay_tiers()?,
                 delivery_limit: self.amqp.delivery_limit,
-                events_kept: self.events_kept()?,
+                events_kept: self.amqp.events_kept,
             },
             redis: self.redis.clone(),
             cloud: HttpSettings {
@@ -630,14 +628,6 @@ impl Settings {
             .collect::<Result<Vec<_>, _>>()?;
         DelayTiers::new(tiers)
             .ok_or_else(|| invalid("amqp.delay_tiers", "needs at least one tier above 0"))
-    }
-
-    /// The most events kept unread.
-    fn events_kept(&self) -> Result<u64, ConfigError> {
-        match self.amqp.events_kept {
-            0 => Err(invalid("amqp.events_kept", "must be at least 1")),
-            kept => Ok(kept),
-        }
     }
 
     /// The retry policy.
@@ -1102,14 +1092,6 @@ mod tests {
         .unwrap_err();
         assert!(
             err.to_string().contains("amqp.delay_tiers: \"5x\""),
-            "{err}"
-        );
-        let err =
-            Settings::from_figment(figment().merge(Serialized::default("amqp.events_kept", 0)))
-                .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("amqp.events_kept: must be at least 1"),
             "{err}"
         );
     }

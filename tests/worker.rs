@@ -367,7 +367,10 @@ async fn read_kept_events(
 
 #[tokio::test]
 async fn events_are_kept_for_a_consumer_that_comes_after_them() {
-    let mut app = spawn_app("events-kept", |_, _| {}).await;
+    let mut app = spawn_app("events-kept", |settings, _| {
+        settings.amqp.events_kept = 1000
+    })
+    .await;
     let first: std::collections::BTreeSet<String> =
         (0..5).map(|i| format!("job-kept-{i}")).collect();
     for id in &first {
@@ -387,7 +390,10 @@ async fn events_are_kept_for_a_consumer_that_comes_after_them() {
 
 #[tokio::test]
 async fn an_event_finding_its_kept_queue_deleted_declares_it_again_and_is_kept() {
-    let app = spawn_app("events-healed", |_, _| {}).await;
+    let app = spawn_app("events-healed", |settings, _| {
+        settings.amqp.events_kept = 1000
+    })
+    .await;
     // A topology of its own, with no tap bound: with its kept queue gone an event reaches none.
     let mut rabbit = app.runtime().rabbit();
     rabbit.prefix = format!("{}-alone", app.prefix);

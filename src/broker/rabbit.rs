@@ -54,6 +54,7 @@ pub struct RabbitSettings {
     /// The business numbers whose lane queues to declare (each gets one queue per lane).
     pub numbers: Vec<PhoneNumberId>,
     /// The most events `wa.events.kept` holds unread (`x-max-length`); past it the oldest go.
+    /// 0: no such queue.
     pub events_kept: u64,
 }
 
@@ -416,6 +417,11 @@ impl RabbitBroker {
         }
     }
 
+    /// Whether events are kept in `wa.events.kept` (`amqp.events_kept` above 0).
+    fn keeps_events(&self) -> bool {
+        self.settings.events_kept > 0
+    }
+
     /// The kept events: the configured type like the jobs (quorum: on every node), bounded in
     /// length, the oldest dropped past it (`drop-head`: refusing new events instead would stop
     /// every send while nobody reads them), and a delivery limit like the other kept queues.
@@ -546,16 +552,18 @@ impl RabbitBroker {
             FieldTable::default(),
         )
         .await?;
-        // Events are kept whoever listens: bound before anything is published, so a consumer
-        // that comes later reads what came before.
-        queue(n.events_kept(), self.events_kept_args()).await?;
-        bind(
-            n.events_kept(),
-            n.events_exchange(),
-            "#".into(),
-            FieldTable::default(),
-        )
-        .await?;
+        // Events kept whoever listens (when configured): bound before anything is published, so
+        // a consumer that comes later reads what came before.
+        if self.keeps_events() {
+            queue(n.events_kept(), self.events_kept_args()).await?;
+            bind(
+                n.events_kept(),
+                n.events_exchange(),
+                "#".into(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
         queue(n.unrouted(), args(&self.queue_args(self.job_dead_letter()))).await?;
         bind(
             n.unrouted(),
@@ -643,12 +651,10 @@ impl RabbitBroker {
                 .iter()
                 .map(|t| n.delay_queue(*t)),
         );
-        queues.extend([
-            n.dead_queue(),
-            n.intake_queue(),
-            n.parked_queue(),
-            n.events_kept(),
-        ]);
+        queues.extend([n.dead_queue(), n.intake_queue(), n.parked_queue()]);
+        if self.keeps_events() {
+            queues.push(n.events_kept());
+        }
         Topology {
             exchanges: vec![
                 n.send_exchange(),
@@ -806,9 +812,11 @@ impl RabbitBroker {
             properties = properties.with_message_id(id.into());
         }
         self.heal().await;
-        // mandatory: an unroutable message (a job, delay, dead letter or event: the kept events'
-        // queue is bound to `wa.events`) comes back instead of vanishing.
-        let mandatory = true;
+        // mandatory: an unroutable job, delay or dead letter comes back instead of vanishing, and
+        // so does an event when the kept events' queue is bound to `wa.events`. Without it,
+        // events are pub/sub: with no subscriber bound there is nobody to tell, and refusing
+        // them would hold every job and webhook hostage to a missing consumer.
+        let mandatory = !matches!(target, Target::Event(_)) || self.keeps_events();
         let pending = self
             .publisher()
             .await
@@ -1146,6 +1154,9 @@ impl Broker for RabbitBroker {
     }
 
     async fn events_unread(&self) -> Result<Option<(u32, u64)>, BrokerError> {
+        if !self.keeps_events() {
+            return Ok(None);
+        }
         let options = QueueDeclareOptions {
             passive: true,
             ..Default::default()
