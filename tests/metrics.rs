@@ -199,7 +199,11 @@ async fn the_worker_counts_sent_deferred_and_dead_lettered_jobs() {
 /// Runs a worker through sent, deferred, failed and dead-lettered jobs, checks its series, and
 /// returns its last scrape.
 async fn worker_scrape() -> Scrape {
-    let mut app = spawn_app("metrics-worker", |_, _| {}).await;
+    // Events kept, so that the kept events' gauges (and the alert on them) are exported too.
+    let mut app = spawn_app("metrics-worker", |settings, _| {
+        settings.amqp.events_kept = 1000;
+    })
+    .await;
     let (mut worker, base) = spawn_worker(&app);
 
     // Sent: two bulk replies and one transactional.

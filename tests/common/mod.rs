@@ -236,6 +236,10 @@ impl TestApp {
                 "WA_SENDER__AMQP__DELIVERY_LIMIT",
                 self.settings.amqp.delivery_limit.to_string(),
             )
+            .env(
+                "WA_SENDER__AMQP__EVENTS_KEPT",
+                self.settings.amqp.events_kept.to_string(),
+            )
             .env("WA_SENDER__REDIS__URL", &self.settings.redis.url)
             .env("WA_SENDER__REDIS__KEY_PREFIX", &self.prefix)
             .env("WA_SENDER__CLOUD__BASE_URL", self.simulator.base_url())
