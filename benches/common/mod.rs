@@ -146,6 +146,17 @@ pub async fn publish_raw<B: AsRef<[u8]>>(
     items: impl Iterator<Item = (String, B)>,
     window: usize,
 ) {
+    publish_confirmed(url, exchange, items, window, true).await;
+}
+
+/// [`publish_raw`], `mandatory` or not (an event with nothing bound is dropped, not returned).
+pub async fn publish_confirmed<B: AsRef<[u8]>>(
+    url: &str,
+    exchange: &str,
+    items: impl Iterator<Item = (String, B)>,
+    window: usize,
+    mandatory: bool,
+) {
     use futures::StreamExt;
     use futures::stream::FuturesUnordered;
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -170,7 +181,7 @@ pub async fn publish_raw<B: AsRef<[u8]>>(
                 exchange.into(),
                 key.into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory,
                     ..Default::default()
                 },
                 body.as_ref(),

@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
-use crate::common::{option, publish_raw, services_cpu_us};
+use crate::common::{option, publish_confirmed, services_cpu_us};
 use crate::median;
 
 /// Where the events go.
@@ -128,7 +128,7 @@ async fn measure(url: &str, kind: &str, events: usize, body: &[u8]) -> Measured 
     let (rabbit0, _) = services_cpu_us();
     let started = Instant::now();
     // Not mandatory: with nothing bound the broker drops each event, as it did by default.
-    publish_unrouted(url, &exchange, items, 256, kind == "none").await;
+    publish_confirmed(url, &exchange, items, 256, kind != "none").await;
     let rate = events as f64 / started.elapsed().as_secs_f64();
     let (rabbit1, _) = services_cpu_us();
     let mut read_us = 0.0;
@@ -179,47 +179,4 @@ async fn measure(url: &str, kind: &str, events: usize, body: &[u8]) -> Measured 
         publish_us: (rabbit1 - rabbit0) as f64 / events as f64,
         read_us,
     }
-}
-
-/// [`publish_raw`], or for `dropped` events (nothing bound) the same without `mandatory`.
-async fn publish_unrouted<'a>(
-    url: &str,
-    exchange: &str,
-    items: impl Iterator<Item = (String, &'a [u8])>,
-    window: usize,
-    dropped: bool,
-) {
-    if !dropped {
-        return publish_raw(url, exchange, items, window).await;
-    }
-    use futures::stream::FuturesUnordered;
-    use lapin::BasicProperties;
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let mut pending = FuturesUnordered::new();
-    for (key, body) in items {
-        if pending.len() >= window {
-            let _: lapin::Confirmation = pending.next().await.unwrap();
-        }
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
-        pending.push(async move { confirm.await.expect("confirm") });
-    }
-    while pending.next().await.is_some() {}
-    let _ = connection.close(200, "published".into()).await;
 }
