@@ -1046,6 +1046,18 @@ async fn redis_cluster_store_conforms() {
     .await;
 }
 
+/// A template job's request whose categories need no opt-in.
+fn without_opt_in(t: DateTime<Utc>) -> Request {
+    Request {
+        opt_in: OptInPolicy {
+            marketing: false,
+            utility: false,
+            authentication: false,
+        },
+        ..request(t, true)
+    }
+}
+
 /// A Redis that no longer knows the store's scripts (restarted, or a replica promoted, or its
 /// script cache flushed) is given them again: the call that finds its script missing loads it
 /// and runs. On a Redis of the test's own: flushing the shared one's scripts would reach every
@@ -1070,14 +1082,7 @@ async fn a_redis_that_forgot_the_scripts_is_given_them_again() {
         )
         .await
         .unwrap();
-    let no_opt_in = Request {
-        opt_in: OptInPolicy {
-            marketing: false,
-            utility: false,
-            authentication: false,
-        },
-        ..request(t, true)
-    };
+    let no_opt_in = without_opt_in(t);
     for i in 0..3 {
         let _: () = redis::cmd("SCRIPT")
             .arg("FLUSH")
@@ -1137,14 +1142,7 @@ async fn redis_admission_is_one_round_trip() {
         let v = admit(
             &store,
             &subject(&format!("j{i}"), &to, Some("order_update")),
-            &Request {
-                opt_in: OptInPolicy {
-                    marketing: false,
-                    utility: false,
-                    authentication: false,
-                },
-                ..request(t, true)
-            },
+            &without_opt_in(t),
         )
         .await;
         assert_eq!(v, Verdict::Send { fallback: false });
@@ -1164,14 +1162,7 @@ async fn redis_admission_is_one_round_trip() {
     let booked = store
         .book_and_admit(
             &subject("j-slot", "4915100001099", Some("order_update")),
-            &Request {
-                opt_in: OptInPolicy {
-                    marketing: false,
-                    utility: false,
-                    authentication: false,
-                },
-                ..request(t, true)
-            },
+            &without_opt_in(t),
             &ask,
         )
         .await
