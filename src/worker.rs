@@ -223,9 +223,9 @@ impl Waits {
 }
 
 /// Samples each lane's queue depth, how long its oldest job has waited, the events kept unread
-/// and the halts in force until `stop`. Depth is asked of the broker (one passive declare per queue), cheap at this
-/// pace; a failed ask keeps the last value, since a lost broker is already in the logs and in
-/// `/readyz`.
+/// and the halts in force until `stop`. Depth is asked of the broker (one passive declare per
+/// queue), cheap at this pace; a failed ask keeps the last value, since a lost broker is already
+/// in the logs and in `/readyz`.
 ///
 /// The oldest job's wait is the longest wait of the jobs this replica took from the lane since
 /// the last sample: a queue is taken from its head, so that is its oldest job. When none was

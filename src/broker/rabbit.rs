@@ -417,6 +417,34 @@ impl RabbitBroker {
         }
     }
 
+    /// Messages ready in each of `queues` (passive declares). Asked on a channel of its own: a
+    /// queue that cannot answer (its node is down) closes the channel it was asked on.
+    async fn message_counts(
+        &self,
+        queues: impl IntoIterator<Item = String>,
+    ) -> Result<Vec<u32>, BrokerError> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let channel = self.channel().await?;
+        let counts = queues.into_iter().map(|queue| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .queue_declare(queue.into(), options, FieldTable::default())
+                    .await
+                    .map(|q| q.message_count())
+                    .map_err(|e| BrokerError::op("queue.declare", e))
+            }
+        });
+        let counts = futures::future::try_join_all(counts).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "depth read".into()).await;
+        }
+        counts
+    }
+
     /// Whether events are kept in `wa.events.kept` (`amqp.events_kept` above 0).
     fn keeps_events(&self) -> bool {
         self.settings.events_kept > 0
@@ -1157,50 +1185,15 @@ impl Broker for RabbitBroker {
         if !self.keeps_events() {
             return Ok(None);
         }
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let channel = self.channel().await?;
-        let unread = channel
-            .queue_declare(
-                self.names.events_kept().into(),
-                options,
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.message_count())
-            .map_err(|e| BrokerError::op("queue.declare", e));
-        if channel.status().connected() {
-            let _ = channel.close(200, "depth read".into()).await;
-        }
-        Ok(Some((unread?, self.settings.events_kept)))
+        let unread = self.message_counts([self.names.events_kept()]).await?;
+        Ok(Some((unread[0], self.settings.events_kept)))
     }
 
     async fn depth(&self, lane: Lane) -> Result<u32, BrokerError> {
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        // Asked on a channel of its own: a queue that cannot answer (its node is down) closes
-        // the channel it was asked on.
-        let channel = self.channel().await?;
-        let counts = self.settings.numbers.iter().map(|number| {
-            let channel = channel.clone();
-            let queue = self.names.number_queue(number.as_str(), lane);
-            async move {
-                channel
-                    .queue_declare(queue.into(), options, FieldTable::default())
-                    .await
-                    .map(|q| q.message_count())
-                    .map_err(|e| BrokerError::op("queue.declare", e))
-            }
-        });
-        let counts = futures::future::try_join_all(counts).await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "depth read".into()).await;
-        }
-        Ok(counts?.into_iter().fold(0u32, u32::saturating_add))
+        let queues = (self.settings.numbers.iter())
+            .map(|number| self.names.number_queue(number.as_str(), lane));
+        let counts = self.message_counts(queues).await?;
+        Ok(counts.into_iter().fold(0u32, u32::saturating_add))
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
