@@ -4,6 +4,7 @@
 //! batches ([`super::acks`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -137,7 +138,7 @@ pub struct RabbitBroker {
     /// When a reconnection was last tried (one at a time, one per pause).
     reconnected: Mutex<Option<Instant>>,
     /// Closed on purpose ([`RabbitBroker::close`]): never reconnected.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
     names: Names,
     settings: RabbitSettings,
     consumers: Mutex<Vec<(Channel, ShortString)>>,
@@ -146,7 +147,7 @@ pub struct RabbitBroker {
 /// One connection and its publishing channel (confirm mode).
 struct Link {
     connection: Arc<Connection>,
-    publisher: Channel,
+    publisher: Publisher,
     /// Which of the broker's nodes it is connected to (an index into `urls`).
     node: usize,
 }
@@ -159,17 +160,37 @@ const KEPT_DELIVERY_LIMIT: i64 = 1_000_000;
 /// gone behind a firewall would otherwise hold the connection attempt for minutes).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The channel everything is published on (confirm mode), and whether the broker has nacked a
+/// publish on it. A nacked channel is replaced by a new one (at most one per
+/// [`RECONNECT_PAUSE`]): RabbitMQ 3.10 has been seen, after losing a node, to nack every later
+/// publish of one channel for as long as it lived, while a new channel's publishes went through.
+#[derive(Clone)]
+struct Publisher {
+    channel: Channel,
+    nacked: Arc<AtomicBool>,
+}
+
+impl Publisher {
+    /// Whether it can be published on: open, and nothing nacked on it.
+    fn usable(&self) -> bool {
+        self.channel.status().connected() && !self.nacked.load(Ordering::Relaxed)
+    }
+}
+
 /// A channel on `connection` in confirm mode, to publish on.
-async fn open_publisher(connection: &Connection) -> Result<Channel, String> {
-    let publisher = connection
+async fn open_publisher(connection: &Connection) -> Result<Publisher, String> {
+    let channel = connection
         .create_channel()
         .await
         .map_err(|e| format!("open channel: {e}"))?;
-    publisher
+    channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| format!("confirm.select: {e}"))?;
-    Ok(publisher)
+    Ok(Publisher {
+        channel,
+        nacked: Arc::default(),
+    })
 }
 
 /// The order in which to try `count` nodes: shuffled, so replicas spread over a cluster, with
@@ -221,7 +242,7 @@ impl RabbitBroker {
         let broker = RabbitBroker {
             link: RwLock::new(Self::open(&settings, None).await?),
             reconnected: Mutex::new(None),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             names: Names::new(&settings.prefix),
             settings,
             consumers: Mutex::new(Vec::new()),
@@ -266,7 +287,7 @@ impl RabbitBroker {
 
     /// A connection to the node at `url` and its publishing channel, in confirm mode; or why
     /// not, and whether the broker refused the login or virtual host (a node that answers).
-    async fn open_node(url: &str) -> Result<(Connection, Channel), (String, bool)> {
+    async fn open_node(url: &str) -> Result<(Connection, Publisher), (String, bool)> {
         let connecting = Connection::connect(url, ConnectionProperties::default());
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
@@ -285,7 +306,7 @@ impl RabbitBroker {
     /// Opens a new connection if the current one is gone (and none was tried in the last
     /// [`RECONNECT_PAUSE`]), and declares the topology on it, in case the broker lost it.
     async fn heal(&self) {
-        if self.closed.load(std::sync::atomic::Ordering::Relaxed) || self.healthy().await {
+        if self.closed.load(Ordering::Relaxed) || self.healthy().await {
             return;
         }
         let mut last = self.reconnected.lock().await;
@@ -298,12 +319,18 @@ impl RabbitBroker {
             (Arc::clone(&link.connection), link.node)
         };
         if connection.status().connected() {
-            // The connection lives, its publishing channel does not (the broker closed it: a
-            // refused declare, an unknown queue): a new one on the same connection.
+            // The connection lives, its publishing channel is closed (the broker closed it: a
+            // refused declare, an unknown queue) or nacked a publish: a new one on the same
+            // connection. The old one closes once its last publish is answered.
             match open_publisher(&connection).await {
                 Ok(publisher) => {
-                    self.link.write().await.publisher = publisher;
-                    tracing::info!("opened a new publishing channel");
+                    let old = std::mem::replace(&mut self.link.write().await.publisher, publisher);
+                    let why = if old.nacked.load(Ordering::Relaxed) {
+                        "a publish was nacked"
+                    } else {
+                        "the channel was closed"
+                    };
+                    tracing::info!(why, "opened a new publishing channel");
                 }
                 Err(e) => tracing::warn!(error = %e, "could not open a new publishing channel"),
             }
@@ -326,7 +353,7 @@ impl RabbitBroker {
     /// Whether the connection and its publishing channel are both open.
     async fn healthy(&self) -> bool {
         let link = self.link.read().await;
-        link.connection.status().connected() && link.publisher.status().connected()
+        link.connection.status().connected() && link.publisher.usable()
     }
 
     /// A new channel on the current connection (healed first if it was lost).
@@ -340,7 +367,7 @@ impl RabbitBroker {
     }
 
     /// The current publishing channel.
-    async fn publisher(&self) -> Channel {
+    async fn publisher(&self) -> Publisher {
         self.link.read().await.publisher.clone()
     }
 
@@ -716,8 +743,7 @@ impl RabbitBroker {
 
     /// Closes the connection for good (in-flight acks are flushed first by the broker protocol).
     pub async fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.closed.store(true, Ordering::Relaxed);
         let connection = self.link.read().await.connection.clone();
         let _ = connection.close(200, "bye".into()).await;
     }
@@ -845,9 +871,9 @@ impl RabbitBroker {
         // events are pub/sub: with no subscriber bound there is nobody to tell, and refusing
         // them would hold every job and webhook hostage to a missing consumer.
         let mandatory = !matches!(target, Target::Event(_)) || self.keeps_events();
-        let pending = self
-            .publisher()
-            .await
+        let publisher = self.publisher().await;
+        let pending = publisher
+            .channel
             .basic_publish(
                 exchange.as_str().into(),
                 key.as_str().into(),
@@ -865,6 +891,7 @@ impl RabbitBroker {
                 .await
                 .map_err(|e| BrokerError::op("publisher confirm", e))?;
             if !confirm.is_ack() {
+                publisher.nacked.store(true, Ordering::Relaxed);
                 return Err(BrokerError::Nacked(format!("{exchange}/{key}")));
             }
             if confirm.take_message().is_some() {
