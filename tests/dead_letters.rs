@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use wa_sender::admin::Admin;
 use wa_sender::admin::http::AdminServer;
 use wa_sender::broker::{Broker, Envelope, H_LANE, Headers, Target};
-use wa_sender::ids::{JobId, PhoneNumberId, WabaId};
+use wa_sender::ids::{JobId, PhoneNumberId, WabaId, Wamid};
 use wa_sender::job::Lane;
 use wa_sender::policy::admission::JobState;
-use wa_sender::store::{JobKey, Store};
+use wa_sender::store::{JobKey, Store, WamidRecord};
 use wa_sender::vocab::DeadReason;
 
 use common::{TestApp, spawn_app, text_job};
@@ -292,6 +292,64 @@ async fn a_dead_letter_that_recorded_no_lane_is_replayed_to_the_lane_named() {
         1,
         "the report stays: {left}"
     );
+
+    app.stop_worker().await;
+    app.cleanup().await;
+}
+
+/// A job Meta accepted whose `message.accepted` could not be published (a broker nacking every
+/// publish) comes back until its last delivery: it is announced sent, never dead-lettered.
+#[tokio::test]
+async fn a_sent_job_on_its_last_delivery_is_announced_sent_not_dead_lettered() {
+    let mut app = spawn_app("limit-sent", |settings, _| {
+        settings.amqp.queue_type = wa_sender::broker::rabbit::QueueType::Quorum;
+        settings.amqp.delivery_limit = 2;
+    })
+    .await;
+    let queue = format!("{}.send.{NUMBER}.bulk", app.prefix);
+    let (_conn, channel) = common::amqp_channel(&app.settings.amqp.url).await;
+    let job = text_job("limit-sent");
+    app.enqueue_reply(Lane::Bulk, &job).await;
+    let wamid = Wamid::parse("wamid.LIMITSENT").unwrap();
+    let record = WamidRecord {
+        job_id: "limit-sent".into(),
+        campaign_id: None,
+        traceparent: None,
+        metadata: Value::Null,
+        resend: None,
+    };
+    app.store
+        .mark_sent(&key("limit-sent"), &wamid, &record)
+        .await
+        .unwrap();
+    let mut returned = 0;
+    for _ in 0..100 {
+        if returned == 2 {
+            break;
+        }
+        if return_once(&channel, &queue).await.is_some() {
+            returned += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(returned, 2, "the job was not returned twice");
+
+    app.start_worker();
+    let event = app.wait_job_event("limit-sent", "message.accepted").await;
+    assert_eq!(event.wamid.as_deref(), Some("wamid.LIMITSENT"), "{event:?}");
+    let dead = app.run_json(&["dead", "list"]).await;
+    assert_eq!(dead.as_array().unwrap().len(), 0, "{dead}");
+    assert!(
+        !app.seen.iter().any(|e| e.event == "job.dead_lettered"),
+        "{:?}",
+        app.seen
+    );
+    assert_eq!(
+        app.store.job(&key("limit-sent")).await.unwrap(),
+        Some(JobState::Sent(wamid))
+    );
+    assert_eq!(accepted(&app, "limit-sent"), 0, "not sent again");
 
     app.stop_worker().await;
     app.cleanup().await;

@@ -359,7 +359,12 @@ impl Pipeline {
     /// slot, the claim, the send and what its answer means for the store.
     pub async fn decide(&self, envelope: &Envelope, lane: Lane) -> Outcome {
         let stages = async {
-            let decoded = self.decode(envelope, lane)?;
+            let decoded = match self.decode(envelope, lane) {
+                Err(Outcome::Dead(dead)) if dead.reason == DeadReason::DeliveryLimit => {
+                    return Err(self.last_delivery(dead).await);
+                }
+                decoded => decoded?,
+            };
             let paced = self.pace(decoded).instrument(debug_span!("pace")).await?;
             let admitted = self.admit(paced).instrument(debug_span!("admit")).await?;
             self.send(admitted).await

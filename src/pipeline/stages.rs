@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tracing::{debug, error, warn};
 
-use super::{DeferCause, Later, Outcome, Pipeline, PipelineSettings};
+use super::{Dead, DeferCause, Later, Outcome, Pipeline, PipelineSettings};
 use crate::broker::{Envelope, H_DUE, H_MAYBE_SENT, H_TRACEPARENT, Headers};
 use crate::cloud::{ApiError, OutboundMessage, SendError, SendRequest};
 use crate::config::Number;
 use crate::event::{DeadReason, ErrorSource, EventError};
 use crate::ids::Wamid;
 use crate::job::{self, Body, Category, DeliveryMode, Lane, Message, SendJob, Template};
-use crate::policy::admission::{self, DeadWhy, TemplateUse, Verdict};
+use crate::policy::admission::{self, DeadWhy, JobState, TemplateUse, Verdict};
 use crate::policy::template::{self, TemplateDefinition};
 use crate::policy::{self, Action, RetryPolicy, Scope};
 use crate::store::{
@@ -173,6 +173,33 @@ impl Pipeline {
             not_before,
             maybe_sent: time_header(&envelope.headers, H_MAYBE_SENT),
         })
+    }
+
+    /// A job on its last delivery (`decode` made it `delivery_limit`) that its record says
+    /// was sent is announced sent again, not dead-lettered: a job Meta accepted is never a dead
+    /// letter. It comes back this often when its earlier settlements could not publish their
+    /// `message.accepted` (a broker nacking every publish). One recorded dead is done; any other
+    /// record (none, a claim, an unknown outcome) leaves it a dead letter.
+    pub(super) async fn last_delivery(&self, dead: Box<Dead>) -> Outcome {
+        let Some(job) = &dead.job else {
+            return Outcome::Dead(dead);
+        };
+        let Some(number) = self.numbers.get(&job.phone_number_id) else {
+            return Outcome::Dead(dead);
+        };
+        let key = JobKey {
+            waba: number.waba.clone(),
+            job_id: job.job_id.clone(),
+        };
+        match self.store.job(&key).await {
+            Ok(Some(JobState::Sent(wamid))) => Outcome::already_sent(job, &wamid),
+            Ok(Some(JobState::Dead)) => Outcome::already_dead(),
+            Ok(_) => Outcome::Dead(dead),
+            Err(e) => {
+                warn!(error = %e, "store unavailable on a job's last delivery; dead-lettering it");
+                Outcome::Dead(dead)
+            }
+        }
     }
 
     /// `pace`: waits for the job's slot in its number's send schedule, shared by every replica.
