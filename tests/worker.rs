@@ -419,3 +419,60 @@ async fn an_event_finding_its_kept_queue_deleted_declares_it_again_and_is_kept()
     alone.close().await;
     app.cleanup().await;
 }
+
+/// A broker that nacks a publish gets it again on a new channel: RabbitMQ 3.10 has been seen to
+/// nack every later publish of a channel after losing a node.
+#[tokio::test]
+async fn a_nacked_publish_is_followed_by_a_new_publishing_channel() {
+    let app = spawn_app("publisher-nacked", |_, _| {}).await;
+    // A queue that refuses every message, bound to the events exchange: the broker nacks.
+    let (_connection, channel) = common::amqp_channel(&app.settings.amqp.url).await;
+    let refusing = format!("{}.refusing", app.prefix);
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(refusing.as_str().into(), Default::default(), args)
+        .await
+        .unwrap();
+    let exchange = app.broker.names().events_exchange();
+    channel
+        .queue_bind(
+            refusing.as_str().into(),
+            exchange.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let event = wa_sender::event::Event::new("message.accepted");
+    let before = app.broker.publishing_channel().await;
+    let nacked = wa_sender::broker::publish_event(app.broker.as_ref(), &event, Default::default())
+        .await
+        .expect_err("a queue at its length limit refuses the event");
+    assert!(
+        matches!(nacked, wa_sender::broker::BrokerError::Nacked(_)),
+        "{nacked}"
+    );
+
+    channel
+        .queue_delete(refusing.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    wa_sender::broker::publish_event(app.broker.as_ref(), &event, Default::default())
+        .await
+        .expect("published once nothing refuses it");
+    assert_ne!(
+        app.broker.publishing_channel().await,
+        before,
+        "published on the channel that was nacked"
+    );
+    app.cleanup().await;
+}

@@ -330,7 +330,8 @@ impl RabbitBroker {
                     } else {
                         "the channel was closed"
                     };
-                    tracing::info!(why, "opened a new publishing channel");
+                    let (old, new) = (old.channel.id(), self.publishing_channel().await);
+                    tracing::info!(why, old, new, "opened a new publishing channel");
                 }
                 Err(e) => tracing::warn!(error = %e, "could not open a new publishing channel"),
             }
@@ -369,6 +370,11 @@ impl RabbitBroker {
     /// The current publishing channel.
     async fn publisher(&self) -> Publisher {
         self.link.read().await.publisher.clone()
+    }
+
+    /// The id of the channel publishes go out on now: a new one after a nack or a close.
+    pub async fn publishing_channel(&self) -> u16 {
+        self.link.read().await.publisher.channel.id()
     }
 
     /// The node this broker is connected to now, without credentials.
