@@ -19,7 +19,8 @@
 //! `cargo test` runs the short form (`FAULT_JOBS`, default 1,000 jobs per scenario, the no-fault
 //! run once per shape); the full one:
 //! `FAULT_JOBS=20000 FAULT_REPEAT=5 cargo test --release --test faults -- --nocapture`
-//! (`FAULT_ONLY=broker,redis` runs some scenarios only).
+//! (`FAULT_ONLY=broker,redis` runs some scenarios only; `FAULT_EVENTS_KEPT=100000` runs them with
+//! the kept events' queue on, `amqp.events_kept`).
 
 mod common;
 
@@ -325,7 +326,7 @@ impl Rig {
         let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faults");
         std::fs::create_dir_all(&logs).unwrap();
         Rig {
-            rabbit: Arc::new(Brokers::Cluster(RabbitCluster::start("failover", 3))),
+            rabbit: Arc::new(Brokers::Cluster(RabbitCluster::start("failover", 3, &logs))),
             redis: Arc::new(Stores::Cluster(RedisCluster::start("failover", 3))),
             logs,
         }
@@ -341,6 +342,7 @@ impl Rig {
                 settings.amqp.urls = amqp;
             }
             settings.amqp.queue_type = QueueType::Quorum;
+            settings.amqp.events_kept = env_number("FAULT_EVENTS_KEPT", 0) as u64;
             match redis.as_ref() {
                 Stores::One(node) => settings.redis.url = node.url(),
                 Stores::Cluster(cluster) => settings.redis.cluster_urls = cluster.urls(),

@@ -336,7 +336,9 @@ enum OwnRedis {
 /// masters with a replica each, points this process and its children at them through the
 /// environment, and counts only their processes.
 fn own_nodes(n: usize) -> OwnNodes {
-    let rabbit = node::RabbitCluster::start("bench", n);
+    let logs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench");
+    std::fs::create_dir_all(&logs).expect("a directory for the nodes' logs");
+    let rabbit = node::RabbitCluster::start("bench", n, &logs);
     let urls = rabbit.urls();
     // SAFETY: set before the runtime and any other thread start.
     unsafe {

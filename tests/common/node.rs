@@ -254,11 +254,15 @@ pub struct RabbitCluster {
 }
 
 impl RabbitCluster {
-    /// Starts `size` nodes and joins them into one cluster.
-    pub fn start(test: &str, size: usize) -> RabbitCluster {
+    /// Starts `size` nodes and joins them into one cluster; each node's log is copied to
+    /// `logs` as `rabbitmq-<i>.log` when the cluster is dropped.
+    pub fn start(test: &str, size: usize, logs: &std::path::Path) -> RabbitCluster {
         let cookie = uuid::Uuid::new_v4().simple().to_string().to_uppercase();
         let nodes: Vec<RabbitNode> = (0..size)
-            .map(|i| RabbitNode::start_with_cookie(&format!("{test}{i}"), Some(&cookie)))
+            .map(|i| {
+                RabbitNode::start_with_cookie(&format!("{test}{i}"), Some(&cookie))
+                    .keep_log(logs.join(format!("rabbitmq-{i}.log")))
+            })
             .collect();
         for node in &nodes[1..] {
             node.join(&nodes[0]);
