@@ -85,12 +85,16 @@ pub struct AmqpSettings {
     /// settled (a worker died or lost its channel each time it held it) is dead-lettered
     /// `delivery_limit`; a safety net behind `retry.max_attempts`.
     pub delivery_limit: u32,
-    /// When above 0, every process declares `<prefix>.events.kept`, bound to `<prefix>.events`,
-    /// which keeps at most this many events unread (past it the oldest go first), and publishes
-    /// events `mandatory`. 0 (the default): no such queue; an event reaches the queues
-    /// consumers bound, or nobody. Used when the queue is first declared.
-    #[serde(default)]
+    /// When above 0 (10,000,000 by default), every process declares `<prefix>.events.kept`,
+    /// bound to `<prefix>.events`, which keeps at most this many events unread (past it the
+    /// oldest go first), and publishes events `mandatory`. 0: no such queue; an event reaches
+    /// the queues consumers bound, or nobody. Used when the queue is first declared.
+    #[serde(default = "default_events_kept")]
     pub events_kept: u64,
+}
+
+fn default_events_kept() -> u64 {
+    10_000_000
 }
 
 /// Redis connection.
@@ -801,7 +805,7 @@ pub struct AmqpRuntime {
     pub delay_tiers: DelayTiers,
     /// `x-delivery-limit` of quorum queues.
     pub delivery_limit: u32,
-    /// The most events kept unread.
+    /// The most events kept unread (0: none kept).
     pub events_kept: u64,
 }
 

@@ -19,8 +19,8 @@
 //! `cargo test` runs the short form (`FAULT_JOBS`, default 1,000 jobs per scenario, the no-fault
 //! run once per shape); the full one:
 //! `FAULT_JOBS=20000 FAULT_REPEAT=5 cargo test --release --test faults -- --nocapture`
-//! (`FAULT_ONLY=broker,redis` runs some scenarios only; `FAULT_EVENTS_KEPT=100000` runs them with
-//! the kept events' queue on, `amqp.events_kept`).
+//! (`FAULT_ONLY=broker,redis` runs some scenarios only; `FAULT_EVENTS_KEPT=0` runs them without
+//! the kept events' queue, `amqp.events_kept`).
 
 mod common;
 
@@ -342,7 +342,9 @@ impl Rig {
                 settings.amqp.urls = amqp;
             }
             settings.amqp.queue_type = QueueType::Quorum;
-            settings.amqp.events_kept = env_number("FAULT_EVENTS_KEPT", 0) as u64;
+            if let Ok(kept) = std::env::var("FAULT_EVENTS_KEPT") {
+                settings.amqp.events_kept = kept.parse().expect("FAULT_EVENTS_KEPT is a number");
+            }
             match redis.as_ref() {
                 Stores::One(node) => settings.redis.url = node.url(),
                 Stores::Cluster(cluster) => settings.redis.cluster_urls = cluster.urls(),

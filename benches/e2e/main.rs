@@ -134,8 +134,6 @@ pub fn settings(tag: &str) -> Settings {
     };
     settings.cloud.access_token = Some(TOKEN.to_owned().into());
     settings.numbers.clear();
-    // Every event kept, as a deployment whose consumers read them would.
-    settings.amqp.events_kept = 10_000_000;
     settings
 }
 
