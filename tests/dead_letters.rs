@@ -301,13 +301,7 @@ async fn a_dead_letter_that_recorded_no_lane_is_replayed_to_the_lane_named() {
 /// publish) comes back until its last delivery: it is announced sent, never dead-lettered.
 #[tokio::test]
 async fn a_sent_job_on_its_last_delivery_is_announced_sent_not_dead_lettered() {
-    let mut app = spawn_app("limit-sent", |settings, _| {
-        settings.amqp.queue_type = wa_sender::broker::rabbit::QueueType::Quorum;
-        settings.amqp.delivery_limit = 2;
-    })
-    .await;
-    let queue = format!("{}.send.{NUMBER}.bulk", app.prefix);
-    let (_conn, channel) = common::amqp_channel(&app.settings.amqp.url).await;
+    let (mut app, lane) = limited("limit-sent").await;
     let job = text_job("limit-sent");
     app.enqueue_reply(Lane::Bulk, &job).await;
     let wamid = Wamid::parse("wamid.LIMITSENT").unwrap();
@@ -322,18 +316,9 @@ async fn a_sent_job_on_its_last_delivery_is_announced_sent_not_dead_lettered() {
         .mark_sent(&key("limit-sent"), &wamid, &record)
         .await
         .unwrap();
-    let mut returned = 0;
-    for _ in 0..100 {
-        if returned == 2 {
-            break;
-        }
-        if return_once(&channel, &queue).await.is_some() {
-            returned += 1;
-        } else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    for expected in 0..2 {
+        assert_eq!(lane.take("limit-sent").await, expected);
     }
-    assert_eq!(returned, 2, "the job was not returned twice");
 
     app.start_worker();
     let event = app.wait_job_event("limit-sent", "message.accepted").await;
@@ -353,6 +338,44 @@ async fn a_sent_job_on_its_last_delivery_is_announced_sent_not_dead_lettered() {
 
     app.stop_worker().await;
     app.cleanup().await;
+}
+
+/// An app whose quorum lanes give a job up after 2 returns, and its bulk lane.
+async fn limited(test: &str) -> (TestApp, BulkLane) {
+    let app = spawn_app(test, |settings, _| {
+        settings.amqp.queue_type = wa_sender::broker::rabbit::QueueType::Quorum;
+        settings.amqp.delivery_limit = 2;
+    })
+    .await;
+    let (connection, channel) = common::amqp_channel(&app.settings.amqp.url).await;
+    let queue = format!("{}.send.{NUMBER}.bulk", app.prefix);
+    let lane = BulkLane {
+        _connection: connection,
+        channel,
+        queue,
+    };
+    (app, lane)
+}
+
+/// The test number's bulk lane, taken from as a worker would.
+struct BulkLane {
+    _connection: lapin::Connection,
+    channel: lapin::Channel,
+    queue: String,
+}
+
+impl BulkLane {
+    /// Takes `job` (the next message) and returns it, as a worker that dies holding it would:
+    /// its returns before this one.
+    async fn take(&self, job: &str) -> i64 {
+        for _ in 0..50 {
+            if let Some(count) = return_once(&self.channel, &self.queue).await {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{job} never came");
+    }
 }
 
 /// Gets the next message of `queue` and returns it to the queue, as a worker that dies holding
@@ -384,36 +407,18 @@ async fn return_once(channel: &lapin::Channel, queue: &str) -> Option<i64> {
 
 #[tokio::test]
 async fn a_job_returned_past_its_delivery_limit_is_dead_lettered_with_a_reason_never_dropped() {
-    let mut app = spawn_app("delivery-limit", |settings, _| {
-        settings.amqp.queue_type = wa_sender::broker::rabbit::QueueType::Quorum;
-        settings.amqp.delivery_limit = 2;
-    })
-    .await;
-    let queue = format!("{}.send.{NUMBER}.bulk", app.prefix);
-    let (_conn, channel) = common::amqp_channel(&app.settings.amqp.url).await;
-    let take = |job: &'static str| {
-        let (channel, queue) = (&channel, &queue);
-        async move {
-            for _ in 0..50 {
-                if let Some(count) = return_once(channel, queue).await {
-                    return count;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("{job} never came");
-        }
-    };
+    let (mut app, lane) = limited("delivery-limit").await;
     // Returned three times: past the limit of 2, RabbitMQ dead-letters it itself.
     let by_broker = text_job("limit-broker");
     app.enqueue_reply(Lane::Bulk, &by_broker).await;
     for expected in 0..3 {
-        assert_eq!(take("limit-broker").await, expected);
+        assert_eq!(lane.take("limit-broker").await, expected);
     }
     // Returned twice: its next delivery is its last, and the worker dead-letters it.
     let by_worker = text_job("limit-worker");
     app.enqueue_reply(Lane::Bulk, &by_worker).await;
     for expected in 0..2 {
-        assert_eq!(take("limit-worker").await, expected);
+        assert_eq!(lane.take("limit-worker").await, expected);
     }
     app.start_worker();
     let event = app
