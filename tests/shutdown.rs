@@ -217,3 +217,57 @@ async fn the_worker_reports_ready_then_draining_on_its_health_port() {
     );
     app.cleanup().await;
 }
+
+/// A worker stopped by SIGTERM logs no error, however many channels it closes: a consumer's
+/// channel close still unanswered when the connection closed made lapin log `Connection error
+/// … invalid channel` (the code before the fix failed this test in 2 of 3 runs).
+#[tokio::test]
+async fn a_worker_with_many_numbers_stops_without_logging_an_error() {
+    let mut app = spawn_app("many-stops", |settings, sim| {
+        for i in 0..30 {
+            let number = format!("1065403522430{i:02}");
+            settings.numbers.insert(
+                number.clone(),
+                wa_sender::config::NumberSettings {
+                    waba_id: common::WABA.into(),
+                    throughput_mps: 80,
+                    access_token: None,
+                    access_token_file: None,
+                },
+            );
+            let sim_number = wa_sender::simulator::SimNumber::new(&number, common::WABA);
+            sim.numbers.push(sim_number);
+        }
+    })
+    .await;
+    app.enqueue_reply(Lane::Bulk, &text_job("many-stops")).await;
+    for round in 0..8 {
+        let mut worker = worker_process(&app);
+        if round == 0 {
+            app.wait_job_event("many-stops", "message.accepted").await;
+        } else {
+            // Consuming on every number, then stopped.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let pid = worker.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+            .await
+            .expect("the worker exits within its grace period")
+            .unwrap();
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(worker.stderr.as_mut().unwrap(), &mut stderr)
+            .await
+            .unwrap();
+        assert!(exit.success(), "stop {round}: {exit:?}\n{stderr}");
+        assert!(
+            !stderr.contains("ERROR"),
+            "stop {round} logged an error:\n{stderr}"
+        );
+    }
+    app.cleanup().await;
+}

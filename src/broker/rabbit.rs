@@ -750,6 +750,16 @@ impl RabbitBroker {
     /// Closes the connection for good (in-flight acks are flushed first by the broker protocol).
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        // The consumers' channels first, each answered: a channel close still in flight (its
+        // stream just dropped) answered after the connection closed names a channel lapin has
+        // forgotten, and lapin logs that as a connection error.
+        let consumers = std::mem::take(&mut *self.consumers.lock().await);
+        futures::future::join_all(
+            consumers
+                .into_iter()
+                .map(|(channel, _)| close_answered(channel)),
+        )
+        .await;
         let connection = self.link.read().await.connection.clone();
         let _ = connection.close(200, "bye".into()).await;
     }
@@ -1014,6 +1024,21 @@ impl HeldLetter {
 
 /// Makes a delivery's origin from its routing key.
 type Origin<Q> = Box<dyn Fn(&str) -> Q + Send + Sync>;
+
+/// How long closing waits for a channel whose close was already sent (by a dropped consumer).
+const CLOSE_ANSWER: Duration = Duration::from_secs(1);
+
+/// Closes `channel` and waits for the broker's answer; a channel already closing is waited for
+/// up to [`CLOSE_ANSWER`].
+async fn close_answered(channel: Channel) {
+    if channel.status().connected() {
+        let _ = channel.close(200, "bye".into()).await;
+    }
+    let waited = Instant::now();
+    while channel.status().closing() && waited.elapsed() < CLOSE_ANSWER {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// Closes a consumer's channel when its streams are dropped.
 struct ChannelGuard(Channel);
