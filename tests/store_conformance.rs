@@ -479,10 +479,7 @@ async fn rules(store: &dyn Store) {
     );
     assert_eq!(names.len(), 5);
     // A resync replaces the registry.
-    store
-        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
-        .await
-        .unwrap();
+    approve_only_order_update(store, t).await;
     assert_eq!(store.templates(&w).await.unwrap().len(), 1);
     assert_eq!(
         dead_reason(&admit(store, &tpl("r17", &opted_in, "spring_sale"), &req).await),
@@ -515,10 +512,7 @@ async fn unsynced_registry(store: &dyn Store) {
 async fn limits(store: &dyn Store) {
     let t = now();
     let w = waba();
-    store
-        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
-        .await
-        .unwrap();
+    approve_only_order_update(store, t).await;
     let to = WaId::parse("4915100000030").unwrap();
     store
         .record_opt_ins(&w, &[(to.clone(), mark(t, "admin"))])
@@ -1058,6 +1052,18 @@ fn without_opt_in(t: DateTime<Utc>) -> Request {
     }
 }
 
+/// The portfolio's templates, replaced by `order_update` alone (approved, utility).
+async fn approve_only_order_update(store: &dyn Store, t: DateTime<Utc>) {
+    store
+        .put_templates(
+            &waba(),
+            &[definition("order_update", "APPROVED", "UTILITY")],
+            t,
+        )
+        .await
+        .unwrap();
+}
+
 /// A Redis that no longer knows the store's scripts (restarted, or a replica promoted, or its
 /// script cache flushed) is given them again: the call that finds its script missing loads it
 /// and runs. On a Redis of the test's own: flushing the shared one's scripts would reach every
@@ -1074,14 +1080,7 @@ async fn a_redis_that_forgot_the_scripts_is_given_them_again() {
         .await
         .unwrap();
     let t = now();
-    store
-        .put_templates(
-            &waba(),
-            &[definition("order_update", "APPROVED", "UTILITY")],
-            t,
-        )
-        .await
-        .unwrap();
+    approve_only_order_update(&store, t).await;
     let no_opt_in = without_opt_in(t);
     for i in 0..3 {
         let _: () = redis::cmd("SCRIPT")
@@ -1128,14 +1127,7 @@ async fn redis_admission_is_one_round_trip() {
         .await
         .unwrap();
     let t = now();
-    store
-        .put_templates(
-            &waba(),
-            &[definition("order_update", "APPROVED", "UTILITY")],
-            t,
-        )
-        .await
-        .unwrap();
+    approve_only_order_update(&store, t).await;
     let before = store.round_trips();
     for i in 0..50 {
         let to = format!("49151000010{i:02}");
@@ -1192,10 +1184,7 @@ async fn account_webhook_state(store: &dyn Store) {
         },
         ..request(t, true)
     };
-    store
-        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
-        .await
-        .unwrap();
+    approve_only_order_update(store, t).await;
     let user = "4915100000070";
     store
         .record_opt_out(&w, &WaId::parse(user).unwrap(), Some(mark(t, "test")))
@@ -1239,10 +1228,7 @@ async fn account_webhook_state(store: &dyn Store) {
     // "c1" reached one user outside the window: one of the 2.
     store.set_tier_limit(&w, Some(2)).await.unwrap();
     assert_eq!(store.tier_limit(&w).await.unwrap(), Some(Some(2)));
-    store
-        .put_templates(&w, &[definition("order_update", "APPROVED", "UTILITY")], t)
-        .await
-        .unwrap();
+    approve_only_order_update(store, t).await;
     let tier_send = |id: &'static str, to: &'static str| {
         let s = subject(id, to, Some("order_update"));
         async move { admit(store, &s, &no_opt_in(t)).await }
