@@ -23,6 +23,29 @@ fn worker_process_with(app: &common::TestApp, env: &[(&str, &str)]) -> tokio::pr
         .expect("the wa-sender binary starts")
 }
 
+/// Sends SIGTERM to `worker`, as an orchestrator stopping it would.
+fn sigterm(worker: &tokio::process::Child) {
+    let pid = worker.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for `worker` to exit within its grace period: how it exited and what it logged.
+async fn exited(worker: &mut tokio::process::Child) -> (std::process::ExitStatus, String) {
+    let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("the worker exits within its grace period")
+        .unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(worker.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    (exit, stderr)
+}
+
 #[tokio::test]
 async fn sigterm_with_jobs_in_flight_loses_none_of_them() {
     let mut app = spawn_app("sigterm", |_, sim| {
@@ -41,20 +64,8 @@ async fn sigterm_with_jobs_in_flight_loses_none_of_them() {
     // Let it get going, so that jobs are in flight and prefetched when the signal arrives.
     app.wait_event(Duration::from_secs(20), |e| e.event == "message.accepted")
         .await;
-    let pid = first.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(20), first.wait())
-        .await
-        .expect("the worker exits within its grace period")
-        .unwrap();
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(first.stderr.as_mut().unwrap(), &mut stderr)
-        .await
-        .unwrap();
+    sigterm(&first);
+    let (exit, stderr) = exited(&mut first).await;
     assert!(
         exit.success(),
         "the worker drained and exited cleanly: {exit:?}\n{stderr}"
@@ -194,22 +205,17 @@ async fn the_worker_reports_ready_then_draining_on_its_health_port() {
     app.wait_event(Duration::from_secs(20), |e| e.event == "message.accepted")
         .await;
 
-    let pid = worker.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&worker);
     let draining = common::wait_readyz(&base, Duration::from_secs(5), |status, body| {
         status == 503 && body["draining"] == true
     })
     .await;
     assert_eq!(draining["ready"], false, "{draining}");
-    let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
-        .await
-        .expect("the worker exits within its grace period")
-        .unwrap();
-    assert!(exit.success(), "the worker drained and exited: {exit:?}");
+    let (exit, stderr) = exited(&mut worker).await;
+    assert!(
+        exit.success(),
+        "the worker drained and exited: {exit:?}\n{stderr}"
+    );
     assert_eq!(
         common::readyz(&base).await,
         None,
@@ -249,20 +255,8 @@ async fn a_worker_with_many_numbers_stops_without_logging_an_error() {
             // Consuming on every number, then stopped.
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
-        let pid = worker.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
-            .await
-            .expect("the worker exits within its grace period")
-            .unwrap();
-        let mut stderr = String::new();
-        tokio::io::AsyncReadExt::read_to_string(worker.stderr.as_mut().unwrap(), &mut stderr)
-            .await
-            .unwrap();
+        sigterm(&worker);
+        let (exit, stderr) = exited(&mut worker).await;
         assert!(exit.success(), "stop {round}: {exit:?}\n{stderr}");
         assert!(
             !stderr.contains("ERROR"),
