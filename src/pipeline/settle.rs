@@ -14,7 +14,7 @@ use crate::event::{ErrorSource, Event, EventError};
 use crate::job::Lane;
 use crate::policy::DelayTiers;
 use crate::settlement::{self, DeadLetter, Trace};
-use crate::store::{Deferral, JobKey};
+use crate::store::Deferral;
 
 impl Pipeline {
     /// Applies an outcome: the one place a delivery is acked.
@@ -87,13 +87,8 @@ impl Pipeline {
     /// Notes an announced deferral with the job's record, for `wa-sender job`; a failure only
     /// costs that view, so it is logged, not returned.
     async fn note_deferral(&self, later: &Later) {
-        let Some(job) = &later.job else { return };
-        let Some(number) = self.numbers.get(&job.phone_number_id) else {
+        let Some(key) = later.job.as_ref().and_then(|job| self.job_key(job)) else {
             return;
-        };
-        let key = JobKey {
-            waba: number.waba.clone(),
-            job_id: job.job_id.clone(),
         };
         let deferral = Deferral {
             at: Utc::now(),
@@ -133,19 +128,12 @@ impl Pipeline {
         };
         self.publish_event(&letter.event(about)).await?;
         if let Some(job) = &dead.job
-            && let Some(number) = self.numbers.get(&job.phone_number_id)
-        {
-            let key = JobKey {
-                waba: number.waba.clone(),
-                job_id: job.job_id.clone(),
-            };
-            if let Err(e) = self
-                .store
+            && let Some(key) = self.job_key(job)
+            && let Err(e) = (self.store)
                 .mark_dead(&key, dead.reason, job.campaign_id.as_ref())
                 .await
-            {
-                warn!(error = %e, "could not record the dead letter");
-            }
+        {
+            warn!(error = %e, "could not record the dead letter");
         }
         Ok(())
     }

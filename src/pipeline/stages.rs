@@ -181,15 +181,9 @@ impl Pipeline {
     /// `message.accepted` (a broker nacking every publish). One recorded dead is done; any other
     /// record (none, a claim, an unknown outcome) leaves it a dead letter.
     pub(super) async fn last_delivery(&self, dead: Box<Dead>) -> Outcome {
-        let Some(job) = &dead.job else {
+        let job = dead.job.as_deref();
+        let Some((job, key)) = job.and_then(|job| Some((job, self.job_key(job)?))) else {
             return Outcome::Dead(dead);
-        };
-        let Some(number) = self.numbers.get(&job.phone_number_id) else {
-            return Outcome::Dead(dead);
-        };
-        let key = JobKey {
-            waba: number.waba.clone(),
-            job_id: job.job_id.clone(),
         };
         match self.store.job(&key).await {
             Ok(Some(JobState::Sent(wamid))) => Outcome::already_sent(job, &wamid),
@@ -200,6 +194,16 @@ impl Pipeline {
                 Outcome::Dead(dead)
             }
         }
+    }
+
+    /// The key of `job`'s record in the store: its portfolio's (`None` for a number not
+    /// configured here).
+    pub(super) fn job_key(&self, job: &SendJob) -> Option<JobKey> {
+        let number = self.numbers.get(&job.phone_number_id)?;
+        Some(JobKey {
+            waba: number.waba.clone(),
+            job_id: job.job_id.clone(),
+        })
     }
 
     /// `pace`: waits for the job's slot in its number's send schedule, shared by every replica.
