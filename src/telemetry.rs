@@ -184,10 +184,14 @@ fn install(
         .with(fmt)
         .with(
             // Busy/idle timing, thread and source location cost a clock read or attributes on
-            // every poll of every job span; traces here carry causality, not profiles.
+            // every poll of every job span; traces here carry causality, not profiles. Nothing
+            // here reads OpenTelemetry's current context (the trace context is taken from the
+            // tracing span), so entering a span need not make its context current: that cost a
+            // context clone and a thread-local push on every poll.
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_tracked_inactivity(false)
+                .with_context_activation(false)
                 .with_threads(false)
                 .with_location(false)
                 .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
