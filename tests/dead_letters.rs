@@ -340,6 +340,65 @@ async fn a_sent_job_on_its_last_delivery_is_announced_sent_not_dead_lettered() {
     app.cleanup().await;
 }
 
+/// A sent job on its last delivery whose `message.accepted` the broker refuses is held and
+/// its event published again once the broker takes it: returned, the broker would have
+/// dead-lettered it (its delivery limit) although Meta accepted it.
+#[tokio::test]
+async fn a_sent_job_whose_event_is_refused_on_its_last_delivery_is_not_dead_lettered() {
+    let (mut app, lane) = limited("limit-refused").await;
+    let job = text_job("limit-refused");
+    app.enqueue_reply(Lane::Bulk, &job).await;
+    let wamid = Wamid::parse("wamid.LIMITREFUSED").unwrap();
+    let record = WamidRecord {
+        job_id: "limit-refused".into(),
+        campaign_id: None,
+        traceparent: None,
+        metadata: Value::Null,
+        resend: None,
+    };
+    app.store
+        .mark_sent(&key("limit-refused"), &wamid, &record)
+        .await
+        .unwrap();
+    for expected in 0..2 {
+        assert_eq!(lane.take("limit-refused").await, expected);
+    }
+    // Every event refused: the broker nacks the job's `message.accepted`.
+    let refusing = format!("{}.refusing", app.prefix);
+    let events = app.broker.names().events_exchange();
+    common::bind_refusing_queue(&lane.channel, &refusing, &events).await;
+
+    app.start_worker();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    lane.channel
+        .queue_delete(refusing.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let event = app
+        .wait_job_event("limit-refused", "message.accepted")
+        .await;
+    assert_eq!(
+        event.wamid.as_deref(),
+        Some("wamid.LIMITREFUSED"),
+        "{event:?}"
+    );
+    app.stop_worker().await;
+
+    let dead = app.run_json(&["dead", "list"]).await;
+    assert_eq!(dead.as_array().unwrap().len(), 0, "{dead}");
+    assert_eq!(
+        common::ready_messages(&lane.channel, &lane.queue).await,
+        0,
+        "settled, not left in its lane"
+    );
+    assert_eq!(
+        app.store.job(&key("limit-refused")).await.unwrap(),
+        Some(JobState::Sent(wamid))
+    );
+    assert_eq!(accepted(&app, "limit-refused"), 0, "not sent again");
+    app.cleanup().await;
+}
+
 /// An app whose quorum lanes give a job up after 2 returns, and its bulk lane.
 async fn limited(test: &str) -> (TestApp, BulkLane) {
     let app = spawn_app(test, |settings, _| {

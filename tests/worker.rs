@@ -428,30 +428,8 @@ async fn a_nacked_publish_is_followed_by_a_new_publishing_channel() {
     // A queue that refuses every message, bound to the events exchange: the broker nacks.
     let (_connection, channel) = common::amqp_channel(&app.settings.amqp.url).await;
     let refusing = format!("{}.refusing", app.prefix);
-    let mut args = lapin::types::FieldTable::default();
-    args.insert(
-        "x-max-length".into(),
-        lapin::types::AMQPValue::LongLongInt(0),
-    );
-    args.insert(
-        "x-overflow".into(),
-        lapin::types::AMQPValue::LongString("reject-publish".into()),
-    );
-    channel
-        .queue_declare(refusing.as_str().into(), Default::default(), args)
-        .await
-        .unwrap();
     let exchange = app.broker.names().events_exchange();
-    channel
-        .queue_bind(
-            refusing.as_str().into(),
-            exchange.as_str().into(),
-            "#".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    common::bind_refusing_queue(&channel, &refusing, &exchange).await;
     let event = wa_sender::event::Event::new("message.accepted");
     let before = app.broker.publishing_channel().await;
     let nacked = wa_sender::broker::publish_event(app.broker.as_ref(), &event, Default::default())

@@ -2,6 +2,9 @@
 //! [`Outcome`] to its delivery through the shared settlement (events, dead letters, ack after
 //! confirm); deferrals, which only the worker makes, are built here.
 
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use tracing::{debug, error, info, warn};
 
@@ -20,18 +23,24 @@ impl Pipeline {
     /// Applies an outcome: the one place a delivery is acked.
     pub async fn settle(&self, delivery: Delivery, outcome: Outcome) -> Result<(), SettleError> {
         let lane = delivery.lane;
-        let published = match &outcome {
-            Outcome::Accepted(event) => {
-                debug!(wamid = event.wamid.as_deref().unwrap_or(""), "accepted");
-                self.publish_event(event).await
+        let mut published = self.publish(&delivery.envelope, lane, &outcome).await;
+        // CORRECTNESS: a job on its last delivery that goes back to its queue is dead-lettered
+        // by the broker (its delivery limit), whatever its outcome: a job Meta accepted would
+        // become a dead letter. So its publishes are tried again first, on the new channel a
+        // refused publish brings (at most one per 500 ms), for about 18 s.
+        if published.is_err() && delivery.envelope.headers.returns() >= self.settings.delivery_limit
+        {
+            let mut waits = ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(6)
+                .build();
+            while let (Err(e), Some(wait)) = (&published, waits.next()) {
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "settlement publish failed on the job's last delivery; trying again before it is returned and the broker dead-letters it");
+                tokio::time::sleep(wait).await;
+                published = self.publish(&delivery.envelope, lane, &outcome).await;
             }
-            Outcome::AlreadyDone(event) => match event {
-                Some(event) => self.publish_event(event).await,
-                None => Ok(()),
-            },
-            Outcome::Later(later) => self.publish_later(&delivery.envelope, lane, later).await,
-            Outcome::Dead(dead) => self.publish_dead(&delivery.envelope, lane, dead).await,
-        };
+        }
         if let Err(e) = &published {
             error!(error = %e, "settlement publish failed; returning the job to its queue");
         }
@@ -43,6 +52,27 @@ impl Pipeline {
         }
         self.stats.count(&outcome, lane);
         Ok(())
+    }
+
+    /// Publishes what `outcome` announces or moves: its event, its deferral, its dead letter.
+    async fn publish(
+        &self,
+        envelope: &Envelope,
+        lane: Lane,
+        outcome: &Outcome,
+    ) -> Result<(), BrokerError> {
+        match outcome {
+            Outcome::Accepted(event) => {
+                debug!(wamid = event.wamid.as_deref().unwrap_or(""), "accepted");
+                self.publish_event(event).await
+            }
+            Outcome::AlreadyDone(event) => match event {
+                Some(event) => self.publish_event(event).await,
+                None => Ok(()),
+            },
+            Outcome::Later(later) => self.publish_later(envelope, lane, later).await,
+            Outcome::Dead(dead) => self.publish_dead(envelope, lane, dead).await,
+        }
     }
 
     async fn publish_event(&self, event: &Event) -> Result<(), BrokerError> {

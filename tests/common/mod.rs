@@ -547,6 +547,35 @@ pub async fn amqp_channel(amqp_url: &str) -> (lapin::Connection, lapin::Channel)
     (connection, channel)
 }
 
+/// Declares `queue` at a length of 0 that refuses what it cannot take (`reject-publish`) and
+/// binds it to `exchange` for every key: the broker then nacks every publish to `exchange`
+/// until the queue is deleted.
+pub async fn bind_refusing_queue(channel: &lapin::Channel, queue: &str, exchange: &str) {
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(queue.into(), Default::default(), args)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+}
+
 /// How many messages `queue` holds ready, asked passively (nothing is declared).
 pub async fn ready_messages(channel: &lapin::Channel, queue: &str) -> u32 {
     let options = lapin::options::QueueDeclareOptions {
