@@ -301,24 +301,7 @@ async fn a_dead_letter_that_recorded_no_lane_is_replayed_to_the_lane_named() {
 /// publish) comes back until its last delivery: it is announced sent, never dead-lettered.
 #[tokio::test]
 async fn a_sent_job_on_its_last_delivery_is_announced_sent_not_dead_lettered() {
-    let (mut app, lane) = limited("limit-sent").await;
-    let job = text_job("limit-sent");
-    app.enqueue_reply(Lane::Bulk, &job).await;
-    let wamid = Wamid::parse("wamid.LIMITSENT").unwrap();
-    let record = WamidRecord {
-        job_id: "limit-sent".into(),
-        campaign_id: None,
-        traceparent: None,
-        metadata: Value::Null,
-        resend: None,
-    };
-    app.store
-        .mark_sent(&key("limit-sent"), &wamid, &record)
-        .await
-        .unwrap();
-    for expected in 0..2 {
-        assert_eq!(lane.take("limit-sent").await, expected);
-    }
+    let (mut app, _lane, wamid) = sent_on_its_last_delivery("limit-sent", "wamid.LIMITSENT").await;
 
     app.start_worker();
     let event = app.wait_job_event("limit-sent", "message.accepted").await;
@@ -345,24 +328,8 @@ async fn a_sent_job_on_its_last_delivery_is_announced_sent_not_dead_lettered() {
 /// dead-lettered it (its delivery limit) although Meta accepted it.
 #[tokio::test]
 async fn a_sent_job_whose_event_is_refused_on_its_last_delivery_is_not_dead_lettered() {
-    let (mut app, lane) = limited("limit-refused").await;
-    let job = text_job("limit-refused");
-    app.enqueue_reply(Lane::Bulk, &job).await;
-    let wamid = Wamid::parse("wamid.LIMITREFUSED").unwrap();
-    let record = WamidRecord {
-        job_id: "limit-refused".into(),
-        campaign_id: None,
-        traceparent: None,
-        metadata: Value::Null,
-        resend: None,
-    };
-    app.store
-        .mark_sent(&key("limit-refused"), &wamid, &record)
-        .await
-        .unwrap();
-    for expected in 0..2 {
-        assert_eq!(lane.take("limit-refused").await, expected);
-    }
+    let (mut app, lane, wamid) =
+        sent_on_its_last_delivery("limit-refused", "wamid.LIMITREFUSED").await;
     // Every event refused: the broker nacks the job's `message.accepted`.
     let refusing = format!("{}.refusing", app.prefix);
     let events = app.broker.names().events_exchange();
@@ -397,6 +364,29 @@ async fn a_sent_job_whose_event_is_refused_on_its_last_delivery_is_not_dead_lett
     );
     assert_eq!(accepted(&app, "limit-refused"), 0, "not sent again");
     app.cleanup().await;
+}
+
+/// A limited app with `job_id` in its bulk lane on its last delivery (returned twice), recorded
+/// sent as `wamid`.
+async fn sent_on_its_last_delivery(job_id: &str, wamid: &str) -> (TestApp, BulkLane, Wamid) {
+    let (app, lane) = limited(job_id).await;
+    app.enqueue_reply(Lane::Bulk, &text_job(job_id)).await;
+    let wamid = Wamid::parse(wamid).unwrap();
+    let record = WamidRecord {
+        job_id: job_id.into(),
+        campaign_id: None,
+        traceparent: None,
+        metadata: Value::Null,
+        resend: None,
+    };
+    app.store
+        .mark_sent(&key(job_id), &wamid, &record)
+        .await
+        .unwrap();
+    for expected in 0..2 {
+        assert_eq!(lane.take(job_id).await, expected);
+    }
+    (app, lane, wamid)
 }
 
 /// An app whose quorum lanes give a job up after 2 returns, and its bulk lane.
