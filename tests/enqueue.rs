@@ -274,13 +274,7 @@ async fn an_enqueue_stopped_by_sigterm_and_run_again_queues_every_row_exactly_on
         assert!(tokio::time::Instant::now() < deadline, "no progress");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pid = child.id().unwrap().to_string();
-    let term = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(term.success());
+    common::signal(&child, "TERM");
     let output = child.wait_with_output().await.unwrap();
     assert_eq!(output.status.code(), Some(130), "stopped, to be continued");
     let stopped_at = checkpoint_line(&checkpoint).unwrap();

@@ -703,12 +703,7 @@ async fn stops(rig: &Rig, signal: &str, scenario: &'static str) -> Tally {
         // Each worker gets going before it is stopped: some sends of its own, and further along.
         let sent = run.app.simulator.audit().accepted.len();
         wait_sent(&run.app, (sent + n / 100).max(stop * n / 12)).await;
-        let pid = worker.id().expect("running").to_string();
-        let signalled = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .unwrap();
-        assert!(signalled.success());
+        common::signal(&worker, signal);
         let exit = tokio::time::timeout(Duration::from_secs(60), worker.wait())
             .await
             .expect("the worker stops");
@@ -1192,12 +1187,7 @@ async fn webhooks(rig: &Rig) -> Tally {
         .status();
     assert_eq!(served, 200, "a good client is served during the attack");
     let stopping = Instant::now();
-    let pid = process.id().expect("running").to_string();
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
+    common::signal(&process, "TERM");
     let exit = tokio::time::timeout(Duration::from_secs(30), process.wait())
         .await
         .expect("the webhook process stops although clients hold connections")

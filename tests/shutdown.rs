@@ -23,16 +23,6 @@ fn worker_process_with(app: &common::TestApp, env: &[(&str, &str)]) -> tokio::pr
         .expect("the wa-sender binary starts")
 }
 
-/// Sends SIGTERM to `worker`, as an orchestrator stopping it would.
-fn sigterm(worker: &tokio::process::Child) {
-    let pid = worker.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// Waits for `worker` to exit within its grace period: how it exited and what it logged.
 async fn exited(worker: &mut tokio::process::Child) -> (std::process::ExitStatus, String) {
     let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
@@ -64,7 +54,7 @@ async fn sigterm_with_jobs_in_flight_loses_none_of_them() {
     // Let it get going, so that jobs are in flight and prefetched when the signal arrives.
     app.wait_event(Duration::from_secs(20), |e| e.event == "message.accepted")
         .await;
-    sigterm(&first);
+    common::signal(&first, "TERM");
     let (exit, stderr) = exited(&mut first).await;
     assert!(
         exit.success(),
@@ -205,7 +195,7 @@ async fn the_worker_reports_ready_then_draining_on_its_health_port() {
     app.wait_event(Duration::from_secs(20), |e| e.event == "message.accepted")
         .await;
 
-    sigterm(&worker);
+    common::signal(&worker, "TERM");
     let draining = common::wait_readyz(&base, Duration::from_secs(5), |status, body| {
         status == 503 && body["draining"] == true
     })
@@ -255,7 +245,7 @@ async fn a_worker_with_many_numbers_stops_without_logging_an_error() {
             // Consuming on every number, then stopped.
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
-        sigterm(&worker);
+        common::signal(&worker, "TERM");
         let (exit, stderr) = exited(&mut worker).await;
         assert!(exit.success(), "stop {round}: {exit:?}\n{stderr}");
         assert!(

@@ -576,6 +576,16 @@ pub async fn bind_refusing_queue(channel: &lapin::Channel, queue: &str, exchange
         .unwrap();
 }
 
+/// Sends `signal` (`TERM`, `KILL`, …) to `child`, as an orchestrator or an operator would.
+pub fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} {pid}");
+}
+
 /// How many messages `queue` holds ready, asked passively (nothing is declared).
 pub async fn ready_messages(channel: &lapin::Channel, queue: &str) -> u32 {
     let options = lapin::options::QueueDeclareOptions {
