@@ -28,8 +28,7 @@ impl Pipeline {
         // by the broker (its delivery limit), whatever its outcome: a job Meta accepted would
         // become a dead letter. So its publishes are tried again first, on the new channel a
         // refused publish brings (at most one per 500 ms), for about 18 s.
-        if published.is_err() && delivery.envelope.headers.returns() >= self.settings.delivery_limit
-        {
+        if published.is_err() && self.is_last_delivery(&delivery.envelope.headers) {
             let mut waits = ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(500))
                 .with_max_delay(Duration::from_secs(5))

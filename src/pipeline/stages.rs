@@ -131,8 +131,8 @@ impl Pipeline {
         let attempts = envelope.headers.attempts();
         let job = job::decode(&envelope.body).map_err(|e| undecodable(&e, envelope))?;
         tracing::Span::current().record("job_id", job.job_id.as_str());
-        let returns = envelope.headers.returns();
-        if returns >= self.settings.delivery_limit {
+        if self.is_last_delivery(&envelope.headers) {
+            let returns = envelope.headers.returns();
             // Its last delivery: the broker dead-letters it if it comes back once more. Said
             // here, with the job's event and metric, rather than tried and lost to a crash.
             let detail = format!(
@@ -194,6 +194,12 @@ impl Pipeline {
                 Outcome::Dead(dead)
             }
         }
+    }
+
+    /// Whether a delivery with these headers is its job's last: returned once more, the broker
+    /// dead-letters it (`delivery_limit`).
+    pub(super) fn is_last_delivery(&self, headers: &Headers) -> bool {
+        headers.returns() >= self.settings.delivery_limit
     }
 
     /// The key of `job`'s record in the store: its portfolio's (`None` for a number not
