@@ -68,6 +68,9 @@ pub struct SendResponse {
     pub contacts: Vec<ContactRef>,
     /// `[{id, message_status}]`.
     pub messages: Vec<MessageRef>,
+    /// Whether an `error` object sits beside the answer (it wins: see [`interpret`]).
+    #[serde(default, skip_serializing)]
+    pub error: Option<serde::de::IgnoredAny>,
 }
 
 /// `contacts[]` of a send answer.
@@ -337,25 +340,23 @@ impl CloudApi for HttpCloud {
 
 /// Turns an HTTP answer into the send outcome. Meta's error body wins over the HTTP status.
 pub fn interpret(status: u16, body: &[u8]) -> Result<Accepted, SendError> {
+    let success = (200..300).contains(&status);
+    // The usual answer, a send accepted with no error beside it, is read once; before, every
+    // answer was first read as an error body, and a success paid for that failed read.
+    if success
+        && let Ok(answer) = serde_json::from_slice::<SendResponse>(body)
+        && answer.error.is_none()
+    {
+        return accepted(status, answer);
+    }
     if let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(body) {
         return Err(SendError::Api(Box::new(error)));
     }
-    if (200..300).contains(&status) {
+    if success {
         let answer: SendResponse = serde_json::from_slice(body).map_err(|e| {
             SendError::Ambiguous(format!("HTTP {status} with an unreadable body: {e}"))
         })?;
-        let first = answer
-            .messages
-            .into_iter()
-            .next()
-            .ok_or_else(|| SendError::Ambiguous(format!("HTTP {status} without messages[]")))?;
-        let wamid = Wamid::parse(first.id)
-            .map_err(|e| SendError::Ambiguous(format!("HTTP {status} with a bad wamid: {e}")))?;
-        return Ok(Accepted {
-            wamid,
-            wa_id: answer.contacts.into_iter().next().map(|c| c.wa_id),
-            message_status: first.message_status,
-        });
+        return accepted(status, answer);
     }
     let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
     if status >= 500 {
@@ -367,6 +368,22 @@ pub fn interpret(status: u16, body: &[u8]) -> Result<Accepted, SendError> {
             "HTTP {status} without a Graph error body: {snippet}"
         )))
     }
+}
+
+/// A 2xx send answer: the message's wamid, or why the send's outcome is unknown.
+fn accepted(status: u16, answer: SendResponse) -> Result<Accepted, SendError> {
+    let first = answer
+        .messages
+        .into_iter()
+        .next()
+        .ok_or_else(|| SendError::Ambiguous(format!("HTTP {status} without messages[]")))?;
+    let wamid = Wamid::parse(first.id)
+        .map_err(|e| SendError::Ambiguous(format!("HTTP {status} with a bad wamid: {e}")))?;
+    Ok(Accepted {
+        wamid,
+        wa_id: answer.contacts.into_iter().next().map(|c| c.wa_id),
+        message_status: first.message_status,
+    })
 }
 
 fn transport_error(e: reqwest::Error) -> SendError {
@@ -393,6 +410,10 @@ mod tests {
             br#"{"error":{"message":"x","type":"OAuthException","code":131000,"fbtrace_id":"t"}}"#;
         assert!(matches!(interpret(500, body), Err(SendError::Api(e)) if e.code == 131000));
         assert!(matches!(interpret(400, body), Err(SendError::Api(_))));
+        // Even beside a 2xx answer that names a message.
+        let beside = br#"{"messaging_product":"whatsapp","messages":[{"id":"wamid.HBgL"}],
+            "error":{"message":"x","type":"OAuthException","code":131000,"fbtrace_id":"t"}}"#;
+        assert!(matches!(interpret(200, beside), Err(SendError::Api(e)) if e.code == 131000));
     }
 
     #[test]
