@@ -254,7 +254,10 @@ pub fn inject_current(headers: &mut Headers) {
 pub fn current_traceparent() -> Option<String> {
     let mut headers = Headers::default();
     inject_current(&mut headers);
-    headers.get_str(H_TRACEPARENT)
+    match headers.0.remove(H_TRACEPARENT)? {
+        crate::broker::HeaderValue::Str(traceparent) => Some(traceparent),
+        crate::broker::HeaderValue::Int(_) => None,
+    }
 }
 
 /// Makes `span` a child of the span a W3C `traceparent` names (before `span` is first entered).
