@@ -467,9 +467,10 @@ async fn next_delivery(
 ) -> Option<Result<Delivery, BrokerError>> {
     let preferred = order[*turn % order.len()];
     *turn += 1;
-    let lanes: Vec<Lane> = streams.keys().copied().collect();
     let mut ready = None;
-    for lane in std::iter::once(preferred).chain(lanes.into_iter().filter(|l| *l != preferred)) {
+    // The other lanes in the streams' own order (a lane not consumed has no stream).
+    let others = Lane::ALL.into_iter().filter(|l| *l != preferred);
+    for lane in std::iter::once(preferred).chain(others) {
         if let Some(item) = streams.get_mut(&lane).and_then(|s| s.next().now_or_never()) {
             ready = Some((lane, item));
             break;
