@@ -73,20 +73,55 @@ struct Drain {
     switches: f64,
     /// The child's allocations per job.
     allocations: f64,
+    /// Lua script calls (`EVALSHA`) Redis ran per job, the worker's requests to the store.
+    scripts: f64,
+}
+
+/// `EVALSHA` calls Redis has run so far, summed over the masters of a Redis Cluster (from
+/// `INFO commandstats`; nothing else calls scripts while a bench runs).
+async fn script_calls() -> u64 {
+    let redis = settings("e2e").redis;
+    let urls = if redis.cluster_urls.is_empty() {
+        vec![redis.url]
+    } else {
+        redis.cluster_urls
+    };
+    let mut calls = 0;
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).expect("a Redis URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis");
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO commandstats");
+        calls += info
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    calls
 }
 
 async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
     let mut argv = vec![mode.to_owned(), "--expect".into(), jobs.to_string()];
     argv.extend_from_slice(args);
     let services = crate::common::services_cpu_us();
+    let scripts = script_calls().await;
     let mut child = Child::spawn(&argv);
     let report = child.report().await;
     let after = crate::common::services_cpu_us();
+    let scripts = script_calls().await - scripts;
     let (rabbit, redis) = (after.0 - services.0, after.1 - services.1);
     let _ = child.process.wait().await;
     Drain {
         rabbit_us: rabbit as f64 / jobs as f64,
         redis_us: redis as f64 / jobs as f64,
+        scripts: scripts as f64 / jobs as f64,
         rate: report["rate"].as_f64().unwrap(),
         cpu_us: report["cpu_us_per_job"].as_f64().unwrap(),
         peak_mib: report["peak_kib"].as_f64().unwrap() / 1024.0,
@@ -120,12 +155,13 @@ pub async fn pairs() {
             let d = drain(mode, jobs, &args).await;
             cleanup.run().await;
             println!(
-                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job (RabbitMQ {:>5.1}, Redis {:>4.1}), {:>4.1} context switches and {:>4.0} allocations per job, peak RSS {:.0} MiB",
+                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job (RabbitMQ {:>5.1}, Redis {:>4.1}; {:.1} Redis script calls), {:>4.1} context switches and {:>4.0} allocations per job, peak RSS {:.0} MiB",
                 pair + 1,
                 d.rate,
                 d.cpu_us,
                 d.rabbit_us,
                 d.redis_us,
+                d.scripts,
                 d.switches,
                 d.allocations,
                 d.peak_mib
