@@ -77,8 +77,9 @@ struct Drain {
     scripts: f64,
 }
 
-/// `EVALSHA` calls Redis has run so far, summed over the masters of a Redis Cluster (from
-/// `INFO commandstats`; nothing else calls scripts while a bench runs).
+/// `EVALSHA` calls Redis has run so far (from `INFO commandstats`; nothing else calls scripts
+/// while a bench runs), summed over the nodes a Redis Cluster's settings list: the bench's own
+/// cluster lists them all, and its replicas run none (scripts reach them as their effects).
 async fn script_calls() -> u64 {
     let redis = settings("e2e").redis;
     let urls = if redis.cluster_urls.is_empty() {
