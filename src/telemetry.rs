@@ -254,10 +254,7 @@ pub fn inject_current(headers: &mut Headers) {
 pub fn current_traceparent() -> Option<String> {
     let mut headers = Headers::default();
     inject_current(&mut headers);
-    match headers.0.remove(H_TRACEPARENT)? {
-        crate::broker::HeaderValue::Str(traceparent) => Some(traceparent),
-        crate::broker::HeaderValue::Int(_) => None,
-    }
+    headers.take_str(H_TRACEPARENT)
 }
 
 /// Makes `span` a child of the span a W3C `traceparent` names (before `span` is first entered).

@@ -103,6 +103,14 @@ impl Headers {
         }
     }
 
+    /// Takes a string header out (integers are rendered), without copying it.
+    pub fn take_str(&mut self, key: &str) -> Option<String> {
+        match self.0.remove(key)? {
+            HeaderValue::Str(s) => Some(s),
+            HeaderValue::Int(i) => Some(i.to_string()),
+        }
+    }
+
     /// An integer header (numeric strings are parsed).
     pub fn get_int(&self, key: &str) -> Option<i64> {
         match self.0.get(key)? {
