@@ -24,7 +24,7 @@ use secrecy::SecretString;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use wa_sender::broker::rabbit::QueueType;
-use wa_sender::broker::{Broker, Envelope, Headers, Tap, Target};
+use wa_sender::broker::{Broker, Envelope, Headers, Tap, Target, tapped_events};
 use wa_sender::config::Settings;
 use wa_sender::ids::{JobId, WabaId, Wamid};
 use wa_sender::simulator::sign;
@@ -193,7 +193,7 @@ async fn processor(settings: Settings) {
         },
     ));
     // A subscriber, as producers have: events go to a queue and are consumed, not discarded.
-    let mut events = broker.tap(Tap::Events).await.expect("tap");
+    let mut events = tapped_events(broker.tap(Tap::Events).await.expect("tap"));
     let received = Arc::new(AtomicU64::new(0));
     let subscriber = {
         let received = received.clone();

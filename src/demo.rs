@@ -17,9 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{WebhookApp, WorkerApp};
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{Broker, Tap};
+use crate::broker::{Broker, Tap, tapped_events};
 use crate::config::{NumberRuntime, Runtime, Secret};
-use crate::event::Event;
 use crate::ids::{PhoneNumberId, WaId, WabaId};
 use crate::job::Lane;
 use crate::policy::admission::Mark;
@@ -174,7 +173,7 @@ pub async fn run(
     let processor = webhook.processor().clone();
     let report_store = store.clone();
     let worker = WorkerApp::with_parts(&settings, broker.clone(), store)?;
-    let mut events = broker.tap(Tap::Events).await?;
+    let mut events = tapped_events(broker.tap(Tap::Events).await?);
 
     let shutdown = CancellationToken::new();
     let receiving = tokio::spawn(webhook.run_until_stopped(shutdown.clone()));
@@ -233,7 +232,7 @@ pub async fn run(
             }
             next = tokio::time::timeout_at(deadline.into(), events.next()) => next,
         };
-        let Ok(Some(tapped)) = next else {
+        let Ok(Some(event)) = next else {
             eprintln!(
                 "demo: gave up waiting after 180 s with {} of {jobs} jobs finished, {} of {} messages read or failed",
                 finished.len() + anonymous_dead,
@@ -242,7 +241,7 @@ pub async fn run(
             );
             break;
         };
-        let event: Event = serde_json::from_slice(&tapped?.envelope.body)?;
+        let event = event?;
         match event.event.as_str() {
             "message.accepted" => {
                 if let Some(id) = &event.job_id

@@ -1,4 +1,5 @@
-//! Events, schema `wa.event.v1`, published to `wa.events` with routing key = `event`. The
+//! Events, schema `wa.event.v1`, published to `wa.events` with routing key = `event`, several
+//! of one kind to a message: its body is a JSON array of them ([`read_message`]). The
 //! dead-letter reasons they carry are the vocabulary's [`DeadReason`].
 
 use chrono::{DateTime, Utc};
@@ -68,6 +69,10 @@ pub struct Event {
     /// (published all the same, flagged).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub correlated: Option<bool>,
+    /// The W3C trace context of the job's trace, when it has one: a message holds the events
+    /// of many jobs, so each event carries its own.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub traceparent: Option<String>,
 }
 
 impl Event {
@@ -88,6 +93,7 @@ impl Event {
             pricing: None,
             metadata: Value::Null,
             correlated: None,
+            traceparent: None,
         }
     }
 
@@ -101,5 +107,50 @@ impl Event {
             metadata: job.metadata.clone(),
             ..Event::new(kind)
         }
+    }
+}
+
+/// The events of one message on `wa.events`: its body is a JSON array of `wa.event.v1` events,
+/// all of the kind its routing key names.
+pub fn read_message(body: &[u8]) -> Result<Vec<Event>, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// A message's body from events already serialised, each a JSON object: `[e1,e2,…]`.
+pub fn write_message<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut body = vec![b'['];
+    for event in events {
+        if body.len() > 1 {
+            body.push(b',');
+        }
+        body.extend_from_slice(event);
+    }
+    body.push(b']');
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_reads_back_the_events_written_into_it() {
+        let events: Vec<Event> = ["a", "b", "c"]
+            .iter()
+            .map(|id| Event {
+                job_id: Some((*id).into()),
+                traceparent: Some(format!("00-{:0>32}-{:0>16}-01", id, id)),
+                ..Event::new("message.accepted")
+            })
+            .collect();
+        let written: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| serde_json::to_vec(e).unwrap())
+            .collect();
+        let body = write_message(written.iter().map(Vec::as_slice));
+        assert_eq!(read_message(&body).unwrap(), events);
+        assert_eq!(read_message(&write_message([])).unwrap(), vec![]);
+        // One event is still an array: a consumer reads every message the same way.
+        assert!(write_message([written[0].as_slice()]).starts_with(b"[{"));
     }
 }

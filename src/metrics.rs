@@ -58,9 +58,9 @@ pub const HALTS_IN_FORCE: &str = "wa_halts_in_force";
 pub const QUEUE_DEPTH: &str = "wa_queue_depth";
 /// How long the oldest job of a lane has waited.
 pub const QUEUE_OLDEST_WAIT: &str = "wa_queue_oldest_wait_seconds";
-/// Events kept unread in the kept events' queue.
+/// Event messages (each one or more events) kept unread in the kept events' queue.
 pub const EVENTS_UNREAD: &str = "wa_events_unread";
-/// The most events the kept events' queue holds before it drops the oldest.
+/// The most event messages the kept events' queue holds before it drops the oldest.
 pub const EVENTS_KEPT_LIMIT: &str = "wa_events_kept_limit";
 /// Webhook bodies processed.
 pub const WEBHOOK_BODIES: &str = "wa_webhook_bodies_total";
@@ -230,11 +230,11 @@ fn describe() {
     );
     describe_gauge!(
         EVENTS_UNREAD,
-        "Events kept unread in <prefix>.events.kept (sampled)"
+        "Event messages (each one or more events) kept unread in <prefix>.events.kept (sampled)"
     );
     describe_gauge!(
         EVENTS_KEPT_LIMIT,
-        "The most events <prefix>.events.kept holds; past it the oldest are dropped"
+        "The most event messages <prefix>.events.kept holds; past it the oldest are dropped"
     );
     describe_counter!(WEBHOOK_BODIES, "Webhook bodies processed and acked");
     describe_counter!(

@@ -1,13 +1,16 @@
 //! Settlement, the end of every delivery, shared by the worker's `settle` stage and the webhook
-//! processor: events go to `wa.events` with the job's trace context; a dead letter goes to
+//! processor: events go to `wa.events` with the job's trace context, several of a kind to a
+//! message ([`EventBatches`]); a dead letter goes to
 //! `wa.dead` with its headers, followed by its `job.dead_lettered` event; and a delivery is
 //! acked only once everything it published was confirmed, or else returned to its queue.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::broker::{
-    self, Broker, BrokerError, Delivery, Envelope, H_ATTEMPTS, H_DEAD_AT, H_DETAIL, H_ERROR_CODE,
-    H_REASON, H_TRACEPARENT, Headers, Target,
+    self, Broker, BrokerError, Delivery, Envelope, EventBatches, H_ATTEMPTS, H_DEAD_AT, H_DETAIL,
+    H_ERROR_CODE, H_REASON, H_TRACEPARENT, Headers, Target,
 };
 use crate::event::{Event, EventError};
 use crate::telemetry;
@@ -41,13 +44,25 @@ impl Trace<'_> {
     }
 }
 
-/// Publishes an event to `wa.events`, routed by its kind, with its trace context.
+impl Trace<'_> {
+    /// Its W3C `traceparent`, if there is one.
+    pub(crate) fn traceparent(self) -> Option<String> {
+        match self {
+            Trace::Current => telemetry::current_traceparent(),
+            Trace::Recorded(trace) => trace.map(str::to_owned),
+        }
+    }
+}
+
+/// Publishes an event to `wa.events`, routed by its kind, with its trace context; returns once
+/// the message holding it was confirmed.
 pub(crate) async fn publish_event(
-    broker: &dyn Broker,
+    events: &Arc<EventBatches>,
     event: &Event,
     trace: Trace<'_>,
 ) -> Result<(), BrokerError> {
-    broker::publish_event(broker, event, trace.headers()).await
+    let json = broker::event_json(event, trace.traceparent());
+    events.publish(&event.event, json).await
 }
 
 /// A dead letter as its headers and its event tell it.
@@ -272,6 +287,25 @@ mod tests {
             Some("00-abc-def-01")
         );
         assert!(Trace::Recorded(None).headers().0.is_empty());
+        // An event carries it in its body, where every event of a message keeps its own.
+        let json = broker::event_json(
+            &Event::new("message.sent"),
+            Trace::Recorded(Some("00-abc-def-01")).traceparent(),
+        );
+        let event: Event = serde_json::from_slice(&json).unwrap();
+        assert_eq!(event.traceparent.as_deref(), Some("00-abc-def-01"));
+        assert_eq!(Trace::Recorded(None).traceparent(), None);
+        // One the event already carries is kept; a quote in a recorded value stays a string.
+        let own = Event {
+            traceparent: Some("00-own-01".into()),
+            ..Event::new("message.sent")
+        };
+        let json = broker::event_json(&own, Some("00-\"x\"-01".into()));
+        let read: Event = serde_json::from_slice(&json).unwrap();
+        assert_eq!(read.traceparent.as_deref(), Some("00-own-01"));
+        let json = broker::event_json(&Event::new("x"), Some("00-\"x\"-01".into()));
+        let read: Event = serde_json::from_slice(&json).unwrap();
+        assert_eq!(read.traceparent.as_deref(), Some("00-\"x\"-01"));
     }
 
     /// Records what was done with a delivery: 1 acked, 2 requeued.

@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use wa_sender::app::{WebhookApp, WorkerApp};
 use wa_sender::broker::rabbit::RabbitBroker;
 use wa_sender::config::Runtime;
-use wa_sender::event::Event;
 use wa_sender::simulator::sign;
 use wa_sender::store::redis::RedisStore;
 use wa_sender::webhook::receiver::ReceiverSettings;
@@ -165,7 +164,7 @@ async fn a_broker_restart_mid_stream_loses_no_webhook() {
     // Every status became an event (read through a connection that was never cut).
     let mut delivered = BTreeSet::new();
     while delivered.len() < STATUSES {
-        let tapped = tokio::time::timeout(Duration::from_secs(20), app.events.next())
+        let event = tokio::time::timeout(Duration::from_secs(20), app.events.next())
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -175,7 +174,6 @@ async fn a_broker_restart_mid_stream_loses_no_webhook() {
             })
             .unwrap()
             .unwrap();
-        let event: Event = serde_json::from_slice(&tapped.envelope.body).unwrap();
         if event.event == "message.delivered" {
             delivered.insert(event.wamid.unwrap());
         }

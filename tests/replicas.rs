@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::{NUMBER, WABA, job, spawn_app};
 use futures::StreamExt;
 use serde_json::json;
-use wa_sender::event::Event;
 use wa_sender::ids::{WaId, WabaId};
 use wa_sender::job::Lane;
 use wa_sender::policy::admission::Mark;
@@ -63,12 +62,11 @@ async fn three_replicas_share_80_msg_per_second_without_a_130429() {
     let mut accepted = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     while accepted < JOBS {
-        let tapped = tokio::time::timeout_at(deadline, app.events.next())
+        let event = tokio::time::timeout_at(deadline, app.events.next())
             .await
             .unwrap_or_else(|_| panic!("only {accepted} of {JOBS} accepted within 180 s"))
             .unwrap()
             .unwrap();
-        let event: Event = serde_json::from_slice(&tapped.envelope.body).unwrap();
         match event.event.as_str() {
             "message.accepted" => accepted += 1,
             "job.dead_lettered" => panic!("no job may fail here: {event:?}"),

@@ -353,14 +353,16 @@ async fn read_kept_events(
             .unwrap_or_else(|_| panic!("no {kind} event kept for {missing:?}"))
             .unwrap()
             .unwrap();
-        let event: wa_sender::event::Event = serde_json::from_slice(&delivery.data).unwrap();
-        if event.event == kind
-            && let Some(id) = &event.job_id
-        {
-            missing.remove(id);
+        let message = wa_sender::event::read_message(&delivery.data).unwrap();
+        for event in message {
+            if event.event == kind
+                && let Some(id) = &event.job_id
+            {
+                missing.remove(id);
+            }
+            events.push(event);
         }
         delivery.ack(BasicAckOptions::default()).await.unwrap();
-        events.push(event);
     }
     events
 }
@@ -410,7 +412,7 @@ async fn an_event_finding_its_kept_queue_deleted_declares_it_again_and_is_kept()
         job_id: Some("job-healed".into()),
         ..wa_sender::event::Event::new("message.accepted")
     };
-    wa_sender::broker::publish_event(&alone, &event, Default::default())
+    wa_sender::broker::publish_event(&alone, &event)
         .await
         .expect("the event is published once its queue is declared again");
     let healed = std::collections::BTreeSet::from(["job-healed".to_owned()]);
@@ -432,7 +434,7 @@ async fn a_nacked_publish_is_followed_by_a_new_publishing_channel() {
     common::bind_refusing_queue(&channel, &refusing, &exchange).await;
     let event = wa_sender::event::Event::new("message.accepted");
     let before = app.broker.publishing_channel().await;
-    let nacked = wa_sender::broker::publish_event(app.broker.as_ref(), &event, Default::default())
+    let nacked = wa_sender::broker::publish_event(app.broker.as_ref(), &event)
         .await
         .expect_err("a queue at its length limit refuses the event");
     assert!(
@@ -444,7 +446,7 @@ async fn a_nacked_publish_is_followed_by_a_new_publishing_channel() {
         .queue_delete(refusing.as_str().into(), Default::default())
         .await
         .unwrap();
-    wa_sender::broker::publish_event(app.broker.as_ref(), &event, Default::default())
+    wa_sender::broker::publish_event(app.broker.as_ref(), &event)
         .await
         .expect("published once nothing refuses it");
     assert_ne!(

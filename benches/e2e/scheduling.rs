@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use wa_sender::broker::rabbit::RabbitBroker;
-use wa_sender::broker::{Broker, Tap};
-use wa_sender::event::Event;
+use wa_sender::broker::{Broker, Tap, tapped_events};
 use wa_sender::ids::{PhoneNumberId, WaId, WabaId};
 use wa_sender::job::Lane;
 use wa_sender::simulator::{Scenario, SimNumber, Simulator};
@@ -98,7 +97,7 @@ pub async fn fairness() {
         enqueue_started.elapsed().as_secs_f64()
     );
 
-    let mut events = broker.tap(Tap::Events).await.unwrap();
+    let mut events = tapped_events(broker.tap(Tap::Events).await.unwrap());
     let worker =
         wa_sender::app::WorkerApp::with_parts(runtime, broker.clone(), store.clone()).unwrap();
     let shutdown = CancellationToken::new();
@@ -107,12 +106,11 @@ pub async fn fairness() {
     let (mut b_done, mut a_done, mut deferred) = (0, 0, 0);
     let mut b_last = Duration::ZERO;
     while b_done < others {
-        let tapped = tokio::time::timeout(Duration::from_secs(600), events.next())
+        let event = tokio::time::timeout(Duration::from_secs(600), events.next())
             .await
             .expect("events keep coming")
             .unwrap()
             .unwrap();
-        let event: Event = serde_json::from_slice(&tapped.envelope.body).unwrap();
         match (event.event.as_str(), event.phone_number_id.as_deref()) {
             ("message.accepted", Some(B)) => {
                 b_done += 1;
@@ -168,7 +166,7 @@ pub async fn refusals() {
         .await
         .unwrap();
     }
-    let mut events = broker.tap(Tap::Events).await.unwrap();
+    let mut events = tapped_events(broker.tap(Tap::Events).await.unwrap());
     let worker =
         wa_sender::app::WorkerApp::with_parts(runtime, broker.clone(), store.clone()).unwrap();
     let shutdown = CancellationToken::new();
@@ -177,12 +175,11 @@ pub async fn refusals() {
     let (mut accepted, mut dead) = (0, 0);
     let (mut accepted_at, mut dead_at) = (Duration::ZERO, Duration::ZERO);
     while accepted + dead < total {
-        let tapped = tokio::time::timeout(Duration::from_secs(600), events.next())
+        let event = tokio::time::timeout(Duration::from_secs(600), events.next())
             .await
             .expect("events keep coming")
             .unwrap()
             .unwrap();
-        let event: Event = serde_json::from_slice(&tapped.envelope.body).unwrap();
         match event.event.as_str() {
             "message.accepted" => {
                 accepted += 1;

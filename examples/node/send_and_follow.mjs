@@ -89,13 +89,15 @@ async function main() {
       }, TIMEOUT_S * 1000);
       listen.consume(queue, (message) => {
         listen.ack(message);
-        const event = JSON.parse(message.content.toString());
-        if (event.job_id !== jobId) return;
-        const detail = event.wamid || event.error?.details || "";
-        console.log(`${event.event.padEnd(20)} ${detail}`);
-        if (event.event in DONE) {
-          clearTimeout(timer);
-          resolve(DONE[event.event]);
+        // A message holds one or more events of its routing key's kind: a JSON array.
+        for (const event of JSON.parse(message.content.toString())) {
+          if (event.job_id !== jobId) continue;
+          const detail = event.wamid || event.error?.details || "";
+          console.log(`${event.event.padEnd(20)} ${detail}`);
+          if (event.event in DONE) {
+            clearTimeout(timer);
+            resolve(DONE[event.event]);
+          }
         }
       });
     });

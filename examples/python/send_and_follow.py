@@ -89,15 +89,19 @@ def main(answer):
     deadline = time.monotonic() + TIMEOUT_S
     consumer = channel.consume(events, inactivity_timeout=1)
 
+    # A message holds one or more events of its routing key's kind: a JSON array.
+    pending = []
+
     def next_event():
-        """The next event, acknowledged; None once the deadline has passed."""
-        for method, _properties, body in consumer:
+        """The next event (its message acknowledged); None once the deadline has passed."""
+        while not pending:
+            method, _properties, body = next(consumer, (None, None, None))
             if time.monotonic() > deadline:
                 return None
             if method is not None:
                 channel.basic_ack(method.delivery_tag)
-                return json.loads(body)
-        return None
+                pending.extend(json.loads(body))
+        return pending.pop(0)
 
     job_id = f"example-py-{uuid.uuid4().hex[:12]}"
     send = template(job_id)

@@ -4,8 +4,11 @@
 //! Nothing of lapin leaks out of this module.
 
 mod acks;
+mod events;
 pub mod memory;
 pub mod rabbit;
+
+pub use events::EventBatches;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -439,16 +442,44 @@ pub trait Broker: Send + Sync {
     async fn stop_consuming(&self) -> Result<(), BrokerError>;
 }
 
-/// Publishes an event to `wa.events`, routed by its kind, with `headers` (its trace context).
-pub async fn publish_event(
-    broker: &dyn Broker,
-    event: &Event,
-    headers: Headers,
-) -> Result<(), BrokerError> {
-    let body = serde_json::to_vec(event).expect("events always serialise");
+/// `event` serialised as a message holds it, with `traceparent` (its job's trace context)
+/// unless it carries one of its own.
+pub fn event_json(event: &Event, traceparent: Option<String>) -> Vec<u8> {
+    let mut json = serde_json::to_vec(event).expect("events always serialise");
+    if let Some(trace) = traceparent.filter(|_| event.traceparent.is_none()) {
+        // An object ends with its closing brace: the field goes just before it.
+        json.pop();
+        json.extend_from_slice(b",\"traceparent\":");
+        serde_json::to_writer(&mut json, &trace).expect("a string always serialises");
+        json.push(b'}');
+    }
+    json
+}
+
+/// The events of a [`Tap::Events`] stream one by one, in order (a message holds several).
+pub fn tapped_events(tapped: Stream<Tapped>) -> Stream<Event> {
+    use futures::StreamExt;
+    tapped
+        .flat_map(|tapped| {
+            let events = tapped.and_then(|t| {
+                crate::event::read_message(&t.envelope.body)
+                    .map_err(|e| BrokerError::op("event read", format!("{}: {e}", t.routing_key)))
+            });
+            let events: Vec<Result<Event, BrokerError>> = match events {
+                Ok(events) => events.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(events)
+        })
+        .boxed()
+}
+
+/// Publishes one event alone in its message (a process's events go through [`EventBatches`]).
+pub async fn publish_event(broker: &dyn Broker, event: &Event) -> Result<(), BrokerError> {
+    let body = crate::event::write_message([event_json(event, None).as_slice()]);
     let envelope = Envelope {
         body: body.into(),
-        headers,
+        headers: Headers::default(),
     };
     broker
         .publish(Target::Event(event.event.clone()), envelope)

@@ -28,7 +28,9 @@ pub use outcome::{Dead, Later, Outcome};
 pub use pacer::Pacer;
 pub use stats::{Stats, StatsSnapshot};
 
-use crate::broker::{Broker, BrokerError, Delivery, Envelope, H_REROUTED, Route, Target, Unrouted};
+use crate::broker::{
+    Broker, BrokerError, Delivery, Envelope, EventBatches, H_REROUTED, Route, Target, Unrouted,
+};
 use crate::cloud::CloudApi;
 use crate::config::Number;
 use crate::event::DeadReason;
@@ -103,6 +105,8 @@ pub struct PacingSettings {
 pub struct Pipeline {
     cloud: Arc<dyn CloudApi>,
     broker: Arc<dyn Broker>,
+    /// The events, published several of a kind to a message.
+    events: Arc<EventBatches>,
     store: Arc<dyn Store>,
     numbers: BTreeMap<PhoneNumberId, Number>,
     pacer: Pacer,
@@ -125,6 +129,7 @@ impl Pipeline {
         let pacer = Pacer::new(&numbers, settings.pacing.headroom);
         Pipeline {
             cloud,
+            events: EventBatches::new(Arc::clone(&broker)),
             broker,
             store,
             numbers,

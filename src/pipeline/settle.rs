@@ -75,7 +75,7 @@ impl Pipeline {
     }
 
     async fn publish_event(&self, event: &Event) -> Result<(), BrokerError> {
-        settlement::publish_event(self.broker.as_ref(), event, Trace::Current).await
+        settlement::publish_event(&self.events, event, Trace::Current).await
     }
 
     async fn publish_later(

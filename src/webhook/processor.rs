@@ -27,7 +27,8 @@ use super::payload::{
 };
 use super::status::{self, Transition};
 use crate::broker::{
-    Broker, BrokerError, Delivery, Envelope, H_DUE, H_REASON, Headers, Intake, Route, Target,
+    Broker, BrokerError, Delivery, Envelope, EventBatches, H_DUE, H_REASON, Headers, Intake, Route,
+    Target,
 };
 use crate::event::{Event, EventError};
 use crate::health::Health;
@@ -90,6 +91,8 @@ pub struct Handled {
 /// The webhook processor.
 pub struct Processor {
     broker: Arc<dyn Broker>,
+    /// The events, published several of a kind to a message.
+    events: Arc<EventBatches>,
     store: Arc<dyn Store>,
     settings: ProcessorSettings,
     /// Statuses of one wamid are applied one at a time in this process (bodies are processed
@@ -139,6 +142,7 @@ impl Processor {
         let health = Health::of_consumer();
         health.redis_connected(Arc::clone(&store));
         Processor {
+            events: EventBatches::new(Arc::clone(&broker)),
             broker,
             store,
             settings,
@@ -949,7 +953,7 @@ impl Processor {
         trace: Option<&str>,
         handled: &mut Handled,
     ) -> Result<(), ProcessError> {
-        settlement::publish_event(self.broker.as_ref(), event, Trace::Recorded(trace)).await?;
+        settlement::publish_event(&self.events, event, Trace::Recorded(trace)).await?;
         handled.events += 1;
         Ok(())
     }

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wa_sender::app::WorkerApp;
 use wa_sender::broker::rabbit::RabbitBroker;
-use wa_sender::broker::{Broker, BrokerError, Stream, Tap, Tapped};
+use wa_sender::broker::{Broker, BrokerError, Stream, Tap, Tapped, tapped_events};
 use wa_sender::config::{Number, Runtime, Settings};
 use wa_sender::event::Event;
 use wa_sender::health::Health;
@@ -89,7 +89,8 @@ pub struct TestApp {
     pub broker: Arc<RabbitBroker>,
     pub store: Arc<RedisStore>,
     pub simulator: Simulator,
-    pub events: Stream<Tapped>,
+    /// Every event published, one by one (a message holds several).
+    pub events: Stream<Event>,
     pub dead: Stream<Tapped>,
     pub seen: Vec<Event>,
     workers: Vec<(CancellationToken, JoinHandle<Result<Drained, BrokerError>>)>,
@@ -116,7 +117,7 @@ pub async fn spawn_app(test: &str, tweak: impl FnOnce(&mut Settings, &mut Scenar
         Ok(parts) => parts,
         Err(e) => panic!("integration tests need RabbitMQ and Redis on 127.0.0.1: {e:#}"),
     };
-    let events = broker.tap(Tap::Events).await.unwrap();
+    let events = tapped_events(broker.tap(Tap::Events).await.unwrap());
     let dead = broker.tap(Tap::Dead).await.unwrap();
     TestApp {
         prefix,
@@ -443,8 +444,8 @@ impl TestApp {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let next = tokio::time::timeout_at(deadline, self.events.next()).await;
-            let tapped = match next {
-                Ok(Some(t)) => t.unwrap(),
+            let event = match next {
+                Ok(Some(event)) => event.expect("events are wa.event.v1"),
                 _ => panic!(
                     "no matching event within {timeout:?}; events seen: {:#?}",
                     self.seen
@@ -453,8 +454,6 @@ impl TestApp {
                         .collect::<Vec<_>>()
                 ),
             };
-            let event: Event =
-                serde_json::from_slice(&tapped.envelope.body).expect("events are wa.event.v1");
             self.seen.push(event.clone());
             if pred(&event) {
                 return event;
