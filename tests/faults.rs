@@ -10,9 +10,10 @@
 //! ends with a count per job id, from outside the worker: sent once (the simulator accepted it),
 //! ambiguous (dead-lettered `ambiguous_send`; split by whether its request reached the
 //! simulator at all), dead-lettered for a reason, sent twice, lost (none of these, and no
-//! longer queued). It also counts the channels RabbitMQ closed on the worker (406
-//! `PRECONDITION_FAILED`) in the worker's log. Every scenario must end with 0 sent twice and 0
-//! lost; the no-fault runs with 0 channel closes, and neither a broker's scenario nor worker
+//! longer queued), and settled without its outcome's event (`message.accepted` or
+//! `job.dead_lettered`) in the kept events' queue. It also counts the channels RabbitMQ closed
+//! on the worker (406 `PRECONDITION_FAILED`) in the worker's log. Every scenario must end with
+//! 0 sent twice, 0 lost and 0 without an event; the no-fault runs with 0 channel closes, and neither a broker's scenario nor worker
 //! stopped by SIGTERM with an ambiguous job that never reached the Cloud API. The suite prints
 //! the table.
 //!
@@ -152,9 +153,9 @@ async fn the_fault_suite_loses_nothing_and_sends_nothing_twice() {
     println!("\n{}", table(&tallies));
     for t in &tallies {
         assert_eq!(
-            (t.twice, t.lost, t.contradictory),
-            (0, 0, 0),
-            "{} ({}): sent twice, lost, contradictory (logs in {})",
+            (t.twice, t.lost, t.contradictory, t.unannounced),
+            (0, 0, 0, 0),
+            "{} ({}): sent twice, lost, contradictory, without their event (logs in {})",
             t.scenario,
             t.shape,
             rig.logs.display()
@@ -190,6 +191,8 @@ struct Tally {
     lost: usize,
     /// Sent, and also dead-lettered for a reason other than ambiguity.
     contradictory: usize,
+    /// Settled without its outcome's event kept ([`unannounced`]).
+    unannounced: usize,
     /// Channels RabbitMQ closed on the worker (406), from its log.
     closes: usize,
     /// For a fault under a running worker: deliveries it found already sent (copies of a job
@@ -206,8 +209,17 @@ const NO_FAULT: &str = "no fault";
 
 fn table(tallies: &[Tally]) -> String {
     let mut out = format!(
-        "{:<26} {:<16} {:>6} {:>6} {:>9} {:>6} {:>5} {:>4} {:>6}  dead letters (or refusals) by reason\n",
-        "scenario", "shape", "jobs", "once", "ambiguous", "dead", "twice", "lost", "closes"
+        "{:<26} {:<16} {:>6} {:>6} {:>9} {:>6} {:>5} {:>4} {:>8} {:>6}  dead letters (or refusals) by reason\n",
+        "scenario",
+        "shape",
+        "jobs",
+        "once",
+        "ambiguous",
+        "dead",
+        "twice",
+        "lost",
+        "no event",
+        "closes"
     );
     for t in tallies {
         out += &row(t);
@@ -235,7 +247,7 @@ fn row(t: &Tally) -> String {
     }
     let ambiguous = format!("{} ({})", t.ambiguous, t.unsent_ambiguous);
     let row = format!(
-        "{:<26} {:<16} {:>6} {:>6} {:>9} {:>6} {:>5} {:>4} {:>6}  {}",
+        "{:<26} {:<16} {:>6} {:>6} {:>9} {:>6} {:>5} {:>4} {:>8} {:>6}  {}",
         t.scenario,
         t.shape,
         t.jobs,
@@ -244,6 +256,7 @@ fn row(t: &Tally) -> String {
         t.dead.values().sum::<usize>(),
         t.twice,
         t.lost,
+        t.unannounced,
         t.closes,
         reasons.join(", ")
     );
@@ -532,6 +545,10 @@ impl Rig {
         run.webhook.kill().await.unwrap();
         let dead = app.take_all("dead.all").await;
         let mut t = tally(scenario, ids, app, &dead);
+        if app.settings.amqp.events_kept > 0 {
+            let kept = app.take_all("events.kept").await;
+            t.unannounced = unannounced(ids, app, &dead, &kept);
+        }
         t.shape = run.shape.label();
         t.copies = copies;
         t.closes = channel_closes(&self.log(app, "worker"));
@@ -586,6 +603,45 @@ fn tally(scenario: &'static str, ids: &BTreeSet<String>, app: &TestApp, dead: &[
         }
     }
     t
+}
+
+/// Jobs of `ids` settled without their outcome's event in the kept events' queue: a job the
+/// Cloud API accepted needs its `message.accepted`, a job the worker dead-lettered its
+/// `job.dead_lettered` (one the broker dead-lettered at its delivery limit has none). A job is
+/// acked only once its event is confirmed, so none may be missing, whatever the fault.
+fn unannounced(ids: &BTreeSet<String>, app: &TestApp, dead: &[Taken], kept: &[Taken]) -> usize {
+    let mut announced: BTreeSet<(String, String)> = BTreeSet::new();
+    for message in kept {
+        let events = wa_sender::event::read_message(&message.body)
+            .unwrap_or_else(|e| panic!("a kept message is an array of events: {e}"));
+        for event in events {
+            if let Some(id) = event.job_id {
+                announced.insert((id, event.event));
+            }
+        }
+    }
+    let mut needed: BTreeSet<(String, &str)> = app
+        .simulator
+        .audit()
+        .accepted
+        .into_iter()
+        .filter_map(|send| send.job_id)
+        .map(|id| (id, "message.accepted"))
+        .collect();
+    for letter in dead
+        .iter()
+        .filter(|l| l.headers.contains_key("x-wa-reason"))
+    {
+        let id = wa_sender::job::salvage_job_id(&letter.body).unwrap_or_default();
+        needed.insert((id, "job.dead_lettered"));
+    }
+    needed
+        .into_iter()
+        .filter(|(id, kind)| {
+            ids.contains(id) && !announced.contains(&(id.clone(), kind.to_string()))
+        })
+        .inspect(|(id, kind)| eprintln!("no {kind} event kept for {id}"))
+        .count()
 }
 
 /// A dead letter's reason: the worker's header, or the broker's own when the broker
@@ -1309,11 +1365,10 @@ async fn half_a_request(port: u16, half_headers: bool) -> tokio::net::TcpStream 
 /// Every event published until none arrives for two seconds.
 async fn drain_events(app: &mut TestApp) -> Vec<Event> {
     let mut events = Vec::new();
-    while let Ok(Some(tapped)) =
+    while let Ok(Some(event)) =
         tokio::time::timeout(Duration::from_secs(2), app.events.next()).await
     {
-        let tapped = tapped.unwrap();
-        events.push(serde_json::from_slice(&tapped.envelope.body).unwrap());
+        events.push(event.unwrap());
     }
     events
 }
