@@ -1,7 +1,8 @@
 //! What keeping events costs the broker: the same events published (persistent, confirmed)
 //! to a topic exchange with nothing bound (dropped: the old default), with a classic queue, a
 //! quorum queue or a stream bound, then read back by one consumer from the start; RabbitMQ's
-//! CPU per event for each, the kinds in rotating order.
+//! CPU per event for each, the kinds in rotating order. `--per-message N` puts N events in each
+//! message, as a busy worker does (default 1).
 
 use std::time::Instant;
 
@@ -22,9 +23,10 @@ const KINDS: [&str; 4] = ["none", "classic", "quorum", "stream"];
 pub async fn run() {
     let events: usize = option("--events").unwrap_or(50_000);
     let rounds: usize = option("--rounds").unwrap_or(3);
+    let per: usize = option("--per-message").unwrap_or(1).max(1);
     let url = crate::settings("events").amqp.url;
     // A `message.accepted` event as the worker publishes it.
-    let body = serde_json::to_vec(&serde_json::json!({
+    let event = serde_json::to_vec(&serde_json::json!({
         "schema": "wa.event.v1",
         "event": "message.accepted",
         "job_id": "5f0c6b1e-6d0a-4c55-9a4e-2b8f0f2f6a11",
@@ -37,9 +39,10 @@ pub async fn run() {
         "at": "2026-12-07T06:40:00.123Z",
     }))
     .unwrap();
+    let body = wa_sender::event::write_message(std::iter::repeat_n(event.as_slice(), per));
     println!(
-        "events: {events} events of {} bytes, {rounds} rounds",
-        body.len()
+        "events: {events} events of {} bytes, {per} to a message, {rounds} rounds",
+        event.len()
     );
     let mut publish: [Vec<f64>; 4] = Default::default();
     let mut read: [Vec<f64>; 4] = Default::default();
@@ -47,7 +50,12 @@ pub async fn run() {
     for round in 0..rounds {
         for k in 0..KINDS.len() {
             let kind = (round + k) % KINDS.len();
-            let m = measure(&url, KINDS[kind], events, &body).await;
+            let m = measure(&url, KINDS[kind], events / per, &body).await;
+            let m = Measured {
+                rate: m.rate * per as f64,
+                publish_us: m.publish_us / per as f64,
+                read_us: m.read_us / per as f64,
+            };
             println!(
                 "  round {}: {:<7} publish {:>6.0} events/s, RabbitMQ {:>5.1} µs per event published, {:>5.1} µs per event read",
                 round + 1,
@@ -81,6 +89,7 @@ struct Measured {
     read_us: f64,
 }
 
+/// Publishes `events` messages of `body` and reads them back; figures per message.
 async fn measure(url: &str, kind: &str, events: usize, body: &[u8]) -> Measured {
     let prefix = crate::settings("ev").amqp.prefix;
     let exchange = format!("{prefix}.events");

@@ -66,7 +66,11 @@ impl Cleanup {
 struct Drain {
     rate: f64,
     cpu_us: f64,
+    /// RabbitMQ's CPU per job while the child settles jobs.
     rabbit_us: f64,
+    /// RabbitMQ's CPU before the child's first settled job and after its last (connecting,
+    /// declaring its queues, consuming, closing).
+    rabbit_outside_ms: f64,
     redis_us: f64,
     peak_mib: f64,
     /// The child's context switches per job (its threads waiting and being woken).
@@ -111,18 +115,28 @@ async fn script_calls() -> u64 {
 async fn drain(mode: &str, jobs: usize, args: &[String]) -> Drain {
     let mut argv = vec![mode.to_owned(), "--expect".into(), jobs.to_string()];
     argv.extend_from_slice(args);
+    let spawned = crate::common::services_cpu_us();
+    let mut child = Child::spawn(&argv);
+    // The services are counted over the child's own span, from its first settled job to its
+    // last: what connecting and declaring the queues cost is a start-up cost, not a job's.
+    let settling = child.report().await;
+    let first = settling["settling"]
+        .as_u64()
+        .expect("the first settled job");
     let services = crate::common::services_cpu_us();
     let scripts = script_calls().await;
-    let mut child = Child::spawn(&argv);
     let report = child.report().await;
     let after = crate::common::services_cpu_us();
     let scripts = script_calls().await - scripts;
     let (rabbit, redis) = (after.0 - services.0, after.1 - services.1);
     let _ = child.process.wait().await;
+    let exited = crate::common::services_cpu_us();
+    let counted = (jobs as u64).saturating_sub(first).max(1) as f64;
     Drain {
-        rabbit_us: rabbit as f64 / jobs as f64,
-        redis_us: redis as f64 / jobs as f64,
-        scripts: scripts as f64 / jobs as f64,
+        rabbit_us: rabbit as f64 / counted,
+        rabbit_outside_ms: (exited.0 - spawned.0 - rabbit) as f64 / 1000.0,
+        redis_us: redis as f64 / counted,
+        scripts: scripts as f64 / counted,
         rate: report["rate"].as_f64().unwrap(),
         cpu_us: report["cpu_us_per_job"].as_f64().unwrap(),
         peak_mib: report["peak_kib"].as_f64().unwrap() / 1024.0,
@@ -144,6 +158,7 @@ pub async fn pairs() {
         concurrency()
     );
     let (mut ratios, mut policy_cpu, mut bare_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut policy_rabbit, mut bare_rabbit) = (Vec::new(), Vec::new());
     for pair in 0..pairs {
         let order = if pair % 2 == 0 {
             ["worker", "bare"]
@@ -156,11 +171,12 @@ pub async fn pairs() {
             let d = drain(mode, jobs, &args).await;
             cleanup.run().await;
             println!(
-                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job (RabbitMQ {:>5.1}, Redis {:>4.1}; {:.1} Redis script calls), {:>4.1} context switches and {:>4.0} allocations per job, peak RSS {:.0} MiB",
+                "  pair {}: {mode:<6} {:>7.0} jobs/s, {:>5.1} µs CPU per job (RabbitMQ {:>5.1} and {:>4.0} ms outside the drain, Redis {:>4.1}; {:.1} Redis script calls), {:>4.1} context switches and {:>4.0} allocations per job, peak RSS {:.0} MiB",
                 pair + 1,
                 d.rate,
                 d.cpu_us,
                 d.rabbit_us,
+                d.rabbit_outside_ms,
                 d.redis_us,
                 d.scripts,
                 d.switches,
@@ -170,9 +186,11 @@ pub async fn pairs() {
             if mode == "worker" {
                 rates[0] = d.rate;
                 policy_cpu.push(d.cpu_us);
+                policy_rabbit.push(d.rabbit_us);
             } else {
                 rates[1] = d.rate;
                 bare_cpu.push(d.cpu_us);
+                bare_rabbit.push(d.rabbit_us);
             }
         }
         ratios.push(rates[0] / rates[1]);
@@ -187,6 +205,11 @@ pub async fn pairs() {
             .join(", "),
         median(&mut policy_cpu),
         median(&mut bare_cpu),
+    );
+    let (policy, bare) = (median(&mut policy_rabbit), median(&mut bare_rabbit));
+    println!(
+        "e2e: RabbitMQ CPU per job {policy:.1} µs vs {bare:.1} µs ({:.2}× the bare loop's; medians)",
+        policy / bare
     );
 }
 
@@ -258,6 +281,9 @@ pub async fn rss() {
     let mut samples = Vec::new();
     let report = loop {
         let line = child.report().await;
+        if line.get("settling").is_some() {
+            continue;
+        }
         if line.get("rss_kib").is_some() {
             samples.push((
                 line["done"].as_u64().unwrap(),
@@ -351,6 +377,7 @@ async fn measure(done: &AtomicU64, expect: u64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let n = done.load(Ordering::Relaxed);
         if n > 0 && first.is_none() {
+            println!("{}", json!({ "settling": n }));
             first = Some((
                 Instant::now(),
                 n,
