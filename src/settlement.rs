@@ -42,9 +42,7 @@ impl Trace<'_> {
         }
         headers
     }
-}
 
-impl Trace<'_> {
     /// Its W3C `traceparent`, if there is one.
     pub(crate) fn traceparent(self) -> Option<String> {
         match self {
