@@ -95,9 +95,10 @@ def main(answer):
     def next_event():
         """The next event (its message acknowledged); None once the deadline has passed."""
         while not pending:
-            method, _properties, body = next(consumer, (None, None, None))
-            if time.monotonic() > deadline:
+            item = next(consumer, None)  # (None, None, None) after a second without a message
+            if item is None or time.monotonic() > deadline:
                 return None
+            method, _properties, body = item
             if method is not None:
                 channel.basic_ack(method.delivery_tag)
                 pending.extend(json.loads(body))
