@@ -606,7 +606,7 @@ fn tally(scenario: &'static str, ids: &BTreeSet<String>, app: &TestApp, dead: &[
 }
 
 /// Jobs of `ids` settled without their outcome's event in the kept events' queue: a job the
-/// Cloud API accepted needs its `message.accepted`, a job the worker dead-lettered its
+/// Cloud API accepted needs its `message.accepted`, a job the worker dead-lettered only its
 /// `job.dead_lettered` (one the broker dead-lettered at its delivery limit has none). A job is
 /// acked only once its event is confirmed, so none may be missing, whatever the fault.
 fn unannounced(ids: &BTreeSet<String>, app: &TestApp, dead: &[Taken], kept: &[Taken]) -> usize {
@@ -620,21 +620,24 @@ fn unannounced(ids: &BTreeSet<String>, app: &TestApp, dead: &[Taken], kept: &[Ta
             }
         }
     }
-    let mut needed: BTreeSet<(String, &str)> = app
-        .simulator
-        .audit()
-        .accepted
-        .into_iter()
-        .filter_map(|send| send.job_id)
-        .map(|id| (id, "message.accepted"))
-        .collect();
-    for letter in dead
+    let worker_dead: BTreeSet<String> = dead
         .iter()
         .filter(|l| l.headers.contains_key("x-wa-reason"))
-    {
-        let id = wa_sender::job::salvage_job_id(&letter.body).unwrap_or_default();
-        needed.insert((id, "job.dead_lettered"));
-    }
+        .map(|l| wa_sender::job::salvage_job_id(&l.body).unwrap_or_default())
+        .collect();
+    // A job accepted and then dead-lettered (`ambiguous_send`: its answer was lost) announces
+    // only its dead letter.
+    let accepted = app.simulator.audit().accepted.into_iter();
+    let needed: BTreeSet<(String, &str)> = accepted
+        .filter_map(|send| send.job_id)
+        .filter(|id| !worker_dead.contains(id))
+        .map(|id| (id, "message.accepted"))
+        .chain(
+            worker_dead
+                .iter()
+                .map(|id| (id.clone(), "job.dead_lettered")),
+        )
+        .collect();
     needed
         .into_iter()
         .filter(|(id, kind)| {
